@@ -1,0 +1,159 @@
+//! KV key names and NATS subjects, in one place. See DESIGN.md "KV layout" and
+//! docs/adr/0002-kv-layout-and-republish-watch.md.
+
+use crate::ids::{AgentId, BucketName, DeploymentName};
+
+pub const DEFAULT_BUCKET: &str = "fleet";
+
+pub const DESIRED_STATE: &str = "desired-state";
+pub const ACTUAL_STATE: &str = "actual-state";
+pub const AGENTS: &str = "agents";
+pub const HEARTBEAT: &str = "heartbeat";
+pub const DEPLOYMENTS: &str = "deployments";
+pub const DEPLOYMENT_STATUS: &str = "deployment-status";
+
+/// `desired-state.<agent-id>`: the agent's manifest, written by the control plane only.
+pub fn desired_state(agent: &AgentId) -> String {
+    format!("{DESIRED_STATE}.{agent}")
+}
+
+/// `actual-state.<agent-id>`: the agent's status, written by that agent only.
+pub fn actual_state(agent: &AgentId) -> String {
+    format!("{ACTUAL_STATE}.{agent}")
+}
+
+/// `agents.<agent-id>`: the agent's inventory.
+pub fn inventory(agent: &AgentId) -> String {
+    format!("{AGENTS}.{agent}")
+}
+
+/// `heartbeat.<agent-id>`: the agent's liveness record.
+pub fn heartbeat(agent: &AgentId) -> String {
+    format!("{HEARTBEAT}.{agent}")
+}
+
+/// `deployments.<name>`: fleet-level intent, written by operators.
+pub fn deployment(name: &DeploymentName) -> String {
+    format!("{DEPLOYMENTS}.{name}")
+}
+
+/// `deployment-status.<name>`: render results, written by the control plane.
+pub fn deployment_status(name: &DeploymentName) -> String {
+    format!("{DEPLOYMENT_STATUS}.{name}")
+}
+
+/// A wildcard over every key of one family, e.g. `actual-state.>`.
+pub fn all(prefix: &str) -> String {
+    format!("{prefix}.>")
+}
+
+/// A parsed key of the fleet bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    DesiredState(AgentId),
+    ActualState(AgentId),
+    Inventory(AgentId),
+    Heartbeat(AgentId),
+    Deployment(DeploymentName),
+    DeploymentStatus(DeploymentName),
+}
+
+impl Key {
+    /// Parses a key name; `None` for keys that are not Flotilla's or carry an
+    /// invalid id.
+    pub fn parse(key: &str) -> Option<Key> {
+        let (family, id) = key.split_once('.')?;
+        Some(match family {
+            DESIRED_STATE => Key::DesiredState(id.parse().ok()?),
+            ACTUAL_STATE => Key::ActualState(id.parse().ok()?),
+            AGENTS => Key::Inventory(id.parse().ok()?),
+            HEARTBEAT => Key::Heartbeat(id.parse().ok()?),
+            DEPLOYMENTS => Key::Deployment(id.parse().ok()?),
+            DEPLOYMENT_STATUS => Key::DeploymentStatus(id.parse().ok()?),
+            _ => return None,
+        })
+    }
+}
+
+/// The raw stream subject of a key: `$KV.<bucket>.<key>`.
+pub fn kv_subject(bucket: &BucketName, key: &str) -> String {
+    format!("$KV.{bucket}.{key}")
+}
+
+/// The JetStream stream backing a bucket.
+pub fn stream_name(bucket: &BucketName) -> String {
+    format!("KV_{bucket}")
+}
+
+/// The direct-get subject for one key (last message by subject), which a
+/// server can permit per key.
+pub fn direct_get_subject(bucket: &BucketName, key: &str) -> String {
+    format!(
+        "$JS.API.DIRECT.GET.{}.{}",
+        stream_name(bucket),
+        kv_subject(bucket, key)
+    )
+}
+
+/// Source of the bucket's RePublish rule: every desired-state key.
+pub fn republish_source(bucket: &BucketName) -> String {
+    format!("$KV.{bucket}.{DESIRED_STATE}.>")
+}
+
+/// Destination of the bucket's RePublish rule. Only the server publishes here.
+pub fn republish_destination(bucket: &BucketName) -> String {
+    format!("flotilla.{bucket}.{DESIRED_STATE}.>")
+}
+
+/// The subject on which one agent hears committed manifests for its key.
+pub fn republish_subject(bucket: &BucketName, agent: &AgentId) -> String {
+    format!("flotilla.{bucket}.{DESIRED_STATE}.{agent}")
+}
+
+/// The inbox prefix an agent uses, so the server can confine its replies.
+pub fn agent_inbox_prefix(agent: &AgentId) -> String {
+    format!("_INBOX.{agent}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_are_pinned() {
+        let a = AgentId::new("pi-1").unwrap();
+        let d = DeploymentName::new("hello").unwrap();
+        let b = BucketName::default();
+        assert_eq!(desired_state(&a), "desired-state.pi-1");
+        assert_eq!(actual_state(&a), "actual-state.pi-1");
+        assert_eq!(inventory(&a), "agents.pi-1");
+        assert_eq!(heartbeat(&a), "heartbeat.pi-1");
+        assert_eq!(deployment(&d), "deployments.hello");
+        assert_eq!(deployment_status(&d), "deployment-status.hello");
+        assert_eq!(kv_subject(&b, "agents.pi-1"), "$KV.fleet.agents.pi-1");
+        assert_eq!(
+            direct_get_subject(&b, "desired-state.pi-1"),
+            "$JS.API.DIRECT.GET.KV_fleet.$KV.fleet.desired-state.pi-1"
+        );
+        assert_eq!(republish_source(&b), "$KV.fleet.desired-state.>");
+        assert_eq!(republish_destination(&b), "flotilla.fleet.desired-state.>");
+        assert_eq!(
+            republish_subject(&b, &a),
+            "flotilla.fleet.desired-state.pi-1"
+        );
+        assert_eq!(agent_inbox_prefix(&a), "_INBOX.pi-1");
+        assert_eq!(all(ACTUAL_STATE), "actual-state.>");
+    }
+
+    #[test]
+    fn keys_round_trip() {
+        let a = AgentId::new("pi-1").unwrap();
+        assert_eq!(
+            Key::parse(&desired_state(&a)),
+            Some(Key::DesiredState(a.clone()))
+        );
+        assert_eq!(Key::parse(&heartbeat(&a)), Some(Key::Heartbeat(a)));
+        assert_eq!(Key::parse("desired-state.Bad"), None);
+        assert_eq!(Key::parse("other.x"), None);
+    }
+}

@@ -1,0 +1,123 @@
+//! # manifest-types — Flotilla's wire contract
+//!
+//! Everything that crosses NATS between operator, control plane and agents,
+//! as typed Rust values with their exact JSON shape. No I/O, no async.
+//!
+//! ## Tour
+//! - [`ids`]: validated newtypes ([`AgentId`], [`DeploymentName`],
+//!   [`ResourceId`], …) that validate on deserialize too.
+//! - [`keys`]: KV key names and subjects, the only place they are spelled.
+//! - [`spec`]: per-kind resource specs ([`FileSpec`], [`ContainerSpec`],
+//!   [`SystemdUnitSpec`]) and the forward-compatible parse into [`ResourceSpec`].
+//! - [`manifest`]: [`AgentManifest`] (`desired-state.<id>`), typed
+//!   [`ManifestError`] rejections, spec hashes and the signing input.
+//! - [`status`]: [`AgentStatus`] (`actual-state.<id>`), per-resource
+//!   [`ResourceStatus`], [`Condition`]s and the convergence rule.
+//! - [`inventory`]: [`AgentInventory`] (`agents.<id>`) and [`Heartbeat`].
+//! - [`deployment`]: [`Deployment`] (`deployments.<name>`) and
+//!   [`DeploymentStatus`] (`deployment-status.<name>`).
+//!
+//! Every document carries `apiVersion: flotilla.dev/v1`; field names are
+//! camelCase. Golden files under `tests/golden/` pin the JSON shape, and the
+//! `schema` feature derives JSON Schemas (checked in under `docs/schema/`).
+
+pub mod canonical;
+pub mod deployment;
+pub mod ids;
+pub mod inventory;
+pub mod keys;
+pub mod manifest;
+pub mod spec;
+pub mod status;
+
+pub use deployment::{
+    Conflict, Deployment, DeploymentError, DeploymentResource, DeploymentStatus, Selector,
+};
+pub use ids::{AgentId, BucketName, DeploymentName, IdError, LocalId, ResourceId};
+pub use inventory::{AgentInventory, Heartbeat};
+pub use manifest::{AgentManifest, ManagedResource, ManifestError, ResourceSource, Signature};
+pub use spec::{
+    ContainerSpec, FileMode, FileSpec, ResourceKind, ResourceSpec, SpecError, SystemdUnitSpec,
+    UnitName,
+};
+pub use status::{
+    AgentBuild, AgentStatus, Condition, ConditionType, ReadyDetails, Rejection, ReleasedResource,
+    ResourceState, ResourceStatus,
+};
+
+/// The one API version this build speaks.
+pub const API_VERSION: &str = "flotilla.dev/v1";
+
+/// The `apiVersion` field of every document other than the manifest (which
+/// probes it by hand to reject unknown versions with their own class).
+/// Serialises as [`API_VERSION`]; any other value fails to deserialize.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApiVersion;
+
+impl serde::Serialize for ApiVersion {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(API_VERSION)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ApiVersion {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        if s == API_VERSION {
+            Ok(ApiVersion)
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "unsupported apiVersion {s:?} (expected {API_VERSION:?})"
+            )))
+        }
+    }
+}
+
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for ApiVersion {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ApiVersion".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "const": API_VERSION })
+    }
+}
+
+#[cfg(feature = "schema")]
+mod deployment_schema {
+    use super::*;
+    use schemars::JsonSchema;
+
+    #[derive(JsonSchema)]
+    #[serde(rename_all = "camelCase")]
+    #[allow(dead_code)]
+    struct DeploymentResourceSchema {
+        id: LocalId,
+        #[serde(flatten)]
+        spec: manifest::KindAndSpec,
+        #[serde(default)]
+        restart_on: Vec<LocalId>,
+    }
+
+    #[derive(JsonSchema)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct DeploymentSchema {
+        api_version: ApiVersion,
+        /// Always "Deployment".
+        #[serde(default)]
+        kind: Option<String>,
+        name: DeploymentName,
+        selector: Selector,
+        resources: Vec<DeploymentResourceSchema>,
+    }
+
+    impl JsonSchema for Deployment {
+        fn schema_name() -> std::borrow::Cow<'static, str> {
+            "Deployment".into()
+        }
+        fn json_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+            DeploymentSchema::json_schema(g)
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! Golden files pin the JSON shape of every wire type: a renamed field or a
+//! changed default fails here before it reaches a fleet. Regenerate with
+//! `UPDATE_GOLDEN=1 cargo test -p manifest-types --all-features` and review the diff.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use manifest_types::*;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+fn golden_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name)
+}
+
+/// Serialises `value`, compares with the golden file, and parses the file back.
+fn check<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(name: &str, value: &T) {
+    let path = golden_path(name);
+    let mut text = serde_json::to_string_pretty(value).unwrap();
+    text.push('\n');
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &text).unwrap();
+    }
+    let golden = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1)", path.display()));
+    assert_eq!(golden, text, "{name} changed shape; review and regenerate");
+    let parsed: T = serde_json::from_str(&golden).unwrap();
+    assert_eq!(&parsed, value, "{name} does not round-trip");
+}
+
+fn id<T: std::str::FromStr>(s: &str) -> T
+where
+    T::Err: std::fmt::Debug,
+{
+    s.parse().unwrap()
+}
+
+fn manifest() -> AgentManifest {
+    let d = Deployment::from_json(include_bytes!("golden/deployment.json")).unwrap();
+    AgentManifest {
+        agent_id: id("pi-01"),
+        generation: 4,
+        resources: d.render_resources(12).unwrap(),
+        signatures: vec![Signature {
+            key_id: "OCONTROLPLANEPUBLICKEYEXAMPLEAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(),
+            sig: "c2lnbmF0dXJlLWJ5dGVzLWdvLWhlcmU".into(),
+        }],
+    }
+}
+
+#[test]
+fn deployment() {
+    let d = Deployment::from_json(include_bytes!("golden/deployment.json")).unwrap();
+    assert_eq!(d.resources.len(), 3);
+    check("deployment.json", &d);
+}
+
+#[test]
+fn agent_manifest() {
+    check("agent-manifest.json", &manifest());
+}
+
+#[test]
+fn agent_status() {
+    let m = manifest();
+    let mut resources = BTreeMap::new();
+    let hash = |i: usize| m.resources[i].spec_hash();
+    resources.insert(
+        m.resources[0].id.clone(),
+        ResourceStatus {
+            kind: "File".into(),
+            spec_hash: hash(0),
+            source: m.resources[0].source.clone(),
+            state: ResourceState::Ready {
+                since: "2026-11-22T10:00:00Z".into(),
+                details: ReadyDetails::File {
+                    sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+                        .into(),
+                    size: 4,
+                    mode: "0644".into(),
+                    uid: 0,
+                    gid: 0,
+                },
+            },
+        },
+    );
+    resources.insert(
+        m.resources[1].id.clone(),
+        ResourceStatus {
+            kind: "SystemdUnit".into(),
+            spec_hash: hash(1),
+            source: m.resources[1].source.clone(),
+            state: ResourceState::Failed {
+                since: "2026-11-22T10:00:01Z".into(),
+                reason: "ReconcilerUnavailable".into(),
+                message: "reconciler not available on this agent".into(),
+                attempts: 3,
+                retry_after_seconds: Some(40),
+            },
+        },
+    );
+    resources.insert(
+        m.resources[2].id.clone(),
+        ResourceStatus {
+            kind: "Container".into(),
+            spec_hash: hash(2),
+            source: m.resources[2].source.clone(),
+            state: ResourceState::Ready {
+                since: "2026-11-22T10:00:02Z".into(),
+                details: ReadyDetails::Container {
+                    container_id: "4f2c".into(),
+                    image_id: "sha256:abcd".into(),
+                    image_digest: None,
+                    running_since: "2026-11-22T10:00:02Z".into(),
+                    restart_count: 0,
+                    health: Some("healthy".into()),
+                },
+            },
+        },
+    );
+    let status = AgentStatus {
+        api_version: ApiVersion,
+        agent_id: id("pi-01"),
+        instance_id: "2d9c6f8e-1f0a-4a57-9a43-6f3e2b1c0d9e".into(),
+        manifest_generation: 4,
+        observed_generation: 5,
+        observed_revision: 31,
+        resources,
+        conditions: vec![
+            Condition {
+                type_: ConditionType::Ready,
+                status: false,
+                reason: "ResourcesFailed".into(),
+                message: "1 of 3 resources failed".into(),
+                last_transition_time: "2026-11-22T10:00:01Z".into(),
+            },
+            Condition {
+                type_: ConditionType::ManifestRejected,
+                status: true,
+                reason: "PathOutsideRoots".into(),
+                message: "resource web/config: /root/x is outside every file root".into(),
+                last_transition_time: "2026-11-22T10:00:03Z".into(),
+            },
+        ],
+        rejection: Some(Rejection {
+            reason: "PathOutsideRoots".into(),
+            message: "resource web/config: /root/x is outside every file root".into(),
+            revision: 31,
+            generation: Some(5),
+        }),
+        released: vec![ReleasedResource {
+            id: id("old/motd"),
+            target: "/etc/motd".into(),
+            reason: "changed by someone else since the agent wrote it; left in place".into(),
+        }],
+        agent: AgentBuild {
+            version: "0.1.0".into(),
+            arch: "aarch64".into(),
+            os: "linux".into(),
+        },
+    };
+    check("agent-status.json", &status);
+}
+
+#[test]
+fn inventory_and_heartbeat() {
+    let inv = AgentInventory {
+        api_version: ApiVersion,
+        agent_id: id("pi-01"),
+        instance_id: "2d9c6f8e-1f0a-4a57-9a43-6f3e2b1c0d9e".into(),
+        agent_version: "0.1.0".into(),
+        arch: "aarch64".into(),
+        os: "linux".into(),
+        hostname: Some("pi-01".into()),
+        reconcilers: vec![ResourceKind::File],
+        labels: [("role".to_owned(), "kiosk".to_owned())].into(),
+    };
+    check("agent-inventory.json", &inv);
+    let hb = Heartbeat {
+        api_version: ApiVersion,
+        agent_id: id("pi-01"),
+        instance_id: inv.instance_id.clone(),
+        seq: 42,
+        manifest_generation: 4,
+        ready: true,
+        identity_conflict: None,
+    };
+    check("heartbeat.json", &hb);
+}
+
+#[test]
+fn deployment_status() {
+    let st = DeploymentStatus {
+        api_version: ApiVersion,
+        name: id("web"),
+        observed_revision: 12,
+        created_revision: 3,
+        targets: [(id("pi-01"), 4), (id("pi-02"), 9)].into(),
+        conflicts: vec![Conflict {
+            agent: id("pi-02"),
+            resource: id("web/config"),
+            held_by: id("base/config"),
+            target: "file /etc/app/config.toml".into(),
+        }],
+        error: None,
+    };
+    check("deployment-status.json", &st);
+}
+
+#[cfg(feature = "schema")]
+#[test]
+fn json_schemas_are_current() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/schema");
+    for (name, schema) in [
+        ("deployment.schema.json", schemars::schema_for!(Deployment)),
+        (
+            "agent-manifest.schema.json",
+            schemars::schema_for!(AgentManifest),
+        ),
+        (
+            "agent-status.schema.json",
+            schemars::schema_for!(AgentStatus),
+        ),
+    ] {
+        let text = serde_json::to_string_pretty(&schema).unwrap() + "\n";
+        let path = dir.join(name);
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &text).unwrap();
+        }
+        let current = std::fs::read_to_string(&path).unwrap_or_default();
+        assert_eq!(current, text, "{name} is stale; run with UPDATE_GOLDEN=1");
+    }
+}

@@ -86,12 +86,12 @@ impl Deployment {
     /// YAML into one first).
     pub fn from_value(value: serde_json::Value) -> Result<Self, DeploymentError> {
         let invalid = |m: String| DeploymentError::InvalidDocument { message: m };
-        if let Some(v) = value.get("apiVersion").and_then(|v| v.as_str()) {
-            if v != API_VERSION {
-                return Err(DeploymentError::UnsupportedApiVersion {
-                    found: v.to_owned(),
-                });
-            }
+        if let Some(v) = value.get("apiVersion").and_then(|v| v.as_str())
+            && v != API_VERSION
+        {
+            return Err(DeploymentError::UnsupportedApiVersion {
+                found: v.to_owned(),
+            });
         }
         let wire: WireDeployment =
             serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;

@@ -227,15 +227,15 @@ impl AgentManifest {
                     });
                 }
             }
-            if let Some(target) = r.spec.target() {
-                if let Some(first) = targets.insert(target.clone(), &r.id) {
-                    return Err(ManifestError::DuplicateTarget {
-                        what: target.0,
-                        name: target.1,
-                        first: first.clone(),
-                        second: r.id.clone(),
-                    });
-                }
+            if let Some(target) = r.spec.target()
+                && let Some(first) = targets.insert(target.clone(), &r.id)
+            {
+                return Err(ManifestError::DuplicateTarget {
+                    what: target.0,
+                    name: target.1,
+                    first: first.clone(),
+                    second: r.id.clone(),
+                });
             }
         }
         Ok(())

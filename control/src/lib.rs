@@ -1,1 +1,5 @@
-//! placeholder
+//! # flotilla-control — the control plane
+//!
+//! (Tour written with the rest of the crate.)
+
+pub mod bucket;

@@ -153,6 +153,7 @@ macro_rules! validated_id {
     };
 }
 
+#[cfg_attr(not(feature = "schema"), allow(dead_code))]
 const TOKEN_PATTERN: &str = "^[a-z0-9_-]{1,63}$";
 
 validated_id!(

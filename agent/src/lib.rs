@@ -1,1 +1,40 @@
-//! placeholder
+//! # flotilla-agent — the mini-kubelet on every device
+//!
+//! The agent watches its own manifest in NATS KV, converges File (and, as
+//! their reconcilers land, Container and SystemdUnit) resources, and reports
+//! typed status. It keeps converging from its last good manifest while
+//! offline.
+//!
+//! ## Tour
+//! - [`agent::run`] — the event loop: RePublish subscription, direct gets after
+//!   each (re)connect and on a jittered resync, shutdown. Entry point for the
+//!   binary and for in-process tests.
+//! - [`gate`] — pure manifest admission: typed rejections, replay floor,
+//!   file roots.
+//! - [`worker`] — converges the newest accepted manifest beside the loop,
+//!   with per-resource backoff.
+//! - [`reconcile`] — one reconciler per kind ([`reconcile::file`]).
+//! - [`status`] — the status board that assembles [`manifest_types::AgentStatus`].
+//! - [`report`] — status writer (CAS, coalesced, identity-checked),
+//!   heartbeat and inventory tasks.
+//! - [`kv`] — the agent's entire NATS footprint: direct gets and CAS publishes
+//!   on its own keys.
+//! - [`state`] — the state directory: instance id, cached manifest, ledger.
+//! - [`config`] — flags, `FLOTILLA_*` environment and TOML file.
+//!
+//! Decisions: docs/adr/ (0002 for the watch, 0003 for generations and CAS,
+//! 0005 for file ownership).
+
+pub mod agent;
+pub mod config;
+pub mod fsutil;
+pub mod gate;
+pub mod kv;
+pub mod reconcile;
+pub mod report;
+pub mod state;
+pub mod status;
+pub mod worker;
+
+pub use agent::{AgentError, run};
+pub use config::Config;

@@ -1,1 +1,30 @@
-fn main() {}
+//! `flotilla-agent`: parses configuration and runs [`flotilla_agent::run`].
+
+use clap::Parser;
+use flotilla_agent::config::{Args, Config};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn")),
+        )
+        .init();
+    let config = Config::from_args(Args::parse())?;
+    tracing::info!(agent = %config.agent_id, nats = %config.nats_url, bucket = %config.bucket, "starting flotilla-agent");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(flotilla_agent::run(config, shutdown_signal()))?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,320 @@
+//! The agent's event loop: the one place where manifest updates, reconnects,
+//! the resync timer and shutdown meet. Slow work (reconciling, writing
+//! status, heartbeats, direct gets) runs beside it in tasks of its own.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use manifest_types::{AgentInventory, ApiVersion, Rejection, keys};
+use rand::Rng;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::config::{Config, NatsAuth};
+use crate::gate::{Accepted, Decision, Gate};
+use crate::kv::{AgentKv, KvError, KvValue};
+use crate::reconcile::Reconcilers;
+use crate::report;
+use crate::state::{CachedManifest, StateDir, StateError};
+use crate::status::{StatusBoard, agent_build};
+use crate::worker::Worker;
+
+/// Longest random delay before the direct get that follows a (re)connect.
+const RECONNECT_JITTER: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("cannot set up the NATS connection")]
+    Connect(#[source] async_nats::Error),
+    #[error("cannot subscribe to {subject}")]
+    Subscribe {
+        subject: String,
+        #[source]
+        source: async_nats::Error,
+    },
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let state = StateDir::open(&config.state_dir)?;
+    let instance_id = state.instance_id()?;
+    let gate = Gate {
+        agent_id: config.agent_id.clone(),
+        roots: config.file_roots.clone(),
+    };
+    let (board, statuses) = StatusBoard::new(config.agent_id.clone(), instance_id.clone());
+    let (desired_tx, desired_rx) = watch::channel(None);
+    let resync = Arc::new(Notify::new());
+    let mut tasks = JoinSet::new();
+
+    // Converge from the cached manifest first: the network may be down.
+    let mut current: Option<Accepted> = None;
+    if let Some(cached) = state.load_manifest()? {
+        match gate.decide(&cached.bytes, cached.revision, None) {
+            Decision::Accept(a) => {
+                tracing::info!(
+                    generation = a.manifest.generation,
+                    "converging from the cached manifest"
+                );
+                board.observed(a.revision, Some(a.manifest.generation));
+                board.accepted(a.manifest.generation);
+                desired_tx.send_replace(Some(Arc::new(a.manifest.clone())));
+                current = Some(*a);
+            }
+            Decision::Reject(r) => {
+                tracing::warn!(reason = %r.reason, message = %r.message, "cached manifest no longer valid; ignoring it")
+            }
+            Decision::Unchanged => {}
+        }
+    }
+    let reconcilers = Reconcilers::new(state.clone(), config.file_roots.clone())?;
+    tasks.spawn(Worker::new(reconcilers, board.clone()).run(desired_rx, resync.clone()));
+
+    let (epoch_tx, epoch_rx) = watch::channel(0u64);
+    let client = connect(&config, epoch_tx).await?;
+    let subject = keys::republish_subject(&config.bucket, &config.agent_id);
+    let mut sub = client
+        .subscribe(subject.clone())
+        .await
+        .map_err(|e| AgentError::Subscribe {
+            subject,
+            source: e.into(),
+        })?;
+    let kv = AgentKv::new(
+        client.clone(),
+        config.bucket.clone(),
+        config.agent_id.clone(),
+    );
+
+    tasks.spawn(report::status_writer(
+        kv.clone(),
+        board.clone(),
+        statuses,
+        epoch_rx.clone(),
+        config.resync_interval,
+    ));
+    tasks.spawn(report::heartbeat(
+        kv.clone(),
+        board.clone(),
+        config.heartbeat_interval,
+    ));
+    tasks.spawn(report::register(
+        kv.clone(),
+        inventory(&config, &instance_id),
+        epoch_rx.clone(),
+    ));
+
+    let mut looper = Loop {
+        gate,
+        state,
+        board,
+        desired_tx,
+        current,
+        last_revision: 0,
+    };
+    let (fetched_tx, mut fetched) = mpsc::channel(4);
+    let mut connected = epoch_rx;
+    let resync_timer = tokio::time::sleep(report::jittered(config.resync_interval));
+    let fetch_timer = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(shutdown, resync_timer, fetch_timer);
+    let mut fetch_armed = false;
+    let key = keys::desired_state(&config.agent_id);
+
+    loop {
+        tokio::select! {
+            // Cancel-safe: a pinned future polled to completion once.
+            () = &mut shutdown => break,
+            // Cancel-safe: Subscriber::next does not lose a message when dropped.
+            msg = sub.next() => {
+                let Some(msg) = msg else { break };
+                match msg.headers.as_ref().and_then(|h| h.get("Nats-Sequence")).and_then(|v| v.as_str().parse().ok()) {
+                    Some(revision) => looper.handle(KvValue::from_parts(revision, msg.headers.as_ref(), msg.payload)),
+                    None => tracing::warn!(subject = %msg.subject, "republished message without Nats-Sequence; ignoring it"),
+                }
+            }
+            // Cancel-safe: `changed` only marks the epoch seen.
+            changed = connected.changed() => {
+                if changed.is_err() { break }
+                let delay = rand::rng().random_range(Duration::ZERO..RECONNECT_JITTER);
+                fetch_timer.as_mut().reset(tokio::time::Instant::now() + delay);
+                fetch_armed = true;
+            }
+            () = &mut fetch_timer, if fetch_armed => {
+                fetch_armed = false;
+                spawn_fetch(&kv, &key, &fetched_tx);
+            }
+            () = &mut resync_timer => {
+                resync_timer.as_mut().reset(tokio::time::Instant::now() + report::jittered(config.resync_interval));
+                spawn_fetch(&kv, &key, &fetched_tx);
+                resync.notify_one();
+            }
+            // Cancel-safe: mpsc::Receiver::recv.
+            Some(result) = fetched.recv() => match result {
+                Ok(Some(value)) => looper.handle(value),
+                Ok(None) => looper.handle_missing(),
+                Err(e) => tracing::debug!(error = %e, "desired-state get failed; will retry on reconnect or resync"),
+            },
+        }
+    }
+    tracing::info!("shutting down");
+    tasks.abort_all();
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
+    Ok(())
+}
+
+fn spawn_fetch(kv: &AgentKv, key: &str, tx: &mpsc::Sender<Result<Option<KvValue>, KvError>>) {
+    let (kv, key, tx) = (kv.clone(), key.to_owned(), tx.clone());
+    tokio::spawn(async move {
+        let _ = tx.send(kv.get(&key).await).await;
+    });
+}
+
+/// State owned by the event loop.
+struct Loop {
+    gate: Gate,
+    state: StateDir,
+    board: StatusBoard,
+    desired_tx: watch::Sender<Option<Arc<manifest_types::AgentManifest>>>,
+    current: Option<Accepted>,
+    /// Highest desired-state revision handled; older or repeated values
+    /// (a get racing a republish) are ignored.
+    last_revision: u64,
+}
+
+impl Loop {
+    fn handle(&mut self, value: KvValue) {
+        let revision = value.revision();
+        if revision <= self.last_revision
+            || self
+                .current
+                .as_ref()
+                .is_some_and(|c| revision <= c.revision)
+        {
+            return;
+        }
+        self.last_revision = revision;
+        let bytes = match value {
+            KvValue::Deleted { .. } => return self.deleted(revision),
+            KvValue::Value { bytes, .. } => bytes,
+        };
+        match self.gate.decide(&bytes, revision, self.current.as_ref()) {
+            Decision::Accept(a) => {
+                let generation = a.manifest.generation;
+                let cached = CachedManifest {
+                    bytes: a.bytes.clone(),
+                    revision,
+                };
+                if let Err(e) = self.state.save_manifest(&cached) {
+                    tracing::error!(error = %e, "cannot cache the accepted manifest; converging anyway");
+                }
+                tracing::info!(
+                    generation,
+                    revision,
+                    resources = a.manifest.resources.len(),
+                    "manifest accepted"
+                );
+                self.board.observed(revision, Some(generation));
+                self.board.accepted(generation);
+                self.desired_tx
+                    .send_replace(Some(Arc::new(a.manifest.clone())));
+                self.current = Some(*a);
+            }
+            Decision::Unchanged => {
+                let generation = self.current.as_ref().map_or(0, |c| c.manifest.generation);
+                self.board.observed(revision, Some(generation));
+                self.board.accepted(generation);
+            }
+            Decision::Reject(r) => {
+                tracing::warn!(reason = %r.reason, message = %r.message, revision, generation = ?r.generation,
+                    "manifest rejected; keeping the last good one");
+                self.board.observed(revision, r.generation);
+                self.board.rejected(r);
+            }
+        }
+    }
+
+    /// The key was deleted or purged by hand. The control plane never does
+    /// that: keep running the last good manifest and say so.
+    fn deleted(&mut self, revision: u64) {
+        self.board.observed(revision, None);
+        if self.current.is_some() {
+            tracing::warn!(
+                revision,
+                "desired-state key deleted; keeping the last good manifest"
+            );
+            self.board.rejected(Rejection {
+                reason: "DesiredStateDeleted".into(),
+                message: "the desired-state key was deleted or purged; the last good manifest keeps running".into(),
+                revision,
+                generation: None,
+            });
+        }
+    }
+
+    fn handle_missing(&mut self) {
+        if self.current.is_some() && self.last_revision > 0 {
+            self.deleted(self.last_revision);
+        }
+    }
+}
+
+fn inventory(config: &Config, instance_id: &str) -> AgentInventory {
+    let build = agent_build();
+    AgentInventory {
+        api_version: ApiVersion,
+        agent_id: config.agent_id.clone(),
+        instance_id: instance_id.to_owned(),
+        agent_version: build.version,
+        arch: build.arch,
+        os: build.os,
+        hostname: std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty()),
+        reconcilers: Reconcilers::available(),
+        labels: config.labels.clone(),
+    }
+}
+
+async fn connect(
+    config: &Config,
+    epoch: watch::Sender<u64>,
+) -> Result<async_nats::Client, AgentError> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name(format!("flotilla-agent {}", config.agent_id))
+        .custom_inbox_prefix(keys::agent_inbox_prefix(&config.agent_id))
+        .retry_on_initial_connect()
+        .event_callback(move |event| {
+            let epoch = epoch.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!("connected to NATS");
+                        epoch.send_modify(|e| *e += 1);
+                    }
+                    async_nats::Event::Disconnected => tracing::warn!(
+                        "disconnected from NATS; converging from the last good manifest"
+                    ),
+                    other => tracing::debug!(event = %other, "NATS event"),
+                }
+            }
+        });
+    options = match &config.auth {
+        NatsAuth::None => options,
+        NatsAuth::Credentials(path) => options
+            .credentials_file(path)
+            .await
+            .map_err(|e| AgentError::Connect(e.into()))?,
+        NatsAuth::UserPassword { user, password } => {
+            options.user_and_password(user.clone(), password.clone())
+        }
+    };
+    options
+        .connect(&config.nats_url)
+        .await
+        .map_err(|e| AgentError::Connect(e.into()))
+}

@@ -1,0 +1,348 @@
+//! Agent configuration: command-line flags, `FLOTILLA_*` environment variables
+//! and an optional TOML file, in that order of precedence.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use manifest_types::{AgentId, BucketName};
+use serde::Deserialize;
+
+/// Everything the agent needs to run, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub nats_url: String,
+    pub agent_id: AgentId,
+    pub bucket: BucketName,
+    pub state_dir: PathBuf,
+    pub labels: BTreeMap<String, String>,
+    /// Canonical directories File resources may live under.
+    pub file_roots: Vec<PathBuf>,
+    pub resync_interval: Duration,
+    pub heartbeat_interval: Duration,
+    pub auth: NatsAuth,
+}
+
+#[derive(Debug, Clone, Default)]
+pub enum NatsAuth {
+    #[default]
+    None,
+    Credentials(PathBuf),
+    UserPassword {
+        user: String,
+        password: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid")]
+    ParseFile {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("missing {0}: give it as a flag, a FLOTILLA_* variable or in the config file")]
+    Missing(&'static str),
+    #[error(transparent)]
+    Id(#[from] manifest_types::IdError),
+    #[error("invalid label {0:?}: expected key=value")]
+    Label(String),
+    #[error("{0}")]
+    LabelValue(String),
+    #[error("file root {path} is unusable (it must be an existing directory)")]
+    FileRoot {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid duration {value:?} for {what}: {source}")]
+    Duration {
+        what: &'static str,
+        value: String,
+        #[source]
+        source: humantime::DurationError,
+    },
+}
+
+/// Command-line flags; each also reads a `FLOTILLA_*` variable.
+#[derive(Debug, Parser)]
+#[command(
+    name = "flotilla-agent",
+    version,
+    about = "Flotilla edge agent: converges this device to its manifest in NATS KV"
+)]
+pub struct Args {
+    /// TOML config file; flags and environment variables override it.
+    #[arg(long, env = "FLOTILLA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// NATS server URL.
+    #[arg(long, env = "FLOTILLA_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// This device's agent id (lowercase letters, digits, '-', '_').
+    #[arg(long, env = "FLOTILLA_ID")]
+    pub id: Option<String>,
+    /// KV bucket holding the fleet state.
+    #[arg(long, env = "FLOTILLA_BUCKET")]
+    pub bucket: Option<String>,
+    /// Directory for the agent's own state (instance id, cached manifest, ledger).
+    #[arg(long, env = "FLOTILLA_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Device label key=value (repeatable).
+    #[arg(long = "label", env = "FLOTILLA_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Directory File resources may write under (repeatable). No roots: no File resources.
+    #[arg(long = "file-root", env = "FLOTILLA_FILE_ROOTS", value_delimiter = ',')]
+    pub file_roots: Vec<PathBuf>,
+    /// Period of the drift check and desired-state resync (jittered), e.g. "60s".
+    #[arg(long, env = "FLOTILLA_RESYNC_INTERVAL")]
+    pub resync_interval: Option<String>,
+    /// Period of the heartbeat (jittered), e.g. "15s".
+    #[arg(long, env = "FLOTILLA_HEARTBEAT_INTERVAL")]
+    pub heartbeat_interval: Option<String>,
+    /// NATS credentials file (per-device user).
+    #[arg(long, env = "FLOTILLA_CREDS")]
+    pub creds: Option<PathBuf>,
+    /// NATS user (with FLOTILLA_NATS_PASSWORD).
+    #[arg(long, env = "FLOTILLA_NATS_USER")]
+    pub nats_user: Option<String>,
+    #[arg(long, env = "FLOTILLA_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+}
+
+/// The config file's shape (every key optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FileConfig {
+    pub nats_url: Option<String>,
+    pub id: Option<String>,
+    pub bucket: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub file_roots: Vec<PathBuf>,
+    pub resync_interval: Option<String>,
+    pub heartbeat_interval: Option<String>,
+    pub creds: Option<PathBuf>,
+    pub nats_user: Option<String>,
+    pub nats_password: Option<String>,
+}
+
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/flotilla";
+pub const DEFAULT_RESYNC: Duration = Duration::from_secs(60);
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+
+impl Config {
+    /// Merges flags/env over the optional file over defaults, and validates.
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        let id = args.id.or(file.id).ok_or(ConfigError::Missing("--id"))?;
+        let mut labels = file.labels;
+        for l in &args.labels {
+            let (k, v) = l
+                .split_once('=')
+                .ok_or_else(|| ConfigError::Label(l.clone()))?;
+            labels.insert(k.trim().to_owned(), v.trim().to_owned());
+        }
+        for (k, v) in &labels {
+            manifest_types::inventory::validate_label(k, v).map_err(ConfigError::LabelValue)?;
+        }
+        let roots = if args.file_roots.is_empty() {
+            file.file_roots
+        } else {
+            args.file_roots
+        };
+        let auth = match (args.creds.or(file.creds), args.nats_user.or(file.nats_user)) {
+            (Some(creds), _) => NatsAuth::Credentials(creds),
+            (None, Some(user)) => NatsAuth::UserPassword {
+                user,
+                password: args
+                    .nats_password
+                    .or(file.nats_password)
+                    .unwrap_or_default(),
+            },
+            (None, None) => NatsAuth::None,
+        };
+        Ok(Self {
+            nats_url: args
+                .nats_url
+                .or(file.nats_url)
+                .unwrap_or_else(|| DEFAULT_NATS_URL.into()),
+            agent_id: AgentId::new(id)?,
+            bucket: match args.bucket.or(file.bucket) {
+                Some(b) => BucketName::new(b)?,
+                None => BucketName::default(),
+            },
+            state_dir: args
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            labels,
+            file_roots: canonical_roots(&roots)?,
+            resync_interval: duration(
+                "resync-interval",
+                args.resync_interval.or(file.resync_interval),
+                DEFAULT_RESYNC,
+            )?,
+            heartbeat_interval: duration(
+                "heartbeat-interval",
+                args.heartbeat_interval.or(file.heartbeat_interval),
+                DEFAULT_HEARTBEAT,
+            )?,
+            auth,
+        })
+    }
+
+    /// A config for tests and embedding: defaults plus the given essentials.
+    pub fn new(
+        nats_url: impl Into<String>,
+        agent_id: AgentId,
+        state_dir: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            agent_id,
+            bucket: BucketName::default(),
+            state_dir: state_dir.into(),
+            labels: BTreeMap::new(),
+            file_roots: Vec::new(),
+            resync_interval: DEFAULT_RESYNC,
+            heartbeat_interval: DEFAULT_HEARTBEAT,
+            auth: NatsAuth::None,
+        }
+    }
+
+    /// Adds a file root (canonicalised; it must exist).
+    pub fn with_file_root(mut self, root: &Path) -> Result<Self, ConfigError> {
+        self.file_roots
+            .extend(canonical_roots(&[root.to_path_buf()])?);
+        Ok(self)
+    }
+}
+
+fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::ParseFile {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn canonical_roots(roots: &[PathBuf]) -> Result<Vec<PathBuf>, ConfigError> {
+    roots
+        .iter()
+        .map(|r| {
+            let canon = r.canonicalize().map_err(|source| ConfigError::FileRoot {
+                path: r.clone(),
+                source,
+            })?;
+            if canon.is_dir() {
+                Ok(canon)
+            } else {
+                Err(ConfigError::FileRoot {
+                    path: r.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotADirectory,
+                        "not a directory",
+                    ),
+                })
+            }
+        })
+        .collect()
+}
+
+fn duration(
+    what: &'static str,
+    value: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => humantime::parse_duration(&v).map_err(|source| ConfigError::Duration {
+            what,
+            value: v,
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut argv = vec!["flotilla-agent"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn flags_override_file_and_defaults_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "id = \"from-file\"\nnats-url = \"nats://file:4222\"\nresync-interval = \"5s\"\nfile-roots = [{:?}]\n[labels]\nrole = \"kiosk\"\n",
+                dir.path()
+            ),
+        )
+        .unwrap();
+        let c = Config::from_args(args(&[
+            "--config",
+            file.to_str().unwrap(),
+            "--id",
+            "pi-9",
+            "--label",
+            "site=a",
+        ]))
+        .unwrap();
+        assert_eq!(c.agent_id.as_str(), "pi-9");
+        assert_eq!(c.nats_url, "nats://file:4222");
+        assert_eq!(c.resync_interval, Duration::from_secs(5));
+        assert_eq!(c.heartbeat_interval, DEFAULT_HEARTBEAT);
+        assert_eq!(c.labels.get("role").map(String::as_str), Some("kiosk"));
+        assert_eq!(c.labels.get("site").map(String::as_str), Some("a"));
+        assert_eq!(c.file_roots, vec![dir.path().canonicalize().unwrap()]);
+        assert_eq!(c.bucket.as_str(), "fleet");
+    }
+
+    #[test]
+    fn bad_values_are_typed_errors() {
+        assert!(matches!(
+            Config::from_args(args(&[])),
+            Err(ConfigError::Missing(_))
+        ));
+        assert!(matches!(
+            Config::from_args(args(&["--id", "Bad.Id"])),
+            Err(ConfigError::Id(_))
+        ));
+        assert!(matches!(
+            Config::from_args(args(&["--id", "a", "--label", "novalue"])),
+            Err(ConfigError::Label(_))
+        ));
+        assert!(matches!(
+            Config::from_args(args(&["--id", "a", "--file-root", "/definitely/not/here"])),
+            Err(ConfigError::FileRoot { .. })
+        ));
+        assert!(matches!(
+            Config::from_args(args(&["--id", "a", "--resync-interval", "soon"])),
+            Err(ConfigError::Duration { .. })
+        ));
+    }
+}

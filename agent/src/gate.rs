@@ -1,0 +1,226 @@
+//! Manifest admission: the pure decision whether a value read from
+//! `desired-state.<id>` becomes the manifest the agent converges to.
+//!
+//! Rejections keep the last good manifest running; each has a stable reason
+//! code (docs/adr/0003-generations-cas-and-convergence.md):
+//! the [`ManifestError`](manifest_types::ManifestError) classes, plus
+//! `WrongAgent`, `ReplayedGeneration`, `PathOutsideRoots` and
+//! `DesiredStateDeleted`.
+
+use std::path::{Path, PathBuf};
+
+use manifest_types::{AgentId, AgentManifest, Rejection, ResourceSpec};
+
+/// The manifest currently accepted.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub manifest: AgentManifest,
+    pub bytes: Vec<u8>,
+    pub revision: u64,
+}
+
+#[derive(Debug)]
+pub enum Decision {
+    /// A new manifest to converge to.
+    Accept(Box<Accepted>),
+    /// The value is the manifest already accepted (e.g. heard twice).
+    Unchanged,
+    Reject(Rejection),
+}
+
+#[derive(Debug, Clone)]
+pub struct Gate {
+    pub agent_id: AgentId,
+    pub roots: Vec<PathBuf>,
+}
+
+impl Gate {
+    /// Decides on `bytes` stored at KV `revision`, given the accepted manifest.
+    pub fn decide(&self, bytes: &[u8], revision: u64, current: Option<&Accepted>) -> Decision {
+        let reject = |reason: &str, message: String, generation: Option<u64>| {
+            Decision::Reject(Rejection {
+                reason: reason.to_owned(),
+                message,
+                revision,
+                generation,
+            })
+        };
+        let manifest = match AgentManifest::from_json(bytes) {
+            Ok(m) => m,
+            Err(e) => return reject(e.reason(), e.to_string(), sniff_generation(bytes)),
+        };
+        let generation = Some(manifest.generation);
+        if manifest.agent_id != self.agent_id {
+            return reject(
+                "WrongAgent",
+                format!(
+                    "manifest is addressed to agent {:?}, this is {:?}",
+                    manifest.agent_id.as_str(),
+                    self.agent_id.as_str()
+                ),
+                generation,
+            );
+        }
+        if let Some(cur) = current {
+            let floor = cur.manifest.generation;
+            if manifest.generation == floor
+                && (bytes == cur.bytes.as_slice() || manifest == cur.manifest)
+            {
+                return Decision::Unchanged;
+            }
+            if manifest.generation <= floor {
+                return reject(
+                    "ReplayedGeneration",
+                    format!(
+                        "generation {} is not above the accepted generation {floor} and differs from it",
+                        manifest.generation
+                    ),
+                    generation,
+                );
+            }
+        }
+        if let Err(message) = self.check_roots(&manifest) {
+            return reject("PathOutsideRoots", message, generation);
+        }
+        Decision::Accept(Box::new(Accepted {
+            manifest,
+            bytes: bytes.to_vec(),
+            revision,
+        }))
+    }
+
+    fn check_roots(&self, m: &AgentManifest) -> Result<(), String> {
+        for r in &m.resources {
+            if let ResourceSpec::File(f) = &r.spec
+                && !self.within_roots(Path::new(&f.path))
+            {
+                return Err(if self.roots.is_empty() {
+                    format!(
+                        "resource {}: {} — this agent has no file roots configured",
+                        r.id, f.path
+                    )
+                } else {
+                    format!(
+                        "resource {}: {} is outside every file root ({})",
+                        r.id,
+                        f.path,
+                        self.roots
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Lexical check; paths are already normalised (no `..`). Symlinks below
+    /// the root are checked when the file is written.
+    pub fn within_roots(&self, path: &Path) -> bool {
+        self.roots
+            .iter()
+            .any(|root| path.starts_with(root) && path != root)
+    }
+}
+
+/// The `generation` of a document that failed to parse, if it has a readable one.
+fn sniff_generation(bytes: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()?
+        .get("generation")?
+        .as_u64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn gate() -> Gate {
+        Gate {
+            agent_id: "pi-1".parse().unwrap(),
+            roots: vec!["/srv/flotilla".into()],
+        }
+    }
+
+    fn doc(agent: &str, generation: u64, path: &str) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "apiVersion": "flotilla.dev/v1", "agentId": agent, "generation": generation,
+            "resources": [{"id": "d/f", "kind": "File", "spec": {"path": path, "content": "x"}}]
+        }))
+        .unwrap()
+    }
+
+    fn accepted(bytes: &[u8]) -> Accepted {
+        match gate().decide(bytes, 1, None) {
+            Decision::Accept(a) => *a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn reason(d: Decision) -> String {
+        match d {
+            Decision::Reject(r) => r.reason,
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_newer_and_ignores_repeats() {
+        let a = accepted(&doc("pi-1", 2, "/srv/flotilla/a"));
+        assert!(matches!(
+            gate().decide(&a.bytes, 5, Some(&a)),
+            Decision::Unchanged
+        ));
+        assert!(matches!(
+            gate().decide(&doc("pi-1", 3, "/srv/flotilla/b"), 6, Some(&a)),
+            Decision::Accept(_)
+        ));
+    }
+
+    #[test]
+    fn rejections_are_typed() {
+        let a = accepted(&doc("pi-1", 2, "/srv/flotilla/a"));
+        assert_eq!(
+            reason(gate().decide(b"{oops", 3, Some(&a))),
+            "MalformedJson"
+        );
+        assert_eq!(
+            reason(gate().decide(&doc("pi-2", 3, "/srv/flotilla/a"), 3, Some(&a))),
+            "WrongAgent"
+        );
+        assert_eq!(
+            reason(gate().decide(&doc("pi-1", 1, "/srv/flotilla/a"), 3, Some(&a))),
+            "ReplayedGeneration"
+        );
+        assert_eq!(
+            reason(gate().decide(&doc("pi-1", 2, "/srv/flotilla/other"), 3, Some(&a))),
+            "ReplayedGeneration"
+        );
+        assert_eq!(
+            reason(gate().decide(&doc("pi-1", 3, "/etc/passwd"), 3, Some(&a))),
+            "PathOutsideRoots"
+        );
+        assert_eq!(
+            reason(gate().decide(&doc("pi-1", 3, "/srv/flotilla"), 3, Some(&a))),
+            "PathOutsideRoots"
+        );
+        assert_eq!(
+            reason(gate().decide(&doc("pi-1", 3, "/srv/flotillaX/a"), 3, Some(&a))),
+            "PathOutsideRoots"
+        );
+        assert_eq!(
+            reason(gate().decide(&doc("pi-1", 3, "relative"), 3, Some(&a))),
+            "InvalidPath"
+        );
+        match gate().decide(&doc("pi-1", 9, "/etc/x"), 4, None) {
+            Decision::Reject(r) => {
+                assert_eq!(r.generation, Some(9));
+                assert_eq!(r.revision, 4);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

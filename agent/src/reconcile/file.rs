@@ -1,0 +1,564 @@
+//! The File reconciler: atomic writes, ownership through the ledger, drift
+//! repair, adoption and careful removal (docs/adr/0005-file-ownership.md).
+//!
+//! - A path that holds a file the agent did not write is refused unless the
+//!   resource says `adopt: true`.
+//! - Content or metadata drift on an owned file is repaired.
+//! - On removal from the manifest, a file is deleted only if it still holds
+//!   exactly what the agent wrote; otherwise (or if it was adopted) it is
+//!   released: left in place and reported.
+//! - No symlinks anywhere between the file root and the file.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use manifest_types::spec::Principal;
+use manifest_types::{
+    AgentManifest, FileSpec, ReadyDetails, ReleasedResource, ResourceId, ResourceSpec,
+};
+use sha2::{Digest, Sha256};
+
+use super::Outcome;
+use crate::fsutil::{sync_dir, write_atomic};
+use crate::state::{FileEntry, Ledger, StateDir};
+
+/// What is on disk at a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub regular_file: bool,
+    pub sha256: String,
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// What the spec asks for, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    pub sha256: String,
+    pub mode: u32,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    InSync,
+    /// Write content and metadata; `adopting` when taking over a foreign file.
+    Write {
+        adopting: bool,
+    },
+    FixMetadata,
+    Refuse {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// The pure decision for one file.
+pub fn plan(
+    desired: &Desired,
+    observed: Option<&Observed>,
+    owned: Option<&FileEntry>,
+    adopt: bool,
+) -> Plan {
+    let Some(obs) = observed else {
+        return Plan::Write { adopting: false };
+    };
+    if !obs.regular_file {
+        return Plan::Refuse {
+            reason: "NotARegularFile",
+            message: "path exists and is not a regular file (symlinks and directories are never replaced)".into(),
+        };
+    }
+    if owned.is_none() && !adopt {
+        return Plan::Refuse {
+            reason: "NotOwned",
+            message: "a file the agent did not write already exists here; set adopt: true to take it over".into(),
+        };
+    }
+    if obs.sha256 != desired.sha256 {
+        return Plan::Write {
+            adopting: owned.is_none(),
+        };
+    }
+    let meta_ok = obs.mode == desired.mode
+        && desired.uid.is_none_or(|u| u == obs.uid)
+        && desired.gid.is_none_or(|g| g == obs.gid);
+    match (meta_ok, owned.is_none()) {
+        (true, false) => Plan::InSync,
+        // Adopting a file that already matches: record ownership by writing.
+        (_, true) => Plan::Write { adopting: true },
+        (false, false) => Plan::FixMetadata,
+    }
+}
+
+#[derive(Debug)]
+pub struct FileReconciler {
+    state: StateDir,
+    ledger: Ledger,
+    roots: Vec<PathBuf>,
+}
+
+impl FileReconciler {
+    pub fn new(state: StateDir, roots: Vec<PathBuf>) -> Result<Self, crate::state::StateError> {
+        let ledger = state.load_ledger()?;
+        Ok(Self {
+            state,
+            ledger,
+            roots,
+        })
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    pub fn reconcile(&mut self, id: &ResourceId, spec: &FileSpec) -> Outcome {
+        match self.try_reconcile(id, spec) {
+            Ok(details) => Outcome::Ready(details),
+            Err(outcome) => outcome,
+        }
+    }
+
+    fn try_reconcile(&mut self, id: &ResourceId, spec: &FileSpec) -> Result<ReadyDetails, Outcome> {
+        let path = PathBuf::from(&spec.path);
+        let content = spec
+            .decoded_content()
+            .map_err(|e| Outcome::failed("InvalidContent", e.to_string()))?;
+        let desired = Desired {
+            sha256: sha256_hex(&content),
+            mode: spec.mode.bits(),
+            uid: spec
+                .owner
+                .as_ref()
+                .map(|p| resolve(p, "/etc/passwd"))
+                .transpose()?,
+            gid: spec
+                .group
+                .as_ref()
+                .map(|p| resolve(p, "/etc/group"))
+                .transpose()?,
+        };
+        self.prepare_parents(&path)?;
+        let observed = observe(&path).map_err(|e| io_failure("ReadFailed", &path, e))?;
+        let owned = self.ledger.files.get(&path).cloned();
+        match plan(&desired, observed.as_ref(), owned.as_ref(), spec.adopt) {
+            Plan::InSync => {}
+            Plan::Refuse { reason, message } => return Err(Outcome::failed(reason, message)),
+            Plan::Write { adopting } => {
+                // Record intent first: a crash after the write must not leave
+                // a file the agent would later refuse as not its own.
+                let adopted = owned.map(|e| e.adopted).unwrap_or(false) || adopting;
+                self.record(
+                    path.clone(),
+                    FileEntry {
+                        resource: id.clone(),
+                        sha256: desired.sha256.clone(),
+                        adopted,
+                    },
+                )?;
+                write_atomic(
+                    &path,
+                    &content,
+                    desired.mode,
+                    Some((desired.uid, desired.gid)),
+                )
+                .map_err(|e| io_failure("WriteFailed", &path, e))?;
+                tracing::info!(resource = %id, path = %path.display(), "file written");
+            }
+            Plan::FixMetadata => {
+                fs::set_permissions(&path, fs::Permissions::from_mode(desired.mode))
+                    .and_then(|()| std::os::unix::fs::lchown(&path, desired.uid, desired.gid))
+                    .map_err(|e| io_failure("WriteFailed", &path, e))?;
+                tracing::info!(resource = %id, path = %path.display(), "file metadata repaired");
+            }
+        }
+        if self
+            .ledger
+            .files
+            .get(&path)
+            .is_some_and(|e| &e.resource != id)
+        {
+            let entry = FileEntry {
+                resource: id.clone(),
+                ..self.ledger.files[&path].clone()
+            };
+            self.record(path.clone(), entry)?;
+        }
+        let now = observe(&path)
+            .map_err(|e| io_failure("ReadFailed", &path, e))?
+            .ok_or_else(|| {
+                Outcome::failed(
+                    "WriteFailed",
+                    format!("{} vanished after writing", path.display()),
+                )
+            })?;
+        Ok(ReadyDetails::File {
+            sha256: now.sha256,
+            size: now.size,
+            mode: format!("{:04o}", now.mode),
+            uid: now.uid,
+            gid: now.gid,
+        })
+    }
+
+    /// Refuses symlinks between the root and the file; creates missing
+    /// parent directories (0755).
+    fn prepare_parents(&self, path: &Path) -> Result<(), Outcome> {
+        let root = self
+            .roots
+            .iter()
+            .find(|r| path.starts_with(r))
+            .ok_or_else(|| {
+                Outcome::failed(
+                    "PathOutsideRoots",
+                    format!("{} is outside every file root", path.display()),
+                )
+            })?;
+        let parent = path.parent().unwrap_or(root);
+        let mut cur = root.clone();
+        for comp in parent
+            .strip_prefix(root)
+            .unwrap_or(Path::new(""))
+            .components()
+        {
+            cur.push(comp);
+            match fs::symlink_metadata(&cur) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(Outcome::failed(
+                        "SymlinkInPath",
+                        format!(
+                            "{} is a symlink; File paths may not traverse symlinks",
+                            cur.display()
+                        ),
+                    ));
+                }
+                Ok(m) if !m.is_dir() => {
+                    return Err(Outcome::failed(
+                        "NotADirectory",
+                        format!("{} is not a directory", cur.display()),
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    fs::create_dir(&cur)
+                        .or_else(|e| {
+                            if e.kind() == io::ErrorKind::AlreadyExists {
+                                Ok(())
+                            } else {
+                                Err(e)
+                            }
+                        })
+                        .map_err(|e| io_failure("CreateDirFailed", &cur, e))?;
+                }
+                Err(e) => return Err(io_failure("ReadFailed", &cur, e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, path: PathBuf, entry: FileEntry) -> Result<(), Outcome> {
+        self.ledger.files.insert(path, entry);
+        self.state
+            .save_ledger(&self.ledger)
+            .map_err(|e| Outcome::failed("StateWriteFailed", e.to_string()))
+    }
+
+    /// Deletes owned files no File resource of `manifest` wants any more —
+    /// only when they still hold what the agent wrote.
+    pub fn remove_unlisted(&mut self, manifest: &AgentManifest) -> Vec<ReleasedResource> {
+        let wanted: BTreeSet<PathBuf> = manifest
+            .resources
+            .iter()
+            .filter_map(|r| match &r.spec {
+                ResourceSpec::File(f) => Some(PathBuf::from(&f.path)),
+                _ => None,
+            })
+            .collect();
+        let stale: Vec<(PathBuf, FileEntry)> = self
+            .ledger
+            .files
+            .iter()
+            .filter(|(p, _)| !wanted.contains(*p))
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect();
+        let mut released = Vec::new();
+        for (path, entry) in stale {
+            let release = |reason: &str| {
+                tracing::warn!(resource = %entry.resource, path = %path.display(), reason, "file released");
+                ReleasedResource {
+                    id: entry.resource.clone(),
+                    target: path.display().to_string(),
+                    reason: reason.to_owned(),
+                }
+            };
+            match observe(&path) {
+                Ok(None) => {}
+                Ok(Some(_)) if entry.adopted => {
+                    released.push(release(
+                        "adopted (existed before the agent took it over); left in place",
+                    ));
+                }
+                Ok(Some(obs)) if !obs.regular_file || obs.sha256 != entry.sha256 => {
+                    released.push(release(
+                        "changed by someone else since the agent wrote it; left in place",
+                    ));
+                }
+                Ok(Some(_)) => {
+                    if let Err(e) = fs::remove_file(&path)
+                        .and_then(|()| sync_dir(path.parent().unwrap_or(Path::new("/"))))
+                    {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot remove file; will retry");
+                        continue;
+                    }
+                    tracing::info!(resource = %entry.resource, path = %path.display(), "file removed");
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot inspect file for removal; will retry");
+                    continue;
+                }
+            }
+            self.ledger.files.remove(&path);
+            if let Err(e) = self.state.save_ledger(&self.ledger) {
+                tracing::error!(error = %e, "cannot save ledger");
+            }
+        }
+        released
+    }
+}
+
+fn observe(path: &Path) -> io::Result<Option<Observed>> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let regular_file = meta.file_type().is_file();
+    let sha256 = if regular_file {
+        sha256_hex(&fs::read(path)?)
+    } else {
+        String::new()
+    };
+    Ok(Some(Observed {
+        regular_file,
+        sha256,
+        size: meta.len(),
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+    }))
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn io_failure(reason: &'static str, path: &Path, e: io::Error) -> Outcome {
+    let reason = if e.kind() == io::ErrorKind::PermissionDenied {
+        "PermissionDenied"
+    } else {
+        reason
+    };
+    Outcome::failed(reason, format!("{}: {e}", path.display()))
+}
+
+/// Resolves a user or group name through `/etc/passwd` / `/etc/group`.
+fn resolve(p: &Principal, db: &str) -> Result<u32, Outcome> {
+    match p {
+        Principal::Id(id) => Ok(*id),
+        Principal::Name(name) => lookup_id(&fs::read_to_string(db).unwrap_or_default(), name)
+            .ok_or_else(|| Outcome::failed("UnknownPrincipal", format!("{name:?} is not in {db}"))),
+    }
+}
+
+fn lookup_id(db: &str, name: &str) -> Option<u32> {
+    db.lines().find_map(|line| {
+        let mut f = line.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desired(sha: &str, mode: u32) -> Desired {
+        Desired {
+            sha256: sha.into(),
+            mode,
+            uid: None,
+            gid: None,
+        }
+    }
+
+    fn obs(sha: &str, mode: u32) -> Observed {
+        Observed {
+            regular_file: true,
+            sha256: sha.into(),
+            size: 1,
+            mode,
+            uid: 1000,
+            gid: 1000,
+        }
+    }
+
+    fn entry(sha: &str) -> FileEntry {
+        FileEntry {
+            resource: "d/f".parse().unwrap(),
+            sha256: sha.into(),
+            adopted: false,
+        }
+    }
+
+    #[test]
+    fn plan_covers_ownership_rules() {
+        let d = desired("new", 0o644);
+        assert_eq!(plan(&d, None, None, false), Plan::Write { adopting: false });
+        assert_eq!(
+            plan(&d, Some(&obs("new", 0o644)), Some(&entry("new")), false),
+            Plan::InSync
+        );
+        assert_eq!(
+            plan(&d, Some(&obs("old", 0o644)), Some(&entry("old")), false),
+            Plan::Write { adopting: false }
+        );
+        // drift on an owned file
+        assert_eq!(
+            plan(&d, Some(&obs("edited", 0o644)), Some(&entry("new")), false),
+            Plan::Write { adopting: false }
+        );
+        assert_eq!(
+            plan(&d, Some(&obs("new", 0o600)), Some(&entry("new")), false),
+            Plan::FixMetadata
+        );
+        assert!(matches!(
+            plan(&d, Some(&obs("x", 0o644)), None, false),
+            Plan::Refuse {
+                reason: "NotOwned",
+                ..
+            }
+        ));
+        assert_eq!(
+            plan(&d, Some(&obs("x", 0o644)), None, true),
+            Plan::Write { adopting: true }
+        );
+        assert_eq!(
+            plan(&d, Some(&obs("new", 0o644)), None, true),
+            Plan::Write { adopting: true }
+        );
+        let mut dir = obs("", 0o755);
+        dir.regular_file = false;
+        assert!(matches!(
+            plan(&d, Some(&dir), Some(&entry("x")), true),
+            Plan::Refuse {
+                reason: "NotARegularFile",
+                ..
+            }
+        ));
+        let owner = Desired {
+            uid: Some(0),
+            ..d.clone()
+        };
+        assert_eq!(
+            plan(&owner, Some(&obs("new", 0o644)), Some(&entry("new")), false),
+            Plan::FixMetadata
+        );
+    }
+
+    #[test]
+    fn looks_up_names() {
+        let db = "root:x:0:0:root:/root:/bin/sh\npi:x:1000:1000::/home/pi:/bin/bash\n";
+        assert_eq!(lookup_id(db, "pi"), Some(1000));
+        assert_eq!(lookup_id(db, "root"), Some(0));
+        assert_eq!(lookup_id(db, "nobody"), None);
+        let groups = "adm:x:4:syslog\n";
+        assert_eq!(lookup_id(groups, "adm"), Some(4));
+    }
+
+    fn reconciler() -> (tempfile::TempDir, FileReconciler, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir(&root).unwrap();
+        let root = root.canonicalize().unwrap();
+        let state = StateDir::open(&dir.path().join("state")).unwrap();
+        let r = FileReconciler::new(state, vec![root.clone()]).unwrap();
+        (dir, r, root)
+    }
+
+    fn spec(path: &Path, content: &str) -> FileSpec {
+        serde_json::from_value(serde_json::json!({"path": path, "content": content})).unwrap()
+    }
+
+    #[test]
+    fn writes_then_touches_nothing_then_removes() {
+        let (_d, mut r, root) = reconciler();
+        let id: ResourceId = "d/f".parse().unwrap();
+        let p = root.join("sub/dir/f.conf");
+        let out = r.reconcile(&id, &spec(&p, "hello"));
+        assert!(
+            matches!(out, Outcome::Ready(ReadyDetails::File { size: 5, .. })),
+            "{out:?}"
+        );
+        let ino = fs::metadata(&p).unwrap().ino();
+        assert!(matches!(
+            r.reconcile(&id, &spec(&p, "hello")),
+            Outcome::Ready(_)
+        ));
+        assert_eq!(
+            fs::metadata(&p).unwrap().ino(),
+            ino,
+            "in-sync file was rewritten"
+        );
+        let empty = AgentManifest::empty("a".parse().unwrap(), 2);
+        assert!(r.remove_unlisted(&empty).is_empty());
+        assert!(!p.exists());
+        assert!(r.ledger().files.is_empty());
+    }
+
+    #[test]
+    fn refuses_foreign_files_and_symlinks_and_releases_edited_ones() {
+        let (_d, mut r, root) = reconciler();
+        let id: ResourceId = "d/f".parse().unwrap();
+        let foreign = root.join("foreign");
+        fs::write(&foreign, "mine").unwrap();
+        assert!(matches!(
+            r.reconcile(&id, &spec(&foreign, "x")),
+            Outcome::Failed {
+                reason: "NotOwned",
+                ..
+            }
+        ));
+        assert_eq!(fs::read_to_string(&foreign).unwrap(), "mine");
+
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("link")).unwrap();
+        let through = root.join("link/f");
+        assert!(matches!(
+            r.reconcile(&id, &spec(&through, "x")),
+            Outcome::Failed {
+                reason: "SymlinkInPath",
+                ..
+            }
+        ));
+        assert!(!outside.path().join("f").exists());
+
+        let p = root.join("owned");
+        assert!(matches!(
+            r.reconcile(&id, &spec(&p, "v1")),
+            Outcome::Ready(_)
+        ));
+        fs::write(&p, "edited by hand").unwrap();
+        let released = r.remove_unlisted(&AgentManifest::empty("a".parse().unwrap(), 2));
+        assert_eq!(released.len(), 1);
+        assert_eq!(fs::read_to_string(&p).unwrap(), "edited by hand");
+    }
+}

@@ -65,7 +65,12 @@ pub async fn status_writer(
             dirty = true;
         }
         if known.is_none() {
-            match kv.get(&key).await {
+            let read = kv.get(&key).await;
+            if matches!(read, Ok(None | Some(KvValue::Deleted { .. }))) && board.identity_conflict().is_some() {
+                tracing::info!(key, "status key free again; this installation takes over");
+                board.set_identity_conflict(None);
+            }
+            match read {
                 Ok(None) => known = Some(0),
                 Ok(Some(KvValue::Deleted { revision })) => known = Some(revision),
                 Ok(Some(KvValue::Value { revision, bytes })) => match instance_of(&bytes) {

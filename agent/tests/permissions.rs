@@ -50,10 +50,13 @@ async fn a_device_user_confined_to_its_own_subjects_runs_the_full_loop() {
     put_manifest(&store, "pi-7", manifest("pi-7", 2, json!([file("d/f", &path, "two")]))).await;
     wait_status(&store, "pi-7", "converged on 2", |s| s.converged_on(2)).await;
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "two");
-    let hb = store.entry(keys::heartbeat(&AgentId::new("pi-7").unwrap())).await.unwrap();
-    assert!(hb.is_some(), "heartbeat written under the restricted user");
-    let inv = store.entry(keys::inventory(&AgentId::new("pi-7").unwrap())).await.unwrap();
-    assert!(inv.is_some(), "inventory written under the restricted user");
+    for key in [keys::heartbeat(&AgentId::new("pi-7").unwrap()), keys::inventory(&AgentId::new("pi-7").unwrap())] {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while store.entry(&key).await.unwrap().is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "{key} never written under the restricted user");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 
     // The same user against another device's keys: every attempt is denied.
     put_manifest(&store, "pi-8", manifest("pi-8", 1, json!([]))).await;

@@ -66,7 +66,9 @@ pub async fn status_writer(
         }
         if known.is_none() {
             let read = kv.get(&key).await;
-            if matches!(read, Ok(None | Some(KvValue::Deleted { .. }))) && board.identity_conflict().is_some() {
+            if matches!(read, Ok(None | Some(KvValue::Deleted { .. })))
+                && board.identity_conflict().is_some()
+            {
                 tracing::info!(key, "status key free again; this installation takes over");
                 board.set_identity_conflict(None);
             }

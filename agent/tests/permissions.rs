@@ -42,18 +42,37 @@ async fn a_device_user_confined_to_its_own_subjects_runs_the_full_loop() {
     let store = h.store().await;
     let path = h.root("pi-7").join("f");
     let mut cfg = h.config("pi-7");
-    cfg.auth = NatsAuth::UserPassword { user: "pi-7".into(), password: "secret-pi-7".into() };
+    cfg.auth = NatsAuth::UserPassword {
+        user: "pi-7".into(),
+        password: "secret-pi-7".into(),
+    };
     let _agent = RunningAgent::start(cfg);
 
-    put_manifest(&store, "pi-7", manifest("pi-7", 1, json!([file("d/f", &path, "one")]))).await;
+    put_manifest(
+        &store,
+        "pi-7",
+        manifest("pi-7", 1, json!([file("d/f", &path, "one")])),
+    )
+    .await;
     wait_status(&store, "pi-7", "converged on 1", |s| s.converged_on(1)).await;
-    put_manifest(&store, "pi-7", manifest("pi-7", 2, json!([file("d/f", &path, "two")]))).await;
+    put_manifest(
+        &store,
+        "pi-7",
+        manifest("pi-7", 2, json!([file("d/f", &path, "two")])),
+    )
+    .await;
     wait_status(&store, "pi-7", "converged on 2", |s| s.converged_on(2)).await;
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "two");
-    for key in [keys::heartbeat(&AgentId::new("pi-7").unwrap()), keys::inventory(&AgentId::new("pi-7").unwrap())] {
+    for key in [
+        keys::heartbeat(&AgentId::new("pi-7").unwrap()),
+        keys::inventory(&AgentId::new("pi-7").unwrap()),
+    ] {
         let deadline = tokio::time::Instant::now() + WAIT;
         while store.entry(&key).await.unwrap().is_none() {
-            assert!(tokio::time::Instant::now() < deadline, "{key} never written under the restricted user");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{key} never written under the restricted user"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -62,40 +81,59 @@ async fn a_device_user_confined_to_its_own_subjects_runs_the_full_loop() {
     put_manifest(&store, "pi-8", manifest("pi-8", 1, json!([]))).await;
     let violations = Arc::new(Mutex::new(Vec::<String>::new()));
     let seen = violations.clone();
-    let client = async_nats::ConnectOptions::with_user_and_password("pi-7".into(), "secret-pi-7".into())
-        .custom_inbox_prefix("_INBOX.pi-7")
-        .request_timeout(Some(Duration::from_millis(500)))
-        .event_callback(move |e| {
-            let seen = seen.clone();
-            async move {
-                if let async_nats::Event::ServerError(e) = e {
-                    seen.lock().unwrap().push(e.to_string());
+    let client =
+        async_nats::ConnectOptions::with_user_and_password("pi-7".into(), "secret-pi-7".into())
+            .custom_inbox_prefix("_INBOX.pi-7")
+            .request_timeout(Some(Duration::from_millis(500)))
+            .event_callback(move |e| {
+                let seen = seen.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = e {
+                        seen.lock().unwrap().push(e.to_string());
+                    }
                 }
-            }
-        })
-        .connect(h.server.url())
-        .await
-        .unwrap();
+            })
+            .connect(h.server.url())
+            .await
+            .unwrap();
     let mut js = async_nats::jetstream::new(client.clone());
     js.set_timeout(Duration::from_millis(500));
     let stream = js.get_stream_no_info("KV_fleet").await.unwrap();
-    let read_other = stream.direct_get_last_for_subject("$KV.fleet.desired-state.pi-8").await;
+    let read_other = stream
+        .direct_get_last_for_subject("$KV.fleet.desired-state.pi-8")
+        .await;
     assert!(read_other.is_err(), "pi-7 read pi-8's manifest");
     let forge = js
-        .publish("$KV.fleet.actual-state.pi-8", Bytes::from_static(b"{\"forged\":true}"))
+        .publish(
+            "$KV.fleet.actual-state.pi-8",
+            Bytes::from_static(b"{\"forged\":true}"),
+        )
         .await
         .unwrap()
         .await;
     assert!(forge.is_err(), "pi-7 forged pi-8's status");
-    let _sub = client.subscribe("flotilla.fleet.desired-state.pi-8").await.unwrap();
-    let _admin = client.publish("flotilla.fleet.desired-state.pi-7", Bytes::new()).await;
+    let _sub = client
+        .subscribe("flotilla.fleet.desired-state.pi-8")
+        .await
+        .unwrap();
+    let _admin = client
+        .publish("flotilla.fleet.desired-state.pi-7", Bytes::new())
+        .await;
     client.flush().await.unwrap();
     wait_for("three permission violations reported by the server", || {
         let v = violations.lock().unwrap();
-        let count = |needle: &str| v.iter().filter(|e| e.to_lowercase().contains(needle)).count();
-        count("permissions violation for publish") >= 2 && count("permissions violation for subscription") >= 1
+        let count = |needle: &str| {
+            v.iter()
+                .filter(|e| e.to_lowercase().contains(needle))
+                .count()
+        };
+        count("permissions violation for publish") >= 2
+            && count("permissions violation for subscription") >= 1
     })
     .await;
-    let forged = store.entry(keys::actual_state(&AgentId::new("pi-8").unwrap())).await.unwrap();
+    let forged = store
+        .entry(keys::actual_state(&AgentId::new("pi-8").unwrap()))
+        .await
+        .unwrap();
     assert!(forged.is_none(), "a forged status reached the bucket");
 }

@@ -21,7 +21,7 @@ use manifest_types::{
 };
 use sha2::{Digest, Sha256};
 
-use super::Outcome;
+use super::{Failure, Outcome};
 use crate::fsutil::{sync_dir, write_atomic};
 use crate::state::{FileEntry, Ledger, StateDir};
 
@@ -121,15 +121,18 @@ impl FileReconciler {
     pub fn reconcile(&mut self, id: &ResourceId, spec: &FileSpec) -> Outcome {
         match self.try_reconcile(id, spec) {
             Ok(details) => Outcome::Ready(details),
-            Err(outcome) => outcome,
+            Err(f) => Outcome::Failed {
+                reason: f.reason,
+                message: f.message,
+            },
         }
     }
 
-    fn try_reconcile(&mut self, id: &ResourceId, spec: &FileSpec) -> Result<ReadyDetails, Outcome> {
+    fn try_reconcile(&mut self, id: &ResourceId, spec: &FileSpec) -> Result<ReadyDetails, Failure> {
         let path = PathBuf::from(&spec.path);
         let content = spec
             .decoded_content()
-            .map_err(|e| Outcome::failed("InvalidContent", e.to_string()))?;
+            .map_err(|e| Failure::new("InvalidContent", e.to_string()))?;
         let desired = Desired {
             sha256: sha256_hex(&content),
             mode: spec.mode.bits(),
@@ -149,7 +152,7 @@ impl FileReconciler {
         let owned = self.ledger.files.get(&path).cloned();
         match plan(&desired, observed.as_ref(), owned.as_ref(), spec.adopt) {
             Plan::InSync => {}
-            Plan::Refuse { reason, message } => return Err(Outcome::failed(reason, message)),
+            Plan::Refuse { reason, message } => return Err(Failure::new(reason, message)),
             Plan::Write { adopting } => {
                 // Record intent first: a crash after the write must not leave
                 // a file the agent would later refuse as not its own.
@@ -193,7 +196,7 @@ impl FileReconciler {
         let now = observe(&path)
             .map_err(|e| io_failure("ReadFailed", &path, e))?
             .ok_or_else(|| {
-                Outcome::failed(
+                Failure::new(
                     "WriteFailed",
                     format!("{} vanished after writing", path.display()),
                 )
@@ -209,13 +212,13 @@ impl FileReconciler {
 
     /// Refuses symlinks between the root and the file; creates missing
     /// parent directories (0755).
-    fn prepare_parents(&self, path: &Path) -> Result<(), Outcome> {
+    fn prepare_parents(&self, path: &Path) -> Result<(), Failure> {
         let root = self
             .roots
             .iter()
             .find(|r| path.starts_with(r))
             .ok_or_else(|| {
-                Outcome::failed(
+                Failure::new(
                     "PathOutsideRoots",
                     format!("{} is outside every file root", path.display()),
                 )
@@ -230,7 +233,7 @@ impl FileReconciler {
             cur.push(comp);
             match fs::symlink_metadata(&cur) {
                 Ok(m) if m.file_type().is_symlink() => {
-                    return Err(Outcome::failed(
+                    return Err(Failure::new(
                         "SymlinkInPath",
                         format!(
                             "{} is a symlink; File paths may not traverse symlinks",
@@ -239,7 +242,7 @@ impl FileReconciler {
                     ));
                 }
                 Ok(m) if !m.is_dir() => {
-                    return Err(Outcome::failed(
+                    return Err(Failure::new(
                         "NotADirectory",
                         format!("{} is not a directory", cur.display()),
                     ));
@@ -262,11 +265,11 @@ impl FileReconciler {
         Ok(())
     }
 
-    fn record(&mut self, path: PathBuf, entry: FileEntry) -> Result<(), Outcome> {
+    fn record(&mut self, path: PathBuf, entry: FileEntry) -> Result<(), Failure> {
         self.ledger.files.insert(path, entry);
         self.state
             .save_ledger(&self.ledger)
-            .map_err(|e| Outcome::failed("StateWriteFailed", e.to_string()))
+            .map_err(|e| Failure::new("StateWriteFailed", e.to_string()))
     }
 
     /// Deletes owned files no File resource of `manifest` wants any more —
@@ -361,21 +364,21 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-fn io_failure(reason: &'static str, path: &Path, e: io::Error) -> Outcome {
+fn io_failure(reason: &'static str, path: &Path, e: io::Error) -> Failure {
     let reason = if e.kind() == io::ErrorKind::PermissionDenied {
         "PermissionDenied"
     } else {
         reason
     };
-    Outcome::failed(reason, format!("{}: {e}", path.display()))
+    Failure::new(reason, format!("{}: {e}", path.display()))
 }
 
 /// Resolves a user or group name through `/etc/passwd` / `/etc/group`.
-fn resolve(p: &Principal, db: &str) -> Result<u32, Outcome> {
+fn resolve(p: &Principal, db: &str) -> Result<u32, Failure> {
     match p {
         Principal::Id(id) => Ok(*id),
         Principal::Name(name) => lookup_id(&fs::read_to_string(db).unwrap_or_default(), name)
-            .ok_or_else(|| Outcome::failed("UnknownPrincipal", format!("{name:?} is not in {db}"))),
+            .ok_or_else(|| Failure::new("UnknownPrincipal", format!("{name:?} is not in {db}"))),
     }
 }
 

@@ -24,6 +24,22 @@ pub enum Outcome {
     Unsupported(String),
 }
 
+/// A failed step inside a reconciler (small, so `Result<_, Failure>` stays cheap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
 impl Outcome {
     pub fn failed(reason: &'static str, message: impl Into<String>) -> Self {
         Self::Failed {

@@ -218,3 +218,75 @@ mod tests {
         js.get_key_value("t").await.expect("store survives restart");
     }
 }
+
+/// A built workspace binary (`target/debug/<name>`); `scripts/test` builds
+/// them all before running tests.
+pub fn binary(name: &str) -> PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let path = dir.join("debug").join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace --bins` (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A child process killed (SIGKILL) on drop; output goes to a log file.
+#[derive(Debug)]
+pub struct Process {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Process {
+    /// Spawns `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(mut cmd: Command, log: &Path) -> Self {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log fd"))
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        Self { child, log: log.to_owned() }
+    }
+
+    /// Sends SIGTERM and waits, as systemd would on `stop`.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        self.child.wait().expect("wait")
+    }
+
+    pub fn output(&self) -> String {
+        read(&self.log)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A command that runs `program args…` in a private mount namespace where
+/// `private_dir` is bind-mounted on `mountpoint` — one machine, several
+/// "devices" that each see their own files at the same path. Needs root.
+pub fn in_private_mount(private_dir: &Path, mountpoint: &Path, program: &Path) -> Command {
+    std::fs::create_dir_all(mountpoint).expect("mountpoint");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("mount --bind \"$1\" \"$2\" && shift 2 && exec \"$@\"")
+        .arg("sh")
+        .arg(private_dir)
+        .arg(mountpoint)
+        .arg(program);
+    cmd
+}

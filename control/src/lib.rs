@@ -1,5 +1,41 @@
 //! # flotilla-control — the control plane
 //!
-//! (Tour written with the rest of the crate.)
+//! Turns fleet-level intent (`deployments.<name>`) and what agents say about
+//! themselves (`agents.<id>`) into one manifest per agent
+//! (`desired-state.<id>`), written with compare-and-swap and a strictly
+//! increasing generation, and reports per-deployment render results
+//! (`deployment-status.<name>`). It never calls an agent: it writes intent
+//! into NATS KV and agents converge on their own (DESIGN.md "The loop").
+//!
+//! ## Tour
+//! - [`daemon`] — the one task of the binary: a KV watch over the keys it
+//!   renders from, an in-memory copy of them, and a reconcile pass after every
+//!   burst of changes. Entry points: [`daemon::run`] (connect, check the
+//!   bucket, loop until shutdown) and [`daemon::run_with_store`] for callers
+//!   that already hold the bucket; both take a shutdown future, so tests run
+//!   exactly the binary's code in-process.
+//! - [`render`] — pure: deployments + agents' labels → each agent's resources,
+//!   each deployment's targets and conflicts. Carries most unit tests.
+//! - [`publish`] — the CAS writes: [`publish::publish_manifest`] (generation
+//!   rules, recreation above the agent's `observedGeneration`, bounded retry
+//!   on lost races) and the deployment-status writes.
+//! - [`fleet`] — reads for operators and tests: every agent's status, one
+//!   key's typed value, and [`fleet::rollout`] — how far a deployment's change
+//!   has landed.
+//! - [`bucket`] — creates the fleet bucket with the RePublish rule agents
+//!   depend on, and refuses a bucket without it.
+//!
+//! The binary `flotilla-control` (`src/main.rs`) only parses flags, sets up
+//! logging and signals, and calls [`daemon::run`].
+//!
+//! Decisions: docs/adr/ (0002 for the KV layout and RePublish watch, 0003
+//! for generations and CAS).
 
 pub mod bucket;
+pub mod daemon;
+pub mod fleet;
+pub mod publish;
+pub mod render;
+
+pub use daemon::{Config, DaemonError, run};
+pub use publish::{PublishError, PublishOutcome, publish_manifest};

@@ -1,1 +1,56 @@
-fn main() {}
+//! `flotilla-control`: parses flags and runs [`flotilla_control::daemon::run`].
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use flotilla_control::daemon::{self, Config};
+use manifest_types::BucketName;
+use tracing_subscriber::EnvFilter;
+
+/// Flotilla's control plane: renders deployments into per-agent manifests.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// NATS server URL.
+    #[arg(
+        long,
+        env = "FLOTILLA_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats_url: String,
+    /// JetStream KV bucket holding the fleet.
+    #[arg(long, env = "FLOTILLA_BUCKET", default_value = manifest_types::keys::DEFAULT_BUCKET)]
+    bucket: BucketName,
+    /// NATS credentials file (JWT + nkey seed).
+    #[arg(long, env = "FLOTILLA_CREDS", value_name = "FILE")]
+    creds: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn")),
+        )
+        .init();
+    let args = Args::parse();
+    let mut config = Config::new(args.nats_url);
+    config.bucket = args.bucket;
+    config.credentials = args.creds;
+    tracing::info!(nats = %config.nats_url, bucket = %config.bucket, "starting flotilla-control");
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(daemon::run(config, shutdown_signal()))?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

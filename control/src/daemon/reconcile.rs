@@ -1,0 +1,180 @@
+//! One reconcile pass: render the whole fleet from [`State`], publish the
+//! manifests whose resources changed, then the deployment statuses whose
+//! content changed, then remove statuses of deleted deployments. Always the
+//! whole desired state, never a hint of what changed (STYLE.md 5); the state
+//! cache makes an unchanged fleet cost no KV round trip at all.
+
+use std::collections::BTreeMap;
+
+use async_nats::jetstream::kv::Store;
+use futures::StreamExt;
+use manifest_types::{AgentId, AgentManifest, ApiVersion, DeploymentStatus, ManagedResource};
+
+use super::state::{State, Written};
+use crate::publish::{self, PublishOutcome, StatusOutcome};
+use crate::render;
+
+/// What a pass did; `failures` > 0 asks for a retry.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PassReport {
+    pub manifests_written: usize,
+    pub statuses_written: usize,
+    pub failures: usize,
+}
+
+pub(crate) async fn reconcile(state: &mut State, store: &Store, concurrency: usize) -> PassReport {
+    state.resolve_created_revisions();
+    let rendered = render::render(&state.deployment_inputs(), state.known_agents());
+    let mut report = PassReport::default();
+
+    // Manifests: skip agents whose cached manifest already matches; publish
+    // re-checks against the store with CAS, so a stale cache costs a read.
+    let mut generations: BTreeMap<AgentId, u64> = BTreeMap::new();
+    let mut changed: Vec<(AgentId, Vec<ManagedResource>)> = Vec::new();
+    for (agent, resources) in rendered.manifests {
+        match state.desired.get(&agent).and_then(|w| w.value.as_ref()) {
+            Some(m) if m.agent_id == agent && m.resources == resources => {
+                generations.insert(agent, m.generation);
+            }
+            _ => changed.push((agent, resources)),
+        }
+    }
+    let results: Vec<_> = futures::stream::iter(changed)
+        .map(|(agent, resources)| async move {
+            let outcome = publish::publish_manifest(store, &agent, resources.clone()).await;
+            (agent, resources, outcome)
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    for (agent, resources, outcome) in results {
+        match outcome {
+            Ok(outcome) => {
+                let generation = outcome.generation();
+                let revision = match outcome {
+                    PublishOutcome::Written { revision, .. } => {
+                        tracing::info!(%agent, generation, revision, resources = resources.len(), "manifest written");
+                        report.manifests_written += 1;
+                        revision
+                    }
+                    // The store was ahead of the cache; the watch brings its revision.
+                    PublishOutcome::Unchanged { .. } => {
+                        state.desired.get(&agent).map_or(0, |w| w.revision)
+                    }
+                };
+                let mut manifest = AgentManifest::empty(agent.clone(), generation);
+                manifest.resources = resources;
+                state.desired.insert(
+                    agent.clone(),
+                    Written {
+                        revision,
+                        value: Some(manifest),
+                    },
+                );
+                generations.insert(agent, generation);
+            }
+            Err(error) => {
+                report.failures += 1;
+                tracing::warn!(%agent, error = %error_chain(&error), "cannot publish manifest; will retry");
+            }
+        }
+    }
+
+    // Deployment statuses. One whose targets could not all be published
+    // waits for the retry rather than report a partial picture.
+    let mut statuses = Vec::new();
+    for (name, r) in rendered.deployments {
+        let Some(record) = state.deployments.get(&name) else {
+            continue;
+        };
+        let Some(targets) = r
+            .targets
+            .iter()
+            .map(|a| generations.get(a).map(|&g| (a.clone(), g)))
+            .collect::<Option<BTreeMap<_, _>>>()
+        else {
+            continue;
+        };
+        let status = DeploymentStatus {
+            api_version: ApiVersion,
+            name: name.clone(),
+            observed_revision: record.revision,
+            created_revision: record.created_revision.unwrap_or(record.first_seen),
+            targets,
+            conflicts: r.conflicts,
+            error: r.error,
+        };
+        let stored = state.statuses.get(&name).and_then(|w| w.value.as_ref());
+        if stored != Some(&status) {
+            statuses.push(status);
+        }
+    }
+    let results: Vec<_> = futures::stream::iter(statuses)
+        .map(|status| async move {
+            let outcome = publish::publish_deployment_status(store, &status).await;
+            (status, outcome)
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    for (status, outcome) in results {
+        match outcome {
+            Ok(outcome) => {
+                let revision = match outcome {
+                    StatusOutcome::Written { revision } => {
+                        report.statuses_written += 1;
+                        tracing::debug!(deployment = %status.name, revision, "deployment status written");
+                        revision
+                    }
+                    StatusOutcome::Unchanged { revision } => revision,
+                };
+                state.statuses.insert(
+                    status.name.clone(),
+                    Written {
+                        revision,
+                        value: Some(status),
+                    },
+                );
+            }
+            Err(error) => {
+                report.failures += 1;
+                tracing::warn!(deployment = %status.name, error = %error_chain(&error), "cannot write deployment status; will retry");
+            }
+        }
+    }
+
+    // Statuses of deployments that no longer exist.
+    let orphans: Vec<_> = state
+        .statuses
+        .iter()
+        .filter(|(name, w)| w.value.is_some() && !state.deployments.contains_key(*name))
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in orphans {
+        match publish::remove_deployment_status(store, &name).await {
+            Ok(()) => {
+                tracing::info!(deployment = %name, "deployment deleted; status removed");
+                if let Some(w) = state.statuses.get_mut(&name) {
+                    w.value = None;
+                }
+            }
+            Err(error) => {
+                report.failures += 1;
+                tracing::warn!(deployment = %name, error = %error_chain(&error), "cannot remove deployment status; will retry");
+            }
+        }
+    }
+    report
+}
+
+/// An error and its sources, `: `-separated (Display never repeats a source).
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}

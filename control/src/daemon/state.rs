@@ -1,0 +1,367 @@
+//! The daemon's in-memory copy of the keys it renders from and writes to,
+//! fed by one KV watch. [`State::apply`] says whether an entry can change the
+//! render; echoes of the daemon's own writes (already recorded by revision)
+//! cannot.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use async_nats::jetstream::kv::{Entry, Operation};
+use manifest_types::keys::Key;
+use manifest_types::{
+    AgentId, AgentInventory, AgentManifest, Deployment, DeploymentName, DeploymentStatus,
+};
+
+use crate::render::{DeploymentInput, Labels};
+
+/// One watched value, as [`State::apply`] reads it.
+struct Seen<'a> {
+    key: &'a str,
+    revision: u64,
+    value: &'a [u8],
+}
+
+/// A deployment as last seen in `deployments.<name>`.
+#[derive(Debug)]
+pub(crate) struct DeploymentRecord {
+    pub revision: u64,
+    pub document: Result<Deployment, String>,
+    /// Revision at which this daemon first saw the deployment.
+    pub first_seen: u64,
+    /// Creation order used for conflicts; resolved at the first render (from
+    /// a stored status when there is one, so restarts keep the order).
+    pub created_revision: Option<u64>,
+}
+
+/// A key the daemon writes: the value last seen or written, by revision.
+/// `value` is `None` for a DEL/PURGE marker or a value that does not parse.
+#[derive(Debug)]
+pub(crate) struct Written<T> {
+    pub revision: u64,
+    pub value: Option<T>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    pub deployments: BTreeMap<DeploymentName, DeploymentRecord>,
+    /// Registered agents (`agents.<id>`) → their labels.
+    pub registered: BTreeMap<AgentId, Labels>,
+    pub desired: BTreeMap<AgentId, Written<AgentManifest>>,
+    pub statuses: BTreeMap<DeploymentName, Written<DeploymentStatus>>,
+    /// Deployments deleted while this daemon watched: if one comes back it
+    /// is a new deployment, whatever its old stored status says.
+    pub deleted: BTreeSet<DeploymentName>,
+}
+
+static NO_LABELS: Labels = Labels::new();
+
+impl State {
+    /// Records one watched entry; true when the render may change.
+    pub fn apply_entry(&mut self, entry: &Entry) -> bool {
+        self.apply(&entry.key, entry.revision, entry.operation, &entry.value)
+    }
+
+    /// Records one value (or DEL/PURGE marker) of `key` at `revision`; true
+    /// when the render may change.
+    pub fn apply(&mut self, key: &str, revision: u64, operation: Operation, value: &[u8]) -> bool {
+        let entry = Seen {
+            key,
+            revision,
+            value,
+        };
+        let put = operation == Operation::Put;
+        match Key::parse(key) {
+            Some(Key::Deployment(name)) => self.apply_deployment(name, entry, put),
+            Some(Key::Inventory(agent)) => self.apply_inventory(agent, entry, put),
+            Some(Key::DesiredState(agent)) => {
+                let value = put
+                    .then(|| AgentManifest::from_json(entry.value).ok())
+                    .flatten();
+                record(&mut self.desired, agent, entry.revision, value)
+            }
+            Some(Key::DeploymentStatus(name)) => {
+                let value = put
+                    .then(|| serde_json::from_slice(entry.value).ok())
+                    .flatten();
+                record(&mut self.statuses, name, entry.revision, value)
+            }
+            Some(Key::ActualState(_) | Key::Heartbeat(_)) => false,
+            None => {
+                tracing::debug!(key, "ignoring a key that is not Flotilla's");
+                false
+            }
+        }
+    }
+
+    fn apply_deployment(&mut self, name: DeploymentName, entry: Seen<'_>, put: bool) -> bool {
+        if !put {
+            let removed = self.deployments.remove(&name).is_some();
+            self.deleted.insert(name);
+            return removed;
+        }
+        if self
+            .deployments
+            .get(&name)
+            .is_some_and(|d| d.revision >= entry.revision)
+        {
+            return false;
+        }
+        let document = Deployment::from_json(entry.value)
+            .map_err(|e| e.to_string())
+            .and_then(|d| {
+                if d.name == name {
+                    Ok(d)
+                } else {
+                    Err(format!(
+                        "the document is named {:?} but stored under {:?}",
+                        d.name.as_str(),
+                        entry.key
+                    ))
+                }
+            });
+        if let Err(error) = &document {
+            tracing::warn!(deployment = %name, revision = entry.revision, %error, "deployment does not parse; rendering nothing from it");
+        }
+        let (first_seen, created_revision) = match self.deployments.get(&name) {
+            Some(old) => (old.first_seen, old.created_revision),
+            None => (entry.revision, None),
+        };
+        self.deployments.insert(
+            name,
+            DeploymentRecord {
+                revision: entry.revision,
+                document,
+                first_seen,
+                created_revision,
+            },
+        );
+        true
+    }
+
+    fn apply_inventory(&mut self, agent: AgentId, entry: Seen<'_>, put: bool) -> bool {
+        if !put {
+            return self.registered.remove(&agent).is_some();
+        }
+        let labels = match serde_json::from_slice::<AgentInventory>(entry.value) {
+            Ok(inv) if inv.agent_id == agent => inv.labels,
+            Ok(inv) => {
+                tracing::warn!(%agent, claimed = %inv.agent_id, "inventory names another agent; ignoring its labels");
+                Labels::new()
+            }
+            Err(error) => {
+                tracing::warn!(%agent, %error, "inventory does not parse; treating the agent as unlabelled");
+                Labels::new()
+            }
+        };
+        self.registered.insert(agent, labels.clone()) != Some(labels)
+    }
+
+    /// Every agent the control plane knows: registered ones with their
+    /// labels, and those known only by an existing desired-state key.
+    pub fn known_agents(&self) -> BTreeMap<&AgentId, &Labels> {
+        let mut agents: BTreeMap<&AgentId, &Labels> =
+            self.desired.keys().map(|a| (a, &NO_LABELS)).collect();
+        agents.extend(self.registered.iter());
+        agents
+    }
+
+    /// Fixes each deployment's creation order the first time it is rendered.
+    pub fn resolve_created_revisions(&mut self) {
+        for (name, d) in &mut self.deployments {
+            if d.created_revision.is_none() {
+                let recreated = self.deleted.remove(name);
+                let stored = self
+                    .statuses
+                    .get(name)
+                    .and_then(|s| s.value.as_ref())
+                    .map(|s| s.created_revision)
+                    .filter(|&c| c <= d.first_seen && !recreated);
+                d.created_revision = Some(stored.unwrap_or(d.first_seen));
+            }
+        }
+    }
+
+    /// The render input for every deployment (after
+    /// [`Self::resolve_created_revisions`]).
+    pub fn deployment_inputs(&self) -> Vec<DeploymentInput<'_>> {
+        self.deployments
+            .iter()
+            .map(|(name, d)| DeploymentInput {
+                name,
+                document: d.document.as_ref().map_err(String::as_str),
+                revision: d.revision,
+                created_revision: d.created_revision.unwrap_or(d.first_seen),
+            })
+            .collect()
+    }
+}
+
+/// Records a value of a key the daemon writes, unless the daemon already
+/// holds that revision (the echo of its own write) or a newer one.
+fn record<K: Ord, T>(
+    map: &mut BTreeMap<K, Written<T>>,
+    key: K,
+    revision: u64,
+    value: Option<T>,
+) -> bool {
+    if map.get(&key).is_some_and(|w| w.revision >= revision) {
+        return false;
+    }
+    map.insert(key, Written { revision, value });
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn bytes(v: serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    fn deployment(name: &str) -> Vec<u8> {
+        bytes(
+            json!({"apiVersion": "flotilla.dev/v1", "kind": "Deployment", "name": name,
+            "selector": {"agents": ["pi-1"]},
+            "resources": [{"id": "f", "kind": "File", "spec": {"path": "/etc/f", "content": "x"}}]}),
+        )
+    }
+
+    fn inventory(agent: &str, labels: serde_json::Value) -> Vec<u8> {
+        bytes(
+            json!({"apiVersion": "flotilla.dev/v1", "agentId": agent, "instanceId": "i",
+            "agentVersion": "0.1.0", "arch": "x86_64", "os": "linux", "reconcilers": ["File"],
+            "labels": labels}),
+        )
+    }
+
+    fn name(n: &str) -> DeploymentName {
+        DeploymentName::new(n).unwrap()
+    }
+
+    fn agent(a: &str) -> AgentId {
+        AgentId::new(a).unwrap()
+    }
+
+    #[test]
+    fn deployments_are_recorded_replaced_and_removed() {
+        let mut s = State::default();
+        assert!(s.apply("deployments.web", 3, Operation::Put, &deployment("web")));
+        assert!(!s.apply("deployments.web", 3, Operation::Put, &deployment("web")));
+        assert!(s.apply("deployments.web", 8, Operation::Put, &deployment("web")));
+        let d = &s.deployments[&name("web")];
+        assert_eq!((d.revision, d.first_seen), (8, 3));
+        assert!(d.document.is_ok());
+        assert!(s.apply("deployments.web", 9, Operation::Delete, b""));
+        assert!(s.deployments.is_empty());
+        assert!(!s.apply("deployments.web", 10, Operation::Purge, b""));
+    }
+
+    #[test]
+    fn unreadable_and_misnamed_deployments_carry_an_error() {
+        let mut s = State::default();
+        s.apply("deployments.bad", 1, Operation::Put, b"{not json");
+        s.apply("deployments.other", 2, Operation::Put, &deployment("web"));
+        let bad = s.deployments[&name("bad")].document.as_ref().unwrap_err();
+        assert!(bad.contains("invalid deployment"), "{bad}");
+        let other = s.deployments[&name("other")].document.as_ref().unwrap_err();
+        assert!(other.contains("named \"web\""), "{other}");
+    }
+
+    #[test]
+    fn inventory_changes_matter_only_when_labels_change() {
+        let mut s = State::default();
+        assert!(s.apply(
+            "agents.pi-1",
+            1,
+            Operation::Put,
+            &inventory("pi-1", json!({"a": "1"}))
+        ));
+        assert!(!s.apply(
+            "agents.pi-1",
+            2,
+            Operation::Put,
+            &inventory("pi-1", json!({"a": "1"}))
+        ));
+        assert!(s.apply(
+            "agents.pi-1",
+            3,
+            Operation::Put,
+            &inventory("pi-1", json!({"a": "2"}))
+        ));
+        // Claims to be someone else: known, but unlabelled.
+        assert!(s.apply(
+            "agents.pi-2",
+            4,
+            Operation::Put,
+            &inventory("pi-9", json!({"a": "2"}))
+        ));
+        assert!(s.registered[&agent("pi-2")].is_empty());
+        assert!(s.apply("agents.pi-1", 5, Operation::Delete, b""));
+        assert_eq!(s.registered.len(), 1);
+    }
+
+    #[test]
+    fn own_writes_echoed_back_do_not_trigger_a_render() {
+        let mut s = State::default();
+        s.desired.insert(
+            agent("pi-1"),
+            Written {
+                revision: 7,
+                value: None,
+            },
+        );
+        assert!(!s.apply("desired-state.pi-1", 7, Operation::Put, b"{}"));
+        assert!(s.apply("desired-state.pi-1", 8, Operation::Purge, b""));
+        assert!(s.desired[&agent("pi-1")].value.is_none());
+        assert!(s.apply("deployment-status.web", 4, Operation::Put, b"{}"));
+        assert!(!s.apply("deployment-status.web", 4, Operation::Put, b"{}"));
+        assert!(!s.apply("heartbeat.pi-1", 9, Operation::Put, b"{}"));
+        assert!(!s.apply("unrelated.key", 9, Operation::Put, b"{}"));
+    }
+
+    #[test]
+    fn known_agents_include_those_with_only_a_desired_state_key() {
+        let mut s = State::default();
+        s.apply(
+            "agents.pi-1",
+            1,
+            Operation::Put,
+            &inventory("pi-1", json!({"a": "1"})),
+        );
+        s.apply("desired-state.pi-2", 2, Operation::Put, b"junk");
+        s.apply("desired-state.pi-1", 3, Operation::Put, b"junk");
+        let known = s.known_agents();
+        assert_eq!(known.len(), 2);
+        assert_eq!(
+            known[&agent("pi-1")].get("a").map(String::as_str),
+            Some("1")
+        );
+        assert!(known[&agent("pi-2")].is_empty());
+    }
+
+    #[test]
+    fn creation_order_comes_from_a_stored_status_when_there_is_one() {
+        let mut s = State::default();
+        s.apply("deployments.web", 20, Operation::Put, &deployment("web"));
+        s.apply("deployments.api", 21, Operation::Put, &deployment("api"));
+        let status = bytes(json!({"apiVersion": "flotilla.dev/v1", "name": "web",
+            "observedRevision": 20, "createdRevision": 5, "targets": {}}));
+        s.apply("deployment-status.web", 22, Operation::Put, &status);
+        // A stored createdRevision newer than the document is not believed.
+        let future = bytes(json!({"apiVersion": "flotilla.dev/v1", "name": "api",
+            "observedRevision": 21, "createdRevision": 99, "targets": {}}));
+        s.apply("deployment-status.api", 23, Operation::Put, &future);
+        s.resolve_created_revisions();
+        assert_eq!(s.deployments[&name("web")].created_revision, Some(5));
+        assert_eq!(s.deployments[&name("api")].created_revision, Some(21));
+        // Later updates keep the resolved order.
+        s.apply("deployments.web", 30, Operation::Put, &deployment("web"));
+        assert_eq!(s.deployments[&name("web")].created_revision, Some(5));
+        // Deleted and created again: a new deployment, ordered last.
+        s.apply("deployments.web", 31, Operation::Delete, b"");
+        s.apply("deployments.web", 32, Operation::Put, &deployment("web"));
+        s.resolve_created_revisions();
+        assert_eq!(s.deployments[&name("web")].created_revision, Some(32));
+    }
+}

@@ -1,0 +1,181 @@
+//! Command-line arguments (clap derive).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use manifest_types::{AgentId, BucketName, DeploymentName};
+
+const LONG_ABOUT: &str = "\
+The Flotilla operator CLI.
+
+Operators write deployments (`deployments.<name>` in the fleet KV bucket);
+flotilla-control renders them into one manifest per selected agent, and each
+agent reports its status back. This tool writes and reads those keys.
+
+Exit codes:
+  0  ok
+  1  error (connection, I/O, server, no fleet bucket)
+  2  usage, or an invalid document or identifier
+  3  conflict: the deployment changed since it was read (another operator won
+     the compare-and-swap); nothing was overwritten
+  4  rejected: an agent rejected the manifest, or flotilla-control reported the
+     deployment invalid (apply --wait)
+  5  timeout (apply --wait)
+  6  not found";
+
+#[derive(Debug, Parser)]
+#[command(name = "flotilla", version, about = "The Flotilla operator CLI", long_about = LONG_ABOUT)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Output format.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+    /// NATS server URL(s), comma-separated.
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+    /// The fleet KV bucket.
+    #[arg(long, global = true, env = "FLOTILLA_BUCKET", default_value = "fleet")]
+    pub bucket: BucketName,
+    /// NATS credentials file (.creds).
+    #[arg(long, global = true, env = "FLOTILLA_CREDS", value_name = "FILE")]
+    pub creds: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or update a deployment from a YAML or JSON file.
+    Apply(ApplyArgs),
+    /// List agents or deployments.
+    Get {
+        #[command(subcommand)]
+        what: GetWhat,
+    },
+    /// Show one agent or deployment in detail.
+    Describe {
+        #[command(subcommand)]
+        what: DescribeWhat,
+    },
+    /// Delete a deployment (flotilla-control then removes its resources from the agents).
+    Delete {
+        #[command(subcommand)]
+        what: DeleteWhat,
+    },
+    /// Print one line per change of agent status, inventory, deployments and
+    /// deployment status, until Ctrl-C.
+    Watch,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// The deployment document (YAML or JSON); `-` reads stdin.
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    pub file: PathBuf,
+    /// Wait until every targeted agent has converged on the written revision.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits (e.g. 90s, 5m).
+    #[arg(long, value_parser = parse_duration, default_value = "60s", requires = "wait")]
+    pub timeout: Duration,
+    /// Write only if `deployments.<name>` is at this KV revision (0: only if it does not exist).
+    #[arg(long, value_name = "N")]
+    pub expect_revision: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GetWhat {
+    /// Every agent known to the bucket.
+    #[command(visible_alias = "agent")]
+    Agents,
+    /// Every deployment and its progress.
+    #[command(visible_alias = "deployment", visible_alias = "deploy")]
+    Deployments,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DescribeWhat {
+    /// Inventory, conditions and per-resource status of one agent.
+    #[command(visible_alias = "agents")]
+    Agent { id: AgentId },
+    /// Selector, resources and per-target state of one deployment.
+    #[command(visible_alias = "deployments", visible_alias = "deploy")]
+    Deployment { name: DeploymentName },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeleteWhat {
+    /// Delete `deployments.<name>`.
+    #[command(visible_alias = "deployments", visible_alias = "deploy")]
+    Deployment { name: DeploymentName },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 30s, 5m)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_apply_with_wait() {
+        let cli = Cli::try_parse_from([
+            "flotilla",
+            "-o",
+            "json",
+            "apply",
+            "-f",
+            "x.yaml",
+            "--wait",
+            "--timeout",
+            "2m",
+            "--bucket",
+            "b",
+        ])
+        .unwrap();
+        assert_eq!(cli.global.output, Format::Json);
+        assert_eq!(cli.global.bucket.as_str(), "b");
+        let Command::Apply(a) = cli.command else {
+            panic!()
+        };
+        assert!(a.wait);
+        assert_eq!(a.timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn invalid_ids_are_usage_errors() {
+        let err = Cli::try_parse_from(["flotilla", "describe", "agent", "Bad.Id"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("invalid agent id"), "{err}");
+    }
+
+    #[test]
+    fn timeout_needs_wait() {
+        assert!(Cli::try_parse_from(["flotilla", "apply", "-f", "x", "--timeout", "1s"]).is_err());
+    }
+}

@@ -1,0 +1,423 @@
+//! `flotilla describe agent|deployment`: everything known about one of them.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use manifest_types::{
+    AgentId, AgentStatus, DeploymentName, ReadyDetails, ResourceSpec, ResourceState, keys,
+};
+
+use crate::args::{DescribeWhat, Format, GlobalArgs};
+use crate::convergence::{Progress, rejection_line};
+use crate::exit::CliError;
+use crate::fleet::{AgentEntries, AgentView, DeploymentView};
+use crate::kv::Fleet;
+use crate::output::{self, Table};
+
+pub async fn run(g: &GlobalArgs, what: &DescribeWhat) -> Result<(), CliError> {
+    let fleet = Fleet::open(g).await?;
+    match what {
+        DescribeWhat::Agent { id } => {
+            let view = read_agent(&fleet, id).await?;
+            let text = match g.output {
+                Format::Table => render_agent(&view),
+                f => output::document(f, &view.doc(true))?,
+            };
+            print!("{text}");
+        }
+        DescribeWhat::Deployment { name } => {
+            let (view, progress) = read_deployment(&fleet, name).await?;
+            let text = match g.output {
+                Format::Table => render_deployment(&view, progress.as_ref()),
+                f => output::document(f, &view.doc(progress.as_ref()))?,
+            };
+            print!("{text}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn read_agent(fleet: &Fleet, id: &AgentId) -> Result<AgentView, CliError> {
+    let (inventory, status, heartbeat, desired) = futures::try_join!(
+        fleet.entry(keys::inventory(id)),
+        fleet.entry(keys::actual_state(id)),
+        fleet.entry(keys::heartbeat(id)),
+        fleet.entry(keys::desired_state(id)),
+    )?;
+    let entries = AgentEntries {
+        inventory: inventory.as_ref(),
+        status: status.as_ref(),
+        heartbeat: heartbeat.as_ref(),
+        desired: desired.as_ref(),
+    };
+    if entries.is_empty() {
+        return Err(CliError::NotFound(format!(
+            "no agent {id} in bucket {}: none of {}, {}, {}, {} exists",
+            fleet.store.name,
+            keys::inventory(id),
+            keys::actual_state(id),
+            keys::heartbeat(id),
+            keys::desired_state(id),
+        )));
+    }
+    Ok(AgentView::from_entries(id.clone(), entries))
+}
+
+pub async fn read_deployment(
+    fleet: &Fleet,
+    name: &DeploymentName,
+) -> Result<(DeploymentView, Option<Progress>), CliError> {
+    let (d, s) = futures::try_join!(
+        fleet.entry(keys::deployment(name)),
+        fleet.entry(keys::deployment_status(name)),
+    )?;
+    if d.is_none() && s.is_none() {
+        return Err(CliError::NotFound(format!(
+            "no deployment {name} in bucket {} ({} does not exist)",
+            fleet.store.name,
+            keys::deployment(name)
+        )));
+    }
+    let view = DeploymentView::from_entries(name.clone(), d.as_ref(), s.as_ref());
+    let progress = match view.current_status() {
+        Some(s) => {
+            let mut agents: BTreeMap<AgentId, AgentStatus> = BTreeMap::new();
+            for a in s.targets.keys() {
+                if let Some(Ok(v)) = fleet.read::<AgentStatus>(&keys::actual_state(a)).await? {
+                    agents.insert(a.clone(), v.value);
+                }
+            }
+            Some(Progress::of(s, &agents))
+        }
+        None => None,
+    };
+    Ok((view, progress))
+}
+
+fn field(out: &mut String, name: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(out, "{:<14}{value}", format!("{name}:"));
+}
+
+fn section(out: &mut String, title: &str, table: &Table) {
+    let _ = writeln!(out, "\n{title}:");
+    out.push_str(&table.render_indented("  "));
+}
+
+pub fn render_agent(a: &AgentView) -> String {
+    let mut out = String::new();
+    field(&mut out, "Agent", &a.id);
+    field(&mut out, "Status", a.phase().as_str());
+    let hb = a
+        .heartbeat
+        .as_ref()
+        .map(|h| format!(" (heartbeat #{})", h.value.seq))
+        .unwrap_or_default();
+    field(
+        &mut out,
+        "Last seen",
+        format!("{}{hb}", a.last_seen_column()),
+    );
+    if let Some(inv) = &a.inventory {
+        let i = &inv.value;
+        field(&mut out, "Instance", &i.instance_id);
+        field(
+            &mut out,
+            "Agent build",
+            format!("{} {}/{}", i.agent_version, i.os, i.arch),
+        );
+        if let Some(h) = &i.hostname {
+            field(&mut out, "Hostname", h);
+        }
+        let kinds: Vec<&str> = i.reconcilers.iter().map(|k| k.as_str()).collect();
+        field(&mut out, "Reconcilers", kinds.join(", "));
+        field(&mut out, "Labels", output::labels(&i.labels));
+    } else {
+        field(&mut out, "Inventory", "none reported");
+    }
+    let desired = a
+        .desired_generation()
+        .map_or("none".to_owned(), |g| g.to_string());
+    match a.status() {
+        Some(s) => {
+            field(
+                &mut out,
+                "Generations",
+                format!(
+                    "manifest {}, observed {} (revision {}), desired {desired}",
+                    s.manifest_generation, s.observed_generation, s.observed_revision
+                ),
+            );
+            render_status_sections(&mut out, s);
+        }
+        None => {
+            field(&mut out, "Generations", format!("desired {desired}"));
+            let _ = writeln!(out, "\nNo status reported yet.");
+        }
+    }
+    for p in &a.problems {
+        let _ = writeln!(out, "\nWarning: {p}");
+    }
+    out
+}
+
+fn render_status_sections(out: &mut String, s: &AgentStatus) {
+    let mut t = Table::new(["TYPE", "STATUS", "REASON", "MESSAGE"]);
+    for c in &s.conditions {
+        t.row([
+            format!("{:?}", c.type_),
+            if c.status { "True" } else { "False" }.to_owned(),
+            c.reason.clone(),
+            c.message.clone(),
+        ]);
+    }
+    if !t.is_empty() {
+        section(out, "Conditions", &t);
+    }
+    let mut t = Table::new(["RESOURCE", "KIND", "STATE", "DETAIL"]);
+    for (id, r) in &s.resources {
+        t.row([
+            id.to_string(),
+            r.kind.clone(),
+            r.state.name().to_owned(),
+            state_detail(&r.state),
+        ]);
+    }
+    if t.is_empty() {
+        let _ = writeln!(out, "\nResources:    none");
+    } else {
+        section(out, "Resources", &t);
+    }
+    if let Some(r) = &s.rejection {
+        let _ = writeln!(out);
+        field(out, "Rejection", rejection_line(r));
+    }
+    let mut t = Table::new(["RESOURCE", "TARGET", "REASON"]);
+    for r in &s.released {
+        t.row([r.id.to_string(), r.target.clone(), r.reason.clone()]);
+    }
+    if !t.is_empty() {
+        section(out, "Released (left in place)", &t);
+    }
+}
+
+/// The DETAIL column: what "Ready" means for the kind, or why not.
+pub fn state_detail(state: &ResourceState) -> String {
+    match state {
+        ResourceState::Pending => String::new(),
+        ResourceState::Reconciling { message } => message.clone(),
+        ResourceState::Ready { details, .. } => match details {
+            ReadyDetails::File {
+                sha256,
+                size,
+                mode,
+                uid,
+                gid,
+            } => format!(
+                "sha256 {} mode {mode} size {size} owner {uid}:{gid}",
+                output::short_hash(sha256)
+            ),
+            ReadyDetails::Container {
+                container_id,
+                image_id,
+                image_digest,
+                restart_count,
+                health,
+                ..
+            } => {
+                let image = image_digest.as_deref().unwrap_or(image_id);
+                let health = health
+                    .as_deref()
+                    .map(|h| format!(" {h}"))
+                    .unwrap_or_default();
+                format!(
+                    "container {} image {} restarts {restart_count}{health}",
+                    output::short_hash(container_id),
+                    output::short_hash(image)
+                )
+            }
+            ReadyDetails::SystemdUnit {
+                active_state,
+                sub_state,
+                n_restarts,
+                main_pid,
+                ..
+            } => {
+                let pid = main_pid.map(|p| format!(" pid {p}")).unwrap_or_default();
+                format!("{active_state}/{sub_state} restarts {n_restarts}{pid}")
+            }
+        },
+        ResourceState::Failed {
+            reason,
+            message,
+            attempts,
+            retry_after_seconds,
+            ..
+        } => {
+            let retry = retry_after_seconds
+                .map(|s| format!(", retry in {s}s"))
+                .unwrap_or_default();
+            format!("{reason}: {message} (attempt {attempts}{retry})")
+        }
+        ResourceState::Unsupported { reason } => reason.clone(),
+    }
+}
+
+/// What a deployment resource manages, for the Resources table.
+fn resource_target(spec: &ResourceSpec) -> String {
+    match spec {
+        ResourceSpec::File(f) => format!("{} ({})", f.path, f.mode),
+        ResourceSpec::Container(c) => c.image.clone(),
+        ResourceSpec::SystemdUnit(u) => u.unit.to_string(),
+        ResourceSpec::Unsupported(u) => u.reason.clone(),
+    }
+}
+
+pub fn render_deployment(d: &DeploymentView, progress: Option<&Progress>) -> String {
+    let mut out = String::new();
+    field(&mut out, "Name", &d.name);
+    match &d.deployment {
+        Some(v) => {
+            field(
+                &mut out,
+                "Revision",
+                format!(
+                    "{} (applied {} ago)",
+                    v.revision,
+                    output::age(output::since(v.created))
+                ),
+            );
+            let s = &v.value.selector;
+            let mut parts = Vec::new();
+            if !s.match_labels.is_empty() {
+                parts.push(format!("matchLabels {}", output::labels(&s.match_labels)));
+            }
+            if !s.agents.is_empty() {
+                let ids: Vec<&str> = s.agents.iter().map(|a| a.as_str()).collect();
+                parts.push(format!("agents {}", ids.join(", ")));
+            }
+            field(&mut out, "Selector", parts.join("; "));
+        }
+        None => field(&mut out, "Revision", "deleted"),
+    }
+    let rendered = match (&d.status, d.current_status()) {
+        (_, Some(s)) => format!(
+            "revision {} (first seen at revision {})",
+            s.observed_revision, s.created_revision
+        ),
+        (Some(s), None) => format!(
+            "not yet: flotilla-control last rendered revision {}",
+            s.value.observed_revision
+        ),
+        (None, None) => "not yet: no deployment-status from flotilla-control".into(),
+    };
+    field(&mut out, "Rendered", rendered);
+    if let Some(e) = d.current_status().and_then(|s| s.error.as_ref()) {
+        field(&mut out, "Error", e);
+    }
+    if let Some(v) = &d.deployment {
+        let mut t = Table::new(["ID", "KIND", "TARGET", "RESTART ON"]);
+        for r in &v.value.resources {
+            let restart: Vec<&str> = r.restart_on.iter().map(|x| x.as_str()).collect();
+            t.row([
+                r.id.to_string(),
+                r.spec.kind_str().to_owned(),
+                resource_target(&r.spec),
+                restart.join(","),
+            ]);
+        }
+        if t.is_empty() {
+            let _ = writeln!(out, "\nResources:    none");
+        } else {
+            section(&mut out, "Resources", &t);
+        }
+    }
+    if let (Some(s), Some(p)) = (d.current_status(), progress) {
+        let mut t = Table::new(["AGENT", "GENERATION", "STATE", "DETAIL"]);
+        for (agent, state) in &p.targets {
+            let generation = s.targets.get(agent).copied().unwrap_or_default();
+            t.row([
+                agent.to_string(),
+                generation.to_string(),
+                state.name().to_owned(),
+                state.detail(),
+            ]);
+        }
+        if t.is_empty() {
+            let _ = writeln!(out, "\nTargets:      none selected");
+        } else {
+            let title = format!(
+                "Targets ({}/{} converged on revision {})",
+                p.converged(),
+                p.total(),
+                s.observed_revision
+            );
+            section(&mut out, &title, &t);
+        }
+        let mut t = Table::new(["AGENT", "RESOURCE", "HELD BY", "TARGET"]);
+        for c in &s.conflicts {
+            t.row([
+                c.agent.to_string(),
+                c.resource.to_string(),
+                c.held_by.to_string(),
+                c.target.clone(),
+            ]);
+        }
+        if !t.is_empty() {
+            section(
+                &mut out,
+                "Conflicts (left out of these agents' manifests)",
+                &t,
+            );
+        }
+    }
+    for p in &d.problems {
+        let _ = writeln!(out, "\nWarning: {p}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn details_per_state() {
+        let file = ResourceState::Ready {
+            since: "t".into(),
+            details: ReadyDetails::File {
+                sha256: "9f86d081884c7d659a2feaa0c55ad015".into(),
+                size: 4,
+                mode: "0644".into(),
+                uid: 0,
+                gid: 0,
+            },
+        };
+        assert_eq!(
+            state_detail(&file),
+            "sha256 9f86d081884c mode 0644 size 4 owner 0:0"
+        );
+        let failed = ResourceState::Failed {
+            since: "t".into(),
+            reason: "ReconcilerUnavailable".into(),
+            message: "not here".into(),
+            attempts: 3,
+            retry_after_seconds: Some(40),
+        };
+        assert_eq!(
+            state_detail(&failed),
+            "ReconcilerUnavailable: not here (attempt 3, retry in 40s)"
+        );
+        let unit = ResourceState::Ready {
+            since: "t".into(),
+            details: ReadyDetails::SystemdUnit {
+                active_state: "active".into(),
+                sub_state: "running".into(),
+                n_restarts: 1,
+                main_pid: Some(42),
+                active_since: None,
+            },
+        };
+        assert_eq!(state_detail(&unit), "active/running restarts 1 pid 42");
+        assert_eq!(state_detail(&ResourceState::Pending), "");
+    }
+}

@@ -1,0 +1,99 @@
+//! `flotilla get agents|deployments`: one row per agent or deployment.
+
+use crate::args::{Format, GetWhat, GlobalArgs};
+use crate::convergence::Progress;
+use crate::exit::CliError;
+use crate::fleet::{self, AgentView, DeploymentView};
+use crate::kv::Fleet;
+use crate::output::{self, Table};
+
+pub async fn run(g: &GlobalArgs, what: &GetWhat) -> Result<(), CliError> {
+    let fleet = Fleet::open(g).await?;
+    match what {
+        GetWhat::Agents => {
+            let snap = fleet.snapshot(&fleet::AGENT_FAMILIES).await?;
+            let agents = fleet::agents(&snap);
+            print!("{}", render_agents(g.output, &agents)?);
+            warn(g.output, agents.iter().flat_map(|a| &a.problems));
+        }
+        GetWhat::Deployments => {
+            let snap = fleet.snapshot(&fleet::DEPLOYMENT_FAMILIES).await?;
+            let deployments = fleet::deployments(&snap);
+            let statuses = fleet::statuses(&snap);
+            let rows: Vec<(DeploymentView, Option<Progress>)> = deployments
+                .into_iter()
+                .map(|d| {
+                    let p = d.current_status().map(|s| Progress::of(s, &statuses));
+                    (d, p)
+                })
+                .collect();
+            print!("{}", render_deployments(g.output, &rows)?);
+            warn(g.output, rows.iter().flat_map(|(d, _)| &d.problems));
+        }
+    }
+    Ok(())
+}
+
+/// Unreadable values, on stderr (machine formats carry them as `problems`).
+fn warn<'a>(format: Format, problems: impl Iterator<Item = &'a String>) {
+    if format == Format::Table {
+        for p in problems {
+            eprintln!("warning: {p}");
+        }
+    }
+}
+
+pub fn render_agents(format: Format, agents: &[AgentView]) -> Result<String, CliError> {
+    if format != Format::Table {
+        let docs: Vec<_> = agents.iter().map(|a| a.doc(false)).collect();
+        return output::document(format, &docs);
+    }
+    if agents.is_empty() {
+        return Ok("no agents\n".into());
+    }
+    let mut t = Table::new([
+        "AGENT",
+        "READY",
+        "GENERATION",
+        "STATUS",
+        "LAST SEEN",
+        "LABELS",
+    ]);
+    for a in agents {
+        t.row([
+            a.id.to_string(),
+            a.ready_column(),
+            a.generation_column(),
+            a.phase().as_str().to_owned(),
+            a.last_seen_column(),
+            a.labels().map_or("-".into(), output::labels),
+        ]);
+    }
+    Ok(t.render())
+}
+
+pub fn render_deployments(
+    format: Format,
+    rows: &[(DeploymentView, Option<Progress>)],
+) -> Result<String, CliError> {
+    if format != Format::Table {
+        let docs: Vec<_> = rows.iter().map(|(d, p)| d.doc(p.as_ref())).collect();
+        return output::document(format, &docs);
+    }
+    if rows.is_empty() {
+        return Ok("no deployments\n".into());
+    }
+    let mut t = Table::new(["NAME", "REVISION", "TARGETS", "CONVERGED", "CONFLICTS"]);
+    for (d, p) in rows {
+        let status = d.current_status();
+        t.row([
+            d.name.to_string(),
+            d.revision()
+                .map_or("deleted".into(), |r: u64| r.to_string()),
+            status.map_or("-".into(), |s| s.targets.len().to_string()),
+            d.converged_column(p.as_ref()),
+            status.map_or("-".into(), |s| s.conflicts.len().to_string()),
+        ]);
+    }
+    Ok(t.render())
+}

@@ -1,0 +1,58 @@
+//! # flotilla-cli — the operator CLI (`flotilla`)
+//!
+//! Operators write deployments into the fleet KV bucket and read back what
+//! the control plane rendered and what the agents report. Everything goes
+//! through NATS JetStream KV with the key names and documents of
+//! `manifest-types`; the CLI never talks to agents or to flotilla-control.
+//!
+//! ## Commands
+//! - `apply -f FILE [--wait [--timeout 60s]] [--expect-revision N]` ([`apply`],
+//!   [`wait`]): YAML/JSON → [`manifest_types::Deployment`] → compare-and-swap
+//!   into `deployments.<name>`; `--wait` follows `deployment-status.<name>`
+//!   and each target's `actual-state.<agent>` ([`convergence`]).
+//! - `get agents|deployments` ([`get`]), `describe agent|deployment` ([`describe`]):
+//!   views assembled in [`fleet`] from KV entries; ages from server timestamps.
+//! - `delete deployment NAME` ([`delete`]), `watch` ([`watch`]).
+//! - Global: `-o table|json|yaml` ([`output`]), `--nats-url`
+//!   (`FLOTILLA_NATS_URL`), `--bucket` (`FLOTILLA_BUCKET`), `--creds`
+//!   (`FLOTILLA_CREDS`). Only `apply` creates the bucket ([`kv`]).
+//!
+//! ## Exit codes ([`exit`])
+//! | code | meaning |
+//! |---|---|
+//! | 0 | ok |
+//! | 1 | error: connection, I/O, server, no fleet bucket |
+//! | 2 | usage, or an invalid document or identifier |
+//! | 3 | conflict: another operator changed the deployment since it was read; nothing was overwritten |
+//! | 4 | rejected: an agent rejected the manifest, or flotilla-control reported the deployment invalid (`apply --wait`) |
+//! | 5 | timeout (`apply --wait`) |
+//! | 6 | not found |
+
+pub mod apply;
+pub mod args;
+pub mod convergence;
+pub mod delete;
+pub mod describe;
+pub mod exit;
+pub mod fleet;
+pub mod get;
+pub mod kv;
+pub mod output;
+pub mod wait;
+pub mod watch;
+
+pub use args::Cli;
+pub use exit::CliError;
+
+/// Runs one parsed command line.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    use args::Command;
+    let g = &cli.global;
+    match &cli.command {
+        Command::Apply(a) => apply::run(g, a).await,
+        Command::Get { what } => get::run(g, what).await,
+        Command::Describe { what } => describe::run(g, what).await,
+        Command::Delete { what } => delete::run(g, what).await,
+        Command::Watch => watch::run(g).await,
+    }
+}

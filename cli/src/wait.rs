@@ -1,0 +1,213 @@
+//! `apply --wait`: poll until every target agent has converged on the
+//! written revision, one agent rejects it, or the time runs out.
+//!
+//! 1. Wait for `deployment-status.<name>` with `observedRevision >=` the
+//!    written revision (flotilla-control has rendered it); its `error` ends
+//!    the wait as a rejection.
+//! 2. Poll each target's `actual-state.<agent>` (direct gets, so no consumer
+//!    per wait) and print a progress line whenever the converged count
+//!    changes. The decisions are [`crate::convergence`]'s.
+//!
+//! Polling rather than watching: a `actual-state.>` watch would replay the
+//! whole fleet's statuses to wait on a handful of agents.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use manifest_types::{AgentId, AgentStatus, DeploymentName, DeploymentStatus, keys};
+use tokio::time::Instant;
+
+use crate::convergence::{Progress, rejection_line};
+use crate::exit::CliError;
+use crate::kv::Fleet;
+
+/// Where progress lines go: stdout for tables, stderr when stdout carries a
+/// JSON/YAML document.
+#[derive(Debug, Clone, Copy)]
+pub struct Reporter {
+    pub to_stderr: bool,
+}
+
+impl Reporter {
+    pub fn line(&self, s: &str) {
+        if self.to_stderr {
+            eprintln!("{s}");
+        } else {
+            println!("{s}");
+        }
+    }
+}
+
+/// How often the status keys are read.
+fn poll_interval(targets: usize) -> Duration {
+    // 250 ms for a few agents, slower for large fleets (one get per target).
+    Duration::from_millis(250 + (targets as u64).min(7_500) / 4)
+}
+
+/// Pending agents named in a timeout message.
+const PENDING_SHOWN: usize = 5;
+
+pub async fn wait(
+    fleet: &Fleet,
+    name: &DeploymentName,
+    revision: u64,
+    timeout: Duration,
+    out: &Reporter,
+) -> Result<(), CliError> {
+    let deadline = Instant::now() + timeout;
+    let status_key = keys::deployment_status(name);
+
+    // 1. Rendered?
+    let mut said_waiting = false;
+    let mut status = loop {
+        let current = read_status(fleet, &status_key).await?;
+        if let Some(s) = current.as_ref().filter(|s| s.observed_revision >= revision) {
+            break s.clone();
+        }
+        if !said_waiting {
+            out.line(&format!(
+                "{name}: waiting for flotilla-control to render revision {revision}"
+            ));
+            said_waiting = true;
+        }
+        if Instant::now() >= deadline {
+            let seen = match current {
+                Some(s) => format!("{status_key} is at revision {}", s.observed_revision),
+                None => format!("there is no {status_key}"),
+            };
+            return Err(CliError::Timeout {
+                after: timeout,
+                detail: format!(
+                    "flotilla-control has not rendered revision {revision} of {name} ({seen}) — is flotilla-control running?"
+                ),
+            });
+        }
+        sleep_until_next(poll_interval(0), deadline).await;
+    };
+
+    // 2. Converged?
+    let mut last_line: Option<(usize, usize, u64)> = None;
+    let mut following = revision;
+    loop {
+        if let Some(error) = &status.error {
+            return Err(CliError::Rejected(format!(
+                "{name}: flotilla-control cannot use revision {}: {error}",
+                status.observed_revision
+            )));
+        }
+        if status.observed_revision > following {
+            out.line(&format!(
+                "{name}: revision {following} was superseded by revision {} (applied by someone else); following it",
+                status.observed_revision
+            ));
+            following = status.observed_revision;
+        }
+        if status.targets.is_empty() {
+            out.line(&format!(
+                "{name}: revision {} selects no agents; nothing to wait for",
+                status.observed_revision
+            ));
+            return Ok(());
+        }
+        let agents = read_agent_statuses(fleet, status.targets.keys()).await?;
+        let progress = Progress::of(&status, &agents);
+        let rejected: Vec<_> = progress.rejected().collect();
+        if !rejected.is_empty() {
+            for (agent, r) in &rejected {
+                out.line(&format!("  {agent} rejected it: {}", rejection_line(r)));
+            }
+            let (agent, r) = rejected[0];
+            return Err(CliError::Rejected(format!(
+                "{name}: {} of {} agents rejected revision {}; first: {agent}: {}: {}",
+                rejected.len(),
+                progress.total(),
+                status.observed_revision,
+                r.reason,
+                r.message
+            )));
+        }
+        let now = (
+            progress.converged(),
+            progress.total(),
+            status.observed_revision,
+        );
+        if last_line != Some(now) {
+            out.line(&progress.line(name, status.observed_revision));
+            last_line = Some(now);
+        }
+        if progress.is_done() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let pending: Vec<String> = progress
+                .pending()
+                .take(PENDING_SHOWN)
+                .map(|(a, why)| format!("{a} ({why})"))
+                .collect();
+            let more = progress.total() - progress.converged() - pending.len();
+            let more = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            return Err(CliError::Timeout {
+                after: timeout,
+                detail: format!(
+                    "{}; pending: {}{more}",
+                    progress.line(name, status.observed_revision),
+                    pending.join(", ")
+                ),
+            });
+        }
+        sleep_until_next(poll_interval(progress.total()), deadline).await;
+        // Targets change when agents join or leave, or a newer revision lands.
+        if let Some(s) = read_status(fleet, &status_key)
+            .await?
+            .filter(|s| s.observed_revision >= status.observed_revision)
+        {
+            status = s;
+        }
+    }
+}
+
+async fn sleep_until_next(interval: Duration, deadline: Instant) {
+    tokio::time::sleep_until(deadline.min(Instant::now() + interval)).await;
+}
+
+/// `deployment-status.<name>`, if present and readable. An unreadable one
+/// is treated as not yet rendered (a newer control plane may be mid-upgrade).
+async fn read_status(fleet: &Fleet, key: &str) -> Result<Option<DeploymentStatus>, CliError> {
+    Ok(fleet
+        .read::<DeploymentStatus>(key)
+        .await?
+        .and_then(Result::ok)
+        .map(|v| v.value))
+}
+
+async fn read_agent_statuses(
+    fleet: &Fleet,
+    agents: impl Iterator<Item = &AgentId>,
+) -> Result<BTreeMap<AgentId, AgentStatus>, CliError> {
+    let found: Vec<Option<(AgentId, AgentStatus)>> = futures::stream::iter(agents)
+        .map(|a| async move {
+            let s = fleet.read::<AgentStatus>(&keys::actual_state(a)).await?;
+            Ok::<_, CliError>(s.and_then(Result::ok).map(|v| (a.clone(), v.value)))
+        })
+        .buffer_unordered(32)
+        .try_collect()
+        .await?;
+    Ok(found.into_iter().flatten().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_interval_grows_with_the_fleet_and_is_capped() {
+        assert_eq!(poll_interval(0), Duration::from_millis(250));
+        assert_eq!(poll_interval(400), Duration::from_millis(350));
+        assert_eq!(poll_interval(1_000_000), Duration::from_millis(2_125));
+    }
+}

@@ -1,0 +1,182 @@
+//! `flotilla watch`: one line per change of agent status, inventory,
+//! deployments and deployment status, until Ctrl-C.
+//!
+//! One KV watch (an ordered consumer, new updates only) over the four key
+//! families. A watch recreates its consumer after a server restart, so an
+//! error item is reported and the loop goes on.
+
+use std::time::SystemTime;
+
+use async_nats::jetstream::kv;
+use futures::StreamExt;
+use manifest_types::keys::{self, Key};
+use manifest_types::{AgentInventory, AgentStatus, Deployment, DeploymentStatus};
+use serde::Serialize;
+
+use crate::args::{Format, GlobalArgs};
+use crate::convergence::{rejection_line, resource_detail};
+use crate::exit::CliError;
+use crate::fleet;
+use crate::kv::{Decode, Fleet};
+use crate::output;
+
+/// The families watched.
+pub const WATCHED: [&str; 4] = [
+    keys::ACTUAL_STATE,
+    keys::DEPLOYMENT_STATUS,
+    keys::DEPLOYMENTS,
+    keys::AGENTS,
+];
+
+pub async fn run(g: &GlobalArgs) -> Result<(), CliError> {
+    let fleet = Fleet::open(g).await?;
+    let mut watch = fleet
+        .store
+        .watch_many(WATCHED.map(keys::all))
+        .await
+        .map_err(|e| CliError::nats("cannot start the watch", e))?;
+    eprintln!(
+        "watching {} in bucket {} at {} (Ctrl-C to stop)",
+        WATCHED.map(keys::all).join(", "),
+        fleet.store.name,
+        fleet.url
+    );
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            // Cancel-safe: nothing is in flight between items.
+            _ = &mut ctrl_c => return Ok(()),
+            item = watch.next() => match item {
+                Some(Ok(entry)) => println!("{}", line(g.output, &entry)),
+                Some(Err(e)) => eprintln!("warning: watch: {e}"),
+                None => return Err(CliError::nats(
+                    "the watch ended",
+                    std::io::Error::other("consumer closed"),
+                )),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ChangeDoc<'a> {
+    time: String,
+    key: &'a str,
+    revision: u64,
+    operation: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<serde_json::Value>,
+}
+
+fn operation(op: kv::Operation) -> &'static str {
+    match op {
+        kv::Operation::Put => "put",
+        kv::Operation::Delete => "delete",
+        kv::Operation::Purge => "purge",
+    }
+}
+
+/// One output line for a change: a summary, or (JSON/YAML) a compact JSON
+/// object with the value as stored.
+pub fn line(format: Format, e: &kv::Entry) -> String {
+    let time = output::rfc3339(SystemTime::from(e.created));
+    if format != Format::Table {
+        let doc = ChangeDoc {
+            time,
+            key: &e.key,
+            revision: e.revision,
+            operation: operation(e.operation),
+            value: serde_json::from_slice(&e.value).ok(),
+        };
+        return serde_json::to_string(&doc).unwrap_or_default();
+    }
+    let clock = time.get(11..19).unwrap_or(&time);
+    let what = if e.operation == kv::Operation::Put {
+        summary(&e.key, &e.value)
+    } else {
+        format!("{}d", operation(e.operation))
+    };
+    format!("{clock}  {} (rev {}): {what}", e.key, e.revision)
+}
+
+fn decoded<T: Decode>(bytes: &[u8]) -> Result<T, String> {
+    T::decode(bytes).map_err(|m| format!("unreadable: {m}"))
+}
+
+/// A one-line summary of a stored value.
+pub fn summary(key: &str, bytes: &[u8]) -> String {
+    let text = match Key::parse(key) {
+        Some(Key::ActualState(_)) => decoded::<AgentStatus>(bytes).map(|s| {
+            let mut t = format!(
+                "{}, generation {}, {}/{} resources ready",
+                fleet::phase(Some(&s), None, None).as_str(),
+                s.manifest_generation,
+                s.ready_count(),
+                s.resources.len()
+            );
+            if let Some(r) = &s.rejection {
+                t.push_str(&format!("; rejected {}", rejection_line(r)));
+            }
+            if let Some((id, r)) = s.resources.iter().find(|(_, r)| !r.state.is_ready()) {
+                t.push_str(&format!("; {id} {}", resource_detail(&r.state)));
+            }
+            t
+        }),
+        Some(Key::DeploymentStatus(_)) => decoded::<DeploymentStatus>(bytes).map(|s| {
+            let mut t = format!(
+                "rendered revision {} to {} agents",
+                s.observed_revision,
+                s.targets.len()
+            );
+            if !s.conflicts.is_empty() {
+                t.push_str(&format!(", {} conflicts", s.conflicts.len()));
+            }
+            if let Some(e) = &s.error {
+                t = format!("cannot render revision {}: {e}", s.observed_revision);
+            }
+            t
+        }),
+        Some(Key::Deployment(_)) => decoded::<Deployment>(bytes)
+            .map(|d| format!("applied, {} resources", d.resources.len())),
+        Some(Key::Inventory(_)) => decoded::<AgentInventory>(bytes).map(|i| {
+            format!(
+                "agent {} {}/{}, labels {}",
+                i.agent_version,
+                i.os,
+                i.arch,
+                output::labels(&i.labels)
+            )
+        }),
+        _ => Ok(format!("{} bytes", bytes.len())),
+    };
+    text.unwrap_or_else(|e| e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries() {
+        let status = include_str!("../../manifest-types/tests/golden/agent-status.json");
+        let s = summary("actual-state.pi-01", status.as_bytes());
+        assert!(
+            s.starts_with("Rejected, generation 4, 2/3 resources ready"),
+            "{s}"
+        );
+        assert!(
+            s.contains("web/service Failed: ReconcilerUnavailable"),
+            "{s}"
+        );
+        let ds = include_str!("../../manifest-types/tests/golden/deployment-status.json");
+        assert_eq!(
+            summary("deployment-status.web", ds.as_bytes()),
+            "rendered revision 12 to 2 agents, 1 conflicts"
+        );
+        let d = include_str!("../../manifest-types/tests/golden/deployment.json");
+        assert!(summary("deployments.web", d.as_bytes()).starts_with("applied, "));
+        assert!(summary("agents.pi-1", b"{").starts_with("unreadable: "));
+    }
+}

@@ -175,8 +175,11 @@ impl FileReconciler {
                 tracing::info!(resource = %id, path = %path.display(), "file written");
             }
             Plan::FixMetadata => {
-                fs::set_permissions(&path, fs::Permissions::from_mode(desired.mode))
-                    .and_then(|()| std::os::unix::fs::lchown(&path, desired.uid, desired.gid))
+                // chown first: it clears setuid/setgid, which the chmod restores.
+                std::os::unix::fs::lchown(&path, desired.uid, desired.gid)
+                    .and_then(|()| {
+                        fs::set_permissions(&path, fs::Permissions::from_mode(desired.mode))
+                    })
                     .map_err(|e| io_failure("WriteFailed", &path, e))?;
                 tracing::info!(resource = %id, path = %path.display(), "file metadata repaired");
             }
@@ -250,6 +253,7 @@ impl FileReconciler {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     fs::create_dir(&cur)
+                        .and_then(|()| fs::set_permissions(&cur, fs::Permissions::from_mode(0o755)))
                         .or_else(|e| {
                             if e.kind() == io::ErrorKind::AlreadyExists {
                                 Ok(())
@@ -287,7 +291,14 @@ impl FileReconciler {
             .ledger
             .files
             .iter()
-            .filter(|(p, _)| !wanted.contains(*p))
+            // A resource still in the manifest whose spec this agent cannot
+            // read (Unsupported) keeps its file: never half-apply, never delete.
+            .filter(|(p, e)| {
+                !wanted.contains(*p)
+                    && !manifest
+                        .resource(&e.resource)
+                        .is_some_and(|r| matches!(r.spec, ResourceSpec::Unsupported(_)))
+            })
             .map(|(p, e)| (p.clone(), e.clone()))
             .collect();
         let mut released = Vec::new();
@@ -525,6 +536,24 @@ mod tests {
         assert!(r.remove_unlisted(&empty).is_empty());
         assert!(!p.exists());
         assert!(r.ledger().files.is_empty());
+    }
+
+    #[test]
+    fn a_resource_turned_unsupported_keeps_its_file() {
+        let (_d, mut r, root) = reconciler();
+        let id: ResourceId = "d/f".parse().unwrap();
+        let p = root.join("f");
+        assert!(matches!(
+            r.reconcile(&id, &spec(&p, "v1")),
+            Outcome::Ready(_)
+        ));
+        let newer = serde_json::json!({
+            "apiVersion": "flotilla.dev/v1", "agentId": "a", "generation": 2,
+            "resources": [{"id": "d/f", "kind": "File", "spec": {"path": p, "content": "v2", "fromTheFuture": 1}}]
+        });
+        let m = AgentManifest::from_json(newer.to_string().as_bytes()).unwrap();
+        assert!(r.remove_unlisted(&m).is_empty());
+        assert_eq!(fs::read_to_string(&p).unwrap(), "v1");
     }
 
     #[test]

@@ -1,0 +1,325 @@
+//! The control-plane daemon against a real nats-server: deployments and
+//! inventories in, manifests and deployment statuses out.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use manifest_types::{AgentManifest, keys};
+use serde_json::json;
+use testbed::NatsServer;
+
+fn kiosk_web(content: &str) -> serde_json::Value {
+    deployment(
+        "web",
+        json!({"matchLabels": {"role": "kiosk"}}),
+        json!([
+            file("motd", "/etc/motd", content),
+            file("conf", "/etc/web.conf", "port = 80\n")
+        ]),
+    )
+}
+
+#[tokio::test]
+async fn renders_updates_and_removes_a_deployment() {
+    let server = NatsServer::start();
+    let store = store(&server).await;
+    let _control = Control::start(&server);
+
+    register(&store, "pi-1", json!({"role": "kiosk"})).await;
+    register(&store, "pi-2", json!({"role": "sensor"})).await;
+    let rev = put_deployment(&store, &kiosk_web("v1")).await;
+
+    let (_, m1) = wait_manifest(&store, "pi-1", "web rendered", |m| !m.resources.is_empty()).await;
+    assert_eq!(ids(&m1), ["web/motd", "web/conf"]);
+    let source = m1.resources[0].source.as_ref().unwrap();
+    assert_eq!((source.deployment.as_str(), source.revision), ("web", rev));
+    // The sensor is selected by nothing: an (empty) manifest all the same.
+    let (_, m2) = wait_manifest(&store, "pi-2", "empty manifest", |_| true).await;
+    assert!(m2.resources.is_empty());
+
+    let (_, s) = wait_status(&store, "web", "observed", |s| s.observed_revision == rev).await;
+    assert_eq!(s.targets.len(), 1);
+    assert_eq!(s.targets[&agent("pi-1")], m1.generation);
+    assert!(s.conflicts.is_empty() && s.error.is_none());
+
+    // Update: the next generation carries the change and the new revision.
+    let rev2 = put_deployment(&store, &kiosk_web("v2")).await;
+    let (_, m1b) = wait_manifest(&store, "pi-1", "v2", |m| {
+        m.resources[0].source.as_ref().unwrap().revision == rev2
+    })
+    .await;
+    assert_eq!(m1b.generation, m1.generation + 1);
+    let manifest_types::ResourceSpec::File(f) = &m1b.resources[0].spec else {
+        panic!("a file");
+    };
+    assert_eq!(f.content, "v2");
+    let (_, s) = wait_status(&store, "web", "observed v2", |s| {
+        s.observed_revision == rev2
+    })
+    .await;
+    assert_eq!(s.targets[&agent("pi-1")], m1b.generation);
+    assert_eq!(
+        s.created_revision, rev,
+        "creation order is kept across updates"
+    );
+
+    // Delete: an empty manifest at the next generation; the status goes too.
+    store.delete(keys::deployment(&name("web"))).await.unwrap();
+    let (_, m1c) = wait_manifest(&store, "pi-1", "emptied", |m| m.resources.is_empty()).await;
+    assert_eq!(m1c.generation, m1b.generation + 1);
+    wait_for("status removed", || async {
+        status(&store, "web").await.is_none().then_some(())
+    })
+    .await;
+    // The sensor never changed.
+    assert_eq!(
+        manifest(&store, "pi-2").await.unwrap().1.generation,
+        m2.generation
+    );
+}
+
+#[tokio::test]
+async fn registering_and_relabelling_agents_re_renders() {
+    let server = NatsServer::start();
+    let store = store(&server).await;
+    let _control = Control::start(&server);
+    put_deployment(&store, &kiosk_web("v1")).await;
+    // Known only through an existing desired-state key (no inventory): it
+    // is rendered, and can be selected by id.
+    let old = AgentManifest::empty(agent("pi-9"), 6);
+    store
+        .put(
+            keys::desired_state(&agent("pi-9")),
+            Bytes::from(old.to_json()),
+        )
+        .await
+        .unwrap();
+    let by_id = deployment(
+        "pinned",
+        json!({"agents": ["pi-9", "pi-10"]}),
+        json!([file("x", "/etc/x", "x")]),
+    );
+    put_deployment(&store, &by_id).await;
+    let (_, m) = wait_manifest(&store, "pi-9", "selected by id", |m| m.resources.len() == 1).await;
+    assert_eq!(m.generation, 7);
+    // An id nobody has registered is not invented.
+    let (_, s) = wait_status(&store, "pinned", "written", |_| true).await;
+    assert_eq!(
+        s.targets.keys().map(|a| a.as_str()).collect::<Vec<_>>(),
+        ["pi-9"]
+    );
+    assert!(manifest(&store, "pi-10").await.is_none());
+
+    register(&store, "pi-1", json!({"role": "sensor"})).await;
+    let (_, m) = wait_manifest(&store, "pi-1", "registered", |_| true).await;
+    assert!(m.resources.is_empty());
+
+    register(&store, "pi-1", json!({"role": "kiosk"})).await;
+    let (_, m) = wait_manifest(&store, "pi-1", "label gained", |m| m.resources.len() == 2).await;
+    assert_eq!(m.generation, 2);
+    wait_status(&store, "web", "targets pi-1", |s| {
+        s.targets.get(&agent("pi-1")) == Some(&2)
+    })
+    .await;
+
+    register(&store, "pi-1", json!({})).await;
+    let (_, m) = wait_manifest(&store, "pi-1", "label lost", |m| m.resources.is_empty()).await;
+    assert_eq!(m.generation, 3);
+    wait_status(&store, "web", "no targets", |s| s.targets.is_empty()).await;
+}
+
+#[tokio::test]
+async fn the_earliest_deployment_keeps_a_contested_file() {
+    let server = NatsServer::start();
+    let store = store(&server).await;
+    let _control = Control::start(&server);
+    register(&store, "pi-1", json!({"role": "kiosk"})).await;
+
+    let base = deployment(
+        "base",
+        json!({"agents": ["pi-1"]}),
+        json!([file("motd", "/etc/motd", "base")]),
+    );
+    let base_rev = put_deployment(&store, &base).await;
+    wait_manifest(&store, "pi-1", "base", |m| ids(m) == ["base/motd"]).await;
+    let web = kiosk_web("web");
+    put_deployment(&store, &web).await;
+    let (_, m) = wait_manifest(&store, "pi-1", "web added", |m| m.resources.len() == 2).await;
+    assert_eq!(ids(&m), ["base/motd", "web/conf"]);
+
+    let (_, s) = wait_status(&store, "web", "conflict", |s| !s.conflicts.is_empty()).await;
+    assert_eq!(s.conflicts.len(), 1);
+    let c = &s.conflicts[0];
+    assert_eq!(
+        (
+            c.agent.as_str(),
+            c.resource.as_str(),
+            c.held_by.as_str(),
+            c.target.as_str()
+        ),
+        ("pi-1", "web/motd", "base/motd", "file /etc/motd")
+    );
+    let (_, b) = wait_status(&store, "base", "written", |_| true).await;
+    assert!(b.conflicts.is_empty());
+    assert_eq!(b.created_revision, base_rev);
+
+    // An update of the older deployment does not lose it the file.
+    let base2 = deployment(
+        "base",
+        json!({"agents": ["pi-1"]}),
+        json!([file("motd", "/etc/motd", "base v2")]),
+    );
+    let rev = put_deployment(&store, &base2).await;
+    let (_, m) = wait_manifest(&store, "pi-1", "base v2", |m| {
+        m.resources[0].source.as_ref().unwrap().revision == rev
+    })
+    .await;
+    assert_eq!(ids(&m), ["base/motd", "web/conf"]);
+
+    // Once the holder is gone, the later deployment gets the file.
+    store.delete(keys::deployment(&name("base"))).await.unwrap();
+    let (_, m) = wait_manifest(&store, "pi-1", "web takes over", |m| {
+        ids(m) == ["web/motd", "web/conf"]
+    })
+    .await;
+    assert!(m.generation >= 4);
+    wait_status(&store, "web", "conflict resolved", |s| {
+        s.conflicts.is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_broken_deployment_is_reported_and_the_rest_keeps_working() {
+    let server = NatsServer::start();
+    let store = store(&server).await;
+    let _control = Control::start(&server);
+    register(&store, "pi-1", json!({"role": "kiosk"})).await;
+    store
+        .put(
+            keys::deployment(&name("broken")),
+            Bytes::from_static(b"{\"apiVersion\": 3"),
+        )
+        .await
+        .unwrap();
+    put_deployment(&store, &kiosk_web("v1")).await;
+
+    wait_manifest(&store, "pi-1", "web rendered", |m| m.resources.len() == 2).await;
+    let (_, s) = wait_status(&store, "broken", "error reported", |s| s.error.is_some()).await;
+    assert!(s.targets.is_empty());
+    assert!(s.error.unwrap().contains("invalid deployment"));
+
+    // Fixed: it renders.
+    let fixed = deployment(
+        "broken",
+        json!({"agents": ["pi-1"]}),
+        json!([file("f", "/etc/f", "x")]),
+    );
+    put_deployment(&store, &fixed).await;
+    wait_manifest(&store, "pi-1", "fixed deployment rendered", |m| {
+        m.resources.len() == 3
+    })
+    .await;
+    wait_status(&store, "broken", "error cleared", |s| {
+        s.error.is_none() && s.targets.len() == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_restart_writes_no_new_generation_and_keeps_the_conflict_order() {
+    let server = NatsServer::start();
+    let store = store(&server).await;
+    let control = Control::start(&server);
+    register(&store, "pi-1", json!({"role": "kiosk"})).await;
+    register(&store, "pi-2", json!({"role": "kiosk"})).await;
+    register(&store, "pi-3", json!({})).await;
+    let base = |c: &str| {
+        deployment(
+            "base",
+            json!({"matchLabels": {"role": "kiosk"}}),
+            json!([file("motd", "/etc/motd", c)]),
+        )
+    };
+    put_deployment(&store, &base("one")).await;
+    wait_status(&store, "base", "written", |_| true).await;
+    put_deployment(&store, &kiosk_web("v1")).await;
+    wait_status(&store, "web", "conflict", |s| s.conflicts.len() == 2).await;
+    // "base" is now newer than "web" by revision, but older by creation.
+    let base_rev = put_deployment(&store, &base("two")).await;
+    wait_status(&store, "base", "two", |s| s.observed_revision == base_rev).await;
+    wait_status(&store, "web", "still in conflict", |s| {
+        s.conflicts.len() == 2
+    })
+    .await;
+
+    let keys_to_compare = [
+        keys::desired_state(&agent("pi-1")),
+        keys::desired_state(&agent("pi-2")),
+        keys::desired_state(&agent("pi-3")),
+        keys::deployment_status(&name("base")),
+        keys::deployment_status(&name("web")),
+    ];
+    let revisions = || async {
+        let mut out = Vec::new();
+        for k in &keys_to_compare {
+            out.push(
+                store
+                    .entry(k.as_str())
+                    .await
+                    .unwrap()
+                    .expect("written")
+                    .revision,
+            );
+        }
+        out
+    };
+    let before = revisions().await;
+    control.stop().await;
+
+    let _control = Control::start(&server);
+    // A new agent proves the restarted daemon has rendered (the replay comes
+    // first); everything else must be exactly as it was.
+    register(&store, "pi-4", json!({})).await;
+    wait_manifest(&store, "pi-4", "new agent after restart", |_| true).await;
+    assert_eq!(revisions().await, before, "a restart rewrote keys");
+}
+
+#[tokio::test]
+async fn a_hand_purged_manifest_is_recreated_above_the_agents_generation() {
+    let server = NatsServer::start();
+    let store = store(&server).await;
+    let _control = Control::start(&server);
+    register(&store, "pi-1", json!({"role": "kiosk"})).await;
+    put_deployment(&store, &kiosk_web("v1")).await;
+    let (_, m) = wait_manifest(&store, "pi-1", "rendered", |m| m.resources.len() == 2).await;
+    put_status(&store, "pi-1", m.generation, m.generation + 4).await;
+
+    store
+        .purge(keys::desired_state(&agent("pi-1")))
+        .await
+        .unwrap();
+    let (_, again) = wait_manifest(&store, "pi-1", "recreated", |_| true).await;
+    assert_eq!(again.generation, m.generation + 5);
+    assert_eq!(again.resources, m.resources);
+}
+
+#[tokio::test]
+async fn the_daemon_survives_a_server_restart() {
+    let mut server = NatsServer::start();
+    let store = store(&server).await;
+    let _control = Control::start(&server);
+    register(&store, "pi-1", json!({"role": "kiosk"})).await;
+    put_deployment(&store, &kiosk_web("v1")).await;
+    let (_, m) = wait_manifest(&store, "pi-1", "rendered", |m| m.resources.len() == 2).await;
+
+    server.restart();
+    let store = common::store(&server).await;
+    let rev = put_deployment(&store, &kiosk_web("v2")).await;
+    let (_, m2) = wait_manifest(&store, "pi-1", "v2 after the server restart", |m| {
+        m.resources[0].source.as_ref().unwrap().revision == rev
+    })
+    .await;
+    assert_eq!(m2.generation, m.generation + 1);
+}

@@ -23,17 +23,30 @@ impl Fleet {
         let server = NatsServer::start();
         let dir = tempfile::tempdir().unwrap();
         let mountpoint = dir.path().join("device-etc");
-        let mut fleet = Self { server, dir, mountpoint, control: None, _agents: Vec::new() };
+        let mut fleet = Self {
+            server,
+            dir,
+            mountpoint,
+            control: None,
+            _agents: Vec::new(),
+        };
         fleet.start_control();
         for (id, role) in [("pi-1", "kiosk"), ("pi-2", "kiosk"), ("pi-3", "sensor")] {
             let private = fleet.device_dir(id);
             let mut cmd = in_private_mount(&private, &fleet.mountpoint, &binary("flotilla-agent"));
-            cmd.args(["--nats-url", &fleet.server.url(), "--id", id, "--label", &format!("role={role}")])
-                .arg("--state-dir")
-                .arg(fleet.dir.path().join(id).join("state"))
-                .arg("--file-root")
-                .arg(&fleet.mountpoint)
-                .args(["--resync-interval", "1s", "--heartbeat-interval", "1s"]);
+            cmd.args([
+                "--nats-url",
+                &fleet.server.url(),
+                "--id",
+                id,
+                "--label",
+                &format!("role={role}"),
+            ])
+            .arg("--state-dir")
+            .arg(fleet.dir.path().join(id).join("state"))
+            .arg("--file-root")
+            .arg(&fleet.mountpoint)
+            .args(["--resync-interval", "1s", "--heartbeat-interval", "1s"]);
             let log = fleet.dir.path().join(format!("{id}.log"));
             fleet._agents.push(Process::spawn(cmd, &log));
         }
@@ -63,14 +76,28 @@ impl Fleet {
 
     fn apply(&self, yaml: &str) -> std::process::Output {
         let file = self.dir.path().join("deployment.yaml");
-        std::fs::write(&file, yaml.replace("$ROOT", self.mountpoint.to_str().unwrap())).unwrap();
-        self.flotilla(&["apply", "-f", file.to_str().unwrap(), "--wait", "--timeout", "30s"])
+        std::fs::write(
+            &file,
+            yaml.replace("$ROOT", self.mountpoint.to_str().unwrap()),
+        )
+        .unwrap();
+        self.flotilla(&[
+            "apply",
+            "-f",
+            file.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "30s",
+        ])
     }
 
     fn logs(&self) -> String {
         let mut s = String::new();
         for name in ["control.log", "pi-1.log", "pi-2.log", "pi-3.log"] {
-            s += &format!("--- {name}\n{}\n", std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default());
+            s += &format!(
+                "--- {name}\n{}\n",
+                std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+            );
         }
         s
     }
@@ -78,7 +105,11 @@ impl Fleet {
     async fn manifest(&self, id: &str) -> (u64, AgentManifest) {
         let js = async_nats::jetstream::new(self.server.client().await);
         let kv = js.get_key_value("fleet").await.unwrap();
-        let e = kv.entry(keys::desired_state(&AgentId::new(id).unwrap())).await.unwrap().expect("desired-state written");
+        let e = kv
+            .entry(keys::desired_state(&AgentId::new(id).unwrap()))
+            .await
+            .unwrap()
+            .expect("desired-state written");
         (e.revision, AgentManifest::from_json(&e.value).unwrap())
     }
 }
@@ -101,7 +132,11 @@ fn ok(out: &std::process::Output, fleet: &Fleet) {
 async fn wait_for(what: &str, fleet: &Fleet, pred: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !pred() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", fleet.logs());
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            fleet.logs()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -124,17 +159,29 @@ resources:
 #[tokio::test]
 async fn operator_to_device_and_back() {
     let fleet = Fleet::start();
-    let (pi1, pi2, pi3) = (fleet.device_dir("pi-1"), fleet.device_dir("pi-2"), fleet.device_dir("pi-3"));
+    let (pi1, pi2, pi3) = (
+        fleet.device_dir("pi-1"),
+        fleet.device_dir("pi-2"),
+        fleet.device_dir("pi-3"),
+    );
 
     // Apply: both kiosks converge, the sensor is untouched.
     let out = fleet.apply(V1);
     ok(&out, &fleet);
     for dev in [&pi1, &pi2] {
         assert_eq!(read(&dev.join("motd")).as_deref(), Some("hello v1\n"));
-        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dev.join("app/app.conf")).unwrap().permissions());
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dev.join("app/app.conf"))
+                .unwrap()
+                .permissions(),
+        );
         assert_eq!(mode & 0o7777, 0o640);
     }
-    assert_eq!(std::fs::read_dir(&pi3).unwrap().count(), 0, "unselected agent touched");
+    assert_eq!(
+        std::fs::read_dir(&pi3).unwrap().count(),
+        0,
+        "unselected agent touched"
+    );
     let (_, m1) = fleet.manifest("pi-1").await;
     let (_, m3) = fleet.manifest("pi-3").await;
     assert!(m3.resources.is_empty());
@@ -155,18 +202,34 @@ async fn operator_to_device_and_back() {
     assert!(pi1.join("motd").exists());
 
     // A control-plane restart writes no new generation.
-    let before: Vec<u64> = futures::future::join_all(["pi-1", "pi-2", "pi-3"].map(|a| fleet.manifest(a))).await.into_iter().map(|(r, _)| r).collect();
+    let before: Vec<u64> =
+        futures::future::join_all(["pi-1", "pi-2", "pi-3"].map(|a| fleet.manifest(a)))
+            .await
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect();
     let mut fleet = fleet;
-    assert!(fleet.control.take().unwrap().terminate().success(), "control plane did not stop cleanly on SIGTERM");
+    assert!(
+        fleet.control.take().unwrap().terminate().success(),
+        "control plane did not stop cleanly on SIGTERM"
+    );
     fleet.start_control();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after: Vec<u64> = futures::future::join_all(["pi-1", "pi-2", "pi-3"].map(|a| fleet.manifest(a))).await.into_iter().map(|(r, _)| r).collect();
+    let after: Vec<u64> =
+        futures::future::join_all(["pi-1", "pi-2", "pi-3"].map(|a| fleet.manifest(a)))
+            .await
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect();
     assert_eq!(before, after, "restart rewrote manifests\n{}", fleet.logs());
 
     // Delete the deployment: empty manifests, files gone.
     let out = fleet.flotilla(&["delete", "deployment", "hello"]);
     ok(&out, &fleet);
-    wait_for("files removed after delete", &fleet, || !pi1.join("motd").exists() && !pi2.join("motd").exists()).await;
+    wait_for("files removed after delete", &fleet, || {
+        !pi1.join("motd").exists() && !pi2.join("motd").exists()
+    })
+    .await;
     let (_, m1c) = fleet.manifest("pi-1").await;
     assert!(m1c.resources.is_empty());
     assert!(m1c.generation > m1b.generation);

@@ -74,6 +74,38 @@ async fn main() -> anyhow::Result<()> {
         ms(percentile(&mut samples, 100)),
     );
 
+    // 1b. Single agent, through the control plane: write a Deployment, the
+    // in-process control plane renders it, the agent converges.
+    let (stop_control, control_stopped) = oneshot::channel::<()>();
+    tokio::spawn(flotilla_control::daemon::run(
+        flotilla_control::daemon::Config::new(server.url()),
+        async move {
+            let _ = control_stopped.await;
+        },
+    ));
+    let (_stop_cp, cp) = start_agent(&server, dir.path(), "bench-cp")?;
+    let cp_root = dir.path().join("bench-cp/root").canonicalize()?;
+    let mut through = Vec::with_capacity(applies);
+    for i in 0..=applies {
+        let t = Instant::now();
+        let revision = store
+            .put("deployments.bench", deployment(&cp, i, &cp_root))
+            .await?;
+        wait_deployment(&store, &cp, revision).await?;
+        if i > 0 {
+            through.push(t.elapsed());
+        }
+    }
+    println!(
+        "| write deployment → control plane renders → status converged | {} | {} | {} | {} | {} |",
+        through.len(),
+        ms(percentile(&mut through, 50)),
+        ms(percentile(&mut through, 90)),
+        ms(percentile(&mut through, 99)),
+        ms(percentile(&mut through, 100)),
+    );
+    let _ = stop_control.send(());
+
     // 2. Fleet.
     let mut agents = Vec::new();
     for i in 1..=fleet {
@@ -164,6 +196,45 @@ async fn apply_and_wait(
             .context("watch ended")??;
         if serde_json::from_slice::<AgentStatus>(&entry.value)
             .is_ok_and(|s| s.converged_on(generation))
+        {
+            return Ok(());
+        }
+    }
+}
+
+fn deployment(agent: &AgentId, i: usize, root: &std::path::Path) -> Bytes {
+    Bytes::from(
+        json!({
+            "apiVersion": "flotilla.dev/v1", "kind": "Deployment", "name": "bench",
+            "selector": {"agents": [agent]},
+            "resources": [
+                {"id": "config", "kind": "File", "spec": {"path": root.join("app/config.toml"), "content": format!("apply = {i}\n"), "mode": "0640"}},
+                {"id": "motd", "kind": "File", "spec": {"path": root.join("motd"), "content": format!("hello {i}\n")}}
+            ]
+        })
+        .to_string(),
+    )
+}
+
+/// Waits until `agent` reports every resource of deployment revision `revision` Ready.
+async fn wait_deployment(store: &Store, agent: &AgentId, revision: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut watch = store.watch_with_history(keys::actual_state(agent)).await?;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let entry = tokio::time::timeout(left, watch.next())
+            .await
+            .with_context(|| format!("deployment revision {revision} did not converge in 10 s"))?
+            .context("watch ended")??;
+        if let Ok(s) = serde_json::from_slice::<AgentStatus>(&entry.value)
+            && s.condition_true(manifest_types::ConditionType::Ready)
+            && !s.resources.is_empty()
+            && s.resources.values().all(|r| {
+                r.state.is_ready()
+                    && r.source
+                        .as_ref()
+                        .is_some_and(|src| src.revision == revision)
+            })
         {
             return Ok(());
         }

@@ -165,6 +165,35 @@ async fn operator_to_device_and_back() {
         fleet.device_dir("pi-3"),
     );
 
+    // The devices register themselves (agents.<id>) before the operator applies.
+    let js = async_nats::jetstream::new(fleet.server.client().await);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let kv = js.get_key_value("fleet").await;
+        let mut registered = 0;
+        if let Ok(kv) = &kv {
+            for id in ["pi-1", "pi-2", "pi-3"] {
+                if kv
+                    .entry(keys::inventory(&AgentId::new(id).unwrap()))
+                    .await
+                    .unwrap()
+                    .is_some()
+                {
+                    registered += 1;
+                }
+            }
+        }
+        if registered == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agents did not register\n{}",
+            fleet.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // Apply: both kiosks converge, the sensor is untouched.
     let out = fleet.apply(V1);
     ok(&out, &fleet);

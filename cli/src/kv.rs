@@ -42,8 +42,14 @@ async fn connect(g: &GlobalArgs) -> Result<jetstream::Context, CliError> {
                 source: e,
             })?;
     }
+    let servers: Vec<&str> = g
+        .nats_url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
     let client = opts
-        .connect(g.nats_url.as_str())
+        .connect(servers)
         .await
         .map_err(|e| connect_err(e.into()))?;
     Ok(jetstream::new(client))

@@ -282,6 +282,17 @@ async fn read_commands_need_the_bucket_and_never_create_it() {
     env.store().await;
     let run = env.run(&["get", "agents", "-o", "json"]);
     assert_eq!((run.code, run.json()), (0, json!([])), "{run:?}");
+    // --nats-url takes a comma-separated server list.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let urls = format!("nats://127.0.0.1:{dead}, {}", env.url());
+    for _ in 0..3 {
+        let run = flotilla(&urls, &["get", "agents", "-o", "json"]);
+        assert_eq!((run.code, run.json()), (0, json!([])), "{run:?}");
+    }
     assert_eq!(env.run(&["get", "deployments"]).stdout, "no deployments\n");
 }
 

@@ -37,5 +37,5 @@ pub mod fleet;
 pub mod publish;
 pub mod render;
 
-pub use daemon::{Config, DaemonError, run};
+pub use daemon::{Config, DaemonError, NatsAuth, run};
 pub use publish::{PublishError, PublishOutcome, publish_manifest};

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::Parser;
-use flotilla_control::daemon::{self, Config};
+use flotilla_control::daemon::{self, Config, NatsAuth};
 use manifest_types::BucketName;
 use tracing_subscriber::EnvFilter;
 
@@ -23,8 +23,18 @@ struct Args {
     #[arg(long, env = "FLOTILLA_BUCKET", default_value = manifest_types::keys::DEFAULT_BUCKET)]
     bucket: BucketName,
     /// NATS credentials file (JWT + nkey seed).
-    #[arg(long, env = "FLOTILLA_CREDS", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "FLOTILLA_CREDS",
+        value_name = "FILE",
+        conflicts_with = "nats_user"
+    )]
     creds: Option<PathBuf>,
+    /// NATS user (with FLOTILLA_NATS_PASSWORD).
+    #[arg(long, env = "FLOTILLA_NATS_USER", requires = "nats_password")]
+    nats_user: Option<String>,
+    #[arg(long, env = "FLOTILLA_NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,7 +49,11 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut config = Config::new(args.nats_url);
     config.bucket = args.bucket;
-    config.credentials = args.creds;
+    config.auth = match (args.creds, args.nats_user, args.nats_password) {
+        (Some(path), _, _) => NatsAuth::Credentials(path),
+        (None, Some(user), Some(password)) => NatsAuth::UserPassword { user, password },
+        _ => NatsAuth::None,
+    };
     tracing::info!(nats = %config.nats_url, bucket = %config.bucket, "starting flotilla-control");
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

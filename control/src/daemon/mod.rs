@@ -36,13 +36,25 @@ use tokio::time::Instant;
 use crate::bucket::{BucketError, ensure_bucket};
 use state::State;
 
+/// How the control plane authenticates to NATS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum NatsAuth {
+    #[default]
+    None,
+    /// A credentials file (JWT + nkey seed).
+    Credentials(PathBuf),
+    UserPassword {
+        user: String,
+        password: String,
+    },
+}
+
 /// How the daemon reaches NATS and paces its work.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub nats_url: String,
     pub bucket: BucketName,
-    /// A NATS credentials file (JWT + nkey seed).
-    pub credentials: Option<PathBuf>,
+    pub auth: NatsAuth,
     /// KV writes in flight at once during a pass.
     pub publish_concurrency: usize,
     /// Delay before a pass with failed writes is retried.
@@ -51,12 +63,12 @@ pub struct Config {
 
 impl Config {
     /// Defaults for everything but the server URL: bucket `fleet`, no
-    /// credentials, 64 writes in flight, retry after 1 s.
+    /// authentication, 64 writes in flight, retry after 1 s.
     pub fn new(nats_url: impl Into<String>) -> Self {
         Self {
             nats_url: nats_url.into(),
             bucket: BucketName::default(),
-            credentials: None,
+            auth: NatsAuth::None,
             publish_concurrency: 64,
             retry_after: Duration::from_secs(1),
         }
@@ -84,17 +96,22 @@ pub enum DaemonError {
 /// Connects, opens (or creates) the fleet bucket, and runs the control loop
 /// until `shutdown` completes. Refuses a bucket without the RePublish rule.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
-    let mut options = async_nats::ConnectOptions::new().name("flotilla-control");
-    if let Some(path) = &config.credentials {
-        options =
+    let options = async_nats::ConnectOptions::new().name("flotilla-control");
+    let options = match &config.auth {
+        NatsAuth::None => options,
+        NatsAuth::Credentials(path) => {
             options
                 .credentials_file(path)
                 .await
                 .map_err(|source| DaemonError::Credentials {
                     path: path.clone(),
                     source,
-                })?;
-    }
+                })?
+        }
+        NatsAuth::UserPassword { user, password } => {
+            options.user_and_password(user.clone(), password.clone())
+        }
+    };
     let client = options
         .connect(config.nats_url.as_str())
         .await

@@ -18,7 +18,8 @@ Exit codes:
   1  error (connection, I/O, server, no fleet bucket)
   2  usage, or an invalid document or identifier
   3  conflict: the deployment changed since it was read (another operator won
-     the compare-and-swap); nothing was overwritten
+     the compare-and-swap); nothing was overwritten. Also: deleted by someone
+     else during apply --wait
   4  rejected: an agent rejected the manifest, or flotilla-control reported the
      deployment invalid (apply --wait)
   5  timeout (apply --wait)

@@ -117,6 +117,19 @@ pub fn render_agent(a: &AgentView) -> String {
         "Last seen",
         format!("{}{hb}", a.last_seen_column()),
     );
+    if let Some(h) = &a.heartbeat
+        && let Some(other) = &h.value.identity_conflict
+    {
+        field(
+            &mut out,
+            "Conflict",
+            format!(
+                "installation {} cannot write its status: {} is written by installation {other}",
+                h.value.instance_id,
+                keys::actual_state(&a.id)
+            ),
+        );
+    }
     if let Some(inv) = &a.inventory {
         let i = &inv.value;
         field(&mut out, "Instance", &i.instance_id);

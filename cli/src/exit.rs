@@ -5,7 +5,7 @@
 //! | 0 | ok |
 //! | 1 | error: connection, I/O, server, missing bucket |
 //! | 2 | usage (clap) or invalid document / identifier |
-//! | 3 | conflict: the compare-and-swap write lost to another operator |
+//! | 3 | conflict: the compare-and-swap write lost to another operator (also: deleted by someone else during `apply --wait`) |
 //! | 4 | rejected: an agent rejected the manifest, or the control plane reported the deployment invalid (`--wait`) |
 //! | 5 | timeout (`--wait`) |
 //! | 6 | not found |

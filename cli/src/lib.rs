@@ -23,7 +23,7 @@
 //! | 0 | ok |
 //! | 1 | error: connection, I/O, server, no fleet bucket |
 //! | 2 | usage, or an invalid document or identifier |
-//! | 3 | conflict: another operator changed the deployment since it was read; nothing was overwritten |
+//! | 3 | conflict: another operator changed the deployment since it was read; nothing was overwritten (also: deleted by someone else during `apply --wait`) |
 //! | 4 | rejected: an agent rejected the manifest, or flotilla-control reported the deployment invalid (`apply --wait`) |
 //! | 5 | timeout (`apply --wait`) |
 //! | 6 | not found |

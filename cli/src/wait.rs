@@ -6,7 +6,9 @@
 //!    the wait as a rejection.
 //! 2. Poll each target's `actual-state.<agent>` (direct gets, so no consumer
 //!    per wait) and print a progress line whenever the converged count
-//!    changes. The decisions are [`crate::convergence`]'s.
+//!    changes. The decisions are [`crate::convergence`]'s. If the status key
+//!    disappears (the deployment was deleted by someone else) the wait ends
+//!    as a conflict.
 //!
 //! Polling rather than watching: a `actual-state.>` watch would replay the
 //! whole fleet's statuses to wait on a handful of agents.
@@ -162,11 +164,17 @@ pub async fn wait(
         }
         sleep_until_next(poll_interval(progress.total()), deadline).await;
         // Targets change when agents join or leave, or a newer revision lands.
-        if let Some(s) = read_status(fleet, &status_key)
-            .await?
-            .filter(|s| s.observed_revision >= status.observed_revision)
-        {
-            status = s;
+        match fleet.read::<DeploymentStatus>(status_key.as_str()).await? {
+            Some(Ok(s)) if s.value.observed_revision >= status.observed_revision => {
+                status = s.value
+            }
+            Some(_) => {}
+            // flotilla-control removes the status when the deployment is deleted.
+            None => {
+                return Err(CliError::Conflict(format!(
+                    "{name}: deleted by someone else while waiting ({status_key} is gone)"
+                )));
+            }
         }
     }
 }

@@ -14,8 +14,9 @@ struct Seeded {
 }
 
 /// Three agents: pi-1 converged, pi-2 rejected its newest manifest, pi-3
-/// (a sensor) registered with nothing to do; deployment `hello` targets the
-/// two kiosks; `old` was deleted but its status lingers.
+/// (a sensor) registered with nothing to do and in an identity conflict;
+/// deployment `hello` targets the two kiosks; `old` was deleted but its
+/// status lingers.
 async fn seeded() -> Seeded {
     let env = Env::start();
     let run = env.run(&["apply", "-f", path(&hello_yaml())]);
@@ -40,6 +41,10 @@ async fn seeded() -> Seeded {
         )
         .await;
     }
+    // pi-3's key is also written by another installation.
+    let mut hb = heartbeat("pi-3", 4);
+    hb.identity_conflict = Some("other-installation".into());
+    put_json(&store, &keys::heartbeat(&agent("pi-3")), &hb).await;
     put_json(
         &store,
         &keys::actual_state(&agent("pi-1")),
@@ -105,7 +110,8 @@ async fn get_agents_prints_the_stored_documents() {
     assert!(pi1["lastSeenSecondsAgo"].as_u64().unwrap() < 60, "{pi1}");
     assert_eq!(by_key(&rows, "agentId", "pi-2")["state"], "Rejected");
     let pi3 = by_key(&rows, "agentId", "pi-3");
-    assert_eq!(pi3["state"], "Pending");
+    assert_eq!(pi3["state"], "IdentityConflict");
+    assert_eq!(pi3["heartbeat"]["identityConflict"], "other-installation");
     assert!(pi3.get("status").is_none() && pi3.get("desiredGeneration").is_none());
 
     let yaml = s.env.run(&["get", "agents", "-o", "yaml"]);
@@ -139,7 +145,10 @@ async fn get_agents_prints_the_stored_documents() {
     assert_eq!(pi1[..4], ["pi-1", "2/2", "4/4", "Ready"]);
     assert!(lines[1].ends_with("role=kiosk"), "{}", lines[1]);
     assert_eq!(cells(lines[2])[..4], ["pi-2", "2/2", "3/4", "Rejected"]);
-    assert_eq!(cells(lines[3])[..4], ["pi-3", "-", "-/-", "Pending"]);
+    assert_eq!(
+        cells(lines[3])[..4],
+        ["pi-3", "-", "-/-", "IdentityConflict"]
+    );
 }
 
 #[tokio::test]
@@ -205,6 +214,22 @@ async fn describe_agent_shows_resources_rejection_and_the_manifest() {
     ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
+
+    let pi3 = s.env.run(&["describe", "agent", "pi-3"]);
+    assert_eq!(pi3.code, 0, "{pi3:?}");
+    assert!(
+        pi3.stdout.contains(
+            "Conflict:     installation pi-3-instance cannot write its status: \
+             actual-state.pi-3 is written by installation other-installation"
+        ),
+        "{}",
+        pi3.stdout
+    );
+    assert!(
+        pi3.stdout.contains("No status reported yet."),
+        "{}",
+        pi3.stdout
+    );
 
     let missing = s.env.run(&["describe", "agent", "pi-9"]);
     assert_eq!(missing.code, 6, "{missing:?}");

@@ -303,3 +303,44 @@ async fn waits_while_the_fleet_catches_up_and_reports_each_step() {
     );
     assert_eq!(wait.wait_exit(), 0);
 }
+
+#[tokio::test]
+async fn a_deletion_by_someone_else_ends_the_wait_as_a_conflict() {
+    let env = Env::start();
+    let (d, rev, store) = applied(&env).await;
+    put_json(
+        &store,
+        &status_key(),
+        &deployment_status("hello", rev, &[("pi-1", 2)]),
+    )
+    .await;
+    put_json(
+        &store,
+        &actual("pi-1"),
+        &agent_status("pi-1", 1, true, &d, rev),
+    )
+    .await;
+    let mut wait = Spawned::start(
+        &env.url(),
+        &[
+            "apply",
+            "-f",
+            path(&hello_yaml()),
+            "--wait",
+            "--timeout",
+            "30s",
+        ],
+    );
+    Spawned::expect_line(
+        &wait.stdout,
+        &format!("hello: 0/1 agents converged on revision {rev}"),
+    );
+    // What flotilla-control does when the deployment is deleted.
+    store
+        .delete(keys::deployment(&dname("hello")))
+        .await
+        .unwrap();
+    store.delete(status_key()).await.unwrap();
+    Spawned::expect_line(&wait.stderr, "hello: deleted by someone else while waiting");
+    assert_eq!(wait.wait_exit(), 3);
+}

@@ -302,3 +302,24 @@ fn usage_errors_exit_2_and_help_documents_exit_codes() {
         assert!(help.stdout.contains(line), "{line:?} missing from --help");
     }
 }
+
+#[tokio::test]
+async fn apply_reads_stdin() {
+    use std::io::Write;
+    let env = Env::start();
+    let d = flotilla_cli::apply::load(&hello_yaml()).unwrap();
+    let mut child = command(&env.url(), &["-o", "yaml", "apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&d.to_json()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let doc: serde_json::Value =
+        serde_saphyr::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    assert_eq!(doc["result"], "created");
+    assert_eq!(doc["name"], "hello");
+    let store = env.store().await;
+    assert_eq!(stored_deployment(&store, "hello").await.unwrap().0, d);
+}

@@ -323,3 +323,44 @@ async fn the_daemon_survives_a_server_restart() {
     .await;
     assert_eq!(m2.generation, m.generation + 1);
 }
+
+#[tokio::test]
+async fn a_write_that_fails_blocks_nobody_else_and_is_retried() {
+    let server = NatsServer::start();
+    let store = store(&server).await;
+    let _control = Control::start(&server);
+    register(&store, "pi-1", json!({"a": "1", "b": "1"})).await;
+    register(&store, "pi-2", json!({"b": "1"})).await;
+    // Each deployment fits in the bucket; both together on pi-1 do not
+    // (values are capped at 1 MiB).
+    let big = |n: &str, label: &str, dir: &str| {
+        let blobs: Vec<_> = (0..3)
+            .map(|i| {
+                file(
+                    &format!("blob{i}"),
+                    &format!("{dir}/{i}"),
+                    &"x".repeat(200 * 1024),
+                )
+            })
+            .collect();
+        deployment(n, json!({"matchLabels": {label: "1"}}), json!(blobs))
+    };
+    put_deployment(&store, &big("alpha", "a", "/srv/alpha")).await;
+    wait_manifest(&store, "pi-1", "alpha", |m| m.resources.len() == 3).await;
+    put_deployment(&store, &big("beta", "b", "/srv/beta")).await;
+
+    // pi-2 gets beta although pi-1's manifest cannot be written.
+    wait_manifest(&store, "pi-2", "beta", |m| m.resources.len() == 3).await;
+    let (_, m1) = manifest(&store, "pi-1").await.unwrap();
+    assert_eq!(ids(&m1), ["alpha/blob0", "alpha/blob1", "alpha/blob2"]);
+    assert!(status(&store, "beta").await.is_none(), "no partial status");
+
+    // Once it fits again it is written, and beta's status with it.
+    store
+        .delete(keys::deployment(&name("alpha")))
+        .await
+        .unwrap();
+    wait_manifest(&store, "pi-1", "beta only", |m| ids(m)[0] == "beta/blob0").await;
+    let (_, s) = wait_status(&store, "beta", "both targets", |s| s.targets.len() == 2).await;
+    assert!(s.conflicts.is_empty());
+}

@@ -191,7 +191,15 @@ pub async fn run_with_store(store: Store, config: &Config, shutdown: impl Future
                     reconcile::reconcile(&mut state, &store, config.publish_concurrency).await;
                 tracing::debug!(?report, "reconcile pass");
                 if report.failures > 0 {
+                    tracing::warn!(
+                        failures = report.failures,
+                        first = report.first_error.as_deref().unwrap_or_default(),
+                        retry_in = ?config.retry_after,
+                        "reconcile pass incomplete; retrying"
+                    );
                     retry_at = Some(Instant::now() + config.retry_after);
+                } else {
+                    retry_at = None;
                 }
             }
         }

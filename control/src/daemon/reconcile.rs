@@ -15,11 +15,24 @@ use crate::publish::{self, PublishOutcome, StatusOutcome};
 use crate::render;
 
 /// What a pass did; `failures` > 0 asks for a retry.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct PassReport {
     pub manifests_written: usize,
     pub statuses_written: usize,
     pub failures: usize,
+    /// The first failure, for the one warning a failed pass logs (each
+    /// failure is logged at debug: an outage must not log once per agent).
+    pub first_error: Option<String>,
+}
+
+impl PassReport {
+    fn failed(&mut self, what: String, error: &dyn std::error::Error) {
+        let error = error_chain(error);
+        tracing::debug!(%error, "{what}");
+        self.failures += 1;
+        self.first_error
+            .get_or_insert_with(|| format!("{what}: {error}"));
+    }
 }
 
 pub(crate) async fn reconcile(state: &mut State, store: &Store, concurrency: usize) -> PassReport {
@@ -74,8 +87,7 @@ pub(crate) async fn reconcile(state: &mut State, store: &Store, concurrency: usi
                 generations.insert(agent, generation);
             }
             Err(error) => {
-                report.failures += 1;
-                tracing::warn!(%agent, error = %error_chain(&error), "cannot publish manifest; will retry");
+                report.failed(format!("cannot publish the manifest of {agent}"), &error);
             }
         }
     }
@@ -137,8 +149,10 @@ pub(crate) async fn reconcile(state: &mut State, store: &Store, concurrency: usi
                 );
             }
             Err(error) => {
-                report.failures += 1;
-                tracing::warn!(deployment = %status.name, error = %error_chain(&error), "cannot write deployment status; will retry");
+                report.failed(
+                    format!("cannot write the status of {}", status.name),
+                    &error,
+                );
             }
         }
     }
@@ -159,8 +173,7 @@ pub(crate) async fn reconcile(state: &mut State, store: &Store, concurrency: usi
                 }
             }
             Err(error) => {
-                report.failures += 1;
-                tracing::warn!(deployment = %name, error = %error_chain(&error), "cannot remove deployment status; will retry");
+                report.failed(format!("cannot remove the status of {name}"), &error);
             }
         }
     }

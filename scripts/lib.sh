@@ -42,3 +42,47 @@ ensure_nats_server() {
     fi
     export FLOTILLA_NATS_SERVER="$bin"
 }
+
+# ensure_docker — Debian's Docker Engine (20.10, API 1.41), its daemon running.
+# Starts dockerd in the background (log in target/tools/dockerd.log) when the
+# socket does not answer and no init system manages it.
+ensure_docker() {
+    apt_install docker.io
+    if docker info >/dev/null 2>&1; then return 0; fi
+    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+        as_root systemctl start docker || true
+    fi
+    if ! docker info >/dev/null 2>&1; then
+        log "starting dockerd (log: target/tools/dockerd.log)"
+        mkdir -p "$FLOTILLA_ROOT/target/tools"
+        as_root sh -c "nohup dockerd >'$FLOTILLA_ROOT/target/tools/dockerd.log' 2>&1 &"
+    fi
+    for _ in $(seq 1 60); do
+        docker info >/dev/null 2>&1 && return 0
+        sleep 0.5
+    done
+    echo "dockerd did not come up; see target/tools/dockerd.log" >&2
+    exit 1
+}
+
+# ensure_test_images — the locally built images the container tests use
+# (no image registry is reachable): flotilla-test/busybox:1, a busybox-static
+# rootfs imported with `docker import`. Also installs docker-registry, which
+# the pull tests start on a free loopback port.
+FLOTILLA_TEST_IMAGE=flotilla-test/busybox:1
+ensure_test_images() {
+    apt_install busybox-static docker-registry
+    docker image inspect "$FLOTILLA_TEST_IMAGE" >/dev/null 2>&1 && return 0
+    log "building $FLOTILLA_TEST_IMAGE from busybox-static"
+    local rootfs
+    rootfs=$(mktemp -d "$FLOTILLA_ROOT/target/tools/rootfs.XXXXXX")
+    mkdir -p "$rootfs/bin" "$rootfs/tmp" "$rootfs/etc" "$rootfs/www"
+    cp /bin/busybox "$rootfs/bin/busybox"
+    for applet in sh sleep echo cat ls httpd true false env wget ps kill; do
+        ln -s busybox "$rootfs/bin/$applet"
+    done
+    echo "flotilla test image" > "$rootfs/www/index.html"
+    tar -C "$rootfs" -c . | docker import \
+        -c 'CMD ["/bin/sh"]' -c 'ENV PATH=/bin' - "$FLOTILLA_TEST_IMAGE" >/dev/null
+    rm -rf "$rootfs"
+}

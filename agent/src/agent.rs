@@ -45,6 +45,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let gate = Gate {
         agent_id: config.agent_id.clone(),
         roots: config.file_roots.clone(),
+        containers: config.container_policy.clone(),
     };
     let (board, statuses) = StatusBoard::new(config.agent_id.clone(), instance_id.clone());
     let (desired_tx, desired_rx) = watch::channel(None);
@@ -71,7 +72,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Decision::Unchanged => {}
         }
     }
-    let reconcilers = Reconcilers::new(state.clone(), config.file_roots.clone())?;
+    let reconcilers = Reconcilers::new(state.clone(), &config)?;
     tasks.spawn(Worker::new(reconcilers, board.clone()).run(desired_rx, resync.clone()));
 
     let (epoch_tx, epoch_rx) = watch::channel(0u64);

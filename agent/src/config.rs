@@ -22,6 +22,22 @@ pub struct Config {
     pub resync_interval: Duration,
     pub heartbeat_interval: Duration,
     pub auth: NatsAuth,
+    /// Docker Engine socket (`unix://…`); None: `DOCKER_HOST` or the default socket.
+    pub docker_host: Option<String>,
+    /// Grace period of a container stop before the engine kills it.
+    pub container_stop_timeout: Duration,
+    /// What containers may ask for; the manifest alone never grants it.
+    pub container_policy: ContainerPolicy,
+}
+
+/// The device owner's limits on containers. Bind mounts are always limited
+/// to the file roots.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerPolicy {
+    pub allow_privileged: bool,
+    pub allow_host_network: bool,
+    /// Capabilities `capAdd` may name (upper case, without `CAP_`).
+    pub allowed_capabilities: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -115,6 +131,25 @@ pub struct Args {
     pub nats_user: Option<String>,
     #[arg(long, env = "FLOTILLA_NATS_PASSWORD", hide_env_values = true)]
     pub nats_password: Option<String>,
+    /// Docker Engine socket, e.g. unix:///var/run/docker.sock (default: DOCKER_HOST or that).
+    #[arg(long, env = "FLOTILLA_DOCKER_HOST")]
+    pub docker_host: Option<String>,
+    /// Grace period when stopping a container, e.g. "10s".
+    #[arg(long, env = "FLOTILLA_CONTAINER_STOP_TIMEOUT")]
+    pub container_stop_timeout: Option<String>,
+    /// Let manifests run privileged containers.
+    #[arg(long, env = "FLOTILLA_ALLOW_PRIVILEGED")]
+    pub allow_privileged: bool,
+    /// Let manifests run containers on the host network.
+    #[arg(long, env = "FLOTILLA_ALLOW_HOST_NETWORK")]
+    pub allow_host_network: bool,
+    /// Capability containers may add (repeatable), e.g. NET_ADMIN.
+    #[arg(
+        long = "allow-capability",
+        env = "FLOTILLA_ALLOW_CAPABILITIES",
+        value_delimiter = ','
+    )]
+    pub allow_capabilities: Vec<String>,
 }
 
 /// The config file's shape (every key optional).
@@ -134,12 +169,21 @@ pub struct FileConfig {
     pub creds: Option<PathBuf>,
     pub nats_user: Option<String>,
     pub nats_password: Option<String>,
+    pub docker_host: Option<String>,
+    pub container_stop_timeout: Option<String>,
+    #[serde(default)]
+    pub allow_privileged: bool,
+    #[serde(default)]
+    pub allow_host_network: bool,
+    #[serde(default)]
+    pub allow_capabilities: Vec<String>,
 }
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/flotilla";
 pub const DEFAULT_RESYNC: Duration = Duration::from_secs(60);
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+pub const DEFAULT_CONTAINER_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Config {
     /// Merges flags/env over the optional file over defaults, and validates.
@@ -202,6 +246,24 @@ impl Config {
                 DEFAULT_HEARTBEAT,
             )?,
             auth,
+            docker_host: args.docker_host.or(file.docker_host),
+            container_stop_timeout: duration(
+                "container-stop-timeout",
+                args.container_stop_timeout.or(file.container_stop_timeout),
+                DEFAULT_CONTAINER_STOP_TIMEOUT,
+            )?,
+            container_policy: ContainerPolicy {
+                allow_privileged: args.allow_privileged || file.allow_privileged,
+                allow_host_network: args.allow_host_network || file.allow_host_network,
+                allowed_capabilities: if args.allow_capabilities.is_empty() {
+                    file.allow_capabilities
+                } else {
+                    args.allow_capabilities
+                }
+                .iter()
+                .map(|c| normalise_capability(c))
+                .collect(),
+            },
         })
     }
 
@@ -221,6 +283,9 @@ impl Config {
             resync_interval: DEFAULT_RESYNC,
             heartbeat_interval: DEFAULT_HEARTBEAT,
             auth: NatsAuth::None,
+            docker_host: None,
+            container_stop_timeout: DEFAULT_CONTAINER_STOP_TIMEOUT,
+            container_policy: ContainerPolicy::default(),
         }
     }
 
@@ -230,6 +295,12 @@ impl Config {
             .extend(canonical_roots(&[root.to_path_buf()])?);
         Ok(self)
     }
+}
+
+/// `cap_net_admin` and `NET_ADMIN` name the same capability.
+pub fn normalise_capability(c: &str) -> String {
+    let upper = c.trim().to_ascii_uppercase();
+    upper.strip_prefix("CAP_").unwrap_or(&upper).to_owned()
 }
 
 fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {

@@ -4,12 +4,17 @@
 //! Rejections keep the last good manifest running; each has a stable reason
 //! code (docs/adr/0003-generations-cas-and-convergence.md):
 //! the [`ManifestError`](manifest_types::ManifestError) classes, plus
-//! `WrongAgent`, `ReplayedGeneration`, `PathOutsideRoots` and
-//! `DesiredStateDeleted`.
+//! `WrongAgent`, `ReplayedGeneration`, `PathOutsideRoots` (a File or a
+//! container bind mount outside the file roots), `PrivilegeNotAllowed` (a
+//! container asking for more than the device owner's [`ContainerPolicy`])
+//! and `DesiredStateDeleted`.
 
 use std::path::{Path, PathBuf};
 
+use manifest_types::spec::NetworkMode;
 use manifest_types::{AgentId, AgentManifest, Rejection, ResourceSpec};
+
+use crate::config::{ContainerPolicy, normalise_capability};
 
 /// The manifest currently accepted.
 #[derive(Debug, Clone)]
@@ -32,6 +37,7 @@ pub enum Decision {
 pub struct Gate {
     pub agent_id: AgentId,
     pub roots: Vec<PathBuf>,
+    pub containers: ContainerPolicy,
 }
 
 impl Gate {
@@ -82,6 +88,9 @@ impl Gate {
         if let Err(message) = self.check_roots(&manifest) {
             return reject("PathOutsideRoots", message, generation);
         }
+        if let Err(message) = self.check_privileges(&manifest) {
+            return reject("PrivilegeNotAllowed", message, generation);
+        }
         Decision::Accept(Box::new(Accepted {
             manifest,
             bytes: bytes.to_vec(),
@@ -89,31 +98,73 @@ impl Gate {
         }))
     }
 
-    fn check_roots(&self, m: &AgentManifest) -> Result<(), String> {
+    fn check_privileges(&self, m: &AgentManifest) -> Result<(), String> {
+        let policy = &self.containers;
         for r in &m.resources {
-            if let ResourceSpec::File(f) = &r.spec
-                && !self.within_roots(Path::new(&f.path))
-            {
-                return Err(if self.roots.is_empty() {
-                    format!(
-                        "resource {}: {} — this agent has no file roots configured",
-                        r.id, f.path
-                    )
-                } else {
-                    format!(
-                        "resource {}: {} is outside every file root ({})",
-                        r.id,
-                        f.path,
-                        self.roots
-                            .iter()
-                            .map(|p| p.display().to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                });
+            let ResourceSpec::Container(c) = &r.spec else {
+                continue;
+            };
+            if c.privileged && !policy.allow_privileged {
+                return Err(format!(
+                    "resource {}: privileged containers are not allowed on this device (agent option --allow-privileged)",
+                    r.id
+                ));
+            }
+            if c.network_mode == NetworkMode::Host && !policy.allow_host_network {
+                return Err(format!(
+                    "resource {}: host networking is not allowed on this device (agent option --allow-host-network)",
+                    r.id
+                ));
+            }
+            for cap in &c.cap_add {
+                if !policy
+                    .allowed_capabilities
+                    .contains(&normalise_capability(cap))
+                {
+                    return Err(format!(
+                        "resource {}: capability {cap} is not allowed on this device (agent option --allow-capability)",
+                        r.id
+                    ));
+                }
             }
         }
         Ok(())
+    }
+
+    fn check_roots(&self, m: &AgentManifest) -> Result<(), String> {
+        for r in &m.resources {
+            let paths: Vec<&str> = match &r.spec {
+                ResourceSpec::File(f) => vec![f.path.as_str()],
+                ResourceSpec::Container(c) => c
+                    .volumes
+                    .iter()
+                    .filter_map(|v| v.host_path.as_deref())
+                    .collect(),
+                _ => vec![],
+            };
+            for path in paths {
+                self.check_path(&r.id, path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_path(&self, id: &manifest_types::ResourceId, path: &str) -> Result<(), String> {
+        if self.within_roots(Path::new(path)) {
+            return Ok(());
+        }
+        Err(if self.roots.is_empty() {
+            format!("resource {id}: {path} — this agent has no file roots configured")
+        } else {
+            format!(
+                "resource {id}: {path} is outside every file root ({})",
+                self.roots
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
     }
 
     /// Lexical check; paths are already normalised (no `..`). Symlinks below
@@ -142,6 +193,7 @@ mod tests {
         Gate {
             agent_id: "pi-1".parse().unwrap(),
             roots: vec!["/srv/flotilla".into()],
+            containers: ContainerPolicy::default(),
         }
     }
 

@@ -124,6 +124,21 @@ impl StatusBoard {
         });
     }
 
+    /// One resource is being worked on (shown until the pass ends).
+    pub fn set_progress(&self, resource: &manifest_types::ManagedResource, message: String) {
+        self.update(|i| {
+            i.resources.insert(
+                resource.id.clone(),
+                ResourceStatus {
+                    kind: resource.spec.kind_str().to_owned(),
+                    spec_hash: resource.spec_hash(),
+                    source: resource.source.clone(),
+                    state: manifest_types::ResourceState::Reconciling { message },
+                },
+            );
+        });
+    }
+
     pub fn set_identity_conflict(&self, other_instance: Option<String>) {
         self.update(|i| i.identity_conflict = other_instance);
     }

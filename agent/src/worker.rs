@@ -12,7 +12,7 @@ use manifest_types::{
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use crate::reconcile::{Outcome, Reconcilers};
+use crate::reconcile::{Outcome, Progress, Reconcilers};
 use crate::status::{StatusBoard, now_rfc3339};
 
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
@@ -93,7 +93,11 @@ impl Worker {
             self.released.clear();
         }
         let now = Instant::now();
-        for r in &m.resources {
+        // Resources with restartOn go after their inputs, so a container
+        // replaced for a changed File starts with the new file in place.
+        let mut order: Vec<_> = m.resources.iter().collect();
+        order.sort_by_key(|r| !r.restart_on.is_empty());
+        for r in order {
             let hash = r.spec_hash();
             let rec = self.records.get(&r.id);
             let due = match rec {
@@ -107,7 +111,8 @@ impl Worker {
             if !due {
                 continue;
             }
-            let outcome = self.reconcilers.reconcile(r).await;
+            let progress = Progress::new(Some(&self.board), r);
+            let outcome = self.reconcilers.reconcile(r, m, &progress).await;
             let previous = self
                 .records
                 .remove(&r.id)

@@ -234,6 +234,7 @@ pub fn state_detail(state: &ResourceState) -> String {
                 image_id,
                 image_digest,
                 restart_count,
+                repairs,
                 health,
                 ..
             } => {
@@ -243,7 +244,7 @@ pub fn state_detail(state: &ResourceState) -> String {
                     .map(|h| format!(" {h}"))
                     .unwrap_or_default();
                 format!(
-                    "container {} image {} restarts {restart_count}{health}",
+                    "container {} image {} restarts {restart_count} repairs {repairs}{health}",
                     output::short_hash(container_id),
                     output::short_hash(image)
                 )

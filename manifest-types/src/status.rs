@@ -131,7 +131,13 @@ pub enum ReadyDetails {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         image_digest: Option<String>,
         running_since: String,
+        /// Restarts by the engine under the container's restart policy.
         restart_count: u64,
+        /// Times the agent recreated or restarted it because it was removed
+        /// or stopped outside Flotilla (since the agent started).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        repairs: u64,
+        /// The image's healthcheck status, when it has one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         health: Option<String>,
     },
@@ -229,4 +235,8 @@ impl AgentStatus {
             .filter(|r| r.state.is_ready())
             .count()
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

@@ -115,6 +115,7 @@ fn agent_status() {
                     image_digest: None,
                     running_since: "2026-11-22T10:00:02Z".into(),
                     restart_count: 0,
+                    repairs: 1,
                     health: Some("healthy".into()),
                 },
             },

@@ -3,6 +3,7 @@
 //! the unit tests) and applies the minimum change, returning an [`Outcome`];
 //! retry policy lives in [`crate::worker`], not here.
 
+pub mod container;
 pub mod file;
 
 use manifest_types::{
@@ -10,6 +11,27 @@ use manifest_types::{
 };
 
 use crate::state::StateDir;
+use crate::status::StatusBoard;
+
+/// Lets a long reconcile (an image pull) show `Reconciling` with a message
+/// while it works. A no-op without a board (unit tests).
+#[derive(Debug)]
+pub struct Progress<'a> {
+    board: Option<&'a StatusBoard>,
+    resource: &'a ManagedResource,
+}
+
+impl<'a> Progress<'a> {
+    pub fn new(board: Option<&'a StatusBoard>, resource: &'a ManagedResource) -> Self {
+        Self { board, resource }
+    }
+
+    pub fn report(&self, message: impl Into<String>) {
+        if let Some(board) = self.board {
+            board.set_progress(self.resource, message.into());
+        }
+    }
+}
 
 /// What one reconcile of one resource achieved.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,29 +75,47 @@ impl Outcome {
 #[derive(Debug)]
 pub struct Reconcilers {
     pub files: file::FileReconciler,
+    pub containers: container::ContainerReconciler,
 }
 
 impl Reconcilers {
     pub fn new(
         state: StateDir,
-        roots: Vec<std::path::PathBuf>,
+        config: &crate::config::Config,
     ) -> Result<Self, crate::state::StateError> {
         Ok(Self {
-            files: file::FileReconciler::new(state, roots)?,
+            files: file::FileReconciler::new(state, config.file_roots.clone())?,
+            containers: container::ContainerReconciler::new(
+                config.agent_id.clone(),
+                config.docker_host.clone(),
+                config.container_stop_timeout,
+            ),
         })
     }
 
     /// Kinds this build can converge (reported in the inventory).
     pub fn available() -> Vec<ResourceKind> {
-        vec![ResourceKind::File]
+        vec![ResourceKind::File, ResourceKind::Container]
     }
 
     /// Converges one resource. Reconcile always sees the whole resource,
     /// never a hint of what changed.
-    pub async fn reconcile(&mut self, resource: &ManagedResource) -> Outcome {
+    pub async fn reconcile(
+        &mut self,
+        resource: &ManagedResource,
+        manifest: &AgentManifest,
+        progress: &Progress<'_>,
+    ) -> Outcome {
         match &resource.spec {
             ResourceSpec::File(spec) => self.files.reconcile(&resource.id, spec),
-            ResourceSpec::Container(_) | ResourceSpec::SystemdUnit(_) => Outcome::failed(
+            ResourceSpec::Container(spec) => {
+                let inputs = container::restart_inputs(manifest, &resource.restart_on);
+                let hash = container::effective_hash(&resource.spec_hash(), &inputs);
+                self.containers
+                    .reconcile(&resource.id, spec, &hash, progress)
+                    .await
+            }
+            ResourceSpec::SystemdUnit(_) => Outcome::failed(
                 "ReconcilerUnavailable",
                 format!(
                     "{} reconciler not available on this agent",
@@ -88,6 +128,7 @@ impl Reconcilers {
 
     /// Removes (or releases) what the agent owns but `manifest` no longer lists.
     pub async fn remove_unlisted(&mut self, manifest: &AgentManifest) -> Vec<ReleasedResource> {
+        self.containers.remove_unlisted(manifest).await;
         self.files.remove_unlisted(manifest)
     }
 }

@@ -1,0 +1,993 @@
+//! The Container reconciler: Docker Engine through bollard
+//! (docs/adr/0008-containers.md).
+//!
+//! - Labels are the single source of truth. Every container the agent
+//!   creates carries [`LABEL_AGENT`], [`LABEL_RESOURCE`] and [`LABEL_HASH`];
+//!   the agent lists containers by its own agent label and never looks at, or
+//!   touches, any other container on the engine.
+//! - The hash label is the resource's spec hash combined with the spec hashes
+//!   of its `restartOn` inputs, so a changed File replaces the container and
+//!   a crash halfway through cannot lose that restart.
+//! - Replacing pulls first, creates the new container beside the old one
+//!   (names carry the hash), then stops the old, starts the new and removes
+//!   the old: the gap is one stop plus one start.
+//! - Process exits are the engine's job under the restart policy; the agent
+//!   repairs what the engine will not (a removed container, or one stopped by
+//!   hand while its policy says it should run) and counts those repairs.
+//! - A container that keeps exiting is Failed (`CrashLoopBackOff`) with the
+//!   exit code, never Ready in between.
+//!
+//! The decisions ([`plan`], [`assess`], [`create_body`]) are pure; the
+//! engine calls live in [`ContainerReconciler`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime};
+
+use bollard::Docker;
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum,
+    ContainerSummaryStateEnum, HealthConfig, HealthStatusEnum, HostConfig, PortBinding,
+    RestartPolicy as DockerRestartPolicy, RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+};
+use futures::StreamExt;
+use manifest_types::spec::{NetworkMode, PullPolicy, RestartPolicy};
+use manifest_types::{AgentId, AgentManifest, ContainerSpec, ReadyDetails, ResourceId};
+use sha2::{Digest, Sha256};
+
+use super::{Failure, Outcome, Progress};
+
+pub const LABEL_AGENT: &str = "io.flotilla.agent";
+pub const LABEL_RESOURCE: &str = "io.flotilla.resource";
+pub const LABEL_HASH: &str = "io.flotilla.spec-hash";
+
+/// A container that restarted and has been up for less than this is crash-looping.
+const CRASH_WINDOW: Duration = Duration::from_secs(10);
+/// After starting a container, look again this much later before calling it
+/// Ready, so a command that exits at once is never reported Ready.
+const START_SETTLE: Duration = Duration::from_millis(300);
+
+// ------------------------------------------------------------ pure part ----
+
+/// The label hash: the spec hash plus the spec hashes of the `restartOn`
+/// inputs (sorted by id), so a change to an input replaces the container.
+pub fn effective_hash(spec_hash: &str, inputs: &[(String, String)]) -> String {
+    if inputs.is_empty() {
+        return spec_hash.to_owned();
+    }
+    let mut h = Sha256::new();
+    h.update(spec_hash.as_bytes());
+    for (id, hash) in inputs {
+        h.update(b"\n");
+        h.update(id.as_bytes());
+        h.update(b"=");
+        h.update(hash.as_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The engine-side name: readable, unique per agent, resource and hash.
+/// Names are never used to find containers; labels are.
+pub fn container_name(agent: &AgentId, id: &ResourceId, hash: &str) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect()
+    };
+    format!(
+        "flotilla.{}.{}.{}",
+        clean(agent.as_str()),
+        clean(id.as_ref()),
+        &hash[..hash.len().min(12)]
+    )
+}
+
+/// The image reference to create from (and pull): pinned by digest when given.
+pub fn image_ref(spec: &ContainerSpec) -> String {
+    match &spec.digest {
+        Some(d) if !spec.image.contains('@') => format!("{}@{d}", spec.image),
+        _ => spec.image.clone(),
+    }
+}
+
+/// What a label-filtered list says about one of our containers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub id: String,
+    pub hash: String,
+    pub state: ListedState,
+    pub created: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ListedState {
+    /// Dead, removing: only good for removal.
+    Gone,
+    Created,
+    Exited,
+    Paused,
+    Restarting,
+    Running,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// No usable container with the wanted hash: pull, create, swap.
+    Create { replace: Vec<String> },
+    /// The container exists but is not running. `repair` when someone
+    /// stopped it (as opposed to a create whose start never happened).
+    Start {
+        id: String,
+        repair: bool,
+        remove: Vec<String>,
+    },
+    /// Look at it and report; remove the extras.
+    Observe { id: String, remove: Vec<String> },
+}
+
+/// Decides what to do with this resource's containers.
+pub fn plan(hash: &str, policy: RestartPolicy, listed: &[Listed]) -> Plan {
+    let best = listed
+        .iter()
+        .filter(|c| c.hash == hash && c.state != ListedState::Gone)
+        .max_by_key(|c| (c.state, c.created));
+    let others = |keep: &str| -> Vec<String> {
+        listed
+            .iter()
+            .filter(|c| c.id != keep)
+            .map(|c| c.id.clone())
+            .collect()
+    };
+    let Some(best) = best else {
+        return Plan::Create {
+            replace: others(""),
+        };
+    };
+    let remove = others(&best.id);
+    let engine_restarts = matches!(policy, RestartPolicy::Always | RestartPolicy::UnlessStopped);
+    match best.state {
+        ListedState::Created => Plan::Start {
+            id: best.id.clone(),
+            repair: false,
+            remove,
+        },
+        // Under always/unless-stopped the engine restarts exits itself, so an
+        // exited container was stopped by hand: repair it. Under no/on-failure
+        // an exit is the process's own business: report it.
+        ListedState::Exited if engine_restarts => Plan::Start {
+            id: best.id.clone(),
+            repair: true,
+            remove,
+        },
+        _ => Plan::Observe {
+            id: best.id.clone(),
+            remove,
+        },
+    }
+}
+
+/// Reads an engine's container state into Ready or a typed failure.
+pub fn assess(inspect: &ContainerInspectResponse, now: SystemTime, repairs: u64) -> Outcome {
+    let state = inspect.state.clone().unwrap_or_default();
+    let exit_code = state.exit_code.unwrap_or(0);
+    let restart_count = inspect.restart_count.unwrap_or(0).max(0) as u64;
+    let started_at = state.started_at.clone().unwrap_or_default();
+    let crash = || {
+        Outcome::failed(
+            "CrashLoopBackOff",
+            format!(
+                "container keeps exiting: last exit code {exit_code}, restarted {restart_count} times by the engine"
+            ),
+        )
+    };
+    match state.status {
+        Some(ContainerStateStatusEnum::RESTARTING) => return crash(),
+        Some(ContainerStateStatusEnum::RUNNING) => {}
+        Some(ContainerStateStatusEnum::PAUSED) => {
+            return Outcome::failed("ContainerPaused", "container is paused");
+        }
+        Some(ContainerStateStatusEnum::EXITED) => {
+            return Outcome::failed(
+                "ContainerExited",
+                format!(
+                    "container exited with code {exit_code} at {}; its restart policy does not restart it",
+                    state.finished_at.unwrap_or_default()
+                ),
+            );
+        }
+        other => {
+            return Outcome::failed(
+                "ContainerNotRunning",
+                format!(
+                    "container is {}",
+                    other.map_or("unknown".into(), |s| s.to_string())
+                ),
+            );
+        }
+    }
+    let up_for = humantime::parse_rfc3339_weak(&started_at)
+        .ok()
+        .and_then(|t| now.duration_since(t).ok())
+        .unwrap_or(Duration::MAX);
+    if restart_count > 0 && up_for < CRASH_WINDOW {
+        return crash();
+    }
+    let health = state
+        .health
+        .and_then(|h| h.status)
+        .filter(|s| *s != HealthStatusEnum::NONE && *s != HealthStatusEnum::EMPTY);
+    if health == Some(HealthStatusEnum::UNHEALTHY) {
+        return Outcome::failed("Unhealthy", "the container's healthcheck reports unhealthy");
+    }
+    Outcome::Ready(ReadyDetails::Container {
+        container_id: inspect.id.clone().unwrap_or_default(),
+        image_id: inspect.image.clone().unwrap_or_default(),
+        image_digest: None,
+        running_since: started_at,
+        restart_count,
+        repairs,
+        health: health.map(|h| h.to_string()),
+    })
+}
+
+/// The engine's create request for `spec`.
+pub fn create_body(spec: &ContainerSpec, labels: HashMap<String, String>) -> ContainerCreateBody {
+    let port_key = |p: &manifest_types::spec::PortMapping| {
+        let proto = match p.protocol {
+            manifest_types::spec::Protocol::Tcp => "tcp",
+            manifest_types::spec::Protocol::Udp => "udp",
+        };
+        format!("{}/{proto}", p.container)
+    };
+    let mut port_bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+    for p in &spec.ports {
+        port_bindings
+            .entry(port_key(p))
+            .or_insert_with(|| Some(Vec::new()))
+            .get_or_insert_with(Vec::new)
+            .push(PortBinding {
+                host_ip: p.host_ip.clone(),
+                host_port: Some(p.host.to_string()),
+            });
+    }
+    let binds = spec
+        .volumes
+        .iter()
+        .map(|v| {
+            let source = v.name.as_deref().or(v.host_path.as_deref()).unwrap_or("");
+            let ro = if v.read_only { ":ro" } else { "" };
+            format!("{source}:{}{ro}", v.target)
+        })
+        .collect::<Vec<_>>();
+    let secs = |s: Option<u32>| s.map(|s| i64::from(s) * 1_000_000_000);
+    let non_empty = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
+    ContainerCreateBody {
+        image: Some(image_ref(spec)),
+        entrypoint: non_empty(&spec.command),
+        cmd: non_empty(&spec.args),
+        env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        labels: Some(labels),
+        exposed_ports: (!spec.ports.is_empty()).then(|| spec.ports.iter().map(port_key).collect()),
+        healthcheck: spec.healthcheck.as_ref().map(|h| HealthConfig {
+            test: Some(h.test.clone()),
+            interval: secs(h.interval_seconds),
+            timeout: secs(h.timeout_seconds),
+            retries: h.retries.map(i64::from),
+            start_period: secs(h.start_period_seconds),
+            ..Default::default()
+        }),
+        host_config: Some(HostConfig {
+            port_bindings: (!port_bindings.is_empty()).then_some(port_bindings),
+            binds: (!binds.is_empty()).then_some(binds),
+            restart_policy: Some(DockerRestartPolicy {
+                name: Some(match spec.restart_policy {
+                    RestartPolicy::No => RestartPolicyNameEnum::NO,
+                    RestartPolicy::Always => RestartPolicyNameEnum::ALWAYS,
+                    RestartPolicy::OnFailure => RestartPolicyNameEnum::ON_FAILURE,
+                    RestartPolicy::UnlessStopped => RestartPolicyNameEnum::UNLESS_STOPPED,
+                }),
+                maximum_retry_count: None,
+            }),
+            memory: spec
+                .memory_limit_bytes
+                .map(|m| m.min(i64::MAX as u64) as i64),
+            nano_cpus: spec.cpu_limit_millis.map(|m| i64::from(m) * 1_000_000),
+            network_mode: Some(
+                match spec.network_mode {
+                    NetworkMode::Bridge => "bridge",
+                    NetworkMode::Host => "host",
+                    NetworkMode::None => "none",
+                }
+                .into(),
+            ),
+            privileged: Some(spec.privileged),
+            cap_add: non_empty(&spec.cap_add),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The `restartOn` inputs of `resource` as (id, spec hash), sorted.
+pub fn restart_inputs(
+    manifest: &AgentManifest,
+    restart_on: &[ResourceId],
+) -> Vec<(String, String)> {
+    let mut inputs: Vec<(String, String)> = restart_on
+        .iter()
+        .filter_map(|id| {
+            manifest
+                .resource(id)
+                .map(|r| (id.to_string(), r.spec_hash()))
+        })
+        .collect();
+    inputs.sort();
+    inputs
+}
+
+// ---------------------------------------------------------- engine part ----
+
+/// Talks to one Docker Engine (API negotiated, 1.41 and up).
+#[derive(Debug)]
+pub struct ContainerReconciler {
+    agent: AgentId,
+    /// `unix://` path or None for DOCKER_HOST / the default socket.
+    docker_host: Option<String>,
+    docker: Option<Docker>,
+    stop_timeout: Duration,
+    /// Repairs per resource since this agent started (for the current hash).
+    repairs: BTreeMap<ResourceId, (String, u64)>,
+    /// Whether the last pass had containers (or this is the first pass), so
+    /// an agent without containers does not poll the engine.
+    may_own: bool,
+}
+
+fn engine_failure(e: bollard::errors::Error) -> Failure {
+    use bollard::errors::Error as E;
+    match e {
+        E::DockerResponseServerError {
+            status_code,
+            message,
+        } => Failure::new(
+            "DockerError",
+            format!("engine answered {status_code}: {message}"),
+        ),
+        other => Failure::new("DockerUnavailable", other.to_string()),
+    }
+}
+
+fn is_not_found(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+impl ContainerReconciler {
+    pub fn new(agent: AgentId, docker_host: Option<String>, stop_timeout: Duration) -> Self {
+        Self {
+            agent,
+            docker_host,
+            docker: None,
+            stop_timeout,
+            repairs: BTreeMap::new(),
+            may_own: true,
+        }
+    }
+
+    async fn engine(&mut self) -> Result<Docker, Failure> {
+        if let Some(d) = &self.docker {
+            return Ok(d.clone());
+        }
+        let unavailable = |e: bollard::errors::Error| {
+            Failure::new(
+                "DockerUnavailable",
+                format!("cannot reach the Docker Engine: {e}"),
+            )
+        };
+        let docker = match &self.docker_host {
+            Some(path) => Docker::connect_with_unix(path, 120, bollard::API_DEFAULT_VERSION)
+                .map_err(unavailable)?,
+            None => Docker::connect_with_local_defaults().map_err(unavailable)?,
+        };
+        let docker = docker.negotiate_version().await.map_err(unavailable)?;
+        tracing::info!(api = %docker.client_version(), "connected to the Docker Engine");
+        self.docker = Some(docker.clone());
+        Ok(docker)
+    }
+
+    /// Forgets the engine after a transport error so the next call renegotiates.
+    fn check<T>(&mut self, r: Result<T, bollard::errors::Error>) -> Result<T, Failure> {
+        r.map_err(|e| {
+            let f = engine_failure(e);
+            if f.reason == "DockerUnavailable" {
+                self.docker = None;
+            }
+            f
+        })
+    }
+
+    async fn list(
+        &mut self,
+        resource: Option<&ResourceId>,
+    ) -> Result<Vec<(Listed, Option<String>)>, Failure> {
+        let docker = self.engine().await?;
+        let mut labels = vec![format!("{LABEL_AGENT}={}", self.agent)];
+        if let Some(r) = resource {
+            labels.push(format!("{LABEL_RESOURCE}={r}"));
+        }
+        let filters = HashMap::from([("label".to_owned(), labels)]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let summaries = self.check(docker.list_containers(Some(options)).await)?;
+        Ok(summaries
+            .into_iter()
+            .filter_map(|s| {
+                let labels = s.labels.unwrap_or_default();
+                // The engine filtered by label; check again, never trust a guess.
+                if labels.get(LABEL_AGENT).map(String::as_str) != Some(self.agent.as_str()) {
+                    return None;
+                }
+                let state = match s.state {
+                    Some(ContainerSummaryStateEnum::RUNNING) => ListedState::Running,
+                    Some(ContainerSummaryStateEnum::RESTARTING) => ListedState::Restarting,
+                    Some(ContainerSummaryStateEnum::PAUSED) => ListedState::Paused,
+                    Some(ContainerSummaryStateEnum::CREATED) => ListedState::Created,
+                    Some(ContainerSummaryStateEnum::EXITED) => ListedState::Exited,
+                    _ => ListedState::Gone,
+                };
+                Some((
+                    Listed {
+                        id: s.id?,
+                        hash: labels.get(LABEL_HASH).cloned().unwrap_or_default(),
+                        state,
+                        created: s.created.unwrap_or(0),
+                    },
+                    labels.get(LABEL_RESOURCE).cloned(),
+                ))
+            })
+            .collect())
+    }
+
+    /// Converges one Container resource.
+    pub async fn reconcile(
+        &mut self,
+        id: &ResourceId,
+        spec: &ContainerSpec,
+        hash: &str,
+        progress: &Progress<'_>,
+    ) -> Outcome {
+        match self.converge(id, spec, hash, progress).await {
+            Ok(outcome) => outcome,
+            Err(f) => Outcome::Failed {
+                reason: f.reason,
+                message: f.message,
+            },
+        }
+    }
+
+    async fn converge(
+        &mut self,
+        id: &ResourceId,
+        spec: &ContainerSpec,
+        hash: &str,
+        progress: &Progress<'_>,
+    ) -> Result<Outcome, Failure> {
+        self.may_own = true;
+        let docker = self.engine().await?;
+        let listed: Vec<Listed> = self
+            .list(Some(id))
+            .await?
+            .into_iter()
+            .map(|(l, _)| l)
+            .collect();
+        let repairs = match self.repairs.get(id) {
+            Some((h, n)) if h == hash => *n,
+            _ => 0,
+        };
+        let (container, remove, started, repaired) = match plan(hash, spec.restart_policy, &listed)
+        {
+            Plan::Create { replace } => {
+                let repair = replace.is_empty() && repairs_known(&self.repairs, id, hash);
+                if repair {
+                    tracing::warn!(resource = %id, "container was removed outside Flotilla; recreating it");
+                }
+                self.ensure_image(&docker, spec, progress).await?;
+                progress.report("creating container");
+                let new = self.create(&docker, id, spec, hash).await?;
+                for old in &replace {
+                    self.stop(&docker, old).await?;
+                }
+                progress.report("starting container");
+                self.start(&docker, &new).await?;
+                (new, replace, true, repair)
+            }
+            Plan::Start {
+                id: cid,
+                repair,
+                remove,
+            } => {
+                if repair {
+                    tracing::warn!(resource = %id, container = %cid, "container was stopped outside Flotilla; starting it");
+                }
+                progress.report("starting container");
+                self.start(&docker, &cid).await?;
+                (cid, remove, true, repair)
+            }
+            Plan::Observe { id: cid, remove } => (cid, remove, false, false),
+        };
+        for old in &remove {
+            self.remove(&docker, old).await?;
+        }
+        let repairs = if repaired { repairs + 1 } else { repairs };
+        self.repairs.insert(id.clone(), (hash.to_owned(), repairs));
+        if started {
+            tokio::time::sleep(START_SETTLE).await;
+        }
+        let inspect = self.check(docker.inspect_container(&container, None).await)?;
+        let mut outcome = assess(&inspect, SystemTime::now(), repairs);
+        if let Outcome::Ready(ReadyDetails::Container {
+            image_id,
+            image_digest,
+            ..
+        }) = &mut outcome
+            && let Ok(image) = docker.inspect_image(image_id).await
+        {
+            *image_digest = image
+                .repo_digests
+                .unwrap_or_default()
+                .into_iter()
+                .next()
+                .and_then(|d| d.split_once('@').map(|(_, d)| d.to_owned()));
+        }
+        Ok(outcome)
+    }
+
+    async fn ensure_image(
+        &mut self,
+        docker: &Docker,
+        spec: &ContainerSpec,
+        progress: &Progress<'_>,
+    ) -> Result<(), Failure> {
+        let reference = image_ref(spec);
+        let present = match docker.inspect_image(&reference).await {
+            Ok(_) => true,
+            Err(e) if is_not_found(&e) => false,
+            Err(e) => return Err(self.check::<()>(Err(e)).unwrap_err()),
+        };
+        let pull = match spec.pull_policy {
+            PullPolicy::Always => true,
+            PullPolicy::IfNotPresent => !present,
+            PullPolicy::Never if present => false,
+            PullPolicy::Never => {
+                return Err(Failure::new(
+                    "ImageNotPresent",
+                    format!("image {reference} is not on this device and pullPolicy is Never"),
+                ));
+            }
+        };
+        if !pull {
+            return Ok(());
+        }
+        tracing::info!(image = %reference, "pulling image");
+        progress.report(format!("pulling {reference}"));
+        let options = CreateImageOptionsBuilder::default()
+            .from_image(&reference)
+            .build();
+        let mut stream = docker.create_image(Some(options), None, None);
+        let mut last = String::new();
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(msg) = info.error_detail.and_then(|d| d.message) {
+                        return Err(Failure::new(
+                            "ImagePullFailed",
+                            format!("{reference}: {msg}"),
+                        ));
+                    }
+                    let status = info.status.unwrap_or_default();
+                    if status != last {
+                        tracing::info!(image = %reference, %status, "pull progress");
+                        progress.report(format!("pulling {reference}: {status}"));
+                        last = status;
+                    }
+                }
+                Err(e) => {
+                    let message = match e {
+                        bollard::errors::Error::DockerStreamError { error } => error,
+                        bollard::errors::Error::DockerResponseServerError { message, .. } => {
+                            message
+                        }
+                        other => {
+                            return Err(self.check::<()>(Err(other)).unwrap_err());
+                        }
+                    };
+                    return Err(Failure::new(
+                        "ImagePullFailed",
+                        format!("{reference}: {message}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn create(
+        &mut self,
+        docker: &Docker,
+        id: &ResourceId,
+        spec: &ContainerSpec,
+        hash: &str,
+    ) -> Result<String, Failure> {
+        let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
+        labels.insert(LABEL_AGENT.into(), self.agent.to_string());
+        labels.insert(LABEL_RESOURCE.into(), id.to_string());
+        labels.insert(LABEL_HASH.into(), hash.to_owned());
+        let name = container_name(&self.agent, id, hash);
+        let options = CreateContainerOptionsBuilder::default().name(&name).build();
+        let created = docker
+            .create_container(Some(options), create_body(spec, labels))
+            .await
+            .map_err(|e| match e {
+                bollard::errors::Error::DockerResponseServerError {
+                    status_code: 409,
+                    message,
+                } => Failure::new("NameConflict", message),
+                e => engine_failure(e),
+            })?;
+        tracing::info!(resource = %id, container = %created.id, %name, "container created");
+        #[cfg(feature = "fault-injection")]
+        if std::env::var_os("FLOTILLA_FAULT_EXIT_AFTER_CREATE").is_some() {
+            tracing::error!("fault injection: exiting right after creating a container");
+            std::process::exit(86);
+        }
+        Ok(created.id)
+    }
+
+    async fn start(&mut self, docker: &Docker, id: &str) -> Result<(), Failure> {
+        docker.start_container(id, None).await.map_err(|e| match e {
+            bollard::errors::Error::DockerResponseServerError {
+                status_code: 500,
+                message,
+            } => Failure::new("StartFailed", message),
+            e => engine_failure(e),
+        })
+    }
+
+    async fn stop(&mut self, docker: &Docker, id: &str) -> Result<(), Failure> {
+        let t = i32::try_from(self.stop_timeout.as_secs()).unwrap_or(i32::MAX);
+        let options = StopContainerOptionsBuilder::default().t(t).build();
+        match docker.stop_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304 | 404,
+                ..
+            }) => Ok(()),
+            Err(e) => self.check(Err(e)),
+        }
+    }
+
+    async fn remove(&mut self, docker: &Docker, id: &str) -> Result<(), Failure> {
+        self.stop(docker, id).await?;
+        let options = RemoveContainerOptionsBuilder::default().force(true).build();
+        match docker.remove_container(id, Some(options)).await {
+            Ok(()) => {
+                tracing::info!(container = %id, "container removed");
+                Ok(())
+            }
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => self.check(Err(e)),
+        }
+    }
+
+    /// Stops and removes this agent's containers whose resource is no longer
+    /// a Container of `manifest` (removed resources and orphans of a crash).
+    pub async fn remove_unlisted(&mut self, manifest: &AgentManifest) {
+        let wanted: Vec<String> = manifest
+            .resources
+            .iter()
+            .filter(|r| matches!(r.spec, manifest_types::ResourceSpec::Container(_)))
+            .map(|r| r.id.to_string())
+            .collect();
+        if wanted.is_empty() && !self.may_own {
+            return;
+        }
+        let listed = match self.list(None).await {
+            Ok(l) => l,
+            Err(f) => {
+                // Without containers in the manifest an absent engine is normal.
+                if wanted.is_empty() {
+                    tracing::debug!(reason = f.reason, message = %f.message, "cannot list containers");
+                } else {
+                    tracing::warn!(reason = f.reason, message = %f.message, "cannot list containers");
+                }
+                return;
+            }
+        };
+        let Ok(docker) = self.engine().await else {
+            return;
+        };
+        for (c, resource) in &listed {
+            if resource.as_ref().is_some_and(|r| wanted.contains(r)) {
+                continue;
+            }
+            tracing::info!(container = %c.id, resource = ?resource, "removing a container no longer in the manifest");
+            if let Err(f) = self.remove(&docker, &c.id).await {
+                tracing::warn!(container = %c.id, reason = f.reason, message = %f.message, "cannot remove container");
+            }
+        }
+        self.repairs
+            .retain(|id, _| wanted.contains(&id.to_string()));
+        self.may_own = !wanted.is_empty();
+    }
+}
+
+/// Whether this agent already ran this resource at this hash (so a missing
+/// container means someone removed it).
+fn repairs_known(
+    repairs: &BTreeMap<ResourceId, (String, u64)>,
+    id: &ResourceId,
+    hash: &str,
+) -> bool {
+    repairs.get(id).is_some_and(|(h, _)| h == hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bollard::models::{ContainerState, Health};
+
+    fn listed(id: &str, hash: &str, state: ListedState, created: i64) -> Listed {
+        Listed {
+            id: id.into(),
+            hash: hash.into(),
+            state,
+            created,
+        }
+    }
+
+    #[test]
+    fn nothing_listed_creates() {
+        assert_eq!(
+            plan("h", RestartPolicy::Always, &[]),
+            Plan::Create { replace: vec![] }
+        );
+    }
+
+    #[test]
+    fn changed_hash_replaces_every_old_container() {
+        let l = [
+            listed("a", "old", ListedState::Running, 1),
+            listed("b", "older", ListedState::Exited, 0),
+        ];
+        assert_eq!(
+            plan("new", RestartPolicy::Always, &l),
+            Plan::Create {
+                replace: vec!["a".into(), "b".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn created_but_never_started_is_started_not_recreated() {
+        // The agent died between create and start.
+        let l = [listed("a", "h", ListedState::Created, 1)];
+        assert_eq!(
+            plan("h", RestartPolicy::Always, &l),
+            Plan::Start {
+                id: "a".into(),
+                repair: false,
+                remove: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn stopped_by_hand_is_repaired_only_when_the_engine_would_restart_it() {
+        let l = [listed("a", "h", ListedState::Exited, 1)];
+        assert!(matches!(
+            plan("h", RestartPolicy::Always, &l),
+            Plan::Start { repair: true, .. }
+        ));
+        assert!(matches!(
+            plan("h", RestartPolicy::UnlessStopped, &l),
+            Plan::Start { repair: true, .. }
+        ));
+        assert!(matches!(
+            plan("h", RestartPolicy::No, &l),
+            Plan::Observe { .. }
+        ));
+        assert!(matches!(
+            plan("h", RestartPolicy::OnFailure, &l),
+            Plan::Observe { .. }
+        ));
+    }
+
+    #[test]
+    fn duplicates_keep_the_running_one_and_remove_the_rest() {
+        let l = [
+            listed("new-created", "h", ListedState::Created, 5),
+            listed("running", "h", ListedState::Running, 1),
+            listed("dead", "h", ListedState::Gone, 9),
+            listed("stale", "x", ListedState::Running, 9),
+        ];
+        assert_eq!(
+            plan("h", RestartPolicy::Always, &l),
+            Plan::Observe {
+                id: "running".into(),
+                remove: vec!["new-created".into(), "dead".into(), "stale".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn restart_inputs_change_the_hash() {
+        let a = effective_hash("s", &[("d/conf".into(), "1".into())]);
+        let b = effective_hash("s", &[("d/conf".into(), "2".into())]);
+        assert_ne!(a, b);
+        assert_eq!(effective_hash("s", &[]), "s");
+    }
+
+    #[test]
+    fn names_are_engine_safe_and_carry_the_hash() {
+        let agent = AgentId::new("pi-1").unwrap();
+        let id: ResourceId = "web/nginx".parse().unwrap();
+        let n = container_name(&agent, &id, "0123456789abcdef");
+        assert_eq!(n, "flotilla.pi-1.web-nginx.0123456789ab");
+    }
+
+    fn inspect(
+        status: ContainerStateStatusEnum,
+        restarts: i64,
+        started: &str,
+    ) -> ContainerInspectResponse {
+        ContainerInspectResponse {
+            id: Some("cid".into()),
+            image: Some("sha256:img".into()),
+            restart_count: Some(restarts),
+            state: Some(ContainerState {
+                status: Some(status),
+                exit_code: Some(3),
+                started_at: Some(started.into()),
+                health: Some(Health {
+                    status: Some(HealthStatusEnum::HEALTHY),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn assess_ready_crashloop_and_exit() {
+        let now = humantime::parse_rfc3339("2026-11-23T12:00:00Z").unwrap();
+        let ready = assess(
+            &inspect(
+                ContainerStateStatusEnum::RUNNING,
+                0,
+                "2026-11-23T11:59:59.5Z",
+            ),
+            now,
+            2,
+        );
+        match ready {
+            Outcome::Ready(ReadyDetails::Container {
+                container_id,
+                restart_count,
+                repairs,
+                health,
+                ..
+            }) => {
+                assert_eq!(container_id, "cid");
+                assert_eq!(restart_count, 0);
+                assert_eq!(repairs, 2);
+                assert_eq!(health.as_deref(), Some("healthy"));
+            }
+            o => panic!("{o:?}"),
+        }
+        // Restarted and up only briefly: crash loop, with the exit code.
+        match assess(
+            &inspect(
+                ContainerStateStatusEnum::RUNNING,
+                4,
+                "2026-11-23T11:59:58.123456789Z",
+            ),
+            now,
+            0,
+        ) {
+            Outcome::Failed { reason, message } => {
+                assert_eq!(reason, "CrashLoopBackOff");
+                assert!(message.contains("exit code 3"), "{message}");
+                assert!(message.contains("4 times"), "{message}");
+            }
+            o => panic!("{o:?}"),
+        }
+        // Restarted long ago and stable since: Ready, restarts reported.
+        assert!(matches!(
+            assess(
+                &inspect(ContainerStateStatusEnum::RUNNING, 4, "2026-11-23T11:00:00Z"),
+                now,
+                0
+            ),
+            Outcome::Ready(ReadyDetails::Container {
+                restart_count: 4,
+                ..
+            })
+        ));
+        assert!(matches!(
+            assess(
+                &inspect(ContainerStateStatusEnum::RESTARTING, 1, ""),
+                now,
+                0
+            ),
+            Outcome::Failed {
+                reason: "CrashLoopBackOff",
+                ..
+            }
+        ));
+        assert!(matches!(
+            assess(&inspect(ContainerStateStatusEnum::EXITED, 0, ""), now, 0),
+            Outcome::Failed {
+                reason: "ContainerExited",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn create_body_maps_the_spec() {
+        let spec: ContainerSpec = serde_json::from_value(serde_json::json!({
+            "image": "app:1",
+            "digest": format!("sha256:{}", "a".repeat(64)),
+            "command": ["/bin/httpd"], "args": ["-f"],
+            "env": {"A": "1"},
+            "ports": [{"host": 8080, "container": 80}, {"host": 5353, "container": 53, "protocol": "udp"}],
+            "volumes": [{"name": "data", "target": "/data"}, {"hostPath": "/srv/x", "target": "/x", "readOnly": true}],
+            "restartPolicy": "onFailure",
+            "memoryLimitBytes": 1048576, "cpuLimitMillis": 500,
+            "healthcheck": {"test": ["CMD", "true"], "intervalSeconds": 5},
+            "networkMode": "none"
+        }))
+        .unwrap();
+        let body = create_body(&spec, HashMap::new());
+        assert_eq!(
+            body.image.as_deref(),
+            Some(format!("app:1@sha256:{}", "a".repeat(64)).as_str())
+        );
+        assert_eq!(body.env, Some(vec!["A=1".to_owned()]));
+        let mut exposed = body.exposed_ports.unwrap();
+        exposed.sort();
+        assert_eq!(exposed, ["53/udp", "80/tcp"]);
+        let host = body.host_config.unwrap();
+        assert_eq!(host.binds.unwrap(), ["data:/data", "/srv/x:/x:ro"]);
+        assert_eq!(host.nano_cpus, Some(500_000_000));
+        assert_eq!(host.memory, Some(1_048_576));
+        assert_eq!(host.network_mode.as_deref(), Some("none"));
+        assert_eq!(
+            host.restart_policy.unwrap().name,
+            Some(RestartPolicyNameEnum::ON_FAILURE)
+        );
+        assert_eq!(
+            host.port_bindings.unwrap()["80/tcp"].as_ref().unwrap()[0]
+                .host_port
+                .as_deref(),
+            Some("8080")
+        );
+        assert_eq!(body.healthcheck.unwrap().interval, Some(5_000_000_000));
+    }
+}

@@ -133,27 +133,32 @@ impl Gate {
 
     fn check_roots(&self, m: &AgentManifest) -> Result<(), String> {
         for r in &m.resources {
-            let paths: Vec<&str> = match &r.spec {
-                ResourceSpec::File(f) => vec![f.path.as_str()],
-                ResourceSpec::Container(c) => c
-                    .volumes
-                    .iter()
-                    .filter_map(|v| v.host_path.as_deref())
-                    .collect(),
-                _ => vec![],
+            // A bind mount may be a whole root; a file must be below one.
+            let (paths, root_itself): (Vec<&str>, bool) = match &r.spec {
+                ResourceSpec::File(f) => (vec![f.path.as_str()], false),
+                ResourceSpec::Container(c) => (
+                    c.volumes
+                        .iter()
+                        .filter_map(|v| v.host_path.as_deref())
+                        .collect(),
+                    true,
+                ),
+                _ => (vec![], false),
             };
             for path in paths {
-                self.check_path(&r.id, path)?;
+                let path = Path::new(path);
+                if !(self.within_roots(path) || root_itself && self.roots.iter().any(|r| r == path))
+                {
+                    return Err(self.outside(&r.id, path));
+                }
             }
         }
         Ok(())
     }
 
-    fn check_path(&self, id: &manifest_types::ResourceId, path: &str) -> Result<(), String> {
-        if self.within_roots(Path::new(path)) {
-            return Ok(());
-        }
-        Err(if self.roots.is_empty() {
+    fn outside(&self, id: &manifest_types::ResourceId, path: &Path) -> String {
+        let path = path.display();
+        if self.roots.is_empty() {
             format!("resource {id}: {path} — this agent has no file roots configured")
         } else {
             format!(
@@ -164,7 +169,7 @@ impl Gate {
                     .collect::<Vec<_>>()
                     .join(", ")
             )
-        })
+        }
     }
 
     /// Lexical check; paths are already normalised (no `..`). Symlinks below

@@ -9,6 +9,8 @@
 //! install at `target/tools/venv/bin/nats-server` (made by `scripts/test`
 //! and `scripts/demo`), else `nats-server` on `PATH`.
 
+pub mod docker;
+
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

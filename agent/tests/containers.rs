@@ -1,0 +1,530 @@
+//! The Container reconciler against a real Docker Engine and a real
+//! nats-server: create, replace, remove, repair, pull, crash loops, crashes
+//! of the agent itself, two agents on one engine, and the device owner's
+//! limits. Images are built locally (testbed::docker).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use manifest_types::{AgentStatus, ReadyDetails, ResourceState};
+use serde_json::{Value, json};
+use testbed::docker::{
+    Cleanup, Registry, TEST_IMAGE, containers_of, docker, image_variant, inspect, require_engine,
+    unique_agent,
+};
+
+/// A process that exits promptly on SIGTERM (a bare `sleep` as PID 1 would not).
+fn sleeper() -> Value {
+    json!(["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"])
+}
+
+fn container(id: &str, spec: Value) -> Value {
+    json!({"id": id, "kind": "Container", "spec": spec})
+}
+
+fn state<'a>(s: &'a AgentStatus, id: &str) -> Option<&'a ResourceState> {
+    s.resources.get(&id.parse().unwrap()).map(|r| &r.state)
+}
+
+/// (container id, image id, restart count, repairs) of a Ready container.
+fn ready(s: &AgentStatus, id: &str) -> Option<(String, String, u64, u64)> {
+    match state(s, id)? {
+        ResourceState::Ready {
+            details:
+                ReadyDetails::Container {
+                    container_id,
+                    image_id,
+                    restart_count,
+                    repairs,
+                    ..
+                },
+            ..
+        } => Some((
+            container_id.clone(),
+            image_id.clone(),
+            *restart_count,
+            *repairs,
+        )),
+        _ => None,
+    }
+}
+
+fn failed_reason<'a>(s: &'a AgentStatus, id: &str) -> Option<(&'a str, &'a str)> {
+    match state(s, id)? {
+        ResourceState::Failed {
+            reason, message, ..
+        } => Some((reason.as_str(), message.as_str())),
+        _ => None,
+    }
+}
+
+fn config(h: &Harness, agent: &str) -> flotilla_agent::Config {
+    let mut c = h.config(agent);
+    c.container_stop_timeout = Duration::from_secs(2);
+    c
+}
+
+#[tokio::test]
+async fn creates_replaces_on_change_and_removes() {
+    require_engine();
+    let agent = unique_agent("ctr");
+    let _cleanup = Cleanup::new(&[&agent]);
+    let h = Harness::new().await;
+    let store = h.store().await;
+    let _a = RunningAgent::start(config(&h, &agent));
+
+    let spec = |v: &str| {
+        json!({"image": TEST_IMAGE, "command": sleeper(), "env": {"VERSION": v},
+               "labels": {"app": "web"}, "memoryLimitBytes": 67108864u64, "cpuLimitMillis": 500})
+    };
+    put_manifest(
+        &store,
+        &agent,
+        manifest(&agent, 1, json!([container("web/app", spec("1"))])),
+    )
+    .await;
+    let s = wait_status(&store, &agent, "container ready", |s| s.converged_on(1)).await;
+    let (id1, image, restarts, repairs) = ready(&s, "web/app").expect("ready details");
+    let listed = containers_of(&agent);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].id, id1);
+    assert_eq!(listed[0].state, "running");
+    assert_eq!(listed[0].resource, "web/app");
+    assert_eq!(
+        image,
+        docker(&["image", "inspect", "-f", "{{.Id}}", TEST_IMAGE])
+    );
+    assert_eq!((restarts, repairs), (0, 0));
+    assert_eq!(inspect(&id1, "{{.Config.Labels.app}}"), "web");
+    assert_eq!(inspect(&id1, "{{.HostConfig.Memory}}"), "67108864");
+    assert_eq!(inspect(&id1, "{{.HostConfig.NanoCpus}}"), "500000000");
+    assert_eq!(
+        inspect(&id1, "{{.HostConfig.RestartPolicy.Name}}"),
+        "always"
+    );
+
+    // Changed env: replaced by a new container, still exactly one.
+    put_manifest(
+        &store,
+        &agent,
+        manifest(&agent, 2, json!([container("web/app", spec("2"))])),
+    )
+    .await;
+    let s = wait_status(&store, &agent, "replaced", |s| s.converged_on(2)).await;
+    let (id2, ..) = ready(&s, "web/app").unwrap();
+    assert_ne!(id1, id2);
+    let listed = containers_of(&agent);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].id, id2);
+    assert!(inspect(&id2, "{{.Config.Env}}").contains("VERSION=2"));
+
+    // Removed from the manifest: stopped and removed.
+    put_manifest(&store, &agent, manifest(&agent, 3, json!([]))).await;
+    wait_status(&store, &agent, "empty", |s| s.converged_on(3)).await;
+    wait_for("container removed", || containers_of(&agent).is_empty()).await;
+}
+
+#[tokio::test]
+async fn repairs_a_container_removed_or_stopped_by_hand() {
+    require_engine();
+    let agent = unique_agent("ctr");
+    let _cleanup = Cleanup::new(&[&agent]);
+    let h = Harness::new().await;
+    let store = h.store().await;
+    let _a = RunningAgent::start(config(&h, &agent));
+    put_manifest(
+        &store,
+        &agent,
+        manifest(
+            &agent,
+            1,
+            json!([container(
+                "web/app",
+                json!({"image": TEST_IMAGE, "command": sleeper()})
+            )]),
+        ),
+    )
+    .await;
+    let s = wait_status(&store, &agent, "ready", |s| s.converged_on(1)).await;
+    let (id1, ..) = ready(&s, "web/app").unwrap();
+
+    docker(&["rm", "-f", &id1]);
+    let s = wait_status(&store, &agent, "recreated after docker rm -f", |s| {
+        ready(s, "web/app").is_some_and(|(id, _, _, repairs)| id != id1 && repairs == 1)
+    })
+    .await;
+    let (id2, ..) = ready(&s, "web/app").unwrap();
+    assert_eq!(containers_of(&agent).len(), 1);
+
+    docker(&["stop", "-t", "1", &id2]);
+    wait_status(&store, &agent, "started after docker stop", |s| {
+        ready(s, "web/app").is_some_and(|(id, _, _, repairs)| id == id2 && repairs == 2)
+    })
+    .await;
+    assert_eq!(inspect(&id2, "{{.State.Running}}"), "true");
+}
+
+#[tokio::test]
+async fn pulls_by_policy_and_reports_unknown_images() {
+    require_engine();
+    let agent = unique_agent("pull");
+    let _cleanup = Cleanup::new(&[&agent]);
+    let registry = Registry::start();
+    let v1 = image_variant(&format!("flotilla-test/{agent}:v1"), "one");
+    let v2 = image_variant(&format!("flotilla-test/{agent}:v2"), "two");
+    let a = registry.push(&v1, "pulled-a:1");
+    let b = registry.push(&v1, "pulled-b:1");
+    let h = Harness::new().await;
+    let store = h.store().await;
+    let root = h.root(&agent);
+    let _a = RunningAgent::start(config(&h, &agent));
+
+    let resources = |env: &str| {
+        json!([
+            container(
+                "p/if-not-present",
+                json!({"image": a, "command": sleeper(), "env": {"E": env}})
+            ),
+            container(
+                "p/always",
+                json!({"image": b, "command": sleeper(), "env": {"E": env}, "pullPolicy": "Always"})
+            ),
+            container(
+                "p/unknown",
+                json!({"image": format!("{}/no-such-image:1", registry.host())})
+            ),
+            file("p/file", &root.join("f"), "still converges\n"),
+        ])
+    };
+    put_manifest(&store, &agent, manifest(&agent, 1, resources("1"))).await;
+    let s = wait_status(&store, &agent, "pulled, and the unknown one failed", |s| {
+        ready(s, "p/if-not-present").is_some()
+            && ready(s, "p/always").is_some()
+            && failed_reason(s, "p/unknown").is_some()
+            && state(s, "p/file").is_some_and(ResourceState::is_ready)
+    })
+    .await;
+    assert_eq!(ready(&s, "p/if-not-present").unwrap().1, v1);
+    assert_eq!(ready(&s, "p/always").unwrap().1, v1);
+    let (reason, message) = failed_reason(&s, "p/unknown").unwrap();
+    assert_eq!(reason, "ImagePullFailed");
+    assert!(message.contains("no-such-image"), "{message}");
+    assert_eq!(
+        std::fs::read_to_string(root.join("f")).unwrap(),
+        "still converges\n"
+    );
+
+    // The registry moves both tags to v2; locally they still name v1.
+    registry.push(&v2, "pulled-a:1");
+    registry.push(&v2, "pulled-b:1");
+    docker(&["tag", &v1, &a]);
+    docker(&["tag", &v1, &b]);
+    put_manifest(&store, &agent, manifest(&agent, 2, resources("2"))).await;
+    let s = wait_status(&store, &agent, "both replaced", |s| {
+        s.manifest_generation == 2
+            && ready(s, "p/if-not-present")
+                .is_some_and(|r| inspect(&r.0, "{{.Config.Env}}").contains("E=2"))
+            && ready(s, "p/always")
+                .is_some_and(|r| inspect(&r.0, "{{.Config.Env}}").contains("E=2"))
+    })
+    .await;
+    assert_eq!(
+        ready(&s, "p/if-not-present").unwrap().1,
+        v1,
+        "IfNotPresent must not pull"
+    );
+    assert_eq!(ready(&s, "p/always").unwrap().1, v2, "Always must pull");
+}
+
+#[tokio::test]
+async fn a_command_that_exits_is_a_crash_loop_never_ready() {
+    require_engine();
+    let agent = unique_agent("crash");
+    let _cleanup = Cleanup::new(&[&agent]);
+    let h = Harness::new().await;
+    let store = h.store().await;
+    let _a = RunningAgent::start(config(&h, &agent));
+    put_manifest(
+        &store,
+        &agent,
+        manifest(
+            &agent,
+            1,
+            json!([container(
+                "c/exits",
+                json!({"image": TEST_IMAGE, "command": ["sh", "-c", "exit 3"]})
+            )]),
+        ),
+    )
+    .await;
+    let mut seen_ready = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    let mut failed = None;
+    while tokio::time::Instant::now() < deadline {
+        if let Some(s) = status(&store, &agent).await {
+            seen_ready |= ready(&s, "c/exits").is_some();
+            if let Some(ResourceState::Failed {
+                reason,
+                message,
+                retry_after_seconds,
+                ..
+            }) = state(&s, "c/exits")
+            {
+                failed = Some((reason.clone(), message.clone(), *retry_after_seconds));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!seen_ready, "a crash-looping container was reported Ready");
+    let (reason, message, retry) = failed.expect("reported Failed");
+    assert_eq!(reason, "CrashLoopBackOff");
+    assert!(message.contains("exit code 3"), "{message}");
+    assert!(retry.is_some_and(|r| r >= 1));
+    assert_eq!(
+        containers_of(&agent).len(),
+        1,
+        "the agent must not recreate it"
+    );
+}
+
+#[tokio::test]
+async fn two_agents_on_one_engine_touch_only_their_own() {
+    require_engine();
+    let (a, b) = (unique_agent("two"), unique_agent("two"));
+    let _cleanup = Cleanup::new(&[&a, &b]);
+    let stranger = docker(&["run", "-d", "--rm", TEST_IMAGE, "sleep", "60"]);
+    let h = Harness::new().await;
+    let store = h.store().await;
+    let _ra = RunningAgent::start(config(&h, &a));
+    let _rb = RunningAgent::start(config(&h, &b));
+    let app = || {
+        json!([container(
+            "web/app",
+            json!({"image": TEST_IMAGE, "command": sleeper()})
+        )])
+    };
+    put_manifest(&store, &a, manifest(&a, 1, app())).await;
+    put_manifest(&store, &b, manifest(&b, 1, app())).await;
+    wait_status(&store, &a, "a ready", |s| s.converged_on(1)).await;
+    let sb = wait_status(&store, &b, "b ready", |s| s.converged_on(1)).await;
+    let (b_id, ..) = ready(&sb, "web/app").unwrap();
+
+    put_manifest(&store, &a, manifest(&a, 2, json!([]))).await;
+    wait_status(&store, &a, "a empty", |s| s.converged_on(2)).await;
+    wait_for("a's container removed", || containers_of(&a).is_empty()).await;
+    // Let a few resyncs of both agents pass.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let bs = containers_of(&b);
+    assert_eq!(bs.len(), 1);
+    assert_eq!(bs[0].id, b_id);
+    assert_eq!(bs[0].state, "running");
+    assert_eq!(inspect(&stranger, "{{.State.Running}}"), "true");
+    docker(&["rm", "-f", &stranger]);
+}
+
+#[tokio::test]
+async fn privileges_and_foreign_mounts_need_the_device_owner() {
+    require_engine();
+    let agent = unique_agent("priv");
+    let _cleanup = Cleanup::new(&[&agent]);
+    let h = Harness::new().await;
+    let store = h.store().await;
+    let mut cfg = config(&h, &agent);
+    cfg.container_policy.allowed_capabilities = vec!["NET_ADMIN".into()];
+    let _a = RunningAgent::start(cfg);
+    let base = json!({"image": TEST_IMAGE, "command": sleeper()});
+    put_manifest(
+        &store,
+        &agent,
+        manifest(&agent, 1, json!([container("s/app", base.clone())])),
+    )
+    .await;
+    let s = wait_status(&store, &agent, "ready", |s| s.converged_on(1)).await;
+    let (id, ..) = ready(&s, "s/app").unwrap();
+
+    let refused = [
+        (json!({"privileged": true}), "PrivilegeNotAllowed"),
+        (json!({"networkMode": "host"}), "PrivilegeNotAllowed"),
+        (json!({"capAdd": ["SYS_ADMIN"]}), "PrivilegeNotAllowed"),
+        (
+            json!({"volumes": [{"hostPath": "/etc", "target": "/host-etc"}]}),
+            "PathOutsideRoots",
+        ),
+    ];
+    for (generation, (extra, reason)) in (2..).zip(refused) {
+        let mut spec = base.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        let revision = put_manifest(
+            &store,
+            &agent,
+            manifest(&agent, generation, json!([container("s/app", spec)])),
+        )
+        .await;
+        let s = wait_status(&store, &agent, reason, |s| {
+            s.rejection.as_ref().is_some_and(|r| r.revision == revision)
+        })
+        .await;
+        assert_eq!(s.rejection.as_ref().unwrap().reason, reason, "{extra}");
+        assert_eq!(s.manifest_generation, 1);
+        assert_eq!(
+            ready(&s, "s/app").unwrap().0,
+            id,
+            "the last good container keeps running"
+        );
+    }
+
+    // An allowed capability and a bind mount under the file root are fine.
+    let root = h.root(&agent);
+    std::fs::write(root.join("data.txt"), "shared\n").unwrap();
+    let mut spec = base.clone();
+    spec["capAdd"] = json!(["NET_ADMIN"]);
+    spec["volumes"] = json!([{"hostPath": root, "target": "/data", "readOnly": true}]);
+    put_manifest(
+        &store,
+        &agent,
+        manifest(&agent, 10, json!([container("s/app", spec)])),
+    )
+    .await;
+    let s = wait_status(&store, &agent, "allowed", |s| s.converged_on(10)).await;
+    let (id, ..) = ready(&s, "s/app").unwrap();
+    assert_eq!(docker(&["exec", &id, "cat", "/data/data.txt"]), "shared");
+    assert!(inspect(&id, "{{.HostConfig.CapAdd}}").contains("NET_ADMIN"));
+}
+
+#[tokio::test]
+async fn a_missing_engine_fails_only_the_containers() {
+    let agent = unique_agent("nodocker");
+    let h = Harness::new().await;
+    let store = h.store().await;
+    let root = h.root(&agent);
+    let mut cfg = config(&h, &agent);
+    cfg.docker_host = Some(format!(
+        "unix://{}",
+        h.dir.path().join("no-docker.sock").display()
+    ));
+    let _a = RunningAgent::start(cfg);
+    put_manifest(
+        &store,
+        &agent,
+        manifest(
+            &agent,
+            1,
+            json!([
+                container("x/app", json!({"image": TEST_IMAGE})),
+                file("x/file", &root.join("f"), "ok\n"),
+            ]),
+        ),
+    )
+    .await;
+    let s = wait_status(&store, &agent, "file ready, container failed", |s| {
+        failed_reason(s, "x/app").is_some()
+            && state(s, "x/file").is_some_and(ResourceState::is_ready)
+    })
+    .await;
+    let (reason, message) = failed_reason(&s, "x/app").unwrap();
+    assert_eq!(reason, "DockerUnavailable");
+    assert!(message.contains("no-docker.sock"), "{message}");
+    match state(&s, "x/app").unwrap() {
+        ResourceState::Failed {
+            retry_after_seconds,
+            ..
+        } => assert!(retry_after_seconds.is_some()),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_changed_file_replaces_the_container_that_restarts_on_it() {
+    require_engine();
+    let agent = unique_agent("trig");
+    let _cleanup = Cleanup::new(&[&agent]);
+    let h = Harness::new().await;
+    let store = h.store().await;
+    let root = h.root(&agent);
+    let conf_dir = root.join("conf");
+    let _a = RunningAgent::start(config(&h, &agent));
+    let resources = |content: &str| {
+        json!([
+            {"id": "svc/app", "kind": "Container", "restartOn": ["svc/conf"],
+             "spec": {"image": TEST_IMAGE,
+                      "command": ["sh", "-c", "cp /conf/app.conf /tmp/seen; trap 'exit 0' TERM; sleep 3600 & wait"],
+                      "volumes": [{"hostPath": conf_dir, "target": "/conf", "readOnly": true}]}},
+            file("svc/conf", &conf_dir.join("app.conf"), content),
+        ])
+    };
+    put_manifest(&store, &agent, manifest(&agent, 1, resources("v1\n"))).await;
+    let s = wait_status(&store, &agent, "ready", |s| s.converged_on(1)).await;
+    let (id1, ..) = ready(&s, "svc/app").unwrap();
+    assert_eq!(docker(&["exec", &id1, "cat", "/tmp/seen"]), "v1");
+
+    put_manifest(&store, &agent, manifest(&agent, 2, resources("v2\n"))).await;
+    let s = wait_status(&store, &agent, "replaced", |s| s.converged_on(2)).await;
+    let (id2, ..) = ready(&s, "svc/app").unwrap();
+    assert_ne!(
+        id1, id2,
+        "a changed restartOn input must restart the container"
+    );
+    assert_eq!(
+        docker(&["exec", &id2, "cat", "/tmp/seen"]),
+        "v2",
+        "started after the file was written"
+    );
+    assert_eq!(containers_of(&agent).len(), 1);
+}
+
+#[cfg(feature = "fault-injection")]
+#[tokio::test]
+async fn an_agent_killed_right_after_create_ends_with_one_container() {
+    use std::process::Command;
+    require_engine();
+    let agent = unique_agent("fault");
+    let _cleanup = Cleanup::new(&[&agent]);
+    let h = Harness::new().await;
+    let store = h.store().await;
+    put_manifest(
+        &store,
+        &agent,
+        manifest(
+            &agent,
+            1,
+            json!([container(
+                "f/app",
+                json!({"image": TEST_IMAGE, "command": sleeper()})
+            )]),
+        ),
+    )
+    .await;
+    let run = |fault: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flotilla-agent"));
+        cmd.env("FLOTILLA_NATS_URL", h.server.url())
+            .env("FLOTILLA_ID", &agent)
+            .env("FLOTILLA_STATE_DIR", h.dir.path().join("state"))
+            .env("FLOTILLA_RESYNC_INTERVAL", "500ms")
+            .env("FLOTILLA_CONTAINER_STOP_TIMEOUT", "2s");
+        if fault {
+            cmd.env("FLOTILLA_FAULT_EXIT_AFTER_CREATE", "1");
+        }
+        cmd
+    };
+    let status_code = run(true).output().unwrap().status;
+    assert_eq!(status_code.code(), Some(86), "the fault hook fired");
+    let left = containers_of(&agent);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].state, "created");
+
+    let log = h.dir.path().join("agent.log");
+    let _agent = testbed::Process::spawn(run(false), &log);
+    let s = wait_status(&store, &agent, "ready after restart", |s| s.converged_on(1)).await;
+    let (id, ..) = ready(&s, "f/app").unwrap();
+    let now = containers_of(&agent);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_eq!(now[0].id, id);
+    assert_eq!(
+        id, left[0].id,
+        "the half-made container is started, not duplicated"
+    );
+}

@@ -1,8 +1,8 @@
 //! # flotilla-agent — the mini-kubelet on every device
 //!
-//! The agent watches its own manifest in NATS KV, converges File (and, as
-//! their reconcilers land, Container and SystemdUnit) resources, and reports
-//! typed status. It keeps converging from its last good manifest while
+//! The agent watches its own manifest in NATS KV, converges File and
+//! Container (and, once its reconciler lands, SystemdUnit) resources, and
+//! reports typed status. It keeps converging from its last good manifest while
 //! offline.
 //!
 //! ## Tour
@@ -10,10 +10,12 @@
 //!   each (re)connect and on a jittered resync, shutdown. Entry point for the
 //!   binary and for in-process tests.
 //! - [`gate`] — pure manifest admission: typed rejections, replay floor,
-//!   file roots.
+//!   file roots, the device owner's container limits.
 //! - [`worker`] — converges the newest accepted manifest beside the loop,
 //!   with per-resource backoff.
-//! - [`reconcile`] — one reconciler per kind ([`reconcile::file`]).
+//! - [`reconcile`] — one reconciler per kind: [`reconcile::file`] (atomic
+//!   writes, ledger) and [`reconcile::container`] (Docker Engine via bollard,
+//!   labels as the source of truth).
 //! - [`status`] — the status board that assembles [`manifest_types::AgentStatus`].
 //! - [`report`] — status writer (CAS, coalesced, identity-checked),
 //!   heartbeat and inventory tasks.
@@ -23,7 +25,7 @@
 //! - [`config`] — flags, `FLOTILLA_*` environment and TOML file.
 //!
 //! Decisions: docs/adr/ (0002 for the watch, 0003 for generations and CAS,
-//! 0005 for file ownership).
+//! 0005 for file ownership, 0008 for containers).
 
 pub mod agent;
 pub mod config;

@@ -448,6 +448,12 @@ impl ContainerSpec {
                 return field("ports", "port 0 is not allowed".into());
             }
         }
+        if let Some(k) = self.labels.keys().find(|k| k.starts_with("io.flotilla.")) {
+            return field(
+                "labels",
+                format!("{k:?}: labels under io.flotilla. are reserved for the agent"),
+            );
+        }
         if self.cpu_limit_millis == Some(0) || self.memory_limit_bytes == Some(0) {
             return field("limits", "a limit of 0 is not allowed".into());
         }
@@ -767,6 +773,12 @@ mod tests {
         assert!(err.to_string().contains("unit name"), "{err}");
         let err = ResourceSpec::from_parts("Container", json!({"image": ""})).unwrap_err();
         assert_eq!(err.reason(), "InvalidField");
+        let err = ResourceSpec::from_parts(
+            "Container",
+            json!({"image": "a", "labels": {"io.flotilla.agent": "someone-else"}}),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("reserved"), "{err}");
     }
 
     #[test]

@@ -275,6 +275,10 @@ impl Process {
     pub fn output(&self) -> String {
         read(&self.log)
     }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Process {

@@ -196,7 +196,7 @@ async fn starts_offline_from_the_cached_manifest_and_reports_once_connected() {
 }
 
 #[tokio::test]
-async fn unknown_kinds_are_unsupported_and_other_kinds_report_unavailable() {
+async fn unknown_kinds_are_unsupported_and_failures_stay_per_resource() {
     let h = Harness::new().await;
     let store = h.store().await;
     let path = h.root("pi-5").join("ok");
@@ -211,7 +211,7 @@ async fn unknown_kinds_are_unsupported_and_other_kinds_report_unavailable() {
                 file("d/ok", &path, "fine"),
                 {"id": "d/fw", "kind": "Firmware", "spec": {"blob": "x"}},
                 {"id": "d/newfield", "kind": "File", "spec": {"path": path.with_file_name("n"), "content": "", "checksum": "x"}},
-                {"id": "d/app", "kind": "Container", "spec": {"image": "busybox:1"}},
+                {"id": "d/app", "kind": "Container", "spec": {"image": "127.0.0.1:9/no-registry-here:1"}},
                 {"id": "d/svc", "kind": "SystemdUnit", "spec": {"unit": "x.service"}}
             ]),
         ),
@@ -220,9 +220,12 @@ async fn unknown_kinds_are_unsupported_and_other_kinds_report_unavailable() {
     let s = wait_status(&store, "pi-5", "all five reported", |s| {
         s.manifest_generation == 1
             && s.resources.len() == 5
-            && s.resources
-                .values()
-                .all(|r| !matches!(r.state, ResourceState::Pending))
+            && s.resources.values().all(|r| {
+                !matches!(
+                    r.state,
+                    ResourceState::Pending | ResourceState::Reconciling { .. }
+                )
+            })
     })
     .await;
     let state = |id: &str| s.resources[&id.parse().unwrap()].state.clone();
@@ -233,16 +236,23 @@ async fn unknown_kinds_are_unsupported_and_other_kinds_report_unavailable() {
     assert!(
         matches!(state("d/newfield"), ResourceState::Unsupported { reason } if reason.contains("checksum"))
     );
-    for id in ["d/app", "d/svc"] {
-        match state(id) {
-            ResourceState::Failed {
-                reason, message, ..
-            } => {
-                assert_eq!(reason, "ReconcilerUnavailable");
-                assert!(message.contains("not available on this agent"), "{message}");
-            }
-            other => panic!("{id}: {other:?}"),
+    match state("d/svc") {
+        ResourceState::Failed {
+            reason, message, ..
+        } => {
+            assert_eq!(reason, "ReconcilerUnavailable");
+            assert!(message.contains("not available on this agent"), "{message}");
         }
+        other => panic!("d/svc: {other:?}"),
+    }
+    // No registry at that address (or no engine at all): a typed failure of
+    // that one resource.
+    match state("d/app") {
+        ResourceState::Failed { reason, .. } => assert!(
+            ["ImagePullFailed", "DockerUnavailable"].contains(&reason.as_str()),
+            "{reason}"
+        ),
+        other => panic!("d/app: {other:?}"),
     }
     assert!(!s.condition_true(ConditionType::Ready));
     assert!(s.condition_true(ConditionType::Degraded));

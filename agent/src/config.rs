@@ -28,6 +28,10 @@ pub struct Config {
     pub container_stop_timeout: Duration,
     /// What containers may ask for; the manifest alone never grants it.
     pub container_policy: ContainerPolicy,
+    /// Where unit files and drop-ins given in manifests are written.
+    pub unit_dir: PathBuf,
+    /// D-Bus address of systemd's bus; None: the system bus.
+    pub systemd_bus: Option<String>,
 }
 
 /// The device owner's limits on containers. Bind mounts are always limited
@@ -150,6 +154,12 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub allow_capabilities: Vec<String>,
+    /// Directory for unit files and drop-ins given in manifests.
+    #[arg(long, env = "FLOTILLA_UNIT_DIR")]
+    pub unit_dir: Option<PathBuf>,
+    /// D-Bus address of systemd (default: the system bus), e.g. unix:path=/run/dbus/system_bus_socket.
+    #[arg(long, env = "FLOTILLA_SYSTEMD_BUS")]
+    pub systemd_bus: Option<String>,
 }
 
 /// The config file's shape (every key optional).
@@ -177,6 +187,8 @@ pub struct FileConfig {
     pub allow_host_network: bool,
     #[serde(default)]
     pub allow_capabilities: Vec<String>,
+    pub unit_dir: Option<PathBuf>,
+    pub systemd_bus: Option<String>,
 }
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -264,6 +276,11 @@ impl Config {
                 .map(|c| normalise_capability(c))
                 .collect(),
             },
+            unit_dir: args
+                .unit_dir
+                .or(file.unit_dir)
+                .unwrap_or_else(|| crate::reconcile::systemd::DEFAULT_UNIT_DIR.into()),
+            systemd_bus: args.systemd_bus.or(file.systemd_bus),
         })
     }
 
@@ -286,6 +303,8 @@ impl Config {
             docker_host: None,
             container_stop_timeout: DEFAULT_CONTAINER_STOP_TIMEOUT,
             container_policy: ContainerPolicy::default(),
+            unit_dir: crate::reconcile::systemd::DEFAULT_UNIT_DIR.into(),
+            systemd_bus: None,
         }
     }
 

@@ -72,6 +72,33 @@ pub struct FileEntry {
     pub adopted: bool,
 }
 
+/// Units the agent manages, keyed by unit name (`units.json`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UnitLedger {
+    #[serde(default)]
+    pub units: BTreeMap<String, UnitEntry>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UnitEntry {
+    pub resource: Option<ResourceId>,
+    /// The agent wrote the unit file (so removal stops, disables and deletes it).
+    #[serde(default)]
+    pub owns_file: bool,
+    /// Drop-in file names the agent wrote under `<unit>.d/`.
+    #[serde(default)]
+    pub drop_ins: std::collections::BTreeSet<String>,
+    /// Hash of the unit's files when the unit was last (re)started.
+    #[serde(default)]
+    pub started_files: Option<String>,
+    /// Hash of the `restartOn` inputs when the unit was last (re)started or
+    /// reloaded: the level that triggers survive a crash with.
+    #[serde(default)]
+    pub started_inputs: Option<String>,
+}
+
 impl StateDir {
     /// Opens (creating if needed, mode 0700) the state directory.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
@@ -160,6 +187,21 @@ impl StateDir {
                 source,
             }),
         }
+    }
+
+    pub fn load_units(&self) -> Result<UnitLedger, StateError> {
+        match self.read_opt("units.json")? {
+            None => Ok(UnitLedger::default()),
+            Some(b) => serde_json::from_slice(&b).map_err(|source| StateError::Corrupt {
+                path: self.file("units.json"),
+                source,
+            }),
+        }
+    }
+
+    pub fn save_units(&self, units: &UnitLedger) -> Result<(), StateError> {
+        let bytes = serde_json::to_vec_pretty(units).expect("unit ledger serialises");
+        self.write("units.json", &bytes)
     }
 
     pub fn save_ledger(&self, ledger: &Ledger) -> Result<(), StateError> {

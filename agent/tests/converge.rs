@@ -240,8 +240,8 @@ async fn unknown_kinds_are_unsupported_and_failures_stay_per_resource() {
         ResourceState::Failed {
             reason, message, ..
         } => {
-            assert_eq!(reason, "ReconcilerUnavailable");
-            assert!(message.contains("not available on this agent"), "{message}");
+            assert_eq!(reason, "SystemdUnavailable");
+            assert!(message.contains("no-systemd-here"), "{message}");
         }
         other => panic!("d/svc: {other:?}"),
     }

@@ -5,6 +5,7 @@
 
 pub mod container;
 pub mod file;
+pub mod systemd;
 
 use manifest_types::{
     AgentManifest, ManagedResource, ReadyDetails, ReleasedResource, ResourceKind, ResourceSpec,
@@ -76,6 +77,7 @@ impl Outcome {
 pub struct Reconcilers {
     pub files: file::FileReconciler,
     pub containers: container::ContainerReconciler,
+    pub units: systemd::UnitReconciler,
 }
 
 impl Reconcilers {
@@ -84,18 +86,27 @@ impl Reconcilers {
         config: &crate::config::Config,
     ) -> Result<Self, crate::state::StateError> {
         Ok(Self {
-            files: file::FileReconciler::new(state, config.file_roots.clone())?,
+            files: file::FileReconciler::new(state.clone(), config.file_roots.clone())?,
             containers: container::ContainerReconciler::new(
                 config.agent_id.clone(),
                 config.docker_host.clone(),
                 config.container_stop_timeout,
             ),
+            units: systemd::UnitReconciler::new(
+                state.clone(),
+                config.unit_dir.clone(),
+                config.systemd_bus.clone(),
+            )?,
         })
     }
 
     /// Kinds this build can converge (reported in the inventory).
     pub fn available() -> Vec<ResourceKind> {
-        vec![ResourceKind::File, ResourceKind::Container]
+        vec![
+            ResourceKind::File,
+            ResourceKind::Container,
+            ResourceKind::SystemdUnit,
+        ]
     }
 
     /// Converges one resource. Reconcile always sees the whole resource,
@@ -115,13 +126,11 @@ impl Reconcilers {
                     .reconcile(&resource.id, spec, &hash, progress)
                     .await
             }
-            ResourceSpec::SystemdUnit(_) => Outcome::failed(
-                "ReconcilerUnavailable",
-                format!(
-                    "{} reconciler not available on this agent",
-                    resource.spec.kind_str()
-                ),
-            ),
+            ResourceSpec::SystemdUnit(spec) => {
+                let inputs = container::restart_inputs(manifest, &resource.restart_on);
+                let inputs = container::effective_hash("", &inputs);
+                self.units.reconcile(&resource.id, spec, &inputs).await
+            }
             ResourceSpec::Unsupported(u) => Outcome::Unsupported(u.reason.clone()),
         }
     }
@@ -129,6 +138,8 @@ impl Reconcilers {
     /// Removes (or releases) what the agent owns but `manifest` no longer lists.
     pub async fn remove_unlisted(&mut self, manifest: &AgentManifest) -> Vec<ReleasedResource> {
         self.containers.remove_unlisted(manifest).await;
-        self.files.remove_unlisted(manifest)
+        let mut released = self.units.remove_unlisted(manifest).await;
+        released.extend(self.files.remove_unlisted(manifest));
+        released
     }
 }

@@ -59,6 +59,13 @@ impl Harness {
         )
         .with_file_root(&self.root(id))
         .unwrap();
+        // Never the host's /etc/systemd/system or system bus: tests of units
+        // run against a device container (tests/units.rs).
+        c.unit_dir = self.dir.path().join(id).join("units");
+        c.systemd_bus = Some(format!(
+            "unix:path={}",
+            self.dir.path().join("no-systemd-here").display()
+        ));
         c.resync_interval = Duration::from_millis(400);
         c.heartbeat_interval = Duration::from_millis(500);
         c

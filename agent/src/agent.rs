@@ -17,6 +17,7 @@ use crate::gate::{Accepted, Decision, Gate};
 use crate::kv::{AgentKv, KvError, KvValue};
 use crate::reconcile::Reconcilers;
 use crate::report;
+use crate::service::{self, Liveness};
 use crate::state::{CachedManifest, StateDir, StateError};
 use crate::status::{StatusBoard, agent_build};
 use crate::worker::Worker;
@@ -75,8 +76,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let reconcilers = Reconcilers::new(state.clone(), &config)?;
     tasks.spawn(Worker::new(reconcilers, board.clone()).run(desired_rx, resync.clone()));
 
+    let live = Arc::new(Liveness::default());
+    live.beat();
     let (epoch_tx, epoch_rx) = watch::channel(0u64);
-    let client = connect(&config, epoch_tx).await?;
+    let client = connect(&config, epoch_tx, live.clone()).await?;
     let subject = keys::republish_subject(&config.bucket, &config.agent_id);
     let mut sub = client
         .subscribe(subject.clone())
@@ -109,6 +112,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         epoch_rx.clone(),
     ));
 
+    tasks.spawn(service::supervise(live.clone(), board.clone()));
+    // Up and converging (from the cache if there is one), connected or not.
+    service::notify_ready();
+
     let mut looper = Loop {
         gate,
         state,
@@ -124,11 +131,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tokio::pin!(shutdown, resync_timer, fetch_timer);
     let mut fetch_armed = false;
     let key = keys::desired_state(&config.agent_id);
+    let mut beat = tokio::time::interval(service::BEAT);
 
     loop {
+        live.beat();
         tokio::select! {
             // Cancel-safe: a pinned future polled to completion once.
             () = &mut shutdown => break,
+            // Cancel-safe: Interval::tick.
+            _ = beat.tick() => {
+                #[cfg(feature = "fault-injection")]
+                fault_wedge(&config.state_dir);
+            }
             // Cancel-safe: Subscriber::next does not lose a message when dropped.
             msg = sub.next() => {
                 let Some(msg) = msg else { break };
@@ -162,6 +176,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
     tracing::info!("shutting down");
+    service::notify_stopping();
     tasks.abort_all();
     let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
     Ok(())
@@ -281,9 +296,23 @@ fn inventory(config: &Config, instance_id: &str) -> AgentInventory {
     }
 }
 
+/// Test-only: a `wedge` file in the state dir blocks the event loop forever
+/// (the file is consumed, so the restarted agent runs normally).
+#[cfg(feature = "fault-injection")]
+fn fault_wedge(state_dir: &std::path::Path) {
+    let trigger = state_dir.join("wedge");
+    if std::fs::remove_file(&trigger).is_ok() {
+        tracing::error!("fault injection: wedging the event loop");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
 async fn connect(
     config: &Config,
     epoch: watch::Sender<u64>,
+    live: Arc<Liveness>,
 ) -> Result<async_nats::Client, AgentError> {
     let mut options = async_nats::ConnectOptions::new()
         .name(format!("flotilla-agent {}", config.agent_id))
@@ -291,15 +320,20 @@ async fn connect(
         .retry_on_initial_connect()
         .event_callback(move |event| {
             let epoch = epoch.clone();
+            let live = live.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => {
                         tracing::info!("connected to NATS");
+                        live.set_connected(true);
                         epoch.send_modify(|e| *e += 1);
                     }
-                    async_nats::Event::Disconnected => tracing::warn!(
-                        "disconnected from NATS; converging from the last good manifest"
-                    ),
+                    async_nats::Event::Disconnected => {
+                        live.set_connected(false);
+                        tracing::warn!(
+                            "disconnected from NATS; converging from the last good manifest"
+                        )
+                    }
                     other => tracing::debug!(event = %other, "NATS event"),
                 }
             }

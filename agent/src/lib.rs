@@ -23,6 +23,7 @@
 //!   on its own keys.
 //! - [`state`] — the state directory: instance id, cached manifest, ledger.
 //! - [`config`] — flags, `FLOTILLA_*` environment and TOML file.
+//! - [`service`] — systemd READY, WATCHDOG and STATUS notifications.
 //!
 //! Decisions: docs/adr/ (0002 for the watch, 0003 for generations and CAS,
 //! 0005 for file ownership, 0008 for containers).
@@ -34,6 +35,7 @@ pub mod gate;
 pub mod kv;
 pub mod reconcile;
 pub mod report;
+pub mod service;
 pub mod state;
 pub mod status;
 pub mod worker;

@@ -236,6 +236,13 @@ async fn pulls_by_policy_and_reports_unknown_images() {
         "IfNotPresent must not pull"
     );
     assert_eq!(ready(&s, "p/always").unwrap().1, v2, "Always must pull");
+
+    put_manifest(&store, &agent, manifest(&agent, 3, json!([]))).await;
+    wait_for("containers removed", || containers_of(&agent).is_empty()).await;
+    for image in [a, b] {
+        testbed::docker::docker_ok(&["rmi", &image]);
+    }
+    testbed::docker::docker_ok(&["rmi", "-f", &v1, &v2]);
 }
 
 #[tokio::test]

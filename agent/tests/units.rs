@@ -1,0 +1,283 @@
+//! The SystemdUnit reconciler against a real systemd (PID 1 in a device
+//! container, testbed::device) and a real nats-server. The agent runs
+//! in-process on the host and reaches the device's system bus over a mounted
+//! socket; it writes unit files into a directory on the device's unit search
+//! path and config files into a directory the device sees as /flotilla.
+//! (tests/service.rs runs the agent *inside* the device as a systemd service.)
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use manifest_types::{AgentStatus, ReadyDetails, ResourceState};
+use serde_json::{Value, json};
+use testbed::device::Device;
+
+fn unit(id: &str, spec: Value) -> Value {
+    json!({"id": id, "kind": "SystemdUnit", "spec": spec})
+}
+
+fn state<'a>(s: &'a AgentStatus, id: &str) -> Option<&'a ResourceState> {
+    s.resources.get(&id.parse().unwrap()).map(|r| &r.state)
+}
+
+/// (sub state, main pid, n restarts) of a Ready unit.
+fn ready(s: &AgentStatus, id: &str) -> Option<(String, Option<u32>, u32)> {
+    match state(s, id)? {
+        ResourceState::Ready {
+            details:
+                ReadyDetails::SystemdUnit {
+                    sub_state,
+                    main_pid,
+                    n_restarts,
+                    ..
+                },
+            ..
+        } => Some((sub_state.clone(), *main_pid, *n_restarts)),
+        _ => None,
+    }
+}
+
+fn failed(s: &AgentStatus, id: &str) -> Option<(String, String)> {
+    match state(s, id)? {
+        ResourceState::Failed {
+            reason, message, ..
+        } => Some((reason.clone(), message.clone())),
+        _ => None,
+    }
+}
+
+struct Setup {
+    h: Harness,
+    device: Device,
+    share: PathBuf,
+    _agent: RunningAgent,
+}
+
+async fn setup(agent: &str) -> Setup {
+    let device = Device::start(agent);
+    let h = Harness::new().await;
+    let share = device.share_dir().canonicalize().unwrap();
+    let mut config = h.config(agent).with_file_root(&share).unwrap();
+    config.unit_dir = device.units_dir();
+    config.systemd_bus = Some(device.bus_address());
+    let _agent = RunningAgent::start(config);
+    Setup {
+        h,
+        device,
+        share,
+        _agent,
+    }
+}
+
+#[tokio::test]
+async fn a_service_and_its_config_converge_restart_on_change_and_clean_up() {
+    let s = setup("svc").await;
+    let store = s.h.store().await;
+    let resources = |greeting: &str| {
+        json!([
+            file("app/conf", &s.share.join("conf/app.conf"), greeting),
+            {"id": "app/svc", "kind": "SystemdUnit", "restartOn": ["app/conf"], "spec": {
+                "unit": "flotilla-test-app.service",
+                "enabled": true,
+                "content": "[Unit]\nDescription=test app\n[Service]\nExecStart=/bin/sh -c 'cp /flotilla/conf/app.conf /run/seen; exec sleep infinity'\n[Install]\nWantedBy=multi-user.target\n",
+                "dropIns": {"10-env.conf": "[Service]\nEnvironment=GREETING=yes\n"}
+            }}
+        ])
+    };
+    put_manifest(&store, "svc", manifest("svc", 1, resources("v1\n"))).await;
+    let st = wait_status(&store, "svc", "converged on 1", |st| st.converged_on(1)).await;
+    let (sub, pid1, _) = ready(&st, "app/svc").expect("ready details");
+    assert_eq!(sub, "running");
+    let pid1 = pid1.expect("a main pid");
+    assert_eq!(s.device.exec(&["cat", "/run/seen"]), "v1");
+    assert_eq!(
+        s.device
+            .systemctl(&["is-enabled", "flotilla-test-app.service"]),
+        "enabled"
+    );
+    assert_eq!(
+        s.device.systemctl(&[
+            "show",
+            "-p",
+            "Environment",
+            "--value",
+            "flotilla-test-app.service"
+        ]),
+        "GREETING=yes"
+    );
+    let unit_file = s.device.units_dir().join("flotilla-test-app.service");
+    let mtime = std::fs::metadata(&unit_file).unwrap().modified().unwrap();
+
+    // The config changes: the service restarts (new main pid) and sees it.
+    put_manifest(&store, "svc", manifest("svc", 2, resources("v2\n"))).await;
+    let st = wait_status(&store, "svc", "converged on 2", |st| st.converged_on(2)).await;
+    let (_, pid2, _) = ready(&st, "app/svc").unwrap();
+    assert_ne!(pid2.unwrap(), pid1, "restartOn must restart the service");
+    assert_eq!(s.device.exec(&["cat", "/run/seen"]), "v2");
+    assert_eq!(
+        std::fs::metadata(&unit_file).unwrap().modified().unwrap(),
+        mtime,
+        "an unchanged unit file is not rewritten"
+    );
+
+    // Removed: stopped, disabled, files deleted.
+    put_manifest(&store, "svc", manifest("svc", 3, json!([]))).await;
+    wait_status(&store, "svc", "converged on 3", |st| st.converged_on(3)).await;
+    assert!(!unit_file.exists());
+    assert!(
+        !s.device
+            .units_dir()
+            .join("flotilla-test-app.service.d")
+            .exists()
+    );
+    let (_, active) =
+        s.device
+            .exec_status(&["systemctl", "is-active", "flotilla-test-app.service"]);
+    assert_eq!(active, "inactive");
+    let (_, enabled) =
+        s.device
+            .exec_status(&["systemctl", "is-enabled", "flotilla-test-app.service"]);
+    assert_ne!(enabled, "enabled");
+}
+
+#[tokio::test]
+async fn a_failing_unit_is_failed_until_fixed_and_a_manual_stop_is_repaired() {
+    let s = setup("fail").await;
+    let store = s.h.store().await;
+    let svc = |exec: &str| {
+        unit(
+            "f/svc",
+            json!({"unit": "flotilla-test-fail.service",
+                   "content": format!("[Service]\nExecStart={exec}\n")}),
+        )
+    };
+    put_manifest(
+        &store,
+        "fail",
+        manifest("fail", 1, json!([svc("/bin/false")])),
+    )
+    .await;
+    let st = wait_status(&store, "fail", "failed", |st| failed(st, "f/svc").is_some()).await;
+    let (reason, message) = failed(&st, "f/svc").unwrap();
+    assert!(
+        ["UnitFailed", "JobFailed"].contains(&reason.as_str()),
+        "{reason}: {message}"
+    );
+    assert!(
+        message.contains("exit-code") || message.contains("failed"),
+        "{message}"
+    );
+    match state(&st, "f/svc").unwrap() {
+        ResourceState::Failed {
+            retry_after_seconds,
+            ..
+        } => assert!(retry_after_seconds.is_some()),
+        other => panic!("{other:?}"),
+    }
+
+    put_manifest(
+        &store,
+        "fail",
+        manifest("fail", 2, json!([svc("/bin/sleep infinity")])),
+    )
+    .await;
+    let st = wait_status(&store, "fail", "fixed", |st| st.converged_on(2)).await;
+    let (_, pid, _) = ready(&st, "f/svc").unwrap();
+
+    s.device.systemctl(&["stop", "flotilla-test-fail.service"]);
+    wait_status(&store, "fail", "restarted after a manual stop", |st| {
+        ready(st, "f/svc").is_some_and(|(_, p, _)| p.is_some() && p != pid)
+    })
+    .await;
+    assert_eq!(
+        s.device
+            .systemctl(&["is-active", "flotilla-test-fail.service"]),
+        "active"
+    );
+}
+
+#[tokio::test]
+async fn a_unit_the_agent_did_not_create_is_released_not_stopped() {
+    let s = setup("pre").await;
+    let store = s.h.store().await;
+    // Installed by someone else, like ssh.service on a Pi.
+    std::fs::write(
+        s.device.units_dir().join("flotilla-test-pre.service"),
+        "[Service]\nExecStart=/bin/sleep infinity\n",
+    )
+    .unwrap();
+    s.device.systemctl(&["daemon-reload"]);
+    put_manifest(
+        &store,
+        "pre",
+        manifest(
+            "pre",
+            1,
+            json!([unit("os/pre", json!({"unit": "flotilla-test-pre.service"}))]),
+        ),
+    )
+    .await;
+    wait_status(&store, "pre", "started", |st| st.converged_on(1)).await;
+    assert_eq!(
+        s.device
+            .systemctl(&["is-active", "flotilla-test-pre.service"]),
+        "active"
+    );
+
+    put_manifest(&store, "pre", manifest("pre", 2, json!([]))).await;
+    let st = wait_status(&store, "pre", "released", |st| st.converged_on(2)).await;
+    assert!(
+        st.released
+            .iter()
+            .any(|r| r.target == "flotilla-test-pre.service" && r.reason == "NotCreatedByAgent"),
+        "{:?}",
+        st.released
+    );
+    assert_eq!(
+        s.device
+            .systemctl(&["is-active", "flotilla-test-pre.service"]),
+        "active",
+        "dropping a unit the agent did not create never stops it"
+    );
+    assert!(
+        s.device
+            .units_dir()
+            .join("flotilla-test-pre.service")
+            .exists()
+    );
+}
+
+#[tokio::test]
+async fn bad_unit_names_are_rejected_before_any_dbus_call() {
+    // No device: the default harness points the agent at a bus that does not exist.
+    let h = Harness::new().await;
+    let store = h.store().await;
+    let _a = RunningAgent::start(h.config("names"));
+    for (generation, name) in [
+        (1, "../../etc/passwd.service"),
+        (2, "nosuffix"),
+        (3, "x.device"),
+    ] {
+        let revision = put_manifest(
+            &store,
+            "names",
+            manifest(
+                "names",
+                generation,
+                json!([unit("u/bad", json!({"unit": name}))]),
+            ),
+        )
+        .await;
+        let st = wait_status(&store, "names", "rejected", |st| {
+            st.rejection
+                .as_ref()
+                .is_some_and(|r| r.revision == revision)
+        })
+        .await;
+        let r = st.rejection.unwrap();
+        assert!(r.message.contains("unit name"), "{name}: {r:?}");
+        assert!(st.resources.is_empty(), "nothing was reconciled");
+    }
+}

@@ -86,3 +86,50 @@ ensure_test_images() {
         -c 'CMD ["/bin/sh"]' -c 'ENV PATH=/bin' - "$FLOTILLA_TEST_IMAGE" >/dev/null
     rm -rf "$rootfs"
 }
+
+# ensure_device_image — flotilla-test/device:bookworm, a minimal Debian
+# bookworm with systemd and dbus that the systemd tests boot as PID 1 in a
+# container (testbed/src/device.rs says how, and why never with unshare).
+# It reaches `running` in well under a second as debootstrap leaves it: no
+# unit needs masking. The rootfs is cached as target/tools/device-bookworm.tar
+# (~150 MB), so only the first run on a machine pays for debootstrap (~35 s);
+# delete the tarball to rebuild it.
+FLOTILLA_DEVICE_IMAGE=flotilla-test/device:bookworm
+ensure_device_image() {
+    docker image inspect "$FLOTILLA_DEVICE_IMAGE" >/dev/null 2>&1 && return 0
+    local tools="$FLOTILLA_ROOT/target/tools"
+    local tarball="$tools/device-bookworm.tar"
+    mkdir -p "$tools"
+    if [ ! -s "$tarball" ]; then
+        apt_install debootstrap
+        local mirror rootfs
+        mirror=$(debian_mirror)
+        rootfs=$(mktemp -d "$tools/device-rootfs.XXXXXX")
+        log "debootstrap bookworm (systemd, dbus) from $mirror into $rootfs"
+        as_root debootstrap --variant=minbase --include=systemd,dbus,systemd-sysv \
+            bookworm "$rootfs" "$mirror" >"$tools/debootstrap.log" 2>&1 || {
+            echo "debootstrap failed; see target/tools/debootstrap.log" >&2
+            as_root rm -rf "$rootfs"
+            exit 1
+        }
+        # Downloaded .debs and package lists are not needed to boot (~90 MB).
+        as_root rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+        as_root tar -C "$rootfs" -cf "$tarball.part" .
+        mv "$tarball.part" "$tarball"
+        as_root rm -rf "$rootfs"
+    fi
+    log "importing $FLOTILLA_DEVICE_IMAGE from $tarball"
+    docker import \
+        -c 'CMD ["/lib/systemd/systemd"]' -c 'ENV container=docker' \
+        "$tarball" "$FLOTILLA_DEVICE_IMAGE" >/dev/null
+}
+
+# debian_mirror — the Debian archive apt on this machine uses (deb822 or
+# one-line sources), else deb.debian.org. FLOTILLA_DEBIAN_MIRROR overrides.
+debian_mirror() {
+    if [ -n "${FLOTILLA_DEBIAN_MIRROR:-}" ]; then echo "$FLOTILLA_DEBIAN_MIRROR"; return; fi
+    local url
+    url=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null |
+        grep -oE 'https?://[^ ]+/debian/?( |$)' | grep -v security | head -n 1 | tr -d ' ') || true
+    echo "${url:-http://deb.debian.org/debian}"
+}

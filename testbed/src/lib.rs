@@ -8,7 +8,11 @@
 //! The binary comes from `$FLOTILLA_NATS_SERVER`, else the project's pinned
 //! install at `target/tools/venv/bin/nats-server` (made by `scripts/test`
 //! and `scripts/demo`), else `nats-server` on `PATH`.
+//!
+//! [`docker`] drives the real Docker Engine; [`device::Device`] boots a
+//! "device container" with systemd as PID 1 for SystemdUnit tests.
 
+pub mod device;
 pub mod docker;
 
 use std::io::Read;

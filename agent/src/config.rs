@@ -32,6 +32,9 @@ pub struct Config {
     pub unit_dir: PathBuf,
     /// D-Bus address of systemd's bus; None: the system bus.
     pub systemd_bus: Option<String>,
+    /// How long a reconcile waits for a unit's start/stop job before
+    /// reporting the unit's state and moving on.
+    pub unit_job_timeout: Duration,
 }
 
 /// The device owner's limits on containers. Bind mounts are always limited
@@ -160,6 +163,9 @@ pub struct Args {
     /// D-Bus address of systemd (default: the system bus), e.g. unix:path=/run/dbus/system_bus_socket.
     #[arg(long, env = "FLOTILLA_SYSTEMD_BUS")]
     pub systemd_bus: Option<String>,
+    /// How long to wait for a unit's start/stop job, e.g. "90s".
+    #[arg(long, env = "FLOTILLA_UNIT_JOB_TIMEOUT")]
+    pub unit_job_timeout: Option<String>,
 }
 
 /// The config file's shape (every key optional).
@@ -189,6 +195,7 @@ pub struct FileConfig {
     pub allow_capabilities: Vec<String>,
     pub unit_dir: Option<PathBuf>,
     pub systemd_bus: Option<String>,
+    pub unit_job_timeout: Option<String>,
 }
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -196,6 +203,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/flotilla";
 pub const DEFAULT_RESYNC: Duration = Duration::from_secs(60);
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
 pub const DEFAULT_CONTAINER_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_UNIT_JOB_TIMEOUT: Duration = Duration::from_secs(90);
 
 impl Config {
     /// Merges flags/env over the optional file over defaults, and validates.
@@ -281,6 +289,11 @@ impl Config {
                 .or(file.unit_dir)
                 .unwrap_or_else(|| crate::reconcile::systemd::DEFAULT_UNIT_DIR.into()),
             systemd_bus: args.systemd_bus.or(file.systemd_bus),
+            unit_job_timeout: duration(
+                "unit-job-timeout",
+                args.unit_job_timeout.or(file.unit_job_timeout),
+                DEFAULT_UNIT_JOB_TIMEOUT,
+            )?,
         })
     }
 
@@ -305,6 +318,7 @@ impl Config {
             container_policy: ContainerPolicy::default(),
             unit_dir: crate::reconcile::systemd::DEFAULT_UNIT_DIR.into(),
             systemd_bus: None,
+            unit_job_timeout: DEFAULT_UNIT_JOB_TIMEOUT,
         }
     }
 

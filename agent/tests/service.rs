@@ -74,7 +74,7 @@ fn write_config(device: &Device, nats_url: &str) {
         device.share_dir().join("agent.toml"),
         format!(
             "id = \"pi-svc\"\nnats-url = \"{nats_url}\"\nfile-roots = [\"/etc/flotilla-app\"]\n\
-             resync-interval = \"1s\"\nheartbeat-interval = \"1s\"\n[labels]\nrole = \"sensor\"\n"
+             resync-interval = \"1s\"\nheartbeat-interval = \"1s\"\nunit-job-timeout = \"8s\"\n[labels]\nrole = \"sensor\"\n"
         ),
     )
     .unwrap();
@@ -158,8 +158,26 @@ async fn the_agent_runs_as_a_systemd_service() {
     let (_, active) = device.exec_status(&["systemctl", "is-active", "flotilla-test-app.service"]);
     assert_eq!(active, "inactive");
 
-    // A wedged event loop withholds the watchdog ping; systemd restarts the agent.
+    // A slow reconcile — a start job that never finishes, waited on for 8 s,
+    // longer than WatchdogSec=3s — never costs the agent its watchdog.
     let restarts: u32 = show(&device, "NRestarts").parse().unwrap();
+    let stuck = json!([{"id": "s/stuck", "kind": "SystemdUnit", "spec": {
+        "unit": "flotilla-test-stuck.service",
+        "content": "[Service]\nType=notify\nExecStart=/bin/sleep infinity\nTimeoutStartSec=infinity\n"
+    }}]);
+    put_manifest(&store, "pi-svc", manifest("pi-svc", 4, stuck)).await;
+    let s = wait_status(&store, "pi-svc", "stuck unit reported", |s| {
+        s.resources
+            .values()
+            .any(|r| matches!(&r.state, manifest_types::ResourceState::Failed { reason, .. } if reason == "UnitActivating"))
+    })
+    .await;
+    let message = format!("{:?}", s.resources);
+    assert!(message.contains("still running after 8s"), "{message}");
+    assert!(!s.converged_on(4), "a unit stuck activating is not Ready");
+    assert_eq!(show(&device, "NRestarts").parse::<u32>().unwrap(), restarts);
+
+    // A wedged event loop withholds the watchdog ping; systemd restarts the agent.
     let pid_before = show(&device, "MainPID");
     device.exec(&["touch", "/var/lib/flotilla/wedge"]);
     wait_device("a watchdog restart", Duration::from_secs(30), || {
@@ -170,9 +188,9 @@ async fn the_agent_runs_as_a_systemd_service() {
     let journal = device.journal(UNIT);
     assert!(journal.contains("atchdog timeout"), "{journal}");
     // And it is back at work.
-    put_manifest(&store, "pi-svc", manifest("pi-svc", 4, resources("v3\n"))).await;
-    wait_status(&store, "pi-svc", "converged on 4 after the restart", |s| {
-        s.converged_on(4)
+    put_manifest(&store, "pi-svc", manifest("pi-svc", 5, resources("v3\n"))).await;
+    wait_status(&store, "pi-svc", "converged on 5 after the restart", |s| {
+        s.converged_on(5)
     })
     .await;
     assert_eq!(device.exec(&["cat", "/run/seen"]), "v3");

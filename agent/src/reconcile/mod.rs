@@ -96,6 +96,7 @@ impl Reconcilers {
                 state.clone(),
                 config.unit_dir.clone(),
                 config.systemd_bus.clone(),
+                config.unit_job_timeout,
             )?,
         })
     }

@@ -35,6 +35,8 @@ use crate::fsutil::write_atomic;
 use crate::state::{StateDir, UnitEntry, UnitLedger};
 
 pub const DEFAULT_UNIT_DIR: &str = "/etc/systemd/system";
+/// What [`UnitReconciler::run_job`] returns when the job outlived its wait.
+const STILL_RUNNING: &str = "still-running";
 
 // ------------------------------------------------------------ pure part ----
 
@@ -162,6 +164,7 @@ impl UnitReconciler {
         state: StateDir,
         unit_dir: PathBuf,
         bus: Option<String>,
+        job_timeout: Duration,
     ) -> Result<Self, crate::state::StateError> {
         Ok(Self {
             ledger: state.load_units()?,
@@ -169,7 +172,7 @@ impl UnitReconciler {
             unit_dir,
             bus,
             conn: None,
-            job_timeout: Duration::from_secs(90),
+            job_timeout,
         })
     }
 
@@ -307,13 +310,20 @@ impl UnitReconciler {
         }
         let observed = self.observe(&path).await?;
         let outcome = assess(spec.state, &observed);
+        let note = |r: &str| {
+            if r == STILL_RUNNING {
+                format!("{action:?} job still running after {:?}", self.job_timeout)
+            } else {
+                format!("{action:?} job ended {r}")
+            }
+        };
         Ok(match (job_result, outcome) {
             (Some(r), Outcome::Ready(_)) if r != "done" => {
-                Outcome::failed("JobFailed", format!("{action:?} job for {name} ended {r}"))
+                Outcome::failed("JobFailed", format!("{}: {name}", note(&r)))
             }
             (Some(r), Outcome::Failed { reason, message }) if r != "done" => Outcome::Failed {
                 reason,
-                message: format!("{action:?} job ended {r}; {message}"),
+                message: format!("{}; {message}", note(&r)),
             },
             (_, o) => o,
         })
@@ -482,7 +492,8 @@ impl UnitReconciler {
     }
 
     /// Starts a job in mode "replace" and waits for its JobRemoved signal;
-    /// returns its result (`done`, `failed`, `timeout`, `canceled`, `dependency`, `skipped`).
+    /// returns its result (`done`, `failed`, `timeout`, `canceled`, `dependency`,
+    /// `skipped`), or [`STILL_RUNNING`] after the job timeout.
     async fn run_job(
         &self,
         manager: &ManagerProxy<'_>,
@@ -519,13 +530,9 @@ impl UnitReconciler {
                 "SystemdUnavailable",
                 "D-Bus connection closed while waiting for a job",
             )),
-            Err(_) => Err(Failure::new(
-                "JobTimeout",
-                format!(
-                    "{action:?} job for {name} did not finish in {:?}",
-                    self.job_timeout
-                ),
-            )),
+            // The job stays queued in systemd; the unit's state says the rest
+            // (typically "activating"), and the next pass looks again.
+            Err(_) => Ok(STILL_RUNNING.into()),
         }
     }
 
@@ -737,7 +744,8 @@ mod tests {
         let state = StateDir::open(&dir.path().join("state")).unwrap();
         let units = dir.path().join("units");
         std::fs::create_dir_all(&units).unwrap();
-        let mut r = UnitReconciler::new(state, units.clone(), None).unwrap();
+        let mut r =
+            UnitReconciler::new(state, units.clone(), None, Duration::from_secs(1)).unwrap();
         let mut spec = SystemdUnitSpec {
             unit: manifest_types::spec::UnitName::new("app.service").unwrap(),
             content: Some("[Service]\nExecStart=/bin/true\n".into()),

@@ -471,13 +471,9 @@ impl ContainerReconciler {
         hash: &str,
         progress: &Progress<'_>,
     ) -> Outcome {
-        match self.converge(id, spec, hash, progress).await {
-            Ok(outcome) => outcome,
-            Err(f) => Outcome::Failed {
-                reason: f.reason,
-                message: f.message,
-            },
-        }
+        self.converge(id, spec, hash, progress)
+            .await
+            .unwrap_or_else(Outcome::from)
     }
 
     async fn converge(

@@ -63,6 +63,15 @@ impl Failure {
     }
 }
 
+impl From<Failure> for Outcome {
+    fn from(f: Failure) -> Self {
+        Self::Failed {
+            reason: f.reason,
+            message: f.message,
+        }
+    }
+}
+
 impl Outcome {
     pub fn failed(reason: &'static str, message: impl Into<String>) -> Self {
         Self::Failed {

@@ -226,13 +226,7 @@ impl UnitReconciler {
             // Reconnect next time: the bus or systemd may have restarted.
             self.conn = None;
         }
-        match r {
-            Ok(o) => o,
-            Err(f) => Outcome::Failed {
-                reason: f.reason,
-                message: f.message,
-            },
-        }
+        r.unwrap_or_else(Outcome::from)
     }
 
     async fn converge(

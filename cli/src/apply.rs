@@ -206,6 +206,34 @@ mod tests {
     }
 
     #[test]
+    fn every_example_parses_with_typed_specs() {
+        for (name, doc, kinds) in [
+            (
+                "web.yaml",
+                include_str!("../../examples/web.yaml"),
+                vec!["File", "Container"],
+            ),
+            (
+                "sensor.yaml",
+                include_str!("../../examples/sensor.yaml"),
+                vec!["File", "SystemdUnit", "SystemdUnit"],
+            ),
+        ] {
+            let d = parse(name, doc, false).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let got: Vec<&str> = d.resources.iter().map(|r| r.spec.kind_str()).collect();
+            assert_eq!(got, kinds, "{name}");
+            for r in &d.resources {
+                assert!(
+                    !matches!(r.spec, manifest_types::ResourceSpec::Unsupported(_)),
+                    "{name}: {} has an unknown field: {:?}",
+                    r.id,
+                    r.spec
+                );
+            }
+        }
+    }
+
+    #[test]
     fn yaml_and_json_give_the_same_document() {
         let from_yaml = parse("hello.yaml", HELLO, false).unwrap();
         let json = String::from_utf8(from_yaml.to_json()).unwrap();

@@ -117,7 +117,15 @@ impl Worker {
                 .records
                 .remove(&r.id)
                 .filter(|p| p.status.spec_hash == hash);
-            let record = next_record(previous, outcome, r.spec.kind_str(), hash, r.source.clone());
+            let mut record =
+                next_record(previous, outcome, r.spec.kind_str(), hash, r.source.clone());
+            if record.retry_at.is_none()
+                && let Some(after) = self.reconcilers.recheck_after(r)
+            {
+                // Ready, but young enough to look at again soon (a container
+                // that was just started may still crash).
+                record.retry_at = Some(Instant::now() + after);
+            }
             self.records.insert(r.id.clone(), record);
         }
         self.records.retain(|id, _| m.resource(id).is_some());

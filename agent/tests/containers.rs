@@ -267,6 +267,7 @@ async fn a_command_that_exits_is_a_crash_loop_never_ready() {
     )
     .await;
     let mut seen_ready = false;
+    let mut seen_exit_code = false;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
     let mut failed = None;
     while tokio::time::Instant::now() < deadline {
@@ -279,6 +280,9 @@ async fn a_command_that_exits_is_a_crash_loop_never_ready() {
                 ..
             }) = state(&s, "c/exits")
             {
+                // Between two runs the engine shows the exit code; while
+                // running again it shows the restart count.
+                seen_exit_code |= message.contains("exit code 3");
                 failed = Some((reason.clone(), message.clone(), *retry_after_seconds));
             }
         }
@@ -287,7 +291,7 @@ async fn a_command_that_exits_is_a_crash_loop_never_ready() {
     assert!(!seen_ready, "a crash-looping container was reported Ready");
     let (reason, message, retry) = failed.expect("reported Failed");
     assert_eq!(reason, "CrashLoopBackOff");
-    assert!(message.contains("exit code 3"), "{message}");
+    assert!(seen_exit_code, "the exit code was reported: last {message}");
     assert!(retry.is_some_and(|r| r >= 1));
     assert_eq!(
         containers_of(&agent).len(),
@@ -534,4 +538,36 @@ async fn an_agent_killed_right_after_create_ends_with_one_container() {
         id, left[0].id,
         "the half-made container is started, not duplicated"
     );
+}
+
+#[tokio::test]
+async fn a_container_that_dies_soon_after_start_is_caught_before_the_next_resync() {
+    require_engine();
+    let agent = unique_agent("late");
+    let _cleanup = Cleanup::new(&[&agent]);
+    let h = Harness::new().await;
+    let store = h.store().await;
+    let mut cfg = config(&h, &agent);
+    cfg.resync_interval = Duration::from_secs(300); // no drift check during the test
+    let _a = RunningAgent::start(cfg);
+    put_manifest(
+        &store,
+        &agent,
+        manifest(
+            &agent,
+            1,
+            json!([container(
+                "c/late",
+                json!({"image": TEST_IMAGE, "command": ["sh", "-c", "sleep 1; exit 4"]})
+            )]),
+        ),
+    )
+    .await;
+    // Up for the settle delay, so Ready at first; the early recheck finds the crash.
+    let s = wait_status(&store, &agent, "crash loop found by the recheck", |s| {
+        failed_reason(s, "c/late").is_some_and(|(r, _)| r == "CrashLoopBackOff")
+    })
+    .await;
+    let (_, message) = failed_reason(&s, "c/late").unwrap();
+    assert!(message.contains("restarted"), "{message}");
 }

@@ -181,16 +181,16 @@ pub fn assess(inspect: &ContainerInspectResponse, now: SystemTime, repairs: u64)
     let exit_code = state.exit_code.unwrap_or(0);
     let restart_count = inspect.restart_count.unwrap_or(0).max(0) as u64;
     let started_at = state.started_at.clone().unwrap_or_default();
-    let crash = || {
-        Outcome::failed(
-            "CrashLoopBackOff",
-            format!(
-                "container keeps exiting: last exit code {exit_code}, restarted {restart_count} times by the engine"
-            ),
-        )
-    };
     match state.status {
-        Some(ContainerStateStatusEnum::RESTARTING) => return crash(),
+        // Between two runs: the engine still shows the last exit code.
+        Some(ContainerStateStatusEnum::RESTARTING) => {
+            return Outcome::failed(
+                "CrashLoopBackOff",
+                format!(
+                    "container keeps exiting: last exit code {exit_code}, restarted {restart_count} times by the engine"
+                ),
+            );
+        }
         Some(ContainerStateStatusEnum::RUNNING) => {}
         Some(ContainerStateStatusEnum::PAUSED) => {
             return Outcome::failed("ContainerPaused", "container is paused");
@@ -218,8 +218,15 @@ pub fn assess(inspect: &ContainerInspectResponse, now: SystemTime, repairs: u64)
         .ok()
         .and_then(|t| now.duration_since(t).ok())
         .unwrap_or(Duration::MAX);
+    // Running again after a restart: the engine has reset the exit code.
     if restart_count > 0 && up_for < CRASH_WINDOW {
-        return crash();
+        return Outcome::failed(
+            "CrashLoopBackOff",
+            format!(
+                "container keeps exiting: restarted {restart_count} times by the engine, up only {:.1} s since the last restart",
+                up_for.as_secs_f64()
+            ),
+        );
     }
     let health = state
         .health
@@ -349,6 +356,9 @@ pub struct ContainerReconciler {
     /// Whether the last pass had containers (or this is the first pass), so
     /// an agent without containers does not poll the engine.
     may_own: bool,
+    /// When the agent last started each resource's container: it is checked
+    /// again early, while a crash loop could still be starting.
+    started: BTreeMap<ResourceId, std::time::Instant>,
 }
 
 fn engine_failure(e: bollard::errors::Error) -> Failure {
@@ -384,6 +394,7 @@ impl ContainerReconciler {
             stop_timeout,
             repairs: BTreeMap::new(),
             may_own: true,
+            started: BTreeMap::new(),
         }
     }
 
@@ -532,6 +543,7 @@ impl ContainerReconciler {
         let repairs = if repaired { repairs + 1 } else { repairs };
         self.repairs.insert(id.clone(), (hash.to_owned(), repairs));
         if started {
+            self.started.insert(id.clone(), std::time::Instant::now());
             tokio::time::sleep(START_SETTLE).await;
         }
         let inspect = self.check(docker.inspect_container(&container, None).await)?;
@@ -687,6 +699,22 @@ impl ContainerReconciler {
             }
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => self.check(Err(e)),
+        }
+    }
+
+    /// A container started less than [`CRASH_WINDOW`] ago is looked at again
+    /// 2 s after its start and once more when the window closes, so one that
+    /// dies after the settle delay is not Ready until the next drift check.
+    pub fn recheck_after(&mut self, id: &ResourceId) -> Option<Duration> {
+        let age = self.started.get(id)?.elapsed();
+        let first = Duration::from_secs(2);
+        if age < first {
+            Some(first - age)
+        } else if age < CRASH_WINDOW {
+            Some(CRASH_WINDOW - age)
+        } else {
+            self.started.remove(id);
+            None
         }
     }
 
@@ -908,8 +936,8 @@ mod tests {
         ) {
             Outcome::Failed { reason, message } => {
                 assert_eq!(reason, "CrashLoopBackOff");
-                assert!(message.contains("exit code 3"), "{message}");
                 assert!(message.contains("4 times"), "{message}");
+                assert!(message.contains("up only 1.9 s"), "{message}");
             }
             o => panic!("{o:?}"),
         }

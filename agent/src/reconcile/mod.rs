@@ -145,6 +145,15 @@ impl Reconcilers {
         }
     }
 
+    /// When a Ready resource should be looked at again before the next drift
+    /// check (a freshly started container).
+    pub fn recheck_after(&mut self, resource: &ManagedResource) -> Option<std::time::Duration> {
+        match resource.spec {
+            ResourceSpec::Container(_) => self.containers.recheck_after(&resource.id),
+            _ => None,
+        }
+    }
+
     /// Removes (or releases) what the agent owns but `manifest` no longer lists.
     pub async fn remove_unlisted(&mut self, manifest: &AgentManifest) -> Vec<ReleasedResource> {
         self.containers.remove_unlisted(manifest).await;

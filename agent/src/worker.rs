@@ -111,7 +111,7 @@ impl Worker {
             if !due {
                 continue;
             }
-            let progress = Progress::new(Some(&self.board), r);
+            let progress = Progress::new(&self.board, r);
             let outcome = self.reconcilers.reconcile(r, m, &progress).await;
             let previous = self
                 .records

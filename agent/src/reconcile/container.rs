@@ -36,7 +36,6 @@ use bollard::query_parameters::{
 use futures::StreamExt;
 use manifest_types::spec::{NetworkMode, PullPolicy, RestartPolicy};
 use manifest_types::{AgentId, AgentManifest, ContainerSpec, ReadyDetails, ResourceId};
-use sha2::{Digest, Sha256};
 
 use super::{Failure, Outcome, Progress};
 
@@ -52,21 +51,14 @@ const START_SETTLE: Duration = Duration::from_millis(300);
 
 // ------------------------------------------------------------ pure part ----
 
-/// The label hash: the spec hash plus the spec hashes of the `restartOn`
-/// inputs (sorted by id), so a change to an input replaces the container.
-pub fn effective_hash(spec_hash: &str, inputs: &[(String, String)]) -> String {
-    if inputs.is_empty() {
+/// The label hash: the spec hash, combined with the hash of the
+/// `restartOn` inputs ([`super::inputs_hash`]) when there are any, so a
+/// change to an input replaces the container.
+pub fn effective_hash(spec_hash: &str, inputs_hash: &str) -> String {
+    if inputs_hash.is_empty() {
         return spec_hash.to_owned();
     }
-    let mut h = Sha256::new();
-    h.update(spec_hash.as_bytes());
-    for (id, hash) in inputs {
-        h.update(b"\n");
-        h.update(id.as_bytes());
-        h.update(b"=");
-        h.update(hash.as_bytes());
-    }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    super::file::sha256_hex(format!("{spec_hash}\n{inputs_hash}").as_bytes())
 }
 
 /// The engine-side name: readable, unique per agent, resource and hash.
@@ -324,23 +316,6 @@ pub fn create_body(spec: &ContainerSpec, labels: HashMap<String, String>) -> Con
     }
 }
 
-/// The `restartOn` inputs of `resource` as (id, spec hash), sorted.
-pub fn restart_inputs(
-    manifest: &AgentManifest,
-    restart_on: &[ResourceId],
-) -> Vec<(String, String)> {
-    let mut inputs: Vec<(String, String)> = restart_on
-        .iter()
-        .filter_map(|id| {
-            manifest
-                .resource(id)
-                .map(|r| (id.to_string(), r.spec_hash()))
-        })
-        .collect();
-    inputs.sort();
-    inputs
-}
-
 // ---------------------------------------------------------- engine part ----
 
 /// Talks to one Docker Engine (API negotiated, 1.41 and up).
@@ -359,6 +334,9 @@ pub struct ContainerReconciler {
     /// When the agent last started each resource's container: it is checked
     /// again early, while a crash loop could still be starting.
     started: BTreeMap<ResourceId, std::time::Instant>,
+    /// Repo digest per image id: image ids are content hashes, so the
+    /// answer never changes and is asked for once, not on every drift check.
+    digests: HashMap<String, Option<String>>,
 }
 
 fn engine_failure(e: bollard::errors::Error) -> Failure {
@@ -395,6 +373,7 @@ impl ContainerReconciler {
             repairs: BTreeMap::new(),
             may_own: true,
             started: BTreeMap::new(),
+            digests: HashMap::new(),
         }
     }
 
@@ -419,15 +398,18 @@ impl ContainerReconciler {
         Ok(docker)
     }
 
-    /// Forgets the engine after a transport error so the next call renegotiates.
+    /// A typed failure for an engine error; forgets the engine after a
+    /// transport error so the next call connects and negotiates again.
+    fn fail(&mut self, e: bollard::errors::Error) -> Failure {
+        let f = engine_failure(e);
+        if f.reason == "DockerUnavailable" {
+            self.docker = None;
+        }
+        f
+    }
+
     fn check<T>(&mut self, r: Result<T, bollard::errors::Error>) -> Result<T, Failure> {
-        r.map_err(|e| {
-            let f = engine_failure(e);
-            if f.reason == "DockerUnavailable" {
-                self.docker = None;
-            }
-            f
-        })
+        r.map_err(|e| self.fail(e))
     }
 
     async fn list(
@@ -553,16 +535,25 @@ impl ContainerReconciler {
             image_digest,
             ..
         }) = &mut outcome
-            && let Ok(image) = docker.inspect_image(image_id).await
         {
-            *image_digest = image
-                .repo_digests
-                .unwrap_or_default()
-                .into_iter()
-                .next()
-                .and_then(|d| d.split_once('@').map(|(_, d)| d.to_owned()));
+            *image_digest = self.digest(&docker, image_id).await;
         }
         Ok(outcome)
+    }
+
+    async fn digest(&mut self, docker: &Docker, image_id: &str) -> Option<String> {
+        if let Some(d) = self.digests.get(image_id) {
+            return d.clone();
+        }
+        let image = docker.inspect_image(image_id).await.ok()?;
+        let digest = image
+            .repo_digests
+            .unwrap_or_default()
+            .into_iter()
+            .next()
+            .and_then(|d| d.split_once('@').map(|(_, d)| d.to_owned()));
+        self.digests.insert(image_id.to_owned(), digest.clone());
+        digest
     }
 
     async fn ensure_image(
@@ -575,7 +566,7 @@ impl ContainerReconciler {
         let present = match docker.inspect_image(&reference).await {
             Ok(_) => true,
             Err(e) if is_not_found(&e) => false,
-            Err(e) => return Err(self.check::<()>(Err(e)).unwrap_err()),
+            Err(e) => return Err(self.fail(e)),
         };
         let pull = match spec.pull_policy {
             PullPolicy::Always => true,
@@ -621,7 +612,7 @@ impl ContainerReconciler {
                             message
                         }
                         other => {
-                            return Err(self.check::<()>(Err(other)).unwrap_err());
+                            return Err(self.fail(other));
                         }
                     };
                     return Err(Failure::new(
@@ -860,10 +851,11 @@ mod tests {
 
     #[test]
     fn restart_inputs_change_the_hash() {
-        let a = effective_hash("s", &[("d/conf".into(), "1".into())]);
-        let b = effective_hash("s", &[("d/conf".into(), "2".into())]);
-        assert_ne!(a, b);
-        assert_eq!(effective_hash("s", &[]), "s");
+        assert_ne!(
+            effective_hash("s", "inputs-1"),
+            effective_hash("s", "inputs-2")
+        );
+        assert_eq!(effective_hash("s", ""), "s");
     }
 
     #[test]

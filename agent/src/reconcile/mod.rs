@@ -15,23 +15,40 @@ use crate::state::StateDir;
 use crate::status::StatusBoard;
 
 /// Lets a long reconcile (an image pull) show `Reconciling` with a message
-/// while it works. A no-op without a board (unit tests).
+/// while it works.
 #[derive(Debug)]
 pub struct Progress<'a> {
-    board: Option<&'a StatusBoard>,
+    board: &'a StatusBoard,
     resource: &'a ManagedResource,
 }
 
 impl<'a> Progress<'a> {
-    pub fn new(board: Option<&'a StatusBoard>, resource: &'a ManagedResource) -> Self {
+    pub fn new(board: &'a StatusBoard, resource: &'a ManagedResource) -> Self {
         Self { board, resource }
     }
 
     pub fn report(&self, message: impl Into<String>) {
-        if let Some(board) = self.board {
-            board.set_progress(self.resource, message.into());
-        }
+        self.board.set_progress(self.resource, message.into());
     }
+}
+
+/// The level a `restartOn` trigger is measured by: a hash of the spec
+/// hashes of the resource's inputs (sorted by id), or "" without inputs.
+/// Reconcilers remember it; a different value means a restart is owed.
+pub fn inputs_hash(manifest: &AgentManifest, restart_on: &[manifest_types::ResourceId]) -> String {
+    let mut inputs: Vec<String> = restart_on
+        .iter()
+        .filter_map(|id| {
+            manifest
+                .resource(id)
+                .map(|r| format!("{id}={}", r.spec_hash()))
+        })
+        .collect();
+    if inputs.is_empty() {
+        return String::new();
+    }
+    inputs.sort();
+    file::sha256_hex(inputs.join("\n").as_bytes())
 }
 
 /// What one reconcile of one resource achieved.
@@ -130,15 +147,14 @@ impl Reconcilers {
         match &resource.spec {
             ResourceSpec::File(spec) => self.files.reconcile(&resource.id, spec),
             ResourceSpec::Container(spec) => {
-                let inputs = container::restart_inputs(manifest, &resource.restart_on);
+                let inputs = inputs_hash(manifest, &resource.restart_on);
                 let hash = container::effective_hash(&resource.spec_hash(), &inputs);
                 self.containers
                     .reconcile(&resource.id, spec, &hash, progress)
                     .await
             }
             ResourceSpec::SystemdUnit(spec) => {
-                let inputs = container::restart_inputs(manifest, &resource.restart_on);
-                let inputs = container::effective_hash("", &inputs);
+                let inputs = inputs_hash(manifest, &resource.restart_on);
                 self.units.reconcile(&resource.id, spec, &inputs).await
             }
             ResourceSpec::Unsupported(u) => Outcome::Unsupported(u.reason.clone()),

@@ -27,7 +27,6 @@ use manifest_types::spec::{TriggerAction, UnitState};
 use manifest_types::{
     AgentManifest, ReadyDetails, ReleasedResource, ResourceId, ResourceSpec, SystemdUnitSpec,
 };
-use sha2::{Digest, Sha256};
 use zbus_systemd::systemd1::{ManagerProxy, ServiceProxy, UnitProxy};
 
 use super::{Failure, Outcome};
@@ -128,18 +127,16 @@ pub fn assess(want: UnitState, o: &Observed) -> Outcome {
 
 /// Hash of the files the spec asks for (content and drop-ins).
 pub fn files_hash(spec: &SystemdUnitSpec) -> String {
-    let mut h = Sha256::new();
+    let mut all = Vec::new();
     if let Some(c) = &spec.content {
-        h.update(b"unit\0");
-        h.update(c.as_bytes());
+        all.extend_from_slice(b"unit\0");
+        all.extend_from_slice(c.as_bytes());
     }
     for (name, content) in &spec.drop_ins {
-        h.update(b"\0drop-in\0");
-        h.update(name.as_bytes());
-        h.update(b"\0");
-        h.update(content.as_bytes());
+        all.extend_from_slice(format!("\0drop-in\0{name}\0").as_bytes());
+        all.extend_from_slice(content.as_bytes());
     }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    super::file::sha256_hex(&all)
 }
 
 // ---------------------------------------------------------- D-Bus part ----
@@ -151,7 +148,7 @@ pub struct UnitReconciler {
     unit_dir: PathBuf,
     /// D-Bus address; None: the system bus.
     bus: Option<String>,
-    conn: Option<zbus::Connection>,
+    manager: Option<ManagerProxy<'static>>,
     job_timeout: Duration,
 }
 
@@ -171,40 +168,36 @@ impl UnitReconciler {
             state,
             unit_dir,
             bus,
-            conn: None,
+            manager: None,
             job_timeout,
         })
     }
 
+    /// The manager proxy, connecting (and subscribing to job signals) on
+    /// first use or after an error dropped the connection.
     async fn manager(&mut self) -> Result<ManagerProxy<'static>, Failure> {
-        let conn = match &self.conn {
-            Some(c) => c.clone(),
-            None => {
-                let unavailable = |e: zbus::Error| {
-                    Failure::new(
-                        "SystemdUnavailable",
-                        format!("cannot reach systemd over D-Bus: {e}"),
-                    )
-                };
-                let conn = match &self.bus {
-                    Some(addr) => zbus::connection::Builder::address(addr.as_str())
-                        .build()
-                        .await
-                        .map_err(unavailable)?,
-                    None => zbus::Connection::system().await.map_err(unavailable)?,
-                };
-                let m = ManagerProxy::new(&conn).await.map_err(unavailable)?;
-                // Job results arrive as JobRemoved signals, sent to subscribers only.
-                m.subscribe().await.map_err(unavailable)?;
-                tracing::info!("connected to systemd over D-Bus");
-                self.conn = Some(conn.clone());
-                conn
-            }
+        if let Some(m) = &self.manager {
+            return Ok(m.clone());
+        }
+        let unavailable = |e: zbus::Error| {
+            Failure::new(
+                "SystemdUnavailable",
+                format!("cannot reach systemd over D-Bus: {e}"),
+            )
         };
-        ManagerProxy::new(&conn).await.map_err(|e| {
-            self.conn = None;
-            Failure::new("SystemdUnavailable", e.to_string())
-        })
+        let conn = match &self.bus {
+            Some(addr) => zbus::connection::Builder::address(addr.as_str())
+                .build()
+                .await
+                .map_err(unavailable)?,
+            None => zbus::Connection::system().await.map_err(unavailable)?,
+        };
+        let m = ManagerProxy::new(&conn).await.map_err(unavailable)?;
+        // Job results arrive as JobRemoved signals, sent to subscribers only.
+        m.subscribe().await.map_err(unavailable)?;
+        tracing::info!("connected to systemd over D-Bus");
+        self.manager = Some(m.clone());
+        Ok(m)
     }
 
     fn save(&self) -> Result<(), Failure> {
@@ -224,7 +217,7 @@ impl UnitReconciler {
             && matches!(f.reason, "SystemdUnavailable" | "SystemdError")
         {
             // Reconnect next time: the bus or systemd may have restarted.
-            self.conn = None;
+            self.manager = None;
         }
         r.unwrap_or_else(Outcome::from)
     }
@@ -247,7 +240,7 @@ impl UnitReconciler {
             .load_unit(name.clone())
             .await
             .map_err(dbus("LoadUnit"))?;
-        let unit = self.unit_proxy(&path).await?;
+        let unit = Self::unit_proxy(&manager, &path).await?;
         if changed || unit.need_daemon_reload().await.unwrap_or(false) {
             tracing::info!(unit = %name, "unit files changed; reloading systemd");
             manager.reload().await.map_err(dbus("Reload"))?;
@@ -302,7 +295,7 @@ impl UnitReconciler {
                 self.save()?;
             }
         }
-        let observed = self.observe(&path).await?;
+        let observed = Self::observe(&manager, &unit, &path).await?;
         let outcome = assess(spec.state, &observed);
         let note = |r: &str| {
             if r == STILL_RUNNING {
@@ -414,14 +407,10 @@ impl UnitReconciler {
     }
 
     async fn unit_proxy(
-        &self,
+        manager: &ManagerProxy<'_>,
         path: &zbus::OwnedObjectPath,
     ) -> Result<UnitProxy<'static>, Failure> {
-        let conn = self
-            .conn
-            .as_ref()
-            .ok_or_else(|| Failure::new("SystemdUnavailable", "not connected"))?;
-        UnitProxy::builder(conn)
+        UnitProxy::builder(manager.inner().connection())
             .path(path.clone())
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
@@ -429,20 +418,19 @@ impl UnitReconciler {
             .map_err(dbus("unit proxy"))
     }
 
-    async fn observe(&self, path: &zbus::OwnedObjectPath) -> Result<Observed, Failure> {
-        let unit = self.unit_proxy(path).await?;
+    async fn observe(
+        manager: &ManagerProxy<'_>,
+        unit: &UnitProxy<'_>,
+        path: &zbus::OwnedObjectPath,
+    ) -> Result<Observed, Failure> {
         let mut o = Observed {
             active_state: unit.active_state().await.map_err(dbus("ActiveState"))?,
             sub_state: unit.sub_state().await.map_err(dbus("SubState"))?,
             active_enter_usec: unit.active_enter_timestamp().await.unwrap_or(0),
             ..Observed::default()
         };
-        let conn = self
-            .conn
-            .as_ref()
-            .ok_or_else(|| Failure::new("SystemdUnavailable", "not connected"))?;
         // Service-only properties; other unit types simply lack them.
-        if let Ok(service) = ServiceProxy::builder(conn)
+        if let Ok(service) = ServiceProxy::builder(manager.inner().connection())
             .path(path.clone())
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
@@ -568,7 +556,7 @@ impl UnitReconciler {
                 }
                 Err(f) => {
                     tracing::warn!(unit = %name, reason = f.reason, message = %f.message, "cannot remove unit; will retry");
-                    self.conn = None;
+                    self.manager = None;
                 }
             }
         }
@@ -583,7 +571,7 @@ impl UnitReconciler {
                 .load_unit(name.to_owned())
                 .await
                 .map_err(dbus("LoadUnit"))?;
-            let unit = self.unit_proxy(&path).await?;
+            let unit = Self::unit_proxy(&manager, &path).await?;
             if is_up(&unit.active_state().await.map_err(dbus("ActiveState"))?) {
                 self.run_job(&manager, name, Action::Stop).await?;
             }

@@ -79,12 +79,7 @@ async fn creates_replaces_on_change_and_removes() {
         json!({"image": TEST_IMAGE, "command": sleeper(), "env": {"VERSION": v},
                "labels": {"app": "web"}, "memoryLimitBytes": 67108864u64, "cpuLimitMillis": 500})
     };
-    put_manifest(
-        &store,
-        &agent,
-        manifest(&agent, 1, json!([container("web/app", spec("1"))])),
-    )
-    .await;
+    apply(&store, &agent, 1, json!([container("web/app", spec("1"))])).await;
     let s = wait_status(&store, &agent, "container ready", |s| s.converged_on(1)).await;
     let (id1, image, restarts, repairs) = ready(&s, "web/app").expect("ready details");
     let listed = containers_of(&agent);
@@ -106,12 +101,7 @@ async fn creates_replaces_on_change_and_removes() {
     );
 
     // Changed env: replaced by a new container, still exactly one.
-    put_manifest(
-        &store,
-        &agent,
-        manifest(&agent, 2, json!([container("web/app", spec("2"))])),
-    )
-    .await;
+    apply(&store, &agent, 2, json!([container("web/app", spec("2"))])).await;
     let s = wait_status(&store, &agent, "replaced", |s| s.converged_on(2)).await;
     let (id2, ..) = ready(&s, "web/app").unwrap();
     assert_ne!(id1, id2);
@@ -121,7 +111,7 @@ async fn creates_replaces_on_change_and_removes() {
     assert!(inspect(&id2, "{{.Config.Env}}").contains("VERSION=2"));
 
     // Removed from the manifest: stopped and removed.
-    put_manifest(&store, &agent, manifest(&agent, 3, json!([]))).await;
+    apply(&store, &agent, 3, json!([])).await;
     wait_status(&store, &agent, "empty", |s| s.converged_on(3)).await;
     wait_for("container removed", || containers_of(&agent).is_empty()).await;
 }
@@ -134,17 +124,14 @@ async fn repairs_a_container_removed_or_stopped_by_hand() {
     let h = Harness::new().await;
     let store = h.store().await;
     let _a = RunningAgent::start(config(&h, &agent));
-    put_manifest(
+    apply(
         &store,
         &agent,
-        manifest(
-            &agent,
-            1,
-            json!([container(
-                "web/app",
-                json!({"image": TEST_IMAGE, "command": sleeper()})
-            )]),
-        ),
+        1,
+        json!([container(
+            "web/app",
+            json!({"image": TEST_IMAGE, "command": sleeper()})
+        )]),
     )
     .await;
     let s = wait_status(&store, &agent, "ready", |s| s.converged_on(1)).await;
@@ -198,7 +185,7 @@ async fn pulls_by_policy_and_reports_unknown_images() {
             file("p/file", &root.join("f"), "still converges\n"),
         ])
     };
-    put_manifest(&store, &agent, manifest(&agent, 1, resources("1"))).await;
+    apply(&store, &agent, 1, resources("1")).await;
     let s = wait_status(&store, &agent, "pulled, and the unknown one failed", |s| {
         ready(s, "p/if-not-present").is_some()
             && ready(s, "p/always").is_some()
@@ -221,7 +208,7 @@ async fn pulls_by_policy_and_reports_unknown_images() {
     registry.push(&v2, "pulled-b:1");
     docker(&["tag", &v1, &a]);
     docker(&["tag", &v1, &b]);
-    put_manifest(&store, &agent, manifest(&agent, 2, resources("2"))).await;
+    apply(&store, &agent, 2, resources("2")).await;
     let s = wait_status(&store, &agent, "both replaced", |s| {
         s.manifest_generation == 2
             && ready(s, "p/if-not-present")
@@ -237,7 +224,7 @@ async fn pulls_by_policy_and_reports_unknown_images() {
     );
     assert_eq!(ready(&s, "p/always").unwrap().1, v2, "Always must pull");
 
-    put_manifest(&store, &agent, manifest(&agent, 3, json!([]))).await;
+    apply(&store, &agent, 3, json!([])).await;
     wait_for("containers removed", || containers_of(&agent).is_empty()).await;
     for image in [a, b] {
         testbed::docker::docker_ok(&["rmi", &image]);
@@ -253,17 +240,14 @@ async fn a_command_that_exits_is_a_crash_loop_never_ready() {
     let h = Harness::new().await;
     let store = h.store().await;
     let _a = RunningAgent::start(config(&h, &agent));
-    put_manifest(
+    apply(
         &store,
         &agent,
-        manifest(
-            &agent,
-            1,
-            json!([container(
-                "c/exits",
-                json!({"image": TEST_IMAGE, "command": ["sh", "-c", "exit 3"]})
-            )]),
-        ),
+        1,
+        json!([container(
+            "c/exits",
+            json!({"image": TEST_IMAGE, "command": ["sh", "-c", "exit 3"]})
+        )]),
     )
     .await;
     let mut seen_ready = false;
@@ -316,13 +300,13 @@ async fn two_agents_on_one_engine_touch_only_their_own() {
             json!({"image": TEST_IMAGE, "command": sleeper()})
         )])
     };
-    put_manifest(&store, &a, manifest(&a, 1, app())).await;
-    put_manifest(&store, &b, manifest(&b, 1, app())).await;
+    apply(&store, &a, 1, app()).await;
+    apply(&store, &b, 1, app()).await;
     wait_status(&store, &a, "a ready", |s| s.converged_on(1)).await;
     let sb = wait_status(&store, &b, "b ready", |s| s.converged_on(1)).await;
     let (b_id, ..) = ready(&sb, "web/app").unwrap();
 
-    put_manifest(&store, &a, manifest(&a, 2, json!([]))).await;
+    apply(&store, &a, 2, json!([])).await;
     wait_status(&store, &a, "a empty", |s| s.converged_on(2)).await;
     wait_for("a's container removed", || containers_of(&a).is_empty()).await;
     // Let a few resyncs of both agents pass.
@@ -346,12 +330,7 @@ async fn privileges_and_foreign_mounts_need_the_device_owner() {
     cfg.container_policy.allowed_capabilities = vec!["NET_ADMIN".into()];
     let _a = RunningAgent::start(cfg);
     let base = json!({"image": TEST_IMAGE, "command": sleeper()});
-    put_manifest(
-        &store,
-        &agent,
-        manifest(&agent, 1, json!([container("s/app", base.clone())])),
-    )
-    .await;
+    apply(&store, &agent, 1, json!([container("s/app", base.clone())])).await;
     let s = wait_status(&store, &agent, "ready", |s| s.converged_on(1)).await;
     let (id, ..) = ready(&s, "s/app").unwrap();
 
@@ -369,10 +348,11 @@ async fn privileges_and_foreign_mounts_need_the_device_owner() {
         for (k, v) in extra.as_object().unwrap() {
             spec[k] = v.clone();
         }
-        let revision = put_manifest(
+        let revision = apply(
             &store,
             &agent,
-            manifest(&agent, generation, json!([container("s/app", spec)])),
+            generation,
+            json!([container("s/app", spec)]),
         )
         .await;
         let s = wait_status(&store, &agent, reason, |s| {
@@ -394,12 +374,7 @@ async fn privileges_and_foreign_mounts_need_the_device_owner() {
     let mut spec = base.clone();
     spec["capAdd"] = json!(["NET_ADMIN"]);
     spec["volumes"] = json!([{"hostPath": root, "target": "/data", "readOnly": true}]);
-    put_manifest(
-        &store,
-        &agent,
-        manifest(&agent, 10, json!([container("s/app", spec)])),
-    )
-    .await;
+    apply(&store, &agent, 10, json!([container("s/app", spec)])).await;
     let s = wait_status(&store, &agent, "allowed", |s| s.converged_on(10)).await;
     let (id, ..) = ready(&s, "s/app").unwrap();
     assert_eq!(docker(&["exec", &id, "cat", "/data/data.txt"]), "shared");
@@ -418,17 +393,14 @@ async fn a_missing_engine_fails_only_the_containers() {
         h.dir.path().join("no-docker.sock").display()
     ));
     let _a = RunningAgent::start(cfg);
-    put_manifest(
+    apply(
         &store,
         &agent,
-        manifest(
-            &agent,
-            1,
-            json!([
-                container("x/app", json!({"image": TEST_IMAGE})),
-                file("x/file", &root.join("f"), "ok\n"),
-            ]),
-        ),
+        1,
+        json!([
+            container("x/app", json!({"image": TEST_IMAGE})),
+            file("x/file", &root.join("f"), "ok\n"),
+        ]),
     )
     .await;
     let s = wait_status(&store, &agent, "file ready, container failed", |s| {
@@ -467,12 +439,12 @@ async fn a_changed_file_replaces_the_container_that_restarts_on_it() {
             file("svc/conf", &conf_dir.join("app.conf"), content),
         ])
     };
-    put_manifest(&store, &agent, manifest(&agent, 1, resources("v1\n"))).await;
+    apply(&store, &agent, 1, resources("v1\n")).await;
     let s = wait_status(&store, &agent, "ready", |s| s.converged_on(1)).await;
     let (id1, ..) = ready(&s, "svc/app").unwrap();
     assert_eq!(docker(&["exec", &id1, "cat", "/tmp/seen"]), "v1");
 
-    put_manifest(&store, &agent, manifest(&agent, 2, resources("v2\n"))).await;
+    apply(&store, &agent, 2, resources("v2\n")).await;
     let s = wait_status(&store, &agent, "replaced", |s| s.converged_on(2)).await;
     let (id2, ..) = ready(&s, "svc/app").unwrap();
     assert_ne!(
@@ -496,17 +468,14 @@ async fn an_agent_killed_right_after_create_ends_with_one_container() {
     let _cleanup = Cleanup::new(&[&agent]);
     let h = Harness::new().await;
     let store = h.store().await;
-    put_manifest(
+    apply(
         &store,
         &agent,
-        manifest(
-            &agent,
-            1,
-            json!([container(
-                "f/app",
-                json!({"image": TEST_IMAGE, "command": sleeper()})
-            )]),
-        ),
+        1,
+        json!([container(
+            "f/app",
+            json!({"image": TEST_IMAGE, "command": sleeper()})
+        )]),
     )
     .await;
     let run = |fault: bool| {
@@ -550,17 +519,14 @@ async fn a_container_that_dies_soon_after_start_is_caught_before_the_next_resync
     let mut cfg = config(&h, &agent);
     cfg.resync_interval = Duration::from_secs(300); // no drift check during the test
     let _a = RunningAgent::start(cfg);
-    put_manifest(
+    apply(
         &store,
         &agent,
-        manifest(
-            &agent,
-            1,
-            json!([container(
-                "c/late",
-                json!({"image": TEST_IMAGE, "command": ["sh", "-c", "sleep 1; exit 4"]})
-            )]),
-        ),
+        1,
+        json!([container(
+            "c/late",
+            json!({"image": TEST_IMAGE, "command": ["sh", "-c", "sleep 1; exit 4"]})
+        )]),
     )
     .await;
     // Up for the settle delay, so Ready at first; the early recheck finds the crash.

@@ -121,7 +121,7 @@ async fn the_agent_runs_as_a_systemd_service() {
             }}
         ])
     };
-    put_manifest(&store, "pi-svc", manifest("pi-svc", 1, resources("v1\n"))).await;
+    apply(&store, "pi-svc", 1, resources("v1\n")).await;
     wait_status(&store, "pi-svc", "converged on 1", |s| s.converged_on(1)).await;
     assert_eq!(device.exec(&["cat", "/run/seen"]), "v1");
     let pid1 = device.systemctl(&[
@@ -135,7 +135,7 @@ async fn the_agent_runs_as_a_systemd_service() {
         show(&device, "StatusText").contains("generation 1; 2/2 resources ready")
     });
 
-    put_manifest(&store, "pi-svc", manifest("pi-svc", 2, resources("v2\n"))).await;
+    apply(&store, "pi-svc", 2, resources("v2\n")).await;
     wait_status(&store, "pi-svc", "converged on 2", |s| s.converged_on(2)).await;
     assert_eq!(device.exec(&["cat", "/run/seen"]), "v2");
     let pid2 = device.systemctl(&[
@@ -147,7 +147,7 @@ async fn the_agent_runs_as_a_systemd_service() {
     ]);
     assert_ne!(pid1, pid2, "the config change restarted the service");
 
-    put_manifest(&store, "pi-svc", manifest("pi-svc", 3, json!([]))).await;
+    apply(&store, "pi-svc", 3, json!([])).await;
     wait_status(&store, "pi-svc", "converged on 3", |s| s.converged_on(3)).await;
     let (code, _) = device.exec_status(&[
         "test",
@@ -165,7 +165,7 @@ async fn the_agent_runs_as_a_systemd_service() {
         "unit": "flotilla-test-stuck.service",
         "content": "[Service]\nType=notify\nExecStart=/bin/sleep infinity\nTimeoutStartSec=infinity\n"
     }}]);
-    put_manifest(&store, "pi-svc", manifest("pi-svc", 4, stuck)).await;
+    apply(&store, "pi-svc", 4, stuck).await;
     let s = wait_status(&store, "pi-svc", "stuck unit reported", |s| {
         s.resources
             .values()
@@ -188,7 +188,7 @@ async fn the_agent_runs_as_a_systemd_service() {
     let journal = device.journal(UNIT);
     assert!(journal.contains("atchdog timeout"), "{journal}");
     // And it is back at work.
-    put_manifest(&store, "pi-svc", manifest("pi-svc", 5, resources("v3\n"))).await;
+    apply(&store, "pi-svc", 5, resources("v3\n")).await;
     wait_status(&store, "pi-svc", "converged on 5 after the restart", |s| {
         s.converged_on(5)
     })

@@ -86,7 +86,7 @@ async fn a_service_and_its_config_converge_restart_on_change_and_clean_up() {
             }}
         ])
     };
-    put_manifest(&store, "svc", manifest("svc", 1, resources("v1\n"))).await;
+    apply(&store, "svc", 1, resources("v1\n")).await;
     let st = wait_status(&store, "svc", "converged on 1", |st| st.converged_on(1)).await;
     let (sub, pid1, _) = ready(&st, "app/svc").expect("ready details");
     assert_eq!(sub, "running");
@@ -111,7 +111,7 @@ async fn a_service_and_its_config_converge_restart_on_change_and_clean_up() {
     let mtime = std::fs::metadata(&unit_file).unwrap().modified().unwrap();
 
     // The config changes: the service restarts (new main pid) and sees it.
-    put_manifest(&store, "svc", manifest("svc", 2, resources("v2\n"))).await;
+    apply(&store, "svc", 2, resources("v2\n")).await;
     let st = wait_status(&store, "svc", "converged on 2", |st| st.converged_on(2)).await;
     let (_, pid2, _) = ready(&st, "app/svc").unwrap();
     assert_ne!(pid2.unwrap(), pid1, "restartOn must restart the service");
@@ -123,7 +123,7 @@ async fn a_service_and_its_config_converge_restart_on_change_and_clean_up() {
     );
 
     // Removed: stopped, disabled, files deleted.
-    put_manifest(&store, "svc", manifest("svc", 3, json!([]))).await;
+    apply(&store, "svc", 3, json!([])).await;
     wait_status(&store, "svc", "converged on 3", |st| st.converged_on(3)).await;
     assert!(!unit_file.exists());
     assert!(
@@ -153,12 +153,7 @@ async fn a_failing_unit_is_failed_until_fixed_and_a_manual_stop_is_repaired() {
                    "content": format!("[Service]\nExecStart={exec}\n")}),
         )
     };
-    put_manifest(
-        &store,
-        "fail",
-        manifest("fail", 1, json!([svc("/bin/false")])),
-    )
-    .await;
+    apply(&store, "fail", 1, json!([svc("/bin/false")])).await;
     let st = wait_status(&store, "fail", "failed", |st| failed(st, "f/svc").is_some()).await;
     let (reason, message) = failed(&st, "f/svc").unwrap();
     assert!(
@@ -177,12 +172,7 @@ async fn a_failing_unit_is_failed_until_fixed_and_a_manual_stop_is_repaired() {
         other => panic!("{other:?}"),
     }
 
-    put_manifest(
-        &store,
-        "fail",
-        manifest("fail", 2, json!([svc("/bin/sleep infinity")])),
-    )
-    .await;
+    apply(&store, "fail", 2, json!([svc("/bin/sleep infinity")])).await;
     let st = wait_status(&store, "fail", "fixed", |st| st.converged_on(2)).await;
     let (_, pid, _) = ready(&st, "f/svc").unwrap();
 
@@ -209,14 +199,11 @@ async fn a_unit_the_agent_did_not_create_is_released_not_stopped() {
     )
     .unwrap();
     s.device.systemctl(&["daemon-reload"]);
-    put_manifest(
+    apply(
         &store,
         "pre",
-        manifest(
-            "pre",
-            1,
-            json!([unit("os/pre", json!({"unit": "flotilla-test-pre.service"}))]),
-        ),
+        1,
+        json!([unit("os/pre", json!({"unit": "flotilla-test-pre.service"}))]),
     )
     .await;
     wait_status(&store, "pre", "started", |st| st.converged_on(1)).await;
@@ -226,7 +213,7 @@ async fn a_unit_the_agent_did_not_create_is_released_not_stopped() {
         "active"
     );
 
-    put_manifest(&store, "pre", manifest("pre", 2, json!([]))).await;
+    apply(&store, "pre", 2, json!([])).await;
     let st = wait_status(&store, "pre", "released", |st| st.converged_on(2)).await;
     assert!(
         st.released
@@ -260,14 +247,11 @@ async fn bad_unit_names_are_rejected_before_any_dbus_call() {
         (2, "nosuffix"),
         (3, "x.device"),
     ] {
-        let revision = put_manifest(
+        let revision = apply(
             &store,
             "names",
-            manifest(
-                "names",
-                generation,
-                json!([unit("u/bad", json!({"unit": name}))]),
-            ),
+            generation,
+            json!([unit("u/bad", json!({"unit": name}))]),
         )
         .await;
         let st = wait_status(&store, "names", "rejected", |st| {

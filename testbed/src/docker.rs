@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 /// A busybox image built locally with `docker import` (no registry needed).
 pub const TEST_IMAGE: &str = "flotilla-test/busybox:1";
-/// The label the agent puts on every container it owns.
-pub const LABEL_AGENT: &str = "io.flotilla.agent";
+pub use flotilla_agent::reconcile::container::{LABEL_AGENT, LABEL_RESOURCE};
 
 /// Runs `docker args…`; panics with its stderr if it fails.
 pub fn docker(args: &[&str]) -> String {
@@ -77,7 +76,9 @@ pub fn containers_of(agent: &str) -> Vec<Container> {
         "--filter",
         &format!("label={LABEL_AGENT}={agent}"),
         "--format",
-        "{{.ID}}\t{{.State}}\t{{.Label \"io.flotilla.resource\"}}\t{{.Image}}",
+        &format!(
+            "{{{{.ID}}}}\t{{{{.State}}}}\t{{{{.Label \"{LABEL_RESOURCE}\"}}}}\t{{{{.Image}}}}"
+        ),
     ]);
     out.lines()
         .filter(|l| !l.is_empty())

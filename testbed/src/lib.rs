@@ -306,3 +306,27 @@ pub fn in_private_mount(private_dir: &Path, mountpoint: &Path, program: &Path) -
         .arg(program);
     cmd
 }
+
+/// A manifest document as the control plane writes it, for tests and
+/// benchmarks that put `desired-state.<agent>` directly.
+pub fn manifest_json(agent: &str, generation: u64, resources: serde_json::Value) -> bytes::Bytes {
+    bytes::Bytes::from(
+        serde_json::to_vec(&serde_json::json!({
+            "apiVersion": "flotilla.dev/v1",
+            "agentId": agent,
+            "generation": generation,
+            "resources": resources,
+        }))
+        .expect("a JSON value serialises"),
+    )
+}
+
+/// A benchmark's numeric option `--name N`, or `default`.
+pub fn bench_arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

@@ -106,20 +106,16 @@ impl Drop for RunningAgent {
     }
 }
 
-pub fn manifest(agent: &str, generation: u64, resources: Value) -> Bytes {
-    Bytes::from(
-        serde_json::to_vec(&json!({
-            "apiVersion": "flotilla.dev/v1",
-            "agentId": agent,
-            "generation": generation,
-            "resources": resources,
-        }))
-        .unwrap(),
-    )
-}
+pub use testbed::manifest_json as manifest;
 
 pub fn file(id: &str, path: &Path, content: &str) -> Value {
     json!({"id": id, "kind": "File", "spec": {"path": path, "content": content}})
+}
+
+/// Writes generation `generation` of `agent`'s manifest with `resources`;
+/// returns the revision.
+pub async fn apply(store: &Store, agent: &str, generation: u64, resources: Value) -> u64 {
+    put_manifest(store, agent, manifest(agent, generation, resources)).await
 }
 
 /// Writes `desired-state.<agent>` as the control plane would; returns the revision.

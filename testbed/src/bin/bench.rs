@@ -27,20 +27,11 @@ use serde_json::json;
 use testbed::NatsServer;
 use tokio::sync::oneshot;
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let applies = arg("--applies", 200);
-    let fleet = arg("--fleet", 100);
-    let rounds = arg("--rounds", 5);
+    let applies = testbed::bench_arg("--applies", 200);
+    let fleet = testbed::bench_arg("--fleet", 100);
+    let rounds = testbed::bench_arg("--rounds", 5);
     let server = NatsServer::start();
     let js = async_nats::jetstream::new(server.client().await);
     let store = flotilla_control::bucket::ensure_bucket(&js, &BucketName::default()).await?;

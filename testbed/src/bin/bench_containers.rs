@@ -22,20 +22,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use async_nats::jetstream::kv::Store;
-use bytes::Bytes;
 use manifest_types::{AgentId, AgentStatus, BucketName, keys};
 use serde_json::{Value, json};
 use testbed::docker::{Cleanup, TEST_IMAGE, containers_of, require_engine};
 use testbed::{NatsServer, Process};
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn container(id: &str, env: &str) -> Value {
     json!({"id": id, "kind": "Container", "spec": {
@@ -43,18 +33,6 @@ fn container(id: &str, env: &str) -> Value {
         "command": ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"],
         "env": {"GEN": env},
     }})
-}
-
-fn manifest(agent: &AgentId, generation: u64, resources: Value) -> Bytes {
-    Bytes::from(
-        serde_json::to_vec(&json!({
-            "apiVersion": "flotilla.dev/v1",
-            "agentId": agent,
-            "generation": generation,
-            "resources": resources,
-        }))
-        .expect("json"),
-    )
 }
 
 async fn apply(
@@ -67,7 +45,7 @@ async fn apply(
     store
         .put(
             keys::desired_state(agent),
-            manifest(agent, generation, resources),
+            testbed::manifest_json(agent.as_str(), generation, resources),
         )
         .await?;
     let deadline = start + Duration::from_secs(60);
@@ -122,8 +100,8 @@ fn agent_binary() -> anyhow::Result<std::path::PathBuf> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let applies = arg("--applies", 20) as u64;
-    let many = arg("--containers", 10);
+    let applies = testbed::bench_arg("--applies", 20) as u64;
+    let many = testbed::bench_arg("--containers", 10);
     require_engine();
     let engine = Command::new("docker")
         .args([

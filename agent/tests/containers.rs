@@ -66,14 +66,40 @@ fn config(h: &Harness, agent: &str) -> flotilla_agent::Config {
     c
 }
 
-#[tokio::test]
-async fn creates_replaces_on_change_and_removes() {
+/// One in-process agent on the shared engine; its containers are removed
+/// when this is dropped (after the agent stops: fields drop in order).
+struct EngineAgent {
+    id: String,
+    h: Harness,
+    store: async_nats::jetstream::kv::Store,
+    _running: RunningAgent,
+    _cleanup: Cleanup,
+}
+
+async fn engine_agent(
+    prefix: &str,
+    tweak: impl FnOnce(&mut flotilla_agent::Config),
+) -> EngineAgent {
     require_engine();
-    let agent = unique_agent("ctr");
-    let _cleanup = Cleanup::new(&[&agent]);
+    let id = unique_agent(prefix);
+    let _cleanup = Cleanup::new(&[&id]);
     let h = Harness::new().await;
     let store = h.store().await;
-    let _a = RunningAgent::start(config(&h, &agent));
+    let mut cfg = config(&h, &id);
+    tweak(&mut cfg);
+    EngineAgent {
+        _running: RunningAgent::start(cfg),
+        id,
+        h,
+        store,
+        _cleanup,
+    }
+}
+
+#[tokio::test]
+async fn creates_replaces_on_change_and_removes() {
+    let e = engine_agent("ctr", |_| {}).await;
+    let (agent, store) = (e.id.clone(), e.store.clone());
 
     let spec = |v: &str| {
         json!({"image": TEST_IMAGE, "command": sleeper(), "env": {"VERSION": v},
@@ -118,12 +144,8 @@ async fn creates_replaces_on_change_and_removes() {
 
 #[tokio::test]
 async fn repairs_a_container_removed_or_stopped_by_hand() {
-    require_engine();
-    let agent = unique_agent("ctr");
-    let _cleanup = Cleanup::new(&[&agent]);
-    let h = Harness::new().await;
-    let store = h.store().await;
-    let _a = RunningAgent::start(config(&h, &agent));
+    let e = engine_agent("ctr", |_| {}).await;
+    let (agent, store) = (e.id.clone(), e.store.clone());
     apply(
         &store,
         &agent,
@@ -234,12 +256,8 @@ async fn pulls_by_policy_and_reports_unknown_images() {
 
 #[tokio::test]
 async fn a_command_that_exits_is_a_crash_loop_never_ready() {
-    require_engine();
-    let agent = unique_agent("crash");
-    let _cleanup = Cleanup::new(&[&agent]);
-    let h = Harness::new().await;
-    let store = h.store().await;
-    let _a = RunningAgent::start(config(&h, &agent));
+    let e = engine_agent("crash", |_| {}).await;
+    let (agent, store) = (e.id.clone(), e.store.clone());
     apply(
         &store,
         &agent,
@@ -321,14 +339,11 @@ async fn two_agents_on_one_engine_touch_only_their_own() {
 
 #[tokio::test]
 async fn privileges_and_foreign_mounts_need_the_device_owner() {
-    require_engine();
-    let agent = unique_agent("priv");
-    let _cleanup = Cleanup::new(&[&agent]);
-    let h = Harness::new().await;
-    let store = h.store().await;
-    let mut cfg = config(&h, &agent);
-    cfg.container_policy.allowed_capabilities = vec!["NET_ADMIN".into()];
-    let _a = RunningAgent::start(cfg);
+    let e = engine_agent("priv", |c| {
+        c.container_policy.allowed_capabilities = vec!["NET_ADMIN".into()];
+    })
+    .await;
+    let (agent, store, h) = (e.id.clone(), e.store.clone(), &e.h);
     let base = json!({"image": TEST_IMAGE, "command": sleeper()});
     apply(&store, &agent, 1, json!([container("s/app", base.clone())])).await;
     let s = wait_status(&store, &agent, "ready", |s| s.converged_on(1)).await;
@@ -422,14 +437,9 @@ async fn a_missing_engine_fails_only_the_containers() {
 
 #[tokio::test]
 async fn a_changed_file_replaces_the_container_that_restarts_on_it() {
-    require_engine();
-    let agent = unique_agent("trig");
-    let _cleanup = Cleanup::new(&[&agent]);
-    let h = Harness::new().await;
-    let store = h.store().await;
-    let root = h.root(&agent);
-    let conf_dir = root.join("conf");
-    let _a = RunningAgent::start(config(&h, &agent));
+    let e = engine_agent("trig", |_| {}).await;
+    let (agent, store) = (e.id.clone(), e.store.clone());
+    let conf_dir = e.h.root(&agent).join("conf");
     let resources = |content: &str| {
         json!([
             {"id": "svc/app", "kind": "Container", "restartOn": ["svc/conf"],
@@ -511,14 +521,11 @@ async fn an_agent_killed_right_after_create_ends_with_one_container() {
 
 #[tokio::test]
 async fn a_container_that_dies_soon_after_start_is_caught_before_the_next_resync() {
-    require_engine();
-    let agent = unique_agent("late");
-    let _cleanup = Cleanup::new(&[&agent]);
-    let h = Harness::new().await;
-    let store = h.store().await;
-    let mut cfg = config(&h, &agent);
-    cfg.resync_interval = Duration::from_secs(300); // no drift check during the test
-    let _a = RunningAgent::start(cfg);
+    let e = engine_agent("late", |c| {
+        c.resync_interval = Duration::from_secs(300); // no drift check during the test
+    })
+    .await;
+    let (agent, store) = (e.id.clone(), e.store.clone());
     apply(
         &store,
         &agent,

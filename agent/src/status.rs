@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use manifest_types::{
     AgentBuild, AgentId, AgentStatus, ApiVersion, Condition, ConditionType, Rejection,
-    ReleasedResource, ResourceId, ResourceState, ResourceStatus,
+    ReleasedResource, RemovingResource, ResourceId, ResourceState, ResourceStatus,
 };
 use tokio::sync::watch;
 
@@ -33,7 +33,10 @@ struct Inputs {
     rejection: Option<Rejection>,
     worker_generation: u64,
     resources: BTreeMap<ResourceId, ResourceStatus>,
+    /// What reconciles in flight say they are doing (shown over `resources`).
+    progress: BTreeMap<ResourceId, ResourceStatus>,
     released: Vec<ReleasedResource>,
+    removing: Vec<RemovingResource>,
     identity_conflict: Option<String>,
     /// When each condition last changed status.
     transitions: BTreeMap<ConditionType, (bool, String)>,
@@ -110,24 +113,27 @@ impl StatusBoard {
         self.update(|i| i.rejection = Some(rejection));
     }
 
-    /// The worker finished a pass over `generation`.
+    /// What the worker knows: the generation every resource has been looked
+    /// at for (and swept), each resource's status, and removals.
     pub fn set_resources(
         &self,
         generation: u64,
         resources: BTreeMap<ResourceId, ResourceStatus>,
         released: Vec<ReleasedResource>,
+        removing: Vec<RemovingResource>,
     ) {
         self.update(|i| {
             i.worker_generation = generation;
             i.resources = resources;
             i.released = released;
+            i.removing = removing;
         });
     }
 
-    /// One resource is being worked on (shown until the pass ends).
+    /// One resource is being worked on (shown until its reconcile returns).
     pub fn set_progress(&self, resource: &manifest_types::ManagedResource, message: String) {
         self.update(|i| {
-            i.resources.insert(
+            i.progress.insert(
                 resource.id.clone(),
                 ResourceStatus {
                     kind: resource.spec.kind_str().to_owned(),
@@ -136,6 +142,13 @@ impl StatusBoard {
                     state: manifest_types::ResourceState::Reconciling { message },
                 },
             );
+        });
+    }
+
+    /// The reconcile of `id` returned; its own status takes over again.
+    pub fn clear_progress(&self, id: &ResourceId) {
+        self.update(|i| {
+            i.progress.remove(id);
         });
     }
 
@@ -153,10 +166,14 @@ impl StatusBoard {
 }
 
 fn build(agent_id: &AgentId, instance_id: &str, i: &mut Inputs) -> AgentStatus {
-    let total = i.resources.len();
-    let ready = i.resources.values().filter(|r| r.state.is_ready()).count();
-    let broken = i
-        .resources
+    let mut resources = i.resources.clone();
+    for (id, p) in &i.progress {
+        resources.insert(id.clone(), p.clone());
+    }
+    let total = resources.len();
+    let ready = resources.values().filter(|r| r.state.is_ready()).count();
+    let removing = i.removing.len();
+    let broken = resources
         .values()
         .filter(|r| {
             matches!(
@@ -164,7 +181,8 @@ fn build(agent_id: &AgentId, instance_id: &str, i: &mut Inputs) -> AgentStatus {
                 ResourceState::Failed { .. } | ResourceState::Unsupported { .. }
             )
         })
-        .count();
+        .count()
+        + removing;
     let behind = i.worker_generation != i.accepted_generation;
     let mut conds: Vec<(ConditionType, bool, String, String)> = Vec::new();
     let (ready_ok, ready_reason, ready_msg) = if i.accepted_generation == 0 {
@@ -174,6 +192,14 @@ fn build(agent_id: &AgentId, instance_id: &str, i: &mut Inputs) -> AgentStatus {
             false,
             "Reconciling",
             format!("converging generation {}", i.accepted_generation),
+        )
+    } else if removing > 0 {
+        (
+            false,
+            "RemovingResources",
+            format!(
+                "{removing} removed resource(s) not yet removed; {ready}/{total} resources ready"
+            ),
         )
     } else if ready == total {
         (
@@ -210,7 +236,7 @@ fn build(agent_id: &AgentId, instance_id: &str, i: &mut Inputs) -> AgentStatus {
         }
         .into(),
         if broken > 0 {
-            format!("{broken}/{total} resources failed or unsupported")
+            format!("{broken} resources failed, unsupported or not yet removed")
         } else {
             String::new()
         },
@@ -263,10 +289,11 @@ fn build(agent_id: &AgentId, instance_id: &str, i: &mut Inputs) -> AgentStatus {
         manifest_generation: i.worker_generation,
         observed_generation: i.observed_generation,
         observed_revision: i.observed_revision,
-        resources: i.resources.clone(),
+        resources,
         conditions,
         rejection: i.rejection.clone(),
         released: i.released.clone(),
+        removing: i.removing.clone(),
         agent: agent_build(),
     }
 }
@@ -303,14 +330,24 @@ mod tests {
         let s = board.current();
         assert!(s.condition_true(ConditionType::Reconciling));
         assert!(!s.converged_on(3));
-        board.set_resources(3, [("d/a".parse().unwrap(), ready())].into(), vec![]);
+        board.set_resources(
+            3,
+            [("d/a".parse().unwrap(), ready())].into(),
+            vec![],
+            vec![],
+        );
         let s = board.current();
         assert!(s.converged_on(3), "{s:?}");
         assert!(!s.condition_true(ConditionType::Degraded));
         assert!(rx.has_changed().unwrap());
         rx.borrow_and_update();
         // Same inputs again: no new status to write.
-        board.set_resources(3, [("d/a".parse().unwrap(), ready())].into(), vec![]);
+        board.set_resources(
+            3,
+            [("d/a".parse().unwrap(), ready())].into(),
+            vec![],
+            vec![],
+        );
         assert!(!rx.has_changed().unwrap());
         board.rejected(Rejection {
             reason: "MalformedJson".into(),

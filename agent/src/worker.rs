@@ -1,22 +1,44 @@
-//! The reconcile worker: runs beside the agent's event loop, converging the
-//! newest accepted manifest resource by resource. One failing resource never
-//! blocks the others; each has its own exponential backoff.
+//! The reconcile worker: runs beside the agent's event loop and converges
+//! the newest accepted manifest.
+//!
+//! - Independent resources reconcile concurrently, at most
+//!   [`Worker::concurrency`] at once, each as a task of its own: a long image
+//!   pull or a unit job waiting out its timeout delays no other resource. A
+//!   resource with `restartOn` waits until its inputs are settled, so a
+//!   container replaced for a changed File starts with the new file in place.
+//! - A newer manifest is taken at once. A reconcile whose resource it
+//!   changes or drops is interrupted at a safe point (see
+//!   [`crate::reconcile::Interrupt`]); reconciles of unchanged resources
+//!   carry on and count for the new generation.
+//! - Each resource has its own exponential backoff after failures;
+//!   reconcilers say themselves when a good or pending state deserves another
+//!   look ([`Outcome`]'s `recheck_after`).
+//! - Removal is part of convergence: once every resource of a generation
+//!   has been reconciled, a sweep removes what the manifest no longer lists.
+//!   Removals that fail stay in the status (`removing`), keep Ready false and
+//!   are retried with backoff.
+//! - The status names a generation (`manifestGeneration`) only when every
+//!   resource of it has been looked at and its removal sweep has run.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use manifest_types::{
-    AgentManifest, ReleasedResource, ResourceId, ResourceSpec, ResourceState, ResourceStatus,
+    AgentManifest, ManagedResource, ReleasedResource, RemovingResource, ResourceId, ResourceKind,
+    ResourceSpec, ResourceState, ResourceStatus,
 };
 use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::reconcile::{Outcome, Progress, Reconcilers};
+use crate::reconcile::{self, Ctx, Interrupt, Outcome, Progress, Reconcilers, Removals};
 use crate::status::{StatusBoard, now_rfc3339};
 
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Reconciles in flight at once, by default.
+pub const DEFAULT_CONCURRENCY: usize = 4;
 
 /// Delay before retry number `attempts` (1-based): 1 s, 2 s, 4 s … 5 min.
 pub fn backoff(attempts: u32) -> Duration {
@@ -28,31 +50,94 @@ pub fn backoff(attempts: u32) -> Duration {
         .min(BACKOFF_MAX)
 }
 
+/// The level a resource is reconciled at: its spec hash and the hash of its
+/// `restartOn` inputs. A result for the same level is valid for any
+/// generation that carries it.
+fn level(r: &ManagedResource, m: &AgentManifest) -> String {
+    format!(
+        "{}:{}",
+        r.spec_hash(),
+        reconcile::inputs_hash(m, &r.restart_on)
+    )
+}
+
 #[derive(Debug)]
 struct Record {
     status: ResourceStatus,
+    level: String,
+    attempts: u32,
+    /// When to look again (backoff, or the reconciler's recheck).
+    retry_at: Option<Instant>,
+    /// A drift check was asked for.
+    drift: bool,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    level: String,
+    interrupt: watch::Sender<bool>,
+}
+
+enum Done {
+    Resource {
+        id: ResourceId,
+        level: String,
+        outcome: Outcome,
+    },
+    Removal {
+        generation: u64,
+        dropped: Vec<(ResourceId, ResourceKind)>,
+        removals: Removals,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Removal {
+    /// Resources that left the manifest and are not confirmed removed.
+    dropped: BTreeMap<ResourceId, ResourceKind>,
+    /// Whether a sweep is in flight.
+    running: bool,
+    /// The generation the last finished sweep ran for.
+    swept: u64,
     attempts: u32,
     retry_at: Option<Instant>,
+    /// A sweep was asked for (drift check) while none was due.
+    drift: bool,
+    removing: Vec<RemovingResource>,
+    released: Vec<ReleasedResource>,
 }
 
 #[derive(Debug)]
 pub struct Worker {
-    reconcilers: Reconcilers,
-    records: BTreeMap<ResourceId, Record>,
-    released: Vec<ReleasedResource>,
-    generation: u64,
+    reconcilers: Arc<Reconcilers>,
     board: StatusBoard,
+    /// Reconciles in flight at once.
+    pub concurrency: usize,
+    manifest: Option<Arc<AgentManifest>>,
+    records: BTreeMap<ResourceId, Record>,
+    in_flight: BTreeMap<ResourceId, InFlight>,
+    removal: Removal,
+    /// The generation the status may name (see the module doc).
+    settled: u64,
 }
 
 impl Worker {
     pub fn new(reconcilers: Reconcilers, board: StatusBoard) -> Self {
         Self {
-            reconcilers,
-            records: BTreeMap::new(),
-            released: Vec::new(),
-            generation: 0,
+            reconcilers: Arc::new(reconcilers),
             board,
+            concurrency: DEFAULT_CONCURRENCY,
+            manifest: None,
+            records: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            removal: Removal::default(),
+            settled: 0,
         }
+    }
+
+    pub fn with_concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
     }
 
     /// Runs until `desired` closes. `resync` asks for a drift check.
@@ -61,94 +146,293 @@ impl Worker {
         mut desired: watch::Receiver<Option<Arc<AgentManifest>>>,
         resync: Arc<Notify>,
     ) {
-        let mut manifest = desired.borrow_and_update().clone();
-        let mut drift_check = true;
+        let mut tasks: JoinSet<Done> = JoinSet::new();
+        if let Some(m) = desired.borrow_and_update().clone() {
+            self.take(m);
+        }
         loop {
-            if let Some(m) = &manifest {
-                self.pass(m, drift_check).await;
-            }
-            drift_check = false;
-            let next_retry = self.records.values().filter_map(|r| r.retry_at).min();
+            self.schedule(&mut tasks);
+            self.publish();
+            let next = self.next_wakeup();
             tokio::select! {
                 // Cancel-safe: `changed` only marks the value seen.
                 changed = desired.changed() => {
                     if changed.is_err() {
-                        return;
+                        break;
                     }
-                    manifest = desired.borrow_and_update().clone();
-                    drift_check = true;
+                    if let Some(m) = desired.borrow_and_update().clone() {
+                        self.take(m);
+                    }
                 }
                 // Cancel-safe: a missed notification is stored as a permit.
-                () = resync.notified() => drift_check = true,
-                () = sleep_until_opt(next_retry) => {}
+                () = resync.notified() => self.drift_check(),
+                // Cancel-safe: JoinSet::join_next keeps unfinished tasks.
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => match done {
+                    Ok(done) => self.finish(done),
+                    Err(e) => tracing::error!(error = %e, "a reconcile task panicked"),
+                },
+                () = sleep_until_opt(next) => {}
+            }
+        }
+        for f in self.in_flight.values() {
+            let _ = f.interrupt.send(true);
+        }
+        tasks.shutdown().await;
+    }
+
+    /// A newer manifest: interrupt reconciles it makes stale, note what it
+    /// dropped, and look at everything else again.
+    fn take(&mut self, m: Arc<AgentManifest>) {
+        if let Some(old) = &self.manifest {
+            if old.generation == m.generation {
+                return;
+            }
+            for r in &old.resources {
+                if m.resource(&r.id).is_none()
+                    && let Some(kind) = r.spec.kind()
+                {
+                    self.removal.dropped.insert(r.id.clone(), kind);
+                }
+            }
+            self.removal.released.clear();
+        }
+        for (id, f) in &self.in_flight {
+            let current = m.resource(id).map(|r| level(r, &m));
+            if current.as_deref() != Some(f.level.as_str()) {
+                tracing::info!(resource = %id, "a newer manifest changes this resource; interrupting its reconcile");
+                let _ = f.interrupt.send(true);
+            }
+        }
+        for id in m.resources.iter().map(|r| &r.id) {
+            self.removal.dropped.remove(id);
+        }
+        self.records.retain(|id, _| m.resource(id).is_some());
+        for rec in self.records.values_mut() {
+            rec.drift = true;
+        }
+        self.manifest = Some(m);
+    }
+
+    fn drift_check(&mut self) {
+        for rec in self.records.values_mut() {
+            rec.drift = true;
+        }
+        self.removal.drift = true;
+    }
+
+    fn due(&self, r: &ManagedResource, lvl: &str, now: Instant) -> bool {
+        if self.in_flight.contains_key(&r.id) {
+            return false;
+        }
+        match self.records.get(&r.id) {
+            None => true,
+            Some(rec) if rec.level != lvl => true,
+            Some(rec) => {
+                rec.retry_at.is_some_and(|at| at <= now)
+                    || (rec.drift && !matches!(r.spec, ResourceSpec::Unsupported(_)))
             }
         }
     }
 
-    /// One pass over the manifest. `drift_check` re-observes every healthy
-    /// resource; failed ones wait for their backoff unless the manifest changed.
-    async fn pass(&mut self, m: &AgentManifest, drift_check: bool) {
-        let new_generation = m.generation != self.generation;
-        if new_generation {
-            self.released.clear();
-        }
+    /// Whether every resource has a result for its current level.
+    fn all_looked_at(&self, m: &AgentManifest) -> bool {
+        m.resources.iter().all(|r| {
+            self.records
+                .get(&r.id)
+                .is_some_and(|rec| rec.level == level(r, m))
+        })
+    }
+
+    /// Starts what is due, within the concurrency bound and `restartOn` order.
+    fn schedule(&mut self, tasks: &mut JoinSet<Done>) {
+        let Some(m) = self.manifest.clone() else {
+            return;
+        };
         let now = Instant::now();
-        // Resources with restartOn go after their inputs, so a container
-        // replaced for a changed File starts with the new file in place.
-        let mut order: Vec<_> = m.resources.iter().collect();
-        order.sort_by_key(|r| !r.restart_on.is_empty());
-        for r in order {
-            let hash = r.spec_hash();
-            let rec = self.records.get(&r.id);
-            let due = match rec {
-                None => true,
-                Some(rec) if rec.status.spec_hash != hash || new_generation => true,
-                Some(rec) => match rec.retry_at {
-                    Some(at) => at <= now,
-                    None => drift_check && !matches!(r.spec, ResourceSpec::Unsupported(_)),
-                },
-            };
-            if !due {
+        let levels: BTreeMap<&ResourceId, String> =
+            m.resources.iter().map(|r| (&r.id, level(r, &m))).collect();
+        let due: BTreeSet<&ResourceId> = m
+            .resources
+            .iter()
+            .filter(|r| self.due(r, &levels[&r.id], now))
+            .map(|r| &r.id)
+            .collect();
+        for r in &m.resources {
+            if self.in_flight.len() >= self.concurrency {
+                break;
+            }
+            if !due.contains(&r.id) {
                 continue;
             }
-            let progress = Progress::new(&self.board, r);
-            let outcome = self.reconcilers.reconcile(r, m, &progress).await;
-            let previous = self
-                .records
-                .remove(&r.id)
-                .filter(|p| p.status.spec_hash == hash);
-            let mut record =
-                next_record(previous, outcome, r.spec.kind_str(), hash, r.source.clone());
-            if record.retry_at.is_none()
-                && let Some(after) = self.reconcilers.recheck_after(r)
-            {
-                // Ready, but young enough to look at again soon (a container
-                // that was just started may still crash).
-                record.retry_at = Some(Instant::now() + after);
+            // Inputs first: wait while one is due or being reconciled.
+            let inputs_busy = r
+                .restart_on
+                .iter()
+                .any(|i| due.contains(i) || self.in_flight.contains_key(i));
+            if inputs_busy {
+                continue;
             }
-            self.records.insert(r.id.clone(), record);
+            let lvl = levels[&r.id].clone();
+            let (interrupt_tx, interrupt) = Interrupt::new();
+            let resource = Arc::new(r.clone());
+            let ctx = Ctx {
+                progress: Progress::new(self.board.clone(), resource.clone()),
+                interrupt,
+            };
+            let (reconcilers, manifest, id) = (self.reconcilers.clone(), m.clone(), r.id.clone());
+            let task_level = lvl.clone();
+            tasks.spawn(async move {
+                let outcome = reconcilers.reconcile(&resource, &manifest, ctx).await;
+                Done::Resource {
+                    id,
+                    level: task_level,
+                    outcome,
+                }
+            });
+            if let Some(rec) = self.records.get_mut(&r.id) {
+                rec.drift = false;
+            }
+            self.in_flight.insert(
+                r.id.clone(),
+                InFlight {
+                    level: lvl,
+                    interrupt: interrupt_tx,
+                },
+            );
         }
-        self.records.retain(|id, _| m.resource(id).is_some());
-        self.released
-            .extend(self.reconcilers.remove_unlisted(m).await);
-        self.generation = m.generation;
+        // The removal sweep runs once every resource of the generation has
+        // been looked at, then on drift checks and on its own backoff.
+        let sweep_due = !self.removal.running
+            && self.all_looked_at(&m)
+            && (self.removal.swept != m.generation
+                || self.removal.drift
+                || self.removal.retry_at.is_some_and(|at| at <= now));
+        if sweep_due {
+            self.removal.running = true;
+            self.removal.drift = false;
+            let dropped: Vec<_> = self
+                .removal
+                .dropped
+                .iter()
+                .map(|(id, k)| (id.clone(), *k))
+                .collect();
+            let (reconcilers, manifest) = (self.reconcilers.clone(), m.clone());
+            tasks.spawn(async move {
+                let removals = reconcilers.remove_unlisted(&manifest, &dropped).await;
+                Done::Removal {
+                    generation: manifest.generation,
+                    dropped,
+                    removals,
+                }
+            });
+        }
+    }
+
+    fn finish(&mut self, done: Done) {
+        match done {
+            Done::Resource { id, level, outcome } => {
+                self.in_flight.remove(&id);
+                self.board.clear_progress(&id);
+                let Some(m) = self.manifest.clone() else {
+                    return;
+                };
+                let Some(r) = m.resource(&id) else { return };
+                if outcome == Outcome::Interrupted {
+                    return;
+                }
+                // A result for a level the manifest no longer has is stale.
+                if self::level(r, &m) != level {
+                    return;
+                }
+                let previous = self.records.remove(&id).filter(|p| p.level == level);
+                let record = next_record(previous, outcome, r, level);
+                self.records.insert(id, record);
+            }
+            Done::Removal {
+                generation,
+                dropped,
+                removals,
+            } => {
+                self.removal.running = false;
+                self.removal.swept = generation;
+                let failed: BTreeSet<&ResourceId> =
+                    removals.failed.iter().map(|(id, _, _)| id).collect();
+                for (id, _) in &dropped {
+                    if !failed.contains(id) {
+                        self.removal.dropped.remove(id);
+                    }
+                }
+                for r in removals.released {
+                    if !self.removal.released.contains(&r) {
+                        self.removal.released.push(r);
+                    }
+                }
+                if removals.failed.is_empty() {
+                    self.removal.attempts = 0;
+                    self.removal.retry_at = None;
+                    self.removal.removing.clear();
+                } else {
+                    self.removal.attempts += 1;
+                    let delay = backoff(self.removal.attempts);
+                    self.removal.retry_at = Some(Instant::now() + delay);
+                    self.removal.removing = removals
+                        .failed
+                        .into_iter()
+                        .map(|(id, kind, f)| {
+                            tracing::warn!(resource = %id, reason = %f.reason, message = %f.message,
+                                attempts = self.removal.attempts, retry_in = ?delay, "removal failed");
+                            self.removal.dropped.insert(id.clone(), kind);
+                            RemovingResource {
+                                id,
+                                kind: kind.to_string(),
+                                reason: f.reason.into(),
+                                message: f.message,
+                                attempts: self.removal.attempts,
+                                retry_after_seconds: Some(delay.as_secs()),
+                            }
+                        })
+                        .collect();
+                }
+            }
+        }
+    }
+
+    /// Hands the board what the worker knows.
+    fn publish(&mut self) {
+        let Some(m) = &self.manifest else { return };
+        if self.all_looked_at(m) && self.removal.swept == m.generation {
+            self.settled = m.generation;
+        }
         let statuses = self
             .records
             .iter()
             .map(|(id, r)| (id.clone(), r.status.clone()))
             .collect();
-        self.board
-            .set_resources(m.generation, statuses, self.released.clone());
+        self.board.set_resources(
+            self.settled,
+            statuses,
+            self.removal.released.clone(),
+            self.removal.removing.clone(),
+        );
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        self.records
+            .iter()
+            .filter(|(id, _)| !self.in_flight.contains_key(*id))
+            .filter_map(|(_, r)| r.retry_at)
+            .chain(self.removal.retry_at.filter(|_| !self.removal.running))
+            .min()
     }
 }
 
 fn next_record(
     previous: Option<Record>,
     outcome: Outcome,
-    kind: &str,
-    spec_hash: String,
-    source: Option<manifest_types::ResourceSource>,
+    r: &ManagedResource,
+    level: String,
 ) -> Record {
+    let kind = r.spec.kind_str();
     let prev_state = previous.as_ref().map(|p| &p.status.state);
     let since = |same: bool| match (same, prev_state) {
         (true, Some(ResourceState::Ready { since, .. } | ResourceState::Failed { since, .. })) => {
@@ -156,8 +440,12 @@ fn next_record(
         }
         _ => now_rfc3339(),
     };
+    let now = Instant::now();
     let (state, attempts, retry_at) = match outcome {
-        Outcome::Ready(details) => {
+        Outcome::Ready {
+            details,
+            recheck_after,
+        } => {
             let was_ready = matches!(prev_state, Some(ResourceState::Ready { .. }));
             (
                 ResourceState::Ready {
@@ -165,37 +453,49 @@ fn next_record(
                     details,
                 },
                 0,
-                None,
+                recheck_after.map(|d| now + d),
             )
         }
-        Outcome::Failed { reason, message } => {
+        Outcome::Waiting {
+            message,
+            recheck_after,
+        } => (
+            ResourceState::Reconciling { message },
+            0,
+            Some(now + recheck_after),
+        ),
+        Outcome::Failed(f) => {
             let attempts = previous.as_ref().map_or(0, |p| p.attempts) + 1;
             let delay = backoff(attempts);
             let was_failed = matches!(prev_state, Some(ResourceState::Failed { .. }));
-            tracing::warn!(kind, reason, %message, attempts, retry_in = ?delay, "resource failed");
+            tracing::warn!(resource = %r.id, kind, reason = %f.reason, message = %f.message, attempts, retry_in = ?delay, "resource failed");
             (
                 ResourceState::Failed {
                     since: since(was_failed),
-                    reason: reason.to_owned(),
-                    message,
+                    reason: f.reason.into(),
+                    message: f.message,
                     attempts,
                     retry_after_seconds: Some(delay.as_secs()),
                 },
                 attempts,
-                Some(Instant::now() + delay),
+                Some(now + delay),
             )
         }
         Outcome::Unsupported(reason) => (ResourceState::Unsupported { reason }, 0, None),
+        // Filtered out by the caller; kept total for safety.
+        Outcome::Interrupted => (ResourceState::Pending, 0, Some(now)),
     };
     Record {
         status: ResourceStatus {
             kind: kind.to_owned(),
-            spec_hash,
-            source,
+            spec_hash: r.spec_hash(),
+            source: r.source.clone(),
             state,
         },
+        level,
         attempts,
         retry_at,
+        drift: false,
     }
 }
 
@@ -209,6 +509,7 @@ async fn sleep_until_opt(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use manifest_types::FailureReason;
 
     #[test]
     fn backoff_doubles_and_caps() {
@@ -219,44 +520,83 @@ mod tests {
         assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
     }
 
-    #[test]
-    fn failures_count_attempts_and_keep_since() {
-        let fail = || Outcome::failed("X", "boom");
-        let r1 = next_record(None, fail(), "File", "h".into(), None);
+    fn resource() -> ManagedResource {
+        let m = serde_json::json!({
+            "apiVersion": "flotilla.dev/v1", "agentId": "a", "generation": 1,
+            "resources": [{"id": "d/a", "kind": "File", "spec": {"path": "/etc/x", "content": "x"}}]
+        });
+        AgentManifest::from_json(m.to_string().as_bytes())
+            .unwrap()
+            .resources
+            .remove(0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_count_attempts_and_keep_since() {
+        let r = resource();
+        let fail = || Outcome::failed(FailureReason::WriteFailed, "boom");
+        let r1 = next_record(None, fail(), &r, "l".into());
         assert_eq!(r1.attempts, 1);
         let since1 = match &r1.status.state {
             ResourceState::Failed { since, .. } => since.clone(),
             s => panic!("{s:?}"),
         };
-        let r2 = next_record(Some(r1), fail(), "File", "h".into(), None);
+        let r2 = next_record(Some(r1), fail(), &r, "l".into());
         assert_eq!(r2.attempts, 2);
         match &r2.status.state {
             ResourceState::Failed {
                 since,
                 retry_after_seconds,
                 attempts,
+                reason,
                 ..
             } => {
                 assert_eq!(since, &since1);
                 assert_eq!(*retry_after_seconds, Some(2));
                 assert_eq!(*attempts, 2);
+                assert_eq!(reason, "WriteFailed");
             }
             s => panic!("{s:?}"),
         }
+        assert_eq!(r2.retry_at, Some(Instant::now() + Duration::from_secs(2)));
         let ready = next_record(
             Some(r2),
-            Outcome::Ready(manifest_types::ReadyDetails::File {
+            Outcome::ready(manifest_types::ReadyDetails::File {
                 sha256: String::new(),
                 size: 0,
                 mode: "0644".into(),
                 uid: 0,
                 gid: 0,
             }),
-            "File",
-            "h".into(),
-            None,
+            &r,
+            "l".into(),
         );
         assert_eq!(ready.attempts, 0);
         assert!(ready.retry_at.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_is_reconciling_and_rechecked_when_the_reconciler_says() {
+        let r = resource();
+        let rec = next_record(
+            None,
+            Outcome::Waiting {
+                message: "health: starting".into(),
+                recheck_after: Duration::from_millis(500),
+            },
+            &r,
+            "l".into(),
+        );
+        assert_eq!(
+            rec.status.state,
+            ResourceState::Reconciling {
+                message: "health: starting".into()
+            }
+        );
+        assert_eq!(rec.attempts, 0);
+        assert_eq!(
+            rec.retry_at,
+            Some(Instant::now() + Duration::from_millis(500))
+        );
     }
 }

@@ -13,6 +13,8 @@
 //!   [`ManifestError`] rejections, spec hashes and the signing input.
 //! - [`status`]: [`AgentStatus`] (`actual-state.<id>`), per-resource
 //!   [`ResourceStatus`], [`Condition`]s and the convergence rule.
+//! - [`reason`]: [`FailureReason`], the typed codes of resources that are
+//!   not Ready (strings on the wire, so newer codes never break a reader).
 //! - [`inventory`]: [`AgentInventory`] (`agents.<id>`) and [`Heartbeat`].
 //! - [`deployment`]: [`Deployment`] (`deployments.<name>`) and
 //!   [`DeploymentStatus`] (`deployment-status.<name>`).
@@ -27,6 +29,7 @@ pub mod ids;
 pub mod inventory;
 pub mod keys;
 pub mod manifest;
+pub mod reason;
 pub mod spec;
 pub mod status;
 
@@ -36,13 +39,14 @@ pub use deployment::{
 pub use ids::{AgentId, BucketName, DeploymentName, IdError, LocalId, ResourceId};
 pub use inventory::{AgentInventory, Heartbeat};
 pub use manifest::{AgentManifest, ManagedResource, ManifestError, ResourceSource, Signature};
+pub use reason::FailureReason;
 pub use spec::{
     ContainerSpec, FileMode, FileSpec, ResourceKind, ResourceSpec, SpecError, SystemdUnitSpec,
     UnitName,
 };
 pub use status::{
     AgentBuild, AgentStatus, Condition, ConditionType, ReadyDetails, Rejection, ReleasedResource,
-    ResourceState, ResourceStatus,
+    RemovingResource, ResourceState, ResourceStatus,
 };
 
 /// The one API version this build speaks.

@@ -41,6 +41,12 @@ pub struct AgentStatus {
     /// (e.g. a file changed by someone else since the agent wrote it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub released: Vec<ReleasedResource>,
+    /// Resources dropped from the manifest whose removal has not succeeded
+    /// yet (engine down, a stop job failed, a file busy). Removal is part of
+    /// convergence: while this is not empty, Ready is false; each entry is
+    /// retried with backoff.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removing: Vec<RemovingResource>,
     pub agent: AgentBuild,
 }
 
@@ -204,6 +210,21 @@ pub struct ReleasedResource {
     pub id: ResourceId,
     pub target: String,
     pub reason: String,
+}
+
+/// A resource the agent is still removing, and why the last attempt failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct RemovingResource {
+    pub id: ResourceId,
+    pub kind: String,
+    /// A stable code ([`crate::FailureReason`]).
+    pub reason: String,
+    pub message: String,
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<u64>,
 }
 
 impl AgentStatus {

@@ -156,6 +156,14 @@ fn agent_status() {
             target: "/etc/motd".into(),
             reason: "changed by someone else since the agent wrote it; left in place".into(),
         }],
+        removing: vec![manifest_types::RemovingResource {
+            id: id("old/web"),
+            kind: "Container".into(),
+            reason: manifest_types::FailureReason::DockerUnavailable.into(),
+            message: "cannot reach the Docker Engine: connection refused".into(),
+            attempts: 2,
+            retry_after_seconds: Some(2),
+        }],
         agent: AgentBuild {
             version: "0.1.0".into(),
             arch: "aarch64".into(),

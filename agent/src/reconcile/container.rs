@@ -35,9 +35,11 @@ use bollard::query_parameters::{
 };
 use futures::StreamExt;
 use manifest_types::spec::{NetworkMode, PullPolicy, RestartPolicy};
-use manifest_types::{AgentId, AgentManifest, ContainerSpec, ReadyDetails, ResourceId};
+use manifest_types::{
+    AgentId, AgentManifest, ContainerSpec, FailureReason, ReadyDetails, ResourceId, ResourceKind,
+};
 
-use super::{Failure, Outcome, Progress};
+use super::{Ctx, Failure, Outcome, Progress, Removals};
 
 pub const LABEL_AGENT: &str = "io.flotilla.agent";
 pub const LABEL_RESOURCE: &str = "io.flotilla.resource";
@@ -48,6 +50,8 @@ const CRASH_WINDOW: Duration = Duration::from_secs(10);
 /// After starting a container, look again this much later before calling it
 /// Ready, so a command that exits at once is never reported Ready.
 const START_SETTLE: Duration = Duration::from_millis(300);
+/// How soon a container whose healthcheck is still `starting` is looked at again.
+const HEALTH_RECHECK: Duration = Duration::from_secs(1);
 
 // ------------------------------------------------------------ pure part ----
 
@@ -177,7 +181,7 @@ pub fn assess(inspect: &ContainerInspectResponse, now: SystemTime, repairs: u64)
         // Between two runs: the engine still shows the last exit code.
         Some(ContainerStateStatusEnum::RESTARTING) => {
             return Outcome::failed(
-                "CrashLoopBackOff",
+                FailureReason::CrashLoopBackOff,
                 format!(
                     "container keeps exiting: last exit code {exit_code}, restarted {restart_count} times by the engine"
                 ),
@@ -185,11 +189,11 @@ pub fn assess(inspect: &ContainerInspectResponse, now: SystemTime, repairs: u64)
         }
         Some(ContainerStateStatusEnum::RUNNING) => {}
         Some(ContainerStateStatusEnum::PAUSED) => {
-            return Outcome::failed("ContainerPaused", "container is paused");
+            return Outcome::failed(FailureReason::ContainerPaused, "container is paused");
         }
         Some(ContainerStateStatusEnum::EXITED) => {
             return Outcome::failed(
-                "ContainerExited",
+                FailureReason::ContainerExited,
                 format!(
                     "container exited with code {exit_code} at {}; its restart policy does not restart it",
                     state.finished_at.unwrap_or_default()
@@ -198,7 +202,7 @@ pub fn assess(inspect: &ContainerInspectResponse, now: SystemTime, repairs: u64)
         }
         other => {
             return Outcome::failed(
-                "ContainerNotRunning",
+                FailureReason::ContainerNotRunning,
                 format!(
                     "container is {}",
                     other.map_or("unknown".into(), |s| s.to_string())
@@ -213,7 +217,7 @@ pub fn assess(inspect: &ContainerInspectResponse, now: SystemTime, repairs: u64)
     // Running again after a restart: the engine has reset the exit code.
     if restart_count > 0 && up_for < CRASH_WINDOW {
         return Outcome::failed(
-            "CrashLoopBackOff",
+            FailureReason::CrashLoopBackOff,
             format!(
                 "container keeps exiting: restarted {restart_count} times by the engine, up only {:.1} s since the last restart",
                 up_for.as_secs_f64()
@@ -224,10 +228,23 @@ pub fn assess(inspect: &ContainerInspectResponse, now: SystemTime, repairs: u64)
         .health
         .and_then(|h| h.status)
         .filter(|s| *s != HealthStatusEnum::NONE && *s != HealthStatusEnum::EMPTY);
-    if health == Some(HealthStatusEnum::UNHEALTHY) {
-        return Outcome::failed("Unhealthy", "the container's healthcheck reports unhealthy");
+    match health {
+        Some(HealthStatusEnum::UNHEALTHY) => {
+            return Outcome::failed(
+                FailureReason::Unhealthy,
+                "the container's healthcheck reports unhealthy",
+            );
+        }
+        // Ready only once the engine says healthy.
+        Some(HealthStatusEnum::STARTING) => {
+            return Outcome::Waiting {
+                message: "running; healthcheck still starting".into(),
+                recheck_after: HEALTH_RECHECK,
+            };
+        }
+        _ => {}
     }
-    Outcome::Ready(ReadyDetails::Container {
+    Outcome::ready(ReadyDetails::Container {
         container_id: inspect.id.clone().unwrap_or_default(),
         image_id: inspect.image.clone().unwrap_or_default(),
         image_digest: None,
@@ -318,18 +335,25 @@ pub fn create_body(spec: &ContainerSpec, labels: HashMap<String, String>) -> Con
 
 // ---------------------------------------------------------- engine part ----
 
-/// Talks to one Docker Engine (API negotiated, 1.41 and up).
+/// Talks to one Docker Engine (API negotiated, 1.41 and up). Shared by
+/// concurrent reconciles: its small memory sits behind one lock that is
+/// never held across an engine call.
 #[derive(Debug)]
 pub struct ContainerReconciler {
     agent: AgentId,
     /// `unix://` path or None for DOCKER_HOST / the default socket.
     docker_host: Option<String>,
-    docker: Option<Docker>,
     stop_timeout: Duration,
+    memory: std::sync::Mutex<Memory>,
+}
+
+#[derive(Debug)]
+struct Memory {
+    docker: Option<Docker>,
     /// Repairs per resource since this agent started (for the current hash).
     repairs: BTreeMap<ResourceId, (String, u64)>,
-    /// Whether the last pass had containers (or this is the first pass), so
-    /// an agent without containers does not poll the engine.
+    /// Whether the last sweep found containers (or none ran yet), so an
+    /// agent without containers does not poll the engine.
     may_own: bool,
     /// When the agent last started each resource's container: it is checked
     /// again early, while a crash loop could still be starting.
@@ -346,10 +370,10 @@ fn engine_failure(e: bollard::errors::Error) -> Failure {
             status_code,
             message,
         } => Failure::new(
-            "DockerError",
+            FailureReason::DockerError,
             format!("engine answered {status_code}: {message}"),
         ),
-        other => Failure::new("DockerUnavailable", other.to_string()),
+        other => Failure::new(FailureReason::DockerUnavailable, other.to_string()),
     }
 }
 
@@ -363,27 +387,51 @@ fn is_not_found(e: &bollard::errors::Error) -> bool {
     )
 }
 
+/// Whether a freshly started container is failing (so a replacement is
+/// rolled back): it exited, or is crash-looping, or did not start.
+fn failed_to_start(outcome: &Outcome) -> Option<&Failure> {
+    match outcome {
+        Outcome::Failed(
+            f @ Failure {
+                reason:
+                    FailureReason::CrashLoopBackOff
+                    | FailureReason::ContainerExited
+                    | FailureReason::ContainerNotRunning
+                    | FailureReason::StartFailed,
+                ..
+            },
+        ) => Some(f),
+        _ => None,
+    }
+}
+
 impl ContainerReconciler {
     pub fn new(agent: AgentId, docker_host: Option<String>, stop_timeout: Duration) -> Self {
         Self {
             agent,
             docker_host,
-            docker: None,
             stop_timeout,
-            repairs: BTreeMap::new(),
-            may_own: true,
-            started: BTreeMap::new(),
-            digests: HashMap::new(),
+            memory: std::sync::Mutex::new(Memory {
+                docker: None,
+                repairs: BTreeMap::new(),
+                may_own: true,
+                started: BTreeMap::new(),
+                digests: HashMap::new(),
+            }),
         }
     }
 
-    async fn engine(&mut self) -> Result<Docker, Failure> {
-        if let Some(d) = &self.docker {
+    fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
+        self.memory.lock().expect("container reconciler lock")
+    }
+
+    async fn engine(&self) -> Result<Docker, Failure> {
+        if let Some(d) = &self.memory().docker {
             return Ok(d.clone());
         }
         let unavailable = |e: bollard::errors::Error| {
             Failure::new(
-                "DockerUnavailable",
+                FailureReason::DockerUnavailable,
                 format!("cannot reach the Docker Engine: {e}"),
             )
         };
@@ -394,26 +442,26 @@ impl ContainerReconciler {
         };
         let docker = docker.negotiate_version().await.map_err(unavailable)?;
         tracing::info!(api = %docker.client_version(), "connected to the Docker Engine");
-        self.docker = Some(docker.clone());
+        self.memory().docker = Some(docker.clone());
         Ok(docker)
     }
 
     /// A typed failure for an engine error; forgets the engine after a
     /// transport error so the next call connects and negotiates again.
-    fn fail(&mut self, e: bollard::errors::Error) -> Failure {
+    fn fail(&self, e: bollard::errors::Error) -> Failure {
         let f = engine_failure(e);
-        if f.reason == "DockerUnavailable" {
-            self.docker = None;
+        if f.reason.is_unavailable() {
+            self.memory().docker = None;
         }
         f
     }
 
-    fn check<T>(&mut self, r: Result<T, bollard::errors::Error>) -> Result<T, Failure> {
+    fn check<T>(&self, r: Result<T, bollard::errors::Error>) -> Result<T, Failure> {
         r.map_err(|e| self.fail(e))
     }
 
     async fn list(
-        &mut self,
+        &self,
         resource: Option<&ResourceId>,
     ) -> Result<Vec<(Listed, Option<String>)>, Failure> {
         let docker = self.engine().await?;
@@ -458,25 +506,34 @@ impl ContainerReconciler {
 
     /// Converges one Container resource.
     pub async fn reconcile(
-        &mut self,
+        &self,
         id: &ResourceId,
         spec: &ContainerSpec,
         hash: &str,
-        progress: &Progress<'_>,
+        ctx: Ctx,
     ) -> Outcome {
-        self.converge(id, spec, hash, progress)
+        let mut outcome = self
+            .converge(id, spec, hash, ctx)
             .await
-            .unwrap_or_else(Outcome::from)
+            .unwrap_or_else(Outcome::from);
+        if let Outcome::Ready { recheck_after, .. } = &mut outcome {
+            *recheck_after = self.recheck_after(id);
+        }
+        outcome
     }
 
     async fn converge(
-        &mut self,
+        &self,
         id: &ResourceId,
         spec: &ContainerSpec,
         hash: &str,
-        progress: &Progress<'_>,
+        ctx: Ctx,
     ) -> Result<Outcome, Failure> {
-        self.may_own = true;
+        let Ctx {
+            progress,
+            mut interrupt,
+        } = ctx;
+        self.memory().may_own = true;
         let docker = self.engine().await?;
         let listed: Vec<Listed> = self
             .list(Some(id))
@@ -484,26 +541,40 @@ impl ContainerReconciler {
             .into_iter()
             .map(|(l, _)| l)
             .collect();
-        let repairs = match self.repairs.get(id) {
-            Some((h, n)) if h == hash => *n,
-            _ => 0,
+        let (repairs, known) = match self.memory().repairs.get(id) {
+            Some((h, n)) if h == hash => (*n, true),
+            _ => (0, false),
         };
-        let (container, remove, started, repaired) = match plan(hash, spec.restart_policy, &listed)
-        {
+        let (container, remove, repaired) = match plan(hash, spec.restart_policy, &listed) {
             Plan::Create { replace } => {
-                let repair = replace.is_empty() && repairs_known(&self.repairs, id, hash);
+                let repair = replace.is_empty() && known;
                 if repair {
                     tracing::warn!(resource = %id, "container was removed outside Flotilla; recreating it");
                 }
-                self.ensure_image(&docker, spec, progress).await?;
+                // The only long step, and a safe point: a newer manifest
+                // that changes this resource interrupts the pull.
+                tokio::select! {
+                    pulled = self.ensure_image(&docker, spec, &progress) => pulled?,
+                    () = interrupt.requested() => return Ok(Outcome::Interrupted),
+                }
                 progress.report("creating container");
                 let new = self.create(&docker, id, spec, hash).await?;
+                // The previous containers that were running, to start again
+                // should the new one fail.
+                let running: Vec<String> = listed
+                    .iter()
+                    .filter(|c| matches!(c.state, ListedState::Running | ListedState::Restarting))
+                    .map(|c| c.id.clone())
+                    .collect();
                 for old in &replace {
                     self.stop(&docker, old).await?;
                 }
                 progress.report("starting container");
-                self.start(&docker, &new).await?;
-                (new, replace, true, repair)
+                let outcome = self.start_and_settle(&docker, id, &new, repairs).await?;
+                if let Some(f) = failed_to_start(&outcome).filter(|_| !running.is_empty()) {
+                    return self.roll_back(&docker, id, &new, &running, f.clone()).await;
+                }
+                (new, replace, repair)
             }
             Plan::Start {
                 id: cid,
@@ -515,34 +586,95 @@ impl ContainerReconciler {
                 }
                 progress.report("starting container");
                 self.start(&docker, &cid).await?;
-                (cid, remove, true, repair)
+                self.memory()
+                    .started
+                    .insert(id.clone(), std::time::Instant::now());
+                tokio::time::sleep(START_SETTLE).await;
+                (cid, remove, repair)
             }
-            Plan::Observe { id: cid, remove } => (cid, remove, false, false),
+            Plan::Observe { id: cid, remove } => (cid, remove, false),
         };
         for old in &remove {
             self.remove(&docker, old).await?;
         }
         let repairs = if repaired { repairs + 1 } else { repairs };
-        self.repairs.insert(id.clone(), (hash.to_owned(), repairs));
-        if started {
-            self.started.insert(id.clone(), std::time::Instant::now());
-            tokio::time::sleep(START_SETTLE).await;
+        self.memory()
+            .repairs
+            .insert(id.clone(), (hash.to_owned(), repairs));
+        self.observe(&docker, &container, repairs).await
+    }
+
+    /// Starts a freshly created container, waits [`START_SETTLE`] and
+    /// reports how it is doing.
+    async fn start_and_settle(
+        &self,
+        docker: &Docker,
+        id: &ResourceId,
+        container: &str,
+        repairs: u64,
+    ) -> Result<Outcome, Failure> {
+        if let Err(f) = self.start(docker, container).await {
+            return Ok(Outcome::Failed(f));
         }
-        let inspect = self.check(docker.inspect_container(&container, None).await)?;
+        self.memory()
+            .started
+            .insert(id.clone(), std::time::Instant::now());
+        tokio::time::sleep(START_SETTLE).await;
+        self.observe(docker, container, repairs).await
+    }
+
+    /// The replacement failed to start or crash-loops: remove it and start
+    /// the previous container again, so a failed update never leaves the
+    /// device with nothing running.
+    async fn roll_back(
+        &self,
+        docker: &Docker,
+        id: &ResourceId,
+        new: &str,
+        previous: &[String],
+        why: Failure,
+    ) -> Result<Outcome, Failure> {
+        tracing::warn!(resource = %id, container = %new, reason = %why.reason, message = %why.message,
+            "the new container failed; starting the previous one again");
+        self.remove(docker, new).await?;
+        for old in previous {
+            self.start(docker, old).await?;
+        }
+        self.memory().started.remove(id);
+        Ok(Outcome::failed(
+            FailureReason::ReplaceFailed,
+            format!(
+                "the new container failed ({}: {}); the previous one runs again",
+                why.reason, why.message
+            ),
+        ))
+    }
+
+    async fn observe(
+        &self,
+        docker: &Docker,
+        container: &str,
+        repairs: u64,
+    ) -> Result<Outcome, Failure> {
+        let inspect = self.check(docker.inspect_container(container, None).await)?;
         let mut outcome = assess(&inspect, SystemTime::now(), repairs);
-        if let Outcome::Ready(ReadyDetails::Container {
-            image_id,
-            image_digest,
+        if let Outcome::Ready {
+            details:
+                ReadyDetails::Container {
+                    image_id,
+                    image_digest,
+                    ..
+                },
             ..
-        }) = &mut outcome
+        } = &mut outcome
         {
-            *image_digest = self.digest(&docker, image_id).await;
+            *image_digest = self.digest(docker, image_id).await;
         }
         Ok(outcome)
     }
 
-    async fn digest(&mut self, docker: &Docker, image_id: &str) -> Option<String> {
-        if let Some(d) = self.digests.get(image_id) {
+    async fn digest(&self, docker: &Docker, image_id: &str) -> Option<String> {
+        if let Some(d) = self.memory().digests.get(image_id) {
             return d.clone();
         }
         let image = docker.inspect_image(image_id).await.ok()?;
@@ -552,15 +684,17 @@ impl ContainerReconciler {
             .into_iter()
             .next()
             .and_then(|d| d.split_once('@').map(|(_, d)| d.to_owned()));
-        self.digests.insert(image_id.to_owned(), digest.clone());
+        self.memory()
+            .digests
+            .insert(image_id.to_owned(), digest.clone());
         digest
     }
 
     async fn ensure_image(
-        &mut self,
+        &self,
         docker: &Docker,
         spec: &ContainerSpec,
-        progress: &Progress<'_>,
+        progress: &Progress,
     ) -> Result<(), Failure> {
         let reference = image_ref(spec);
         let present = match docker.inspect_image(&reference).await {
@@ -574,7 +708,7 @@ impl ContainerReconciler {
             PullPolicy::Never if present => false,
             PullPolicy::Never => {
                 return Err(Failure::new(
-                    "ImageNotPresent",
+                    FailureReason::ImageNotPresent,
                     format!("image {reference} is not on this device and pullPolicy is Never"),
                 ));
             }
@@ -594,7 +728,7 @@ impl ContainerReconciler {
                 Ok(info) => {
                     if let Some(msg) = info.error_detail.and_then(|d| d.message) {
                         return Err(Failure::new(
-                            "ImagePullFailed",
+                            FailureReason::ImagePullFailed,
                             format!("{reference}: {msg}"),
                         ));
                     }
@@ -616,7 +750,7 @@ impl ContainerReconciler {
                         }
                     };
                     return Err(Failure::new(
-                        "ImagePullFailed",
+                        FailureReason::ImagePullFailed,
                         format!("{reference}: {message}"),
                     ));
                 }
@@ -626,7 +760,7 @@ impl ContainerReconciler {
     }
 
     async fn create(
-        &mut self,
+        &self,
         docker: &Docker,
         id: &ResourceId,
         spec: &ContainerSpec,
@@ -645,8 +779,8 @@ impl ContainerReconciler {
                 bollard::errors::Error::DockerResponseServerError {
                     status_code: 409,
                     message,
-                } => Failure::new("NameConflict", message),
-                e => engine_failure(e),
+                } => Failure::new(FailureReason::NameConflict, message),
+                e => self.fail(e),
             })?;
         tracing::info!(resource = %id, container = %created.id, %name, "container created");
         #[cfg(feature = "fault-injection")]
@@ -657,17 +791,17 @@ impl ContainerReconciler {
         Ok(created.id)
     }
 
-    async fn start(&mut self, docker: &Docker, id: &str) -> Result<(), Failure> {
+    async fn start(&self, docker: &Docker, id: &str) -> Result<(), Failure> {
         docker.start_container(id, None).await.map_err(|e| match e {
             bollard::errors::Error::DockerResponseServerError {
                 status_code: 500,
                 message,
-            } => Failure::new("StartFailed", message),
-            e => engine_failure(e),
+            } => Failure::new(FailureReason::StartFailed, message),
+            e => self.fail(e),
         })
     }
 
-    async fn stop(&mut self, docker: &Docker, id: &str) -> Result<(), Failure> {
+    async fn stop(&self, docker: &Docker, id: &str) -> Result<(), Failure> {
         let t = i32::try_from(self.stop_timeout.as_secs()).unwrap_or(i32::MAX);
         let options = StopContainerOptionsBuilder::default().t(t).build();
         match docker.stop_container(id, Some(options)).await {
@@ -680,7 +814,7 @@ impl ContainerReconciler {
         }
     }
 
-    async fn remove(&mut self, docker: &Docker, id: &str) -> Result<(), Failure> {
+    async fn remove(&self, docker: &Docker, id: &str) -> Result<(), Failure> {
         self.stop(docker, id).await?;
         let options = RemoveContainerOptionsBuilder::default().force(true).build();
         match docker.remove_container(id, Some(options)).await {
@@ -696,69 +830,84 @@ impl ContainerReconciler {
     /// A container started less than [`CRASH_WINDOW`] ago is looked at again
     /// 2 s after its start and once more when the window closes, so one that
     /// dies after the settle delay is not Ready until the next drift check.
-    pub fn recheck_after(&mut self, id: &ResourceId) -> Option<Duration> {
-        let age = self.started.get(id)?.elapsed();
+    fn recheck_after(&self, id: &ResourceId) -> Option<Duration> {
+        let mut memory = self.memory();
+        let age = memory.started.get(id)?.elapsed();
         let first = Duration::from_secs(2);
         if age < first {
             Some(first - age)
         } else if age < CRASH_WINDOW {
             Some(CRASH_WINDOW - age)
         } else {
-            self.started.remove(id);
+            memory.started.remove(id);
             None
         }
     }
 
-    /// Stops and removes this agent's containers whose resource is no longer
-    /// a Container of `manifest` (removed resources and orphans of a crash).
-    pub async fn remove_unlisted(&mut self, manifest: &AgentManifest) {
-        let wanted: Vec<String> = manifest
+    /// Stops and removes this agent's containers whose resource id is not in
+    /// `manifest` at all (removed resources and orphans of a crash). A
+    /// resource still listed — even one this build cannot read
+    /// (Unsupported) — keeps its container. When the engine cannot be
+    /// listed, every `dropped` Container is reported as still owed.
+    pub async fn remove_unlisted(
+        &self,
+        manifest: &AgentManifest,
+        dropped: &[(ResourceId, ResourceKind)],
+    ) -> Removals {
+        let listed_ids: Vec<String> = manifest
             .resources
             .iter()
-            .filter(|r| matches!(r.spec, manifest_types::ResourceSpec::Container(_)))
             .map(|r| r.id.to_string())
             .collect();
-        if wanted.is_empty() && !self.may_own {
-            return;
+        let has_containers = manifest
+            .resources
+            .iter()
+            .any(|r| matches!(r.spec, manifest_types::ResourceSpec::Container(_)));
+        let owed: Vec<&ResourceId> = dropped
+            .iter()
+            .filter(|(_, k)| *k == ResourceKind::Container)
+            .map(|(id, _)| id)
+            .collect();
+        let mut out = Removals::default();
+        if !has_containers && owed.is_empty() && !self.memory().may_own {
+            return out;
         }
         let listed = match self.list(None).await {
             Ok(l) => l,
             Err(f) => {
-                // Without containers in the manifest an absent engine is normal.
-                if wanted.is_empty() {
-                    tracing::debug!(reason = f.reason, message = %f.message, "cannot list containers");
-                } else {
-                    tracing::warn!(reason = f.reason, message = %f.message, "cannot list containers");
+                // Without containers to remove an absent engine is normal.
+                if owed.is_empty() {
+                    tracing::debug!(reason = %f.reason, message = %f.message, "cannot list containers");
                 }
-                return;
+                for id in owed {
+                    out.failed
+                        .push((id.clone(), ResourceKind::Container, f.clone()));
+                }
+                return out;
             }
         };
         let Ok(docker) = self.engine().await else {
-            return;
+            return out;
         };
         for (c, resource) in &listed {
-            if resource.as_ref().is_some_and(|r| wanted.contains(r)) {
+            if resource.as_ref().is_some_and(|r| listed_ids.contains(r)) {
                 continue;
             }
             tracing::info!(container = %c.id, resource = ?resource, "removing a container no longer in the manifest");
             if let Err(f) = self.remove(&docker, &c.id).await {
-                tracing::warn!(container = %c.id, reason = f.reason, message = %f.message, "cannot remove container");
+                tracing::warn!(container = %c.id, reason = %f.reason, message = %f.message, "cannot remove container");
+                if let Some(id) = resource.as_ref().and_then(|r| r.parse::<ResourceId>().ok()) {
+                    out.failed.push((id, ResourceKind::Container, f));
+                }
             }
         }
-        self.repairs
-            .retain(|id, _| wanted.contains(&id.to_string()));
-        self.may_own = !wanted.is_empty();
+        let mut memory = self.memory();
+        memory
+            .repairs
+            .retain(|id, _| listed_ids.contains(&id.to_string()));
+        memory.may_own = has_containers || !out.failed.is_empty();
+        out
     }
-}
-
-/// Whether this agent already ran this resource at this hash (so a missing
-/// container means someone removed it).
-fn repairs_known(
-    repairs: &BTreeMap<ResourceId, (String, u64)>,
-    id: &ResourceId,
-    hash: &str,
-) -> bool {
-    repairs.get(id).is_some_and(|(h, _)| h == hash)
 }
 
 #[cfg(test)]
@@ -902,13 +1051,17 @@ mod tests {
             2,
         );
         match ready {
-            Outcome::Ready(ReadyDetails::Container {
-                container_id,
-                restart_count,
-                repairs,
-                health,
+            Outcome::Ready {
+                details:
+                    ReadyDetails::Container {
+                        container_id,
+                        restart_count,
+                        repairs,
+                        health,
+                        ..
+                    },
                 ..
-            }) => {
+            } => {
                 assert_eq!(container_id, "cid");
                 assert_eq!(restart_count, 0);
                 assert_eq!(repairs, 2);
@@ -926,8 +1079,8 @@ mod tests {
             now,
             0,
         ) {
-            Outcome::Failed { reason, message } => {
-                assert_eq!(reason, "CrashLoopBackOff");
+            Outcome::Failed(Failure { reason, message }) => {
+                assert_eq!(reason, FailureReason::CrashLoopBackOff);
                 assert!(message.contains("4 times"), "{message}");
                 assert!(message.contains("up only 1.9 s"), "{message}");
             }
@@ -940,10 +1093,13 @@ mod tests {
                 now,
                 0
             ),
-            Outcome::Ready(ReadyDetails::Container {
-                restart_count: 4,
+            Outcome::Ready {
+                details: ReadyDetails::Container {
+                    restart_count: 4,
+                    ..
+                },
                 ..
-            })
+            }
         ));
         assert!(matches!(
             assess(
@@ -951,17 +1107,45 @@ mod tests {
                 now,
                 0
             ),
-            Outcome::Failed {
-                reason: "CrashLoopBackOff",
+            Outcome::Failed(Failure {
+                reason: FailureReason::CrashLoopBackOff,
                 ..
-            }
+            })
         ));
         assert!(matches!(
             assess(&inspect(ContainerStateStatusEnum::EXITED, 0, ""), now, 0),
-            Outcome::Failed {
-                reason: "ContainerExited",
+            Outcome::Failed(Failure {
+                reason: FailureReason::ContainerExited,
                 ..
-            }
+            })
+        ));
+    }
+
+    #[test]
+    fn health_starting_is_waiting_and_unhealthy_failed() {
+        let now = humantime::parse_rfc3339("2026-11-23T12:00:00Z").unwrap();
+        let with_health = |h| {
+            let mut i = inspect(ContainerStateStatusEnum::RUNNING, 0, "2026-11-23T11:00:00Z");
+            i.state.as_mut().unwrap().health = Some(Health {
+                status: Some(h),
+                ..Default::default()
+            });
+            i
+        };
+        assert!(matches!(
+            assess(&with_health(HealthStatusEnum::STARTING), now, 0),
+            Outcome::Waiting { .. }
+        ));
+        assert!(matches!(
+            assess(&with_health(HealthStatusEnum::UNHEALTHY), now, 0),
+            Outcome::Failed(Failure {
+                reason: FailureReason::Unhealthy,
+                ..
+            })
+        ));
+        assert!(matches!(
+            assess(&with_health(HealthStatusEnum::NONE), now, 0),
+            Outcome::Ready { .. }
         ));
     }
 

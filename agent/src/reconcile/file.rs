@@ -16,12 +16,16 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use manifest_types::spec::Principal;
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+
 use manifest_types::{
-    AgentManifest, FileSpec, ReadyDetails, ReleasedResource, ResourceId, ResourceSpec,
+    AgentManifest, FailureReason, FileSpec, ReadyDetails, ReleasedResource, ResourceId,
+    ResourceKind, ResourceSpec,
 };
 use sha2::{Digest, Sha256};
 
-use super::{Failure, Outcome};
+use super::{Failure, Outcome, Removals};
 use crate::fsutil::{sync_dir, write_atomic};
 use crate::state::{FileEntry, Ledger, StateDir};
 
@@ -54,7 +58,7 @@ pub enum Plan {
     },
     FixMetadata,
     Refuse {
-        reason: &'static str,
+        reason: FailureReason,
         message: String,
     },
 }
@@ -71,13 +75,13 @@ pub fn plan(
     };
     if !obs.regular_file {
         return Plan::Refuse {
-            reason: "NotARegularFile",
+            reason: FailureReason::NotARegularFile,
             message: "path exists and is not a regular file (symlinks and directories are never replaced)".into(),
         };
     }
     if owned.is_none() && !adopt {
         return Plan::Refuse {
-            reason: "NotOwned",
+            reason: FailureReason::NotOwned,
             message: "a file the agent did not write already exists here; set adopt: true to take it over".into(),
         };
     }
@@ -97,14 +101,61 @@ pub fn plan(
     }
 }
 
-#[derive(Debug)]
+/// The File reconciler as the worker uses it: every filesystem call (reads,
+/// hashing, writes, fsync) runs on tokio's blocking pool, never on the
+/// runtime's threads, so a slow SD card never stalls the event loop or the
+/// watchdog. One file operation at a time (the ledger is one file).
+#[derive(Debug, Clone)]
 pub struct FileReconciler {
+    files: Arc<Mutex<Files>>,
+}
+
+impl FileReconciler {
+    pub fn new(state: StateDir, roots: Vec<PathBuf>) -> Result<Self, crate::state::StateError> {
+        Ok(Self {
+            files: Arc::new(Mutex::new(Files::new(state, roots)?)),
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Files) -> T + Send + 'static,
+    ) -> Result<T, Failure> {
+        let files = self.files.clone();
+        tokio::task::spawn_blocking(move || f(&mut files.lock().expect("file reconciler lock")))
+            .await
+            .map_err(|e| Failure::new(FailureReason::WriteFailed, format!("file task failed: {e}")))
+    }
+
+    pub async fn reconcile(&self, id: &ResourceId, spec: &FileSpec) -> Outcome {
+        let (id, spec) = (id.clone(), spec.clone());
+        self.blocking(move |f| f.reconcile(&id, &spec))
+            .await
+            .unwrap_or_else(Outcome::from)
+    }
+
+    pub async fn remove_unlisted(&self, manifest: &AgentManifest) -> Removals {
+        let manifest = manifest.clone();
+        self.blocking(move |f| f.remove_unlisted(&manifest))
+            .await
+            .unwrap_or_else(|f| {
+                // Which files are owed is unknown without the ledger; the
+                // sweep is retried at the next drift check.
+                tracing::error!(message = %f.message, "file removal sweep failed");
+                Removals::default()
+            })
+    }
+}
+
+/// The synchronous File reconciler (plain `std::fs`).
+#[derive(Debug)]
+pub struct Files {
     state: StateDir,
     ledger: Ledger,
     roots: Vec<PathBuf>,
 }
 
-impl FileReconciler {
+impl Files {
     pub fn new(state: StateDir, roots: Vec<PathBuf>) -> Result<Self, crate::state::StateError> {
         let ledger = state.load_ledger()?;
         Ok(Self {
@@ -120,11 +171,8 @@ impl FileReconciler {
 
     pub fn reconcile(&mut self, id: &ResourceId, spec: &FileSpec) -> Outcome {
         match self.try_reconcile(id, spec) {
-            Ok(details) => Outcome::Ready(details),
-            Err(f) => Outcome::Failed {
-                reason: f.reason,
-                message: f.message,
-            },
+            Ok(details) => Outcome::ready(details),
+            Err(f) => Outcome::Failed(f),
         }
     }
 
@@ -132,7 +180,7 @@ impl FileReconciler {
         let path = PathBuf::from(&spec.path);
         let content = spec
             .decoded_content()
-            .map_err(|e| Failure::new("InvalidContent", e.to_string()))?;
+            .map_err(|e| Failure::new(FailureReason::InvalidContent, e.to_string()))?;
         let desired = Desired {
             sha256: sha256_hex(&content),
             mode: spec.mode.bits(),
@@ -148,7 +196,8 @@ impl FileReconciler {
                 .transpose()?,
         };
         self.prepare_parents(&path)?;
-        let observed = observe(&path).map_err(|e| io_failure("ReadFailed", &path, e))?;
+        let observed =
+            observe(&path).map_err(|e| io_failure(FailureReason::ReadFailed, &path, e))?;
         let owned = self.ledger.files.get(&path).cloned();
         match plan(&desired, observed.as_ref(), owned.as_ref(), spec.adopt) {
             Plan::InSync => {}
@@ -171,7 +220,7 @@ impl FileReconciler {
                     desired.mode,
                     Some((desired.uid, desired.gid)),
                 )
-                .map_err(|e| io_failure("WriteFailed", &path, e))?;
+                .map_err(|e| io_failure(FailureReason::WriteFailed, &path, e))?;
                 tracing::info!(resource = %id, path = %path.display(), "file written");
             }
             Plan::FixMetadata => {
@@ -180,7 +229,7 @@ impl FileReconciler {
                     .and_then(|()| {
                         fs::set_permissions(&path, fs::Permissions::from_mode(desired.mode))
                     })
-                    .map_err(|e| io_failure("WriteFailed", &path, e))?;
+                    .map_err(|e| io_failure(FailureReason::WriteFailed, &path, e))?;
                 tracing::info!(resource = %id, path = %path.display(), "file metadata repaired");
             }
         }
@@ -197,10 +246,10 @@ impl FileReconciler {
             self.record(path.clone(), entry)?;
         }
         let now = observe(&path)
-            .map_err(|e| io_failure("ReadFailed", &path, e))?
+            .map_err(|e| io_failure(FailureReason::ReadFailed, &path, e))?
             .ok_or_else(|| {
                 Failure::new(
-                    "WriteFailed",
+                    FailureReason::WriteFailed,
                     format!("{} vanished after writing", path.display()),
                 )
             })?;
@@ -222,7 +271,7 @@ impl FileReconciler {
             .find(|r| path.starts_with(r))
             .ok_or_else(|| {
                 Failure::new(
-                    "PathOutsideRoots",
+                    FailureReason::PathOutsideRoots,
                     format!("{} is outside every file root", path.display()),
                 )
             })?;
@@ -237,7 +286,7 @@ impl FileReconciler {
             match fs::symlink_metadata(&cur) {
                 Ok(m) if m.file_type().is_symlink() => {
                     return Err(Failure::new(
-                        "SymlinkInPath",
+                        FailureReason::SymlinkInPath,
                         format!(
                             "{} is a symlink; File paths may not traverse symlinks",
                             cur.display()
@@ -246,7 +295,7 @@ impl FileReconciler {
                 }
                 Ok(m) if !m.is_dir() => {
                     return Err(Failure::new(
-                        "NotADirectory",
+                        FailureReason::NotADirectory,
                         format!("{} is not a directory", cur.display()),
                     ));
                 }
@@ -261,9 +310,9 @@ impl FileReconciler {
                                 Err(e)
                             }
                         })
-                        .map_err(|e| io_failure("CreateDirFailed", &cur, e))?;
+                        .map_err(|e| io_failure(FailureReason::CreateDirFailed, &cur, e))?;
                 }
-                Err(e) => return Err(io_failure("ReadFailed", &cur, e)),
+                Err(e) => return Err(io_failure(FailureReason::ReadFailed, &cur, e)),
             }
         }
         Ok(())
@@ -273,12 +322,12 @@ impl FileReconciler {
         self.ledger.files.insert(path, entry);
         self.state
             .save_ledger(&self.ledger)
-            .map_err(|e| Failure::new("StateWriteFailed", e.to_string()))
+            .map_err(|e| Failure::new(FailureReason::StateWriteFailed, e.to_string()))
     }
 
     /// Deletes owned files no File resource of `manifest` wants any more —
     /// only when they still hold what the agent wrote.
-    pub fn remove_unlisted(&mut self, manifest: &AgentManifest) -> Vec<ReleasedResource> {
+    pub fn remove_unlisted(&mut self, manifest: &AgentManifest) -> Removals {
         let wanted: BTreeSet<PathBuf> = manifest
             .resources
             .iter()
@@ -301,7 +350,7 @@ impl FileReconciler {
             })
             .map(|(p, e)| (p.clone(), e.clone()))
             .collect();
-        let mut released = Vec::new();
+        let mut out = Removals::default();
         for (path, entry) in stale {
             let release = |reason: &str| {
                 tracing::warn!(resource = %entry.resource, path = %path.display(), reason, "file released");
@@ -314,12 +363,12 @@ impl FileReconciler {
             match observe(&path) {
                 Ok(None) => {}
                 Ok(Some(_)) if entry.adopted => {
-                    released.push(release(
+                    out.released.push(release(
                         "adopted (existed before the agent took it over); left in place",
                     ));
                 }
                 Ok(Some(obs)) if !obs.regular_file || obs.sha256 != entry.sha256 => {
-                    released.push(release(
+                    out.released.push(release(
                         "changed by someone else since the agent wrote it; left in place",
                     ));
                 }
@@ -327,13 +376,21 @@ impl FileReconciler {
                     if let Err(e) = fs::remove_file(&path)
                         .and_then(|()| sync_dir(path.parent().unwrap_or(Path::new("/"))))
                     {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot remove file; will retry");
+                        out.failed.push((
+                            entry.resource.clone(),
+                            ResourceKind::File,
+                            io_failure(FailureReason::RemoveFailed, &path, e),
+                        ));
                         continue;
                     }
                     tracing::info!(resource = %entry.resource, path = %path.display(), "file removed");
                 }
                 Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot inspect file for removal; will retry");
+                    out.failed.push((
+                        entry.resource.clone(),
+                        ResourceKind::File,
+                        io_failure(FailureReason::ReadFailed, &path, e),
+                    ));
                     continue;
                 }
             }
@@ -342,7 +399,7 @@ impl FileReconciler {
                 tracing::error!(error = %e, "cannot save ledger");
             }
         }
-        released
+        out
     }
 }
 
@@ -354,7 +411,7 @@ fn observe(path: &Path) -> io::Result<Option<Observed>> {
     };
     let regular_file = meta.file_type().is_file();
     let sha256 = if regular_file {
-        sha256_hex(&fs::read(path)?)
+        sha256_file(path)?
     } else {
         String::new()
     };
@@ -369,15 +426,33 @@ fn observe(path: &Path) -> io::Result<Option<Observed>> {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&Sha256::digest(bytes))
 }
 
-fn io_failure(reason: &'static str, path: &Path, e: io::Error) -> Failure {
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hashes a file by streaming it in 64 KiB chunks: a large file on a
+/// device is never read into memory whole.
+pub fn sha256_file(path: &Path) -> io::Result<String> {
+    let mut file = fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn io_failure(reason: FailureReason, path: &Path, e: io::Error) -> Failure {
     let reason = if e.kind() == io::ErrorKind::PermissionDenied {
-        "PermissionDenied"
+        FailureReason::PermissionDenied
     } else {
         reason
     };
@@ -389,7 +464,12 @@ fn resolve(p: &Principal, db: &str) -> Result<u32, Failure> {
     match p {
         Principal::Id(id) => Ok(*id),
         Principal::Name(name) => lookup_id(&fs::read_to_string(db).unwrap_or_default(), name)
-            .ok_or_else(|| Failure::new("UnknownPrincipal", format!("{name:?} is not in {db}"))),
+            .ok_or_else(|| {
+                Failure::new(
+                    FailureReason::UnknownPrincipal,
+                    format!("{name:?} is not in {db}"),
+                )
+            }),
     }
 }
 
@@ -457,7 +537,7 @@ mod tests {
         assert!(matches!(
             plan(&d, Some(&obs("x", 0o644)), None, false),
             Plan::Refuse {
-                reason: "NotOwned",
+                reason: FailureReason::NotOwned,
                 ..
             }
         ));
@@ -474,7 +554,7 @@ mod tests {
         assert!(matches!(
             plan(&d, Some(&dir), Some(&entry("x")), true),
             Plan::Refuse {
-                reason: "NotARegularFile",
+                reason: FailureReason::NotARegularFile,
                 ..
             }
         ));
@@ -498,13 +578,13 @@ mod tests {
         assert_eq!(lookup_id(groups, "adm"), Some(4));
     }
 
-    fn reconciler() -> (tempfile::TempDir, FileReconciler, PathBuf) {
+    fn reconciler() -> (tempfile::TempDir, Files, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         fs::create_dir(&root).unwrap();
         let root = root.canonicalize().unwrap();
         let state = StateDir::open(&dir.path().join("state")).unwrap();
-        let r = FileReconciler::new(state, vec![root.clone()]).unwrap();
+        let r = Files::new(state, vec![root.clone()]).unwrap();
         (dir, r, root)
     }
 
@@ -519,13 +599,19 @@ mod tests {
         let p = root.join("sub/dir/f.conf");
         let out = r.reconcile(&id, &spec(&p, "hello"));
         assert!(
-            matches!(out, Outcome::Ready(ReadyDetails::File { size: 5, .. })),
+            matches!(
+                out,
+                Outcome::Ready {
+                    details: ReadyDetails::File { size: 5, .. },
+                    ..
+                }
+            ),
             "{out:?}"
         );
         let ino = fs::metadata(&p).unwrap().ino();
         assert!(matches!(
             r.reconcile(&id, &spec(&p, "hello")),
-            Outcome::Ready(_)
+            Outcome::Ready { .. }
         ));
         assert_eq!(
             fs::metadata(&p).unwrap().ino(),
@@ -533,7 +619,7 @@ mod tests {
             "in-sync file was rewritten"
         );
         let empty = AgentManifest::empty("a".parse().unwrap(), 2);
-        assert!(r.remove_unlisted(&empty).is_empty());
+        assert_eq!(r.remove_unlisted(&empty), Removals::default());
         assert!(!p.exists());
         assert!(r.ledger().files.is_empty());
     }
@@ -545,14 +631,14 @@ mod tests {
         let p = root.join("f");
         assert!(matches!(
             r.reconcile(&id, &spec(&p, "v1")),
-            Outcome::Ready(_)
+            Outcome::Ready { .. }
         ));
         let newer = serde_json::json!({
             "apiVersion": "flotilla.dev/v1", "agentId": "a", "generation": 2,
             "resources": [{"id": "d/f", "kind": "File", "spec": {"path": p, "content": "v2", "fromTheFuture": 1}}]
         });
         let m = AgentManifest::from_json(newer.to_string().as_bytes()).unwrap();
-        assert!(r.remove_unlisted(&m).is_empty());
+        assert_eq!(r.remove_unlisted(&m), Removals::default());
         assert_eq!(fs::read_to_string(&p).unwrap(), "v1");
     }
 
@@ -564,10 +650,10 @@ mod tests {
         fs::write(&foreign, "mine").unwrap();
         assert!(matches!(
             r.reconcile(&id, &spec(&foreign, "x")),
-            Outcome::Failed {
-                reason: "NotOwned",
+            Outcome::Failed(Failure {
+                reason: FailureReason::NotOwned,
                 ..
-            }
+            })
         ));
         assert_eq!(fs::read_to_string(&foreign).unwrap(), "mine");
 
@@ -576,20 +662,22 @@ mod tests {
         let through = root.join("link/f");
         assert!(matches!(
             r.reconcile(&id, &spec(&through, "x")),
-            Outcome::Failed {
-                reason: "SymlinkInPath",
+            Outcome::Failed(Failure {
+                reason: FailureReason::SymlinkInPath,
                 ..
-            }
+            })
         ));
         assert!(!outside.path().join("f").exists());
 
         let p = root.join("owned");
         assert!(matches!(
             r.reconcile(&id, &spec(&p, "v1")),
-            Outcome::Ready(_)
+            Outcome::Ready { .. }
         ));
         fs::write(&p, "edited by hand").unwrap();
-        let released = r.remove_unlisted(&AgentManifest::empty("a".parse().unwrap(), 2));
+        let released = r
+            .remove_unlisted(&AgentManifest::empty("a".parse().unwrap(), 2))
+            .released;
         assert_eq!(released.len(), 1);
         assert_eq!(fs::read_to_string(&p).unwrap(), "edited by hand");
     }

@@ -24,18 +24,37 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use futures::StreamExt;
 use manifest_types::spec::{TriggerAction, UnitState};
+use std::sync::{Arc, Mutex};
+
 use manifest_types::{
-    AgentManifest, ReadyDetails, ReleasedResource, ResourceId, ResourceSpec, SystemdUnitSpec,
+    AgentManifest, FailureReason, ReadyDetails, ReleasedResource, ResourceId, ResourceKind,
+    ResourceSpec, SystemdUnitSpec,
 };
 use zbus_systemd::systemd1::{ManagerProxy, ServiceProxy, UnitProxy};
 
-use super::{Failure, Outcome};
+use super::{Ctx, Failure, Interrupt, Outcome, Removals};
 use crate::fsutil::write_atomic;
 use crate::state::{StateDir, UnitEntry, UnitLedger};
 
 pub const DEFAULT_UNIT_DIR: &str = "/etc/systemd/system";
-/// What [`UnitReconciler::run_job`] returns when the job outlived its wait.
-const STILL_RUNNING: &str = "still-running";
+/// How a unit job ended, as far as the agent waited for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobResult {
+    /// systemd's result: `done`, `failed`, `timeout`, `canceled`,
+    /// `dependency` or `skipped`.
+    Ended(String),
+    /// Still queued or running after the agent's job timeout; the unit's
+    /// state says the rest.
+    StillRunning,
+    /// A newer manifest interrupted the wait (the job carries on in systemd).
+    Interrupted,
+}
+
+impl JobResult {
+    fn is_done(&self) -> bool {
+        matches!(self, Self::Ended(r) if r == "done")
+    }
+}
 
 // ------------------------------------------------------------ pure part ----
 
@@ -92,7 +111,7 @@ pub struct Observed {
 
 pub fn assess(want: UnitState, o: &Observed) -> Outcome {
     let ready = || {
-        Outcome::Ready(ReadyDetails::SystemdUnit {
+        Outcome::ready(ReadyDetails::SystemdUnit {
             active_state: o.active_state.clone(),
             sub_state: o.sub_state.clone(),
             n_restarts: o.n_restarts,
@@ -117,11 +136,11 @@ pub fn assess(want: UnitState, o: &Observed) -> Outcome {
     };
     match (want, o.active_state.as_str()) {
         (UnitState::Running, "active" | "reloading") => ready(),
-        (UnitState::Running, "failed") => Outcome::failed("UnitFailed", why()),
-        (UnitState::Running, "activating") => Outcome::failed("UnitActivating", why()),
-        (UnitState::Running, _) => Outcome::failed("UnitNotRunning", why()),
+        (UnitState::Running, "failed") => Outcome::failed(FailureReason::UnitFailed, why()),
+        (UnitState::Running, "activating") => Outcome::failed(FailureReason::UnitActivating, why()),
+        (UnitState::Running, _) => Outcome::failed(FailureReason::UnitNotRunning, why()),
         (UnitState::Stopped, "inactive" | "failed") => ready(),
-        (UnitState::Stopped, _) => Outcome::failed("UnitNotStopped", why()),
+        (UnitState::Stopped, _) => Outcome::failed(FailureReason::UnitNotStopped, why()),
     }
 }
 
@@ -141,19 +160,29 @@ pub fn files_hash(spec: &SystemdUnitSpec) -> String {
 
 // ---------------------------------------------------------- D-Bus part ----
 
+/// The unit files and their ledger: plain `std::fs`, run on the blocking
+/// pool by [`UnitReconciler`].
 #[derive(Debug)]
-pub struct UnitReconciler {
+pub struct UnitFiles {
     state: StateDir,
     ledger: UnitLedger,
     unit_dir: PathBuf,
+}
+
+/// Shared by concurrent reconciles: the ledger sits behind a lock taken only
+/// for file work, and systemd's job waits run outside it, so one unit's slow
+/// job never holds up another unit.
+#[derive(Debug)]
+pub struct UnitReconciler {
+    files: Arc<Mutex<UnitFiles>>,
     /// D-Bus address; None: the system bus.
     bus: Option<String>,
-    manager: Option<ManagerProxy<'static>>,
+    manager: Mutex<Option<ManagerProxy<'static>>>,
     job_timeout: Duration,
 }
 
 fn dbus(context: &str) -> impl FnOnce(zbus::Error) -> Failure + '_ {
-    move |e| Failure::new("SystemdError", format!("{context}: {e}"))
+    move |e| Failure::new(FailureReason::SystemdError, format!("{context}: {e}"))
 }
 
 impl UnitReconciler {
@@ -164,24 +193,46 @@ impl UnitReconciler {
         job_timeout: Duration,
     ) -> Result<Self, crate::state::StateError> {
         Ok(Self {
-            ledger: state.load_units()?,
-            state,
-            unit_dir,
+            files: Arc::new(Mutex::new(UnitFiles {
+                ledger: state.load_units()?,
+                state,
+                unit_dir,
+            })),
             bus,
-            manager: None,
+            manager: Mutex::new(None),
             job_timeout,
         })
     }
 
+    /// Runs `f` on the unit files, on the blocking pool.
+    async fn with_files<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut UnitFiles) -> Result<T, Failure> + Send + 'static,
+    ) -> Result<T, Failure> {
+        let files = self.files.clone();
+        tokio::task::spawn_blocking(move || f(&mut files.lock().expect("unit ledger lock")))
+            .await
+            .map_err(|e| {
+                Failure::new(
+                    FailureReason::WriteFailed,
+                    format!("unit file task failed: {e}"),
+                )
+            })?
+    }
+
+    fn forget_manager(&self) {
+        *self.manager.lock().expect("manager lock") = None;
+    }
+
     /// The manager proxy, connecting (and subscribing to job signals) on
     /// first use or after an error dropped the connection.
-    async fn manager(&mut self) -> Result<ManagerProxy<'static>, Failure> {
-        if let Some(m) = &self.manager {
+    async fn manager(&self) -> Result<ManagerProxy<'static>, Failure> {
+        if let Some(m) = &*self.manager.lock().expect("manager lock") {
             return Ok(m.clone());
         }
         let unavailable = |e: zbus::Error| {
             Failure::new(
-                "SystemdUnavailable",
+                FailureReason::SystemdUnavailable,
                 format!("cannot reach systemd over D-Bus: {e}"),
             )
         };
@@ -196,45 +247,51 @@ impl UnitReconciler {
         // Job results arrive as JobRemoved signals, sent to subscribers only.
         m.subscribe().await.map_err(unavailable)?;
         tracing::info!("connected to systemd over D-Bus");
-        self.manager = Some(m.clone());
+        *self.manager.lock().expect("manager lock") = Some(m.clone());
         Ok(m)
     }
 
-    fn save(&self) -> Result<(), Failure> {
-        self.state
-            .save_units(&self.ledger)
-            .map_err(|e| Failure::new("StateWriteFailed", e.to_string()))
-    }
-
     pub async fn reconcile(
-        &mut self,
+        &self,
         id: &ResourceId,
         spec: &SystemdUnitSpec,
         inputs: &str,
+        ctx: Ctx,
     ) -> Outcome {
-        let r = self.converge(id, spec, inputs).await;
+        let r = self.converge(id, spec, inputs, ctx.interrupt).await;
         if let Err(f) = &r
-            && matches!(f.reason, "SystemdUnavailable" | "SystemdError")
+            && matches!(
+                f.reason,
+                FailureReason::SystemdUnavailable | FailureReason::SystemdError
+            )
         {
             // Reconnect next time: the bus or systemd may have restarted.
-            self.manager = None;
+            self.forget_manager();
         }
         r.unwrap_or_else(Outcome::from)
     }
 
     async fn converge(
-        &mut self,
+        &self,
         id: &ResourceId,
         spec: &SystemdUnitSpec,
         inputs: &str,
+        interrupt: Interrupt,
     ) -> Result<Outcome, Failure> {
         let name = spec.unit.as_str().to_owned();
         let manager = self.manager().await?;
-        let mut entry = self.ledger.units.get(&name).cloned().unwrap_or_default();
-        entry.resource = Some(id.clone());
-        let changed = self.write_files(&name, spec, &mut entry)?;
-        self.ledger.units.insert(name.clone(), entry.clone());
-        self.save()?;
+        let (entry, changed) = {
+            let (id, spec, name) = (id.clone(), spec.clone(), name.clone());
+            self.with_files(move |files| {
+                let mut entry = files.ledger.units.get(&name).cloned().unwrap_or_default();
+                entry.resource = Some(id);
+                let changed = files.write_files(&name, &spec, &mut entry)?;
+                files.ledger.units.insert(name, entry.clone());
+                files.save()?;
+                Ok((entry, changed))
+            })
+            .await?
+        };
 
         let path = manager
             .load_unit(name.clone())
@@ -249,7 +306,7 @@ impl UnitReconciler {
             "loaded" => {}
             "not-found" => {
                 return Ok(Outcome::failed(
-                    "UnitNotFound",
+                    FailureReason::UnitNotFound,
                     format!(
                         "systemd has no unit {name} (give `content` to have the agent write it)"
                     ),
@@ -257,7 +314,7 @@ impl UnitReconciler {
             }
             other => {
                 return Ok(Outcome::failed(
-                    "UnitInvalid",
+                    FailureReason::UnitInvalid,
                     format!("systemd could not load {name}: load state {other}"),
                 ));
             }
@@ -283,37 +340,56 @@ impl UnitReconciler {
         let mut job_result = None;
         if action != Action::None {
             tracing::info!(unit = %name, ?action, active = %active, "changing unit state");
-            job_result = Some(self.run_job(&manager, &name, action).await?);
-        }
-        if spec.state == UnitState::Running && job_result.as_deref().is_none_or(|r| r == "done") {
-            let e = self.ledger.units.entry(name.clone()).or_default();
-            if e.started_files.as_deref() != Some(&files)
-                || e.started_inputs.as_deref() != Some(inputs)
-            {
-                e.started_files = Some(files);
-                e.started_inputs = Some(inputs.to_owned());
-                self.save()?;
+            let result = self.run_job(&manager, &name, action, interrupt).await?;
+            if result == JobResult::Interrupted {
+                // The ledger still holds the old levels: the next reconcile
+                // decides again from what systemd then says.
+                return Ok(Outcome::Interrupted);
             }
+            job_result = Some(result);
+        }
+        if spec.state == UnitState::Running && job_result.as_ref().is_none_or(JobResult::is_done) {
+            let (name, inputs) = (name.clone(), inputs.to_owned());
+            self.with_files(move |f| {
+                let e = f.ledger.units.entry(name).or_default();
+                if e.started_files.as_deref() != Some(&files)
+                    || e.started_inputs.as_deref() != Some(&inputs)
+                {
+                    e.started_files = Some(files);
+                    e.started_inputs = Some(inputs);
+                    f.save()?;
+                }
+                Ok(())
+            })
+            .await?;
         }
         let observed = Self::observe(&manager, &unit, &path).await?;
         let outcome = assess(spec.state, &observed);
-        let note = |r: &str| {
-            if r == STILL_RUNNING {
+        let note = |r: &JobResult| match r {
+            JobResult::StillRunning => {
                 format!("{action:?} job still running after {:?}", self.job_timeout)
-            } else {
-                format!("{action:?} job ended {r}")
             }
+            JobResult::Ended(r) => format!("{action:?} job ended {r}"),
+            JobResult::Interrupted => format!("{action:?} job interrupted"),
         };
         Ok(match (job_result, outcome) {
-            (Some(r), Outcome::Ready(_)) if r != "done" => {
-                Outcome::failed("JobFailed", format!("{}: {name}", note(&r)))
+            (Some(r), Outcome::Ready { .. }) if !r.is_done() => {
+                Outcome::failed(FailureReason::JobFailed, format!("{}: {name}", note(&r)))
             }
-            (Some(r), Outcome::Failed { reason, message }) if r != "done" => Outcome::Failed {
-                reason,
-                message: format!("{}; {message}", note(&r)),
-            },
+            (Some(r), Outcome::Failed(f)) if !r.is_done() => Outcome::Failed(Failure {
+                reason: f.reason,
+                message: format!("{}; {}", note(&r), f.message),
+            }),
             (_, o) => o,
         })
+    }
+}
+
+impl UnitFiles {
+    fn save(&self) -> Result<(), Failure> {
+        self.state
+            .save_units(&self.ledger)
+            .map_err(|e| Failure::new(FailureReason::StateWriteFailed, e.to_string()))
     }
 
     /// Writes the unit file and drop-ins the spec gives; removes the agent's
@@ -380,7 +456,7 @@ impl UnitReconciler {
             Ok(current) if current == content.as_bytes() => return Ok(false),
             Ok(_) if !owned => {
                 return Err(Failure::new(
-                    "NotOwned",
+                    FailureReason::NotOwned,
                     format!(
                         "{} exists and was not written by Flotilla; refusing to overwrite it",
                         path.display()
@@ -391,21 +467,31 @@ impl UnitReconciler {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
                 return Err(Failure::new(
-                    "ReadFailed",
+                    FailureReason::ReadFailed,
                     format!("{}: {e}", path.display()),
                 ));
             }
         }
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| Failure::new("WriteFailed", format!("{}: {e}", parent.display())))?;
+            std::fs::create_dir_all(parent).map_err(|e| {
+                Failure::new(
+                    FailureReason::WriteFailed,
+                    format!("{}: {e}", parent.display()),
+                )
+            })?;
         }
-        write_atomic(path, content.as_bytes(), 0o644, None)
-            .map_err(|e| Failure::new("WriteFailed", format!("{}: {e}", path.display())))?;
+        write_atomic(path, content.as_bytes(), 0o644, None).map_err(|e| {
+            Failure::new(
+                FailureReason::WriteFailed,
+                format!("{}: {e}", path.display()),
+            )
+        })?;
         tracing::info!(path = %path.display(), "unit file written");
         Ok(true)
     }
+}
 
+impl UnitReconciler {
     async fn unit_proxy(
         manager: &ManagerProxy<'_>,
         path: &zbus::OwnedObjectPath,
@@ -473,15 +559,15 @@ impl UnitReconciler {
         Ok(())
     }
 
-    /// Starts a job in mode "replace" and waits for its JobRemoved signal;
-    /// returns its result (`done`, `failed`, `timeout`, `canceled`, `dependency`,
-    /// `skipped`), or [`STILL_RUNNING`] after the job timeout.
+    /// Starts a job in mode "replace" and waits for its JobRemoved signal —
+    /// at most the job timeout, and only until `interrupt` is raised.
     async fn run_job(
         &self,
         manager: &ManagerProxy<'_>,
         name: &str,
         action: Action,
-    ) -> Result<String, Failure> {
+        mut interrupt: Interrupt,
+    ) -> Result<JobResult, Failure> {
         // Listen before starting, or a fast job's signal is missed.
         let mut removed = manager
             .receive_job_removed()
@@ -493,7 +579,7 @@ impl UnitReconciler {
             Action::Stop => manager.stop_unit(n, mode).await,
             Action::Restart => manager.restart_unit(n, mode).await,
             Action::Reload => manager.reload_unit(n, mode).await,
-            Action::None => return Ok("done".into()),
+            Action::None => return Ok(JobResult::Ended("done".into())),
         }
         .map_err(dbus("unit job"))?;
         let wait = async {
@@ -506,21 +592,27 @@ impl UnitReconciler {
             }
             None
         };
-        match tokio::time::timeout(self.job_timeout, wait).await {
-            Ok(Some(result)) => Ok(result),
+        let waited = tokio::select! {
+            waited = tokio::time::timeout(self.job_timeout, wait) => waited,
+            () = interrupt.requested() => return Ok(JobResult::Interrupted),
+        };
+        match waited {
+            Ok(Some(result)) => Ok(JobResult::Ended(result)),
             Ok(None) => Err(Failure::new(
-                "SystemdUnavailable",
+                FailureReason::SystemdUnavailable,
                 "D-Bus connection closed while waiting for a job",
             )),
             // The job stays queued in systemd; the unit's state says the rest
             // (typically "activating"), and the next pass looks again.
-            Err(_) => Ok(STILL_RUNNING.into()),
+            Err(_) => Ok(JobResult::StillRunning),
         }
     }
 
-    /// Lets go of units no longer in `manifest`: units whose file the agent
-    /// wrote are stopped, disabled and deleted; others are left running.
-    pub async fn remove_unlisted(&mut self, manifest: &AgentManifest) -> Vec<ReleasedResource> {
+    /// Lets go of units no resource of `manifest` names: units whose file the
+    /// agent wrote are stopped, disabled and deleted; others are left
+    /// running. A unit whose resource is still listed but Unsupported is kept
+    /// exactly as it is.
+    pub async fn remove_unlisted(&self, manifest: &AgentManifest) -> Removals {
         let wanted: BTreeSet<String> = manifest
             .resources
             .iter()
@@ -530,24 +622,38 @@ impl UnitReconciler {
             })
             .collect();
         let gone: Vec<(String, UnitEntry)> = self
+            .files
+            .lock()
+            .expect("unit ledger lock")
             .ledger
             .units
             .iter()
-            .filter(|(n, _)| !wanted.contains(*n))
+            .filter(|(n, e)| {
+                !wanted.contains(*n)
+                    && e.resource
+                        .as_ref()
+                        .is_none_or(|id| manifest.resource(id).is_none())
+            })
             .map(|(n, e)| (n.clone(), e.clone()))
             .collect();
-        let mut released = Vec::new();
+        let mut out = Removals::default();
         for (name, entry) in gone {
             match self.let_go(&name, &entry).await {
                 Ok(()) => {
-                    self.ledger.units.remove(&name);
-                    if let Err(f) = self.save() {
+                    let n = name.clone();
+                    if let Err(f) = self
+                        .with_files(move |f| {
+                            f.ledger.units.remove(&n);
+                            f.save()
+                        })
+                        .await
+                    {
                         tracing::error!(message = %f.message, "cannot save the unit ledger");
                     }
                     if !entry.owns_file
                         && let Some(id) = entry.resource
                     {
-                        released.push(ReleasedResource {
+                        out.released.push(ReleasedResource {
                             id,
                             target: name,
                             reason: "NotCreatedByAgent".into(),
@@ -555,15 +661,20 @@ impl UnitReconciler {
                     }
                 }
                 Err(f) => {
-                    tracing::warn!(unit = %name, reason = f.reason, message = %f.message, "cannot remove unit; will retry");
-                    self.manager = None;
+                    tracing::warn!(unit = %name, reason = %f.reason, message = %f.message, "cannot remove unit; will retry");
+                    if f.reason.is_unavailable() || f.reason == FailureReason::SystemdError {
+                        self.forget_manager();
+                    }
+                    if let Some(id) = entry.resource {
+                        out.failed.push((id, ResourceKind::SystemdUnit, f));
+                    }
                 }
             }
         }
-        released
+        out
     }
 
-    async fn let_go(&mut self, name: &str, entry: &UnitEntry) -> Result<(), Failure> {
+    async fn let_go(&self, name: &str, entry: &UnitEntry) -> Result<(), Failure> {
         let manager = self.manager().await?;
         if entry.owns_file {
             tracing::info!(unit = %name, "removing a unit the agent created");
@@ -573,18 +684,36 @@ impl UnitReconciler {
                 .map_err(dbus("LoadUnit"))?;
             let unit = Self::unit_proxy(&manager, &path).await?;
             if is_up(&unit.active_state().await.map_err(dbus("ActiveState"))?) {
-                self.run_job(&manager, name, Action::Stop).await?;
+                match self
+                    .run_job(&manager, name, Action::Stop, Interrupt::never())
+                    .await?
+                {
+                    JobResult::Ended(r) if r == "done" => {}
+                    other => {
+                        return Err(Failure::new(
+                            FailureReason::JobFailed,
+                            format!("stop job for {name}: {other:?}"),
+                        ));
+                    }
+                }
             }
             self.set_enabled(&manager, name, false).await?;
-            remove_file(&self.unit_dir.join(name))?;
         } else {
             tracing::info!(unit = %name, "no longer managing a unit the agent did not create; leaving it as it is");
         }
-        let dir = self.unit_dir.join(format!("{name}.d"));
-        for file in &entry.drop_ins {
-            remove_file(&dir.join(file))?;
-        }
-        let _ = std::fs::remove_dir(&dir);
+        let (n, e) = (name.to_owned(), entry.clone());
+        self.with_files(move |f| {
+            if e.owns_file {
+                remove_file(&f.unit_dir.join(&n))?;
+            }
+            let dir = f.unit_dir.join(format!("{n}.d"));
+            for file in &e.drop_ins {
+                remove_file(&dir.join(file))?;
+            }
+            let _ = std::fs::remove_dir(&dir);
+            Ok(())
+        })
+        .await?;
         if entry.owns_file || !entry.drop_ins.is_empty() {
             manager.reload().await.map_err(dbus("Reload"))?;
         }
@@ -597,7 +726,7 @@ fn remove_file(path: &Path) -> Result<(), Failure> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Failure::new(
-            "RemoveFailed",
+            FailureReason::RemoveFailed,
             format!("{}: {e}", path.display()),
         )),
     }
@@ -662,12 +791,16 @@ mod tests {
     #[test]
     fn assess_reports_ready_failed_and_activating() {
         match assess(UnitState::Running, &observed("active", "running")) {
-            Outcome::Ready(ReadyDetails::SystemdUnit {
-                n_restarts,
-                main_pid,
-                active_since,
+            Outcome::Ready {
+                details:
+                    ReadyDetails::SystemdUnit {
+                        n_restarts,
+                        main_pid,
+                        active_since,
+                        ..
+                    },
                 ..
-            }) => {
+            } => {
                 assert_eq!(n_restarts, 2);
                 assert_eq!(main_pid, Some(42));
                 assert_eq!(active_since.as_deref(), Some("2023-11-14T22:13:20Z"));
@@ -675,8 +808,8 @@ mod tests {
             o => panic!("{o:?}"),
         }
         match assess(UnitState::Running, &observed("failed", "failed")) {
-            Outcome::Failed { reason, message } => {
-                assert_eq!(reason, "UnitFailed");
+            Outcome::Failed(Failure { reason, message }) => {
+                assert_eq!(reason, FailureReason::UnitFailed);
                 assert!(message.contains("result exit-code"), "{message}");
                 assert!(message.contains("exit status 1"), "{message}");
             }
@@ -684,21 +817,21 @@ mod tests {
         }
         assert!(matches!(
             assess(UnitState::Running, &observed("activating", "auto-restart")),
-            Outcome::Failed {
-                reason: "UnitActivating",
+            Outcome::Failed(Failure {
+                reason: FailureReason::UnitActivating,
                 ..
-            }
+            })
         ));
         assert!(matches!(
             assess(UnitState::Stopped, &observed("inactive", "dead")),
-            Outcome::Ready(_)
+            Outcome::Ready { .. }
         ));
         assert!(matches!(
             assess(UnitState::Stopped, &observed("active", "running")),
-            Outcome::Failed {
-                reason: "UnitNotStopped",
+            Outcome::Failed(Failure {
+                reason: FailureReason::UnitNotStopped,
                 ..
-            }
+            })
         ));
     }
 
@@ -726,8 +859,11 @@ mod tests {
         let state = StateDir::open(&dir.path().join("state")).unwrap();
         let units = dir.path().join("units");
         std::fs::create_dir_all(&units).unwrap();
-        let mut r =
-            UnitReconciler::new(state, units.clone(), None, Duration::from_secs(1)).unwrap();
+        let mut r = UnitFiles {
+            ledger: state.load_units().unwrap(),
+            state,
+            unit_dir: units.clone(),
+        };
         let mut spec = SystemdUnitSpec {
             unit: manifest_types::spec::UnitName::new("app.service").unwrap(),
             content: Some("[Service]\nExecStart=/bin/true\n".into()),
@@ -757,7 +893,7 @@ mod tests {
         let err = r
             .write_files("foreign.service", &spec, &mut UnitEntry::default())
             .unwrap_err();
-        assert_eq!(err.reason, "NotOwned");
+        assert_eq!(err.reason, FailureReason::NotOwned);
         assert_eq!(
             std::fs::read_to_string(units.join("foreign.service")).unwrap(),
             "[Service]\n"

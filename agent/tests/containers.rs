@@ -544,3 +544,252 @@ async fn a_container_that_dies_soon_after_start_is_caught_before_the_next_resync
     let (_, message) = failed_reason(&s, "c/late").unwrap();
     assert!(message.contains("restarted"), "{message}");
 }
+
+/// The container's id as the engine has it, if it is running.
+fn running_id(agent: &str) -> Option<String> {
+    let listed = containers_of(agent);
+    match listed.as_slice() {
+        [only] if only.state == "running" => Some(only.id.clone()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_container_turned_unsupported_keeps_running_untouched() {
+    let e = engine_agent("unsup", |_| {}).await;
+    let (agent, store) = (e.id.clone(), e.store.clone());
+    let spec = json!({"image": TEST_IMAGE, "command": sleeper()});
+    apply(&store, &agent, 1, json!([container("u/app", spec.clone())])).await;
+    let s = wait_status(&store, &agent, "ready", |s| s.converged_on(1)).await;
+    let (cid, ..) = ready(&s, "u/app").unwrap();
+
+    // A newer control plane adds a field this agent does not know.
+    let mut newer = spec.clone();
+    newer["fromTheFuture"] = json!({"x": 1});
+    apply(&store, &agent, 2, json!([container("u/app", newer)])).await;
+    // manifestGeneration 2 is reported only after generation 2's removal
+    // sweep ran: the barrier that proves the agent had its chance to remove it.
+    let s = wait_status(&store, &agent, "unsupported", |s| {
+        s.manifest_generation == 2
+            && matches!(state(s, "u/app"), Some(ResourceState::Unsupported { .. }))
+    })
+    .await;
+    assert!(!s.converged_on(2), "Unsupported is not Ready");
+    assert_eq!(
+        running_id(&agent),
+        Some(cid.clone()),
+        "same container, still running"
+    );
+
+    // A generation the agent understands converges normally.
+    let mut v3 = spec;
+    v3["env"] = json!({"V": "3"});
+    apply(&store, &agent, 3, json!([container("u/app", v3)])).await;
+    let s = wait_status(&store, &agent, "ready again", |s| s.converged_on(3)).await;
+    let (cid3, ..) = ready(&s, "u/app").unwrap();
+    assert_ne!(cid3, cid, "the changed spec replaced it");
+    assert_eq!(running_id(&agent), Some(cid3));
+}
+
+#[tokio::test]
+async fn a_replacement_that_crashes_restores_the_previous_container() {
+    let e = engine_agent("rollback", |_| {}).await;
+    let (agent, store) = (e.id.clone(), e.store.clone());
+    apply(
+        &store,
+        &agent,
+        1,
+        json!([container(
+            "r/app",
+            json!({"image": TEST_IMAGE, "command": sleeper()})
+        )]),
+    )
+    .await;
+    let s = wait_status(&store, &agent, "ready", |s| s.converged_on(1)).await;
+    let (good, ..) = ready(&s, "r/app").unwrap();
+
+    apply(
+        &store,
+        &agent,
+        2,
+        json!([container(
+            "r/app",
+            json!({"image": TEST_IMAGE, "command": ["sh", "-c", "exit 3"]})
+        )]),
+    )
+    .await;
+    let s = wait_status(&store, &agent, "the update failed", |s| {
+        failed_reason(s, "r/app").is_some_and(|(r, _)| r == "ReplaceFailed")
+    })
+    .await;
+    let (_, message) = failed_reason(&s, "r/app").unwrap();
+    assert!(message.contains("previous one runs again"), "{message}");
+    assert!(!s.converged_on(2));
+    assert_eq!(
+        running_id(&agent),
+        Some(good.clone()),
+        "the previous container serves again, and the failed one is gone"
+    );
+    // Fixed in the next generation: converges.
+    apply(
+        &store,
+        &agent,
+        3,
+        json!([container(
+            "r/app",
+            json!({"image": TEST_IMAGE, "command": sleeper(), "env": {"V": "3"}})
+        )]),
+    )
+    .await;
+    let s = wait_status(&store, &agent, "ready on 3", |s| s.converged_on(3)).await;
+    let (fixed, ..) = ready(&s, "r/app").unwrap();
+    assert_eq!(running_id(&agent), Some(fixed));
+}
+
+#[tokio::test]
+async fn a_container_is_ready_only_once_its_healthcheck_passes() {
+    let e = engine_agent("health", |_| {}).await;
+    let (agent, store) = (e.id.clone(), e.store.clone());
+    // Healthy once /tmp/ok exists, which the command makes after 3 s.
+    let spec = json!({
+        "image": TEST_IMAGE,
+        "command": ["sh", "-c", "trap 'exit 0' TERM; (sleep 3; touch /tmp/ok) & sleep 3600 & wait"],
+        "healthcheck": {"test": ["CMD-SHELL", "test -f /tmp/ok"], "intervalSeconds": 1, "retries": 30}
+    });
+    apply(&store, &agent, 1, json!([container("h/app", spec)])).await;
+    let s = wait_status(&store, &agent, "reconciling while starting", |s| {
+        matches!(state(s, "h/app"), Some(ResourceState::Reconciling { message }) if message.contains("healthcheck"))
+    })
+    .await;
+    assert!(
+        !s.converged_on(1),
+        "not Ready while the healthcheck is starting"
+    );
+    let s = wait_status(&store, &agent, "ready once healthy", |s| s.converged_on(1)).await;
+    match state(&s, "h/app") {
+        Some(ResourceState::Ready {
+            details: ReadyDetails::Container { health, .. },
+            ..
+        }) => assert_eq!(health.as_deref(), Some("healthy")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_failed_removal_is_not_converged_and_is_retried() {
+    let mut proxy = testbed::docker::EngineProxy::start();
+    let host = proxy.host();
+    let e = engine_agent("rmfail", |c| c.docker_host = Some(host)).await;
+    let (agent, store) = (e.id.clone(), e.store.clone());
+    let root = e.h.root(&agent);
+    apply(
+        &store,
+        &agent,
+        1,
+        json!([
+            container("d/app", json!({"image": TEST_IMAGE, "command": sleeper()})),
+            file("d/f", &root.join("f"), "x\n"),
+        ]),
+    )
+    .await;
+    wait_status(&store, &agent, "ready", |s| s.converged_on(1)).await;
+
+    proxy.stop();
+    apply(
+        &store,
+        &agent,
+        2,
+        json!([file("d/f", &root.join("f"), "x\n")]),
+    )
+    .await;
+    let s = wait_status(&store, &agent, "removal owed", |s| {
+        s.manifest_generation == 2 && !s.removing.is_empty()
+    })
+    .await;
+    assert!(!s.converged_on(2), "a removal that failed is not converged");
+    assert_eq!(s.removing[0].id.to_string(), "d/app");
+    assert_eq!(s.removing[0].reason, "DockerUnavailable");
+    assert!(s.removing[0].retry_after_seconds.is_some());
+    assert_eq!(containers_of(&agent).len(), 1, "still there");
+
+    proxy.resume();
+    let s = wait_status(&store, &agent, "removed after the engine returned", |s| {
+        s.converged_on(2)
+    })
+    .await;
+    assert!(s.removing.is_empty());
+    assert!(containers_of(&agent).is_empty(), "the container is gone");
+}
+
+#[tokio::test]
+async fn a_stalled_pull_blocks_neither_other_resources_nor_a_newer_manifest() {
+    let registry = testbed::docker::StalledRegistry::start().await;
+    let e = engine_agent("stall", |_| {}).await;
+    let (agent, store) = (e.id.clone(), e.store.clone());
+    let root = e.h.root(&agent);
+    let stalled = json!({"image": registry.image("stalls/app:1"), "pullPolicy": "Always"});
+    let started = tokio::time::Instant::now();
+    apply(
+        &store,
+        &agent,
+        1,
+        json!([
+            container("s/app", stalled.clone()),
+            file("s/f", &root.join("f"), "one\n"),
+        ]),
+    )
+    .await;
+    let s = wait_status(&store, &agent, "the file ready beside the pull", |s| {
+        state(s, "s/f").is_some_and(ResourceState::is_ready)
+    })
+    .await;
+    let file_ready = started.elapsed();
+    assert!(
+        matches!(
+            state(&s, "s/app"),
+            None | Some(ResourceState::Reconciling { .. })
+        ),
+        "the pull is still under way: {:?}",
+        state(&s, "s/app")
+    );
+    assert!(
+        file_ready < Duration::from_secs(1),
+        "file ready after {file_ready:?}"
+    );
+
+    // A newer generation, written while the pull still stalls.
+    let written = tokio::time::Instant::now();
+    apply(
+        &store,
+        &agent,
+        2,
+        json!([
+            container("s/app", stalled),
+            file("s/f", &root.join("f"), "two\n"),
+        ]),
+    )
+    .await;
+    let two = flotilla_agent::reconcile::file::sha256_hex(b"two\n");
+    wait_status(&store, &agent, "generation 2's file", |s| {
+        matches!(state(s, "s/f"), Some(ResourceState::Ready {
+            details: ReadyDetails::File { sha256, .. }, ..
+        }) if *sha256 == two)
+    })
+    .await;
+    let acted = written.elapsed();
+    assert_eq!(std::fs::read_to_string(root.join("f")).unwrap(), "two\n");
+    assert!(acted < Duration::from_secs(1), "acted on after {acted:?}");
+
+    // Dropping the stalled container interrupts its pull; the generation converges.
+    apply(
+        &store,
+        &agent,
+        3,
+        json!([file("s/f", &root.join("f"), "two\n")]),
+    )
+    .await;
+    wait_status(&store, &agent, "converged without the container", |s| {
+        s.converged_on(3)
+    })
+    .await;
+}

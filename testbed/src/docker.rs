@@ -216,3 +216,104 @@ pub fn image_variant(tag: &str, marker: &str) -> String {
     docker(&["rm", &name]);
     id
 }
+
+/// A Unix-socket forwarder in front of the real engine socket, so a test can
+/// take the engine away from an agent (and give it back) without stopping
+/// dockerd for every other test. While stopped, the socket path is gone and
+/// every open connection is cut.
+#[derive(Debug)]
+pub struct EngineProxy {
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl EngineProxy {
+    /// Starts forwarding from a fresh socket path to `/var/run/docker.sock`.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("proxy dir");
+        let path = dir.path().join("docker.sock");
+        let mut p = Self {
+            path,
+            _dir: dir,
+            task: None,
+        };
+        p.resume();
+        p
+    }
+
+    /// The `unix://` address to give the agent as its docker host.
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.path.display())
+    }
+
+    /// Cuts every connection and removes the socket: the engine is unreachable.
+    pub fn stop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    /// Serves the socket again.
+    pub fn resume(&mut self) {
+        self.stop();
+        let listener = tokio::net::UnixListener::bind(&self.path).expect("bind proxy socket");
+        self.task = Some(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    break;
+                };
+                conns.spawn(async move {
+                    if let Ok(mut engine) =
+                        tokio::net::UnixStream::connect("/var/run/docker.sock").await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut engine).await;
+                    }
+                });
+            }
+        }));
+    }
+}
+
+impl Drop for EngineProxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A registry that accepts connections and never answers: a pull from it
+/// stalls until the test ends (drop closes every connection).
+#[derive(Debug)]
+pub struct StalledRegistry {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StalledRegistry {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind stalled registry");
+        let port = listener.local_addr().expect("local addr").port();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        Self { port, task }
+    }
+
+    /// An image reference on this registry.
+    pub fn image(&self, name: &str) -> String {
+        format!("127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl Drop for StalledRegistry {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -21,12 +21,12 @@ fn show(device: &Device, property: &str) -> String {
     device.systemctl(&["show", "-p", property, "--value", UNIT])
 }
 
-/// Polls a condition on the device (blocking; the agent runs in the device).
-fn wait_device(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) {
+/// Polls a condition on the device (the agent runs in the device).
+async fn wait_device(what: &str, timeout: Duration, mut pred: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !pred() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -92,7 +92,8 @@ async fn the_agent_runs_as_a_systemd_service() {
     install_agent(&device, "nats://127.0.0.1:9");
     device.systemctl(&["start", UNIT]); // Type=notify: returns once READY=1 arrived
     assert_eq!(device.systemctl(&["is-active", UNIT]), "active");
-    std::thread::sleep(Duration::from_secs(5)); // > WatchdogSec
+    // A deliberate window longer than WatchdogSec: a restart loop would show.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(device.systemctl(&["is-active", UNIT]), "active");
     assert_eq!(show(&device, "NRestarts"), "0", "no restart loop offline");
     assert!(
@@ -106,7 +107,8 @@ async fn the_agent_runs_as_a_systemd_service() {
     device.systemctl(&["restart", UNIT]);
     wait_device("connected STATUS", Duration::from_secs(15), || {
         show(&device, "StatusText").starts_with("connected to NATS")
-    });
+    })
+    .await;
     let status = device.systemctl(&["status", "--no-pager", UNIT]);
     assert!(status.contains("active (running)"), "{status}");
     assert!(status.contains("Status: \"connected to NATS"), "{status}");
@@ -133,7 +135,8 @@ async fn the_agent_runs_as_a_systemd_service() {
     ]);
     wait_device("generation 1 in STATUS", Duration::from_secs(15), || {
         show(&device, "StatusText").contains("generation 1; 2/2 resources ready")
-    });
+    })
+    .await;
 
     apply(&store, "pi-svc", 2, resources("v2\n")).await;
     wait_status(&store, "pi-svc", "converged on 2", |s| s.converged_on(2)).await;
@@ -182,8 +185,9 @@ async fn the_agent_runs_as_a_systemd_service() {
     device.exec(&["touch", "/var/lib/flotilla/wedge"]);
     wait_device("a watchdog restart", Duration::from_secs(30), || {
         show(&device, "NRestarts").parse::<u32>().unwrap() > restarts
-            && device.systemctl(&["is-active", UNIT]) == "active"
-    });
+            && show(&device, "ActiveState") == "active"
+    })
+    .await;
     assert_ne!(show(&device, "MainPID"), pid_before);
     let journal = device.journal(UNIT);
     assert!(journal.contains("atchdog timeout"), "{journal}");

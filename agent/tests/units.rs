@@ -265,3 +265,50 @@ async fn bad_unit_names_are_rejected_before_any_dbus_call() {
         assert!(st.resources.is_empty(), "nothing was reconciled");
     }
 }
+
+#[tokio::test]
+async fn a_unit_turned_unsupported_keeps_running_with_its_files() {
+    let s = setup("unsup").await;
+    let store = s.h.store().await;
+    let name = "flotilla-test-unsup.service";
+    let spec = json!({"unit": name, "content": "[Service]\nExecStart=/bin/sleep infinity\n",
+                      "dropIns": {"10-env.conf": "[Service]\nEnvironment=A=1\n"}});
+    apply(&store, "unsup", 1, json!([unit("u/svc", spec.clone())])).await;
+    let st = wait_status(&store, "unsup", "running", |st| st.converged_on(1)).await;
+    let (_, pid, _) = ready(&st, "u/svc").unwrap();
+    assert!(pid.is_some());
+
+    let mut newer = spec.clone();
+    newer["fromTheFuture"] = json!(true);
+    apply(&store, "unsup", 2, json!([unit("u/svc", newer)])).await;
+    // manifestGeneration 2 is reported only after its removal sweep ran.
+    let st = wait_status(&store, "unsup", "unsupported", |st| {
+        st.manifest_generation == 2
+            && matches!(state(st, "u/svc"), Some(ResourceState::Unsupported { .. }))
+    })
+    .await;
+    assert!(!st.converged_on(2));
+    assert_eq!(s.device.systemctl(&["is-active", name]), "active");
+    assert_eq!(
+        s.device
+            .systemctl(&["show", "-p", "MainPID", "--value", name])
+            .parse::<u32>()
+            .ok(),
+        pid,
+        "same main PID: not restarted"
+    );
+    assert!(s.device.units_dir().join(name).exists(), "unit file kept");
+    assert!(
+        s.device
+            .units_dir()
+            .join(format!("{name}.d/10-env.conf"))
+            .exists(),
+        "drop-in kept"
+    );
+
+    let mut v3 = spec;
+    v3["dropIns"] = json!({"10-env.conf": "[Service]\nEnvironment=A=3\n"});
+    apply(&store, "unsup", 3, json!([unit("u/svc", v3)])).await;
+    let st = wait_status(&store, "unsup", "ready again", |st| st.converged_on(3)).await;
+    assert!(ready(&st, "u/svc").is_some());
+}

@@ -4,7 +4,6 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
-use std::time::Duration;
 
 use common::*;
 use manifest_types::{ConditionType, ReadyDetails, ResourceState};
@@ -102,14 +101,21 @@ async fn restart_with_the_same_manifest_touches_nothing() {
     let meta = std::fs::metadata(&path).unwrap();
     agent.stop().await;
 
-    tokio::time::sleep(Duration::from_millis(50)).await;
     let _agent = RunningAgent::start(h.config("pi-2"));
-    // Let it run through start-up, a get and at least one drift check.
-    wait_status(&store, "pi-2", "heartbeat-era status", |s| {
-        s.converged_on(1)
+    // The barrier: a new generation with the same file, which only the
+    // restarted agent can converge. It converged from its cache at start,
+    // then looked at the file again for generation 2 (a new generation is
+    // a drift check) and ran its removal sweep before reporting 2.
+    put_manifest(
+        &store,
+        "pi-2",
+        manifest("pi-2", 2, json!([file("d/f", &path, "same")])),
+    )
+    .await;
+    wait_status(&store, "pi-2", "the restarted agent converged on 2", |s| {
+        s.converged_on(2)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
     let after_meta = std::fs::metadata(&path).unwrap();
     assert_eq!(after_meta.ino(), meta.ino(), "file replaced");
     assert_eq!(after_meta.mtime_nsec(), meta.mtime_nsec(), "file rewritten");
@@ -120,7 +126,7 @@ async fn restart_with_the_same_manifest_touches_nothing() {
     );
     let after = status(&store, "pi-2").await.unwrap();
     assert_eq!(after.instance_id, before.instance_id, "same installation");
-    assert!(after.converged_on(1));
+    assert!(after.converged_on(2));
 }
 
 #[tokio::test]

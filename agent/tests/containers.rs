@@ -294,6 +294,11 @@ async fn a_command_that_exits_is_a_crash_loop_never_ready() {
     let (reason, message, retry) = failed.expect("reported Failed");
     assert_eq!(reason, "CrashLoopBackOff");
     assert!(seen_exit_code, "the exit code was reported: last {message}");
+    // Also while the engine shows it running again (from its event log).
+    assert!(
+        message.contains("exit code 3"),
+        "the latest status names the exit code: {message}"
+    );
     assert!(retry.is_some_and(|r| r >= 1));
     assert_eq!(
         containers_of(&agent).len(),

@@ -30,8 +30,8 @@ use bollard::models::{
     RestartPolicy as DockerRestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
-    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptions,
+    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
 };
 use futures::StreamExt;
 use manifest_types::spec::{NetworkMode, PullPolicy, RestartPolicy};
@@ -658,6 +658,19 @@ impl ContainerReconciler {
     ) -> Result<Outcome, Failure> {
         let inspect = self.check(docker.inspect_container(container, None).await)?;
         let mut outcome = assess(&inspect, SystemTime::now(), repairs);
+        // Running again after a crash, the engine shows the restart count but
+        // no longer the exit code: the event log still has it.
+        let running = inspect.state.as_ref().and_then(|s| s.status)
+            == Some(ContainerStateStatusEnum::RUNNING);
+        if let Outcome::Failed(f) = &mut outcome
+            && f.reason == FailureReason::CrashLoopBackOff
+            && running
+            && let Some(code) = self
+                .last_exit_code(docker, container, inspect.created.as_deref())
+                .await
+        {
+            f.message = format!("{}; last exit code {code}", f.message);
+        }
         if let Outcome::Ready {
             details:
                 ReadyDetails::Container {
@@ -671,6 +684,44 @@ impl ContainerReconciler {
             *image_digest = self.digest(docker, image_id).await;
         }
         Ok(outcome)
+    }
+
+    /// The exit code of the container's last run, from the engine's event
+    /// log (its `die` events since the container was created).
+    async fn last_exit_code(
+        &self,
+        docker: &Docker,
+        container: &str,
+        created: Option<&str>,
+    ) -> Option<i64> {
+        let since = humantime::parse_rfc3339_weak(created?)
+            .ok()?
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()?;
+        let until = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()?;
+        let options = EventsOptions {
+            since: Some(since.as_secs().to_string()),
+            until: Some(format!("{}.{:09}", until.as_secs(), until.subsec_nanos())),
+            filters: Some(HashMap::from([
+                ("container".to_owned(), vec![container.to_owned()]),
+                ("event".to_owned(), vec!["die".to_owned()]),
+            ])),
+        };
+        let mut events = docker.events(Some(options));
+        let mut code = None;
+        // `until` ends the stream; the timeout only guards a confused engine.
+        while let Ok(Some(Ok(event))) =
+            tokio::time::timeout(Duration::from_secs(2), events.next()).await
+        {
+            code = event
+                .actor
+                .and_then(|a| a.attributes)
+                .and_then(|a| a.get("exitCode").and_then(|c| c.parse().ok()))
+                .or(code);
+        }
+        code
     }
 
     async fn digest(&self, docker: &Docker, image_id: &str) -> Option<String> {

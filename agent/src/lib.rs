@@ -1,9 +1,9 @@
 //! # flotilla-agent — the mini-kubelet on every device
 //!
-//! The agent watches its own manifest in NATS KV, converges File and
-//! Container (and, once its reconciler lands, SystemdUnit) resources, and
-//! reports typed status. It keeps converging from its last good manifest while
-//! offline.
+//! The agent watches its own manifest in NATS KV, converges File, Container
+//! and SystemdUnit resources, and reports typed status. It keeps converging
+//! from its last good manifest while offline, and never destroys what it
+//! does not understand.
 //!
 //! ## Tour
 //! - [`agent::run`] — the event loop: RePublish subscription, direct gets after
@@ -11,22 +11,29 @@
 //!   binary and for in-process tests.
 //! - [`gate`] — pure manifest admission: typed rejections, replay floor,
 //!   file roots, the device owner's container limits.
-//! - [`worker`] — converges the newest accepted manifest beside the loop,
-//!   with per-resource backoff.
-//! - [`reconcile`] — one reconciler per kind: [`reconcile::file`] (atomic
-//!   writes, ledger) and [`reconcile::container`] (Docker Engine via bollard,
-//!   labels as the source of truth).
+//! - [`worker`] — converges the newest accepted manifest beside the loop:
+//!   concurrent bounded reconciles in `restartOn` order, interrupts at safe
+//!   points when a newer manifest changes a resource, per-resource backoff,
+//!   and the removal sweep whose failures stay in the status (`removing`).
+//! - [`reconcile`] — one reconciler per kind, each returning an
+//!   [`reconcile::Outcome`] that says when to look again:
+//!   [`reconcile::file`] (atomic writes on the blocking pool, ledger),
+//!   [`reconcile::container`] (Docker Engine via bollard, labels as the source
+//!   of truth, a failed replacement restores the previous container) and
+//!   [`reconcile::systemd`] (systemd over D-Bus via zbus, unit-file ledger,
+//!   level-based triggers).
 //! - [`status`] — the status board that assembles [`manifest_types::AgentStatus`].
 //! - [`report`] — status writer (CAS, coalesced, identity-checked),
 //!   heartbeat and inventory tasks.
 //! - [`kv`] — the agent's entire NATS footprint: direct gets and CAS publishes
 //!   on its own keys.
-//! - [`state`] — the state directory: instance id, cached manifest, ledger.
+//! - [`state`] — the state directory: instance id, cached manifest, ledgers.
 //! - [`config`] — flags, `FLOTILLA_*` environment and TOML file.
 //! - [`service`] — systemd READY, WATCHDOG and STATUS notifications.
 //!
 //! Decisions: docs/adr/ (0002 for the watch, 0003 for generations and CAS,
-//! 0005 for file ownership, 0008 for containers).
+//! 0005 for file ownership, 0008 for containers, 0009 for units, 0013 for the
+//! worker and safe change).
 
 pub mod agent;
 pub mod config;

@@ -151,9 +151,12 @@ impl Worker {
             self.take(m);
         }
         loop {
-            self.schedule(&mut tasks);
+            // One instant for both: whatever is due at `now` is started (or
+            // held back until a task finishes); the wake-up is strictly later.
+            let now = Instant::now();
+            self.schedule(&mut tasks, now);
             self.publish();
-            let next = self.next_wakeup();
+            let next = self.next_wakeup(now);
             tokio::select! {
                 // Cancel-safe: `changed` only marks the value seen.
                 changed = desired.changed() => {
@@ -213,9 +216,13 @@ impl Worker {
         self.manifest = Some(m);
     }
 
+    /// The periodic resync: look at every resource again, except failed
+    /// ones, which keep waiting for their backoff.
     fn drift_check(&mut self) {
         for rec in self.records.values_mut() {
-            rec.drift = true;
+            if !matches!(rec.status.state, ResourceState::Failed { .. }) {
+                rec.drift = true;
+            }
         }
         self.removal.drift = true;
     }
@@ -244,11 +251,10 @@ impl Worker {
     }
 
     /// Starts what is due, within the concurrency bound and `restartOn` order.
-    fn schedule(&mut self, tasks: &mut JoinSet<Done>) {
+    fn schedule(&mut self, tasks: &mut JoinSet<Done>, now: Instant) {
         let Some(m) = self.manifest.clone() else {
             return;
         };
-        let now = Instant::now();
         let levels: BTreeMap<&ResourceId, String> =
             m.resources.iter().map(|r| (&r.id, level(r, &m))).collect();
         let due: BTreeSet<&ResourceId> = m
@@ -416,12 +422,16 @@ impl Worker {
         );
     }
 
-    fn next_wakeup(&self) -> Option<Instant> {
+    /// The next retry or recheck still ahead. One already due but held back
+    /// (by the concurrency bound, an input in flight, or a resource not yet
+    /// looked at) is started when a task finishes, so it never spins the loop.
+    fn next_wakeup(&self, now: Instant) -> Option<Instant> {
         self.records
             .iter()
             .filter(|(id, _)| !self.in_flight.contains_key(*id))
             .filter_map(|(_, r)| r.retry_at)
             .chain(self.removal.retry_at.filter(|_| !self.removal.running))
+            .filter(|at| *at > now)
             .min()
     }
 }

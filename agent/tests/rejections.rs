@@ -229,23 +229,42 @@ async fn another_installation_writing_the_status_key_is_an_identity_conflict() {
     .await;
     wait_for("converged locally", || path.exists()).await;
 
-    // The conflict shows in the heartbeat; the foreign status is never overwritten.
+    // The conflict shows in the heartbeat; the foreign status is never
+    // overwritten. The barrier: a new generation gives the status writer a
+    // new status to write; once the heartbeat reports that generation (and
+    // one beat more), the writer has had its chance and declined.
     let hb_key = keys::heartbeat(&AgentId::new("pi-4").unwrap());
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(e) = store.entry(&hb_key).await.unwrap() {
-            let hb: manifest_types::Heartbeat = serde_json::from_slice(&e.value).unwrap();
-            if hb.identity_conflict.as_deref() == Some("someone-else") {
-                break;
+    let heartbeat = |pred: Box<dyn Fn(&manifest_types::Heartbeat) -> bool>| {
+        let (store, hb_key) = (store.clone(), hb_key.clone());
+        async move {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                if let Some(e) = store.entry(&hb_key).await.unwrap() {
+                    let hb: manifest_types::Heartbeat = serde_json::from_slice(&e.value).unwrap();
+                    if pred(&hb) {
+                        return hb;
+                    }
+                }
+                assert!(tokio::time::Instant::now() < deadline, "no such heartbeat");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no identity conflict in the heartbeat"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+    };
+    heartbeat(Box::new(|hb| {
+        hb.identity_conflict.as_deref() == Some("someone-else")
+    }))
+    .await;
+    put_manifest(
+        &store,
+        "pi-4",
+        manifest("pi-4", 2, json!([file("d/f", &path, "y")])),
+    )
+    .await;
+    let hb = heartbeat(Box::new(|hb| {
+        hb.manifest_generation == 2 && hb.identity_conflict.as_deref() == Some("someone-else")
+    }))
+    .await;
+    heartbeat(Box::new(move |later| later.seq > hb.seq)).await;
     let entry = store.entry(&key).await.unwrap().unwrap();
     assert_eq!(
         entry.revision, foreign_rev,
@@ -254,7 +273,7 @@ async fn another_installation_writing_the_status_key_is_an_identity_conflict() {
 
     // The operator deletes the stale key: this installation takes over.
     store.delete(&key).await.unwrap();
-    let s = wait_status(&store, "pi-4", "taken over", |s| s.converged_on(1)).await;
+    let s = wait_status(&store, "pi-4", "taken over", |s| s.converged_on(2)).await;
     assert_ne!(s.instance_id, "someone-else");
     assert!(!s.condition_true(ConditionType::IdentityConflict));
 }

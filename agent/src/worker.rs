@@ -121,6 +121,51 @@ pub struct Worker {
     settled: u64,
 }
 
+/// Whether `r` (at level `lvl`) needs a reconcile now.
+fn due(r: &ManagedResource, lvl: &str, record: Option<&Record>, now: Instant) -> bool {
+    match record {
+        None => true,
+        Some(rec) if rec.level != lvl => true,
+        Some(rec) => {
+            rec.retry_at.is_some_and(|at| at <= now)
+                || (rec.drift && !matches!(r.spec, ResourceSpec::Unsupported(_)))
+        }
+    }
+}
+
+/// Which resources to start now, in manifest order: due, not in flight,
+/// with no input of their `restartOn` due or in flight, and no more than
+/// `limit` reconciles in flight in all. The scheduling decision, pure.
+fn starts(
+    m: &AgentManifest,
+    levels: &BTreeMap<&ResourceId, String>,
+    records: &BTreeMap<ResourceId, Record>,
+    in_flight: &BTreeSet<ResourceId>,
+    now: Instant,
+    limit: usize,
+) -> BTreeSet<ResourceId> {
+    let due: BTreeSet<&ResourceId> = m
+        .resources
+        .iter()
+        .filter(|r| !in_flight.contains(&r.id) && due(r, &levels[&r.id], records.get(&r.id), now))
+        .map(|r| &r.id)
+        .collect();
+    let mut picked = BTreeSet::new();
+    for r in &m.resources {
+        if in_flight.len() + picked.len() >= limit {
+            break;
+        }
+        let inputs_busy = r
+            .restart_on
+            .iter()
+            .any(|i| due.contains(i) || in_flight.contains(i));
+        if due.contains(&r.id) && !inputs_busy {
+            picked.insert(r.id.clone());
+        }
+    }
+    picked
+}
+
 impl Worker {
     pub fn new(reconcilers: Reconcilers, board: StatusBoard) -> Self {
         Self {
@@ -227,20 +272,6 @@ impl Worker {
         self.removal.drift = true;
     }
 
-    fn due(&self, r: &ManagedResource, lvl: &str, now: Instant) -> bool {
-        if self.in_flight.contains_key(&r.id) {
-            return false;
-        }
-        match self.records.get(&r.id) {
-            None => true,
-            Some(rec) if rec.level != lvl => true,
-            Some(rec) => {
-                rec.retry_at.is_some_and(|at| at <= now)
-                    || (rec.drift && !matches!(r.spec, ResourceSpec::Unsupported(_)))
-            }
-        }
-    }
-
     /// Whether every resource has a result for its current level.
     fn all_looked_at(&self, m: &AgentManifest) -> bool {
         m.resources.iter().all(|r| {
@@ -257,27 +288,15 @@ impl Worker {
         };
         let levels: BTreeMap<&ResourceId, String> =
             m.resources.iter().map(|r| (&r.id, level(r, &m))).collect();
-        let due: BTreeSet<&ResourceId> = m
-            .resources
-            .iter()
-            .filter(|r| self.due(r, &levels[&r.id], now))
-            .map(|r| &r.id)
-            .collect();
-        for r in &m.resources {
-            if self.in_flight.len() >= self.concurrency {
-                break;
-            }
-            if !due.contains(&r.id) {
-                continue;
-            }
-            // Inputs first: wait while one is due or being reconciled.
-            let inputs_busy = r
-                .restart_on
-                .iter()
-                .any(|i| due.contains(i) || self.in_flight.contains_key(i));
-            if inputs_busy {
-                continue;
-            }
+        let picked = starts(
+            &m,
+            &levels,
+            &self.records,
+            &self.in_flight.keys().cloned().collect(),
+            now,
+            self.concurrency,
+        );
+        for r in m.resources.iter().filter(|r| picked.contains(&r.id)) {
             let lvl = levels[&r.id].clone();
             let (interrupt_tx, interrupt) = Interrupt::new();
             let resource = Arc::new(r.clone());
@@ -583,6 +602,123 @@ mod tests {
         );
         assert_eq!(ready.attempts, 0);
         assert!(ready.retry_at.is_none());
+    }
+
+    fn manifest(resources: serde_json::Value) -> AgentManifest {
+        let m = serde_json::json!({
+            "apiVersion": "flotilla.dev/v1", "agentId": "a", "generation": 1,
+            "resources": resources
+        });
+        AgentManifest::from_json(m.to_string().as_bytes()).unwrap()
+    }
+
+    fn files(ids: &[&str]) -> serde_json::Value {
+        ids.iter()
+            .enumerate()
+            .map(|(n, id)| {
+                serde_json::json!({"id": id, "kind": "File",
+                    "spec": {"path": format!("/etc/x{n}"), "content": "x"}})
+            })
+            .collect()
+    }
+
+    fn ids(set: &BTreeSet<ResourceId>) -> Vec<String> {
+        set.iter().map(ToString::to_string).collect()
+    }
+
+    fn record_for(m: &AgentManifest, id: &str, retry_at: Option<Instant>, drift: bool) -> Record {
+        let r = m.resource(&id.parse().unwrap()).unwrap();
+        let mut rec = next_record(None, Outcome::Unsupported("x".into()), r, level(r, m));
+        rec.retry_at = retry_at;
+        rec.drift = drift;
+        rec
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn starts_what_is_due_within_the_bound_inputs_first() {
+        let mut res = files(&["d/a", "d/b", "d/c"]);
+        res.as_array_mut().unwrap().push(serde_json::json!({
+            "id": "d/svc", "kind": "Container", "restartOn": ["d/a"],
+            "spec": {"image": "x:1"}
+        }));
+        let m = manifest(res);
+        let levels: BTreeMap<&ResourceId, String> =
+            m.resources.iter().map(|r| (&r.id, level(r, &m))).collect();
+        let now = Instant::now();
+        let none = BTreeMap::new();
+        // Nothing looked at yet: all files start; the container waits for its input.
+        let first = starts(&m, &levels, &none, &BTreeSet::new(), now, 8);
+        assert_eq!(ids(&first), ["d/a", "d/b", "d/c"]);
+        // The bound counts what is already in flight.
+        let busy: BTreeSet<ResourceId> = ["d/b".parse().unwrap()].into();
+        assert_eq!(ids(&starts(&m, &levels, &none, &busy, now, 2)), ["d/a"]);
+        // While its input is in flight the container still waits …
+        let mut records: BTreeMap<ResourceId, Record> = ["d/b", "d/c"]
+            .iter()
+            .map(|id| (id.parse().unwrap(), record_for(&m, id, None, false)))
+            .collect();
+        let a: BTreeSet<ResourceId> = ["d/a".parse().unwrap()].into();
+        assert!(starts(&m, &levels, &records, &a, now, 8).is_empty());
+        // … and starts once the input has its result.
+        records.insert("d/a".parse().unwrap(), record_for(&m, "d/a", None, false));
+        assert_eq!(
+            ids(&starts(&m, &levels, &records, &BTreeSet::new(), now, 8)),
+            ["d/svc"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_wait_for_their_time_and_drift_checks_look_again() {
+        let m = manifest(files(&["d/a", "d/b"]));
+        let levels: BTreeMap<&ResourceId, String> =
+            m.resources.iter().map(|r| (&r.id, level(r, &m))).collect();
+        let now = Instant::now();
+        let later = now + Duration::from_secs(2);
+        let mut records: BTreeMap<ResourceId, Record> = BTreeMap::new();
+        records.insert(
+            "d/a".parse().unwrap(),
+            record_for(&m, "d/a", Some(later), false),
+        );
+        records.insert("d/b".parse().unwrap(), record_for(&m, "d/b", None, false));
+        assert!(starts(&m, &levels, &records, &BTreeSet::new(), now, 8).is_empty());
+        assert_eq!(
+            ids(&starts(&m, &levels, &records, &BTreeSet::new(), later, 8)),
+            ["d/a"]
+        );
+        // A drift check re-observes a File …
+        records
+            .get_mut(&"d/b".parse::<ResourceId>().unwrap())
+            .unwrap()
+            .drift = true;
+        assert_eq!(
+            ids(&starts(&m, &levels, &records, &BTreeSet::new(), now, 8)),
+            ["d/b"]
+        );
+        // … a changed level is due at once, whatever the backoff says.
+        let changed = manifest(serde_json::json!([
+            {"id": "d/a", "kind": "File", "spec": {"path": "/etc/x0", "content": "new"}},
+            {"id": "d/b", "kind": "File", "spec": {"path": "/etc/x1", "content": "x"}},
+        ]));
+        let levels: BTreeMap<&ResourceId, String> = changed
+            .resources
+            .iter()
+            .map(|r| (&r.id, level(r, &changed)))
+            .collect();
+        records
+            .get_mut(&"d/b".parse::<ResourceId>().unwrap())
+            .unwrap()
+            .drift = false;
+        assert_eq!(
+            ids(&starts(
+                &changed,
+                &levels,
+                &records,
+                &BTreeSet::new(),
+                now,
+                8
+            )),
+            ["d/a"]
+        );
     }
 
     #[tokio::test(start_paused = true)]

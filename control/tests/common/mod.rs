@@ -159,9 +159,11 @@ pub async fn put_status(store: &Store, id: &str, accepted: u64, observed: u64) {
         .unwrap();
 }
 
-/// The bucket's last revision (stream sequence).
+/// The bucket's last revision (stream sequence), asked afresh
+/// (`Store::status` answers from a cache).
 pub async fn last_revision(store: &Store) -> u64 {
-    store.status().await.unwrap().info.state.last_sequence
+    let mut stream = store.stream.clone();
+    stream.info().await.unwrap().state.last_sequence
 }
 
 /// The manifest stored for `id` and its revision (None: missing, marker).

@@ -325,7 +325,10 @@ async fn a_bucket_deleted_and_created_again_recovers_on_its_own_and_a_new_apply_
 
     // A new apply converges, above everything the agent saw before.
     let rev = put_deployment(&store, &deployment(&root, "v2")).await;
-    assert!(rev < old_revision, "revisions restarted: {rev} vs {old_revision}");
+    assert!(
+        rev < old_revision,
+        "revisions restarted: {rev} vs {old_revision}"
+    );
     let deadline = tokio::time::Instant::now() + WAIT;
     let m2 = loop {
         if let Some((_, m)) = stored(&store).await.filter(|(_, m)| {

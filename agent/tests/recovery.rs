@@ -189,42 +189,41 @@ async fn every_value_the_control_plane_did_not_write_is_replaced_and_the_agent_c
         Delete,
         Purge,
     }
-    let cases: Vec<(&str, Box<dyn Fn(&AgentManifest) -> Foreign>)> = vec![
-        ("an older revision put back", {
-            let older = older.clone();
-            Box::new(move |_| Foreign::Put(older.clone()))
-        }),
-        (
-            "a hand edit at the same generation",
-            Box::new(|m: &AgentManifest| {
-                let mut edited = m.clone();
+    let edited = |m: &AgentManifest, generation: u64, content: Option<&str>| {
+        let mut edited = m.clone();
+        edited.generation = generation;
+        match content {
+            Some(content) => {
                 let manifest_types::ResourceSpec::File(f) = &mut edited.resources[0].spec else {
                     panic!("a file");
                 };
-                f.content = "edited by hand".into();
-                Foreign::Put(Bytes::from(edited.to_json()))
-            }),
-        ),
-        (
-            "a hand edit at a higher generation",
-            Box::new(|m: &AgentManifest| {
-                let mut edited = m.clone();
-                edited.generation += 5;
-                edited.resources.clear();
-                Foreign::Put(Bytes::from(edited.to_json()))
-            }),
-        ),
-        (
-            "malformed JSON",
-            Box::new(|_| Foreign::Put(Bytes::from_static(b"{\"apiVersion\": \"flotilla"))),
-        ),
-        ("a deleted key", Box::new(|_| Foreign::Delete)),
-        ("a purged key", Box::new(|_| Foreign::Purge)),
+                f.content = content.into();
+            }
+            None => edited.resources.clear(),
+        }
+        Foreign::Put(Bytes::from(edited.to_json()))
+    };
+    let cases = [
+        "an older revision put back",
+        "a hand edit at the same generation",
+        "a hand edit at a higher generation",
+        "malformed JSON",
+        "a deleted key",
+        "a purged key",
     ];
-    for (what, make) in cases {
+    for what in cases {
         let (_, before) = status_entry(&store).await.unwrap();
         let passes = control.metrics.passes();
-        let foreign = make(&current);
+        let foreign = match what {
+            "an older revision put back" => Foreign::Put(older.clone()),
+            "a hand edit at the same generation" => {
+                edited(&current, current.generation, Some("edited by hand"))
+            }
+            "a hand edit at a higher generation" => edited(&current, current.generation + 5, None),
+            "malformed JSON" => Foreign::Put(Bytes::from_static(b"{\"apiVersion\": \"flotilla")),
+            "a deleted key" => Foreign::Delete,
+            _ => Foreign::Purge,
+        };
         let foreign_generation = match &foreign {
             Foreign::Put(b) => serde_json::from_slice::<Value>(b)
                 .ok()
@@ -311,10 +310,10 @@ async fn a_bucket_deleted_and_created_again_recovers_on_its_own_and_a_new_apply_
     // and reports again into it.
     let deadline = tokio::time::Instant::now() + WAIT;
     let store = loop {
-        if control.metrics.bucket_replaced() >= 1 {
-            if let Ok(s) = js.get_key_value("fleet").await {
-                break s;
-            }
+        if control.metrics.bucket_replaced() >= 1
+            && let Ok(s) = js.get_key_value("fleet").await
+        {
+            break s;
         }
         assert!(tokio::time::Instant::now() < deadline, "bucket recreated");
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -117,9 +117,19 @@ pub enum PublishError {
     },
 }
 
-/// Publishes `resources` as the manifest of `agent`, at a generation above
-/// `floor` when a write is needed; see the module docs.
+/// Publishes `resources` as the manifest of `agent`, knowing of the agent
+/// only what the key and its status say; see the module docs.
 pub async fn publish_manifest(
+    store: &Store,
+    agent: &AgentId,
+    resources: Vec<ManagedResource>,
+) -> Result<PublishOutcome, PublishError> {
+    publish_manifest_above(store, agent, resources, Floor::default()).await
+}
+
+/// Publishes `resources` as the manifest of `agent`: the stored value stands
+/// only if it reaches `floor`, and a new one is written above it.
+pub async fn publish_manifest_above(
     store: &Store,
     agent: &AgentId,
     resources: Vec<ManagedResource>,

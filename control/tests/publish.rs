@@ -5,7 +5,9 @@ mod common;
 
 use bytes::Bytes;
 use common::*;
-use flotilla_control::publish::{Floor, PublishError, PublishOutcome, publish_manifest};
+use flotilla_control::publish::{
+    Floor, PublishError, PublishOutcome, publish_manifest, publish_manifest_above,
+};
 use futures::StreamExt;
 use manifest_types::{AgentManifest, Deployment, ManagedResource, keys};
 use serde_json::json;
@@ -30,7 +32,7 @@ async fn same_resources_write_nothing_and_new_ones_bump_the_generation() {
     let store = store(&server).await;
     let pi = agent("pi-1");
 
-    let first = publish_manifest(&store, &pi, resources("a", 3), Floor::default())
+    let first = publish_manifest(&store, &pi, resources("a", 3))
         .await
         .unwrap();
     let PublishOutcome::Written {
@@ -40,7 +42,7 @@ async fn same_resources_write_nothing_and_new_ones_bump_the_generation() {
     else {
         panic!("first publish creates generation 1, got {first:?}");
     };
-    let again = publish_manifest(&store, &pi, resources("a", 3), Floor::default())
+    let again = publish_manifest(&store, &pi, resources("a", 3))
         .await
         .unwrap();
     assert_eq!(
@@ -56,7 +58,7 @@ async fn same_resources_write_nothing_and_new_ones_bump_the_generation() {
         "no write"
     );
 
-    let changed = publish_manifest(&store, &pi, resources("b", 4), Floor::default())
+    let changed = publish_manifest(&store, &pi, resources("b", 4))
         .await
         .unwrap();
     let PublishOutcome::Written {
@@ -74,9 +76,7 @@ async fn same_resources_write_nothing_and_new_ones_bump_the_generation() {
     assert_eq!(m.resources, resources("b", 4));
 
     // An empty manifest is a change too: everything is to be removed.
-    let empty = publish_manifest(&store, &pi, Vec::new(), Floor::default())
-        .await
-        .unwrap();
+    let empty = publish_manifest(&store, &pi, Vec::new()).await.unwrap();
     assert_eq!(empty.generation(), 3);
     assert!(
         manifest(&store, "pi-1")
@@ -94,7 +94,7 @@ async fn a_purged_key_is_recreated_above_what_the_agent_has_seen() {
     let store = store(&server).await;
     let pi = agent("pi-1");
     for (i, c) in ["a", "b", "c"].iter().enumerate() {
-        publish_manifest(&store, &pi, resources(c, i as u64 + 1), Floor::default())
+        publish_manifest(&store, &pi, resources(c, i as u64 + 1))
             .await
             .unwrap();
     }
@@ -103,7 +103,7 @@ async fn a_purged_key_is_recreated_above_what_the_agent_has_seen() {
     put_status(&store, "pi-1", 3, 7).await;
     store.purge(keys::desired_state(&pi)).await.unwrap();
 
-    let out = publish_manifest(&store, &pi, resources("c", 3), Floor::default())
+    let out = publish_manifest(&store, &pi, resources("c", 3))
         .await
         .unwrap();
     assert!(
@@ -119,7 +119,7 @@ async fn a_deleted_key_without_agent_status_starts_at_one_above_nothing() {
     let store = store(&server).await;
     let pi = agent("pi-1");
     store.delete(keys::desired_state(&pi)).await.unwrap();
-    let out = publish_manifest(&store, &pi, resources("a", 1), Floor::default())
+    let out = publish_manifest(&store, &pi, resources("a", 1))
         .await
         .unwrap();
     assert_eq!(out.generation(), 1);
@@ -142,7 +142,7 @@ async fn unreadable_or_misaddressed_values_are_replaced_above_their_generation()
         .await
         .unwrap();
     put_status(&store, "pi-1", 2, 5).await;
-    let out = publish_manifest(&store, &agent("pi-1"), resources("a", 1), Floor::default())
+    let out = publish_manifest(&store, &agent("pi-1"), resources("a", 1))
         .await
         .unwrap();
     assert_eq!(out.generation(), 13);
@@ -154,7 +154,7 @@ async fn unreadable_or_misaddressed_values_are_replaced_above_their_generation()
         .put(&key, Bytes::from(foreign.to_json()))
         .await
         .unwrap();
-    let out = publish_manifest(&store, &agent("pi-1"), resources("a", 1), Floor::default())
+    let out = publish_manifest(&store, &agent("pi-1"), resources("a", 1))
         .await
         .unwrap();
     assert!(
@@ -168,7 +168,7 @@ async fn unreadable_or_misaddressed_values_are_replaced_above_their_generation()
         .await
         .unwrap();
     put_status(&store, "pi-1", 21, 30).await;
-    let out = publish_manifest(&store, &agent("pi-1"), resources("a", 1), Floor::default())
+    let out = publish_manifest(&store, &agent("pi-1"), resources("a", 1))
         .await
         .unwrap();
     assert_eq!(out.generation(), 31);
@@ -179,7 +179,7 @@ async fn concurrent_writers_each_land_on_fresh_state() {
     let server = NatsServer::start();
     let store = store(&server).await;
     let pi = agent("pi-1");
-    publish_manifest(&store, &pi, resources("start", 1), Floor::default())
+    publish_manifest(&store, &pi, resources("start", 1))
         .await
         .unwrap();
 
@@ -190,13 +190,7 @@ async fn concurrent_writers_each_land_on_fresh_state() {
         let store = store.clone();
         let pi = pi.clone();
         tokio::spawn(async move {
-            publish_manifest(
-                &store,
-                &pi,
-                resources(&format!("w{i}"), 10 + i),
-                Floor::default(),
-            )
-            .await
+            publish_manifest(&store, &pi, resources(&format!("w{i}"), 10 + i)).await
         })
     });
     let outcomes: Vec<PublishOutcome> = futures::future::join_all(writers)
@@ -232,7 +226,7 @@ async fn a_foreign_write_between_publishes_is_built_upon() {
     let server = NatsServer::start();
     let store = store(&server).await;
     let pi = agent("pi-1");
-    publish_manifest(&store, &pi, resources("a", 1), Floor::default())
+    publish_manifest(&store, &pi, resources("a", 1))
         .await
         .unwrap();
     // Someone else (another control-plane instance) moved the key on.
@@ -242,7 +236,7 @@ async fn a_foreign_write_between_publishes_is_built_upon() {
         .put(keys::desired_state(&pi), Bytes::from(other.to_json()))
         .await
         .unwrap();
-    let out = publish_manifest(&store, &pi, resources("b", 3), Floor::default())
+    let out = publish_manifest(&store, &pi, resources("b", 3))
         .await
         .unwrap();
     assert_eq!(out.generation(), 10);
@@ -254,7 +248,7 @@ async fn an_invalid_manifest_is_refused_before_anything_is_written() {
     let store = store(&server).await;
     let mut twice = resources("a", 1);
     twice.extend(resources("b", 1));
-    let err = publish_manifest(&store, &agent("pi-1"), twice, Floor::default())
+    let err = publish_manifest(&store, &agent("pi-1"), twice)
         .await
         .unwrap_err();
     assert!(
@@ -270,7 +264,7 @@ async fn a_stored_rendering_below_the_floor_or_rejected_as_replayed_is_rewritten
     let store = store(&server).await;
     let pi = agent("pi-1");
     let PublishOutcome::Written { revision, .. } =
-        publish_manifest(&store, &pi, resources("a", 1), Floor::default())
+        publish_manifest_above(&store, &pi, resources("a", 1), Floor::default())
             .await
             .unwrap()
     else {
@@ -282,7 +276,7 @@ async fn a_stored_rendering_below_the_floor_or_rejected_as_replayed_is_rewritten
         generation: 6,
         replayed_revision: None,
     };
-    let out = publish_manifest(&store, &pi, resources("a", 1), floor)
+    let out = publish_manifest_above(&store, &pi, resources("a", 1), floor)
         .await
         .unwrap();
     let PublishOutcome::Written {
@@ -301,7 +295,7 @@ async fn a_stored_rendering_below_the_floor_or_rejected_as_replayed_is_rewritten
         generation: 7,
         replayed_revision: None,
     };
-    let out = publish_manifest(&store, &pi, resources("a", 1), at)
+    let out = publish_manifest_above(&store, &pi, resources("a", 1), at)
         .await
         .unwrap();
     assert_eq!(
@@ -316,7 +310,7 @@ async fn a_stored_rendering_below_the_floor_or_rejected_as_replayed_is_rewritten
         generation: 7,
         replayed_revision: Some(r7),
     };
-    let out = publish_manifest(&store, &pi, resources("a", 1), rejected)
+    let out = publish_manifest_above(&store, &pi, resources("a", 1), rejected)
         .await
         .unwrap();
     assert!(

@@ -60,7 +60,8 @@ pub(crate) async fn reconcile(state: &mut State, store: &Store, concurrency: usi
     }
     let results: Vec<_> = futures::stream::iter(changed)
         .map(|(agent, resources, floor)| async move {
-            let outcome = publish::publish_manifest(store, &agent, resources.clone(), floor).await;
+            let outcome =
+                publish::publish_manifest_above(store, &agent, resources.clone(), floor).await;
             (agent, resources, outcome)
         })
         .buffer_unordered(concurrency.max(1))

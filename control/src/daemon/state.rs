@@ -458,4 +458,83 @@ mod tests {
         s.resolve_created_revisions();
         assert_eq!(s.deployments[&name("web")].created_revision, Some(32));
     }
+
+    fn agent_status(accepted: u64, observed: u64, replayed: Option<u64>) -> Vec<u8> {
+        let mut status = json!({"apiVersion": "flotilla.dev/v1", "agentId": "pi-1",
+            "instanceId": "i", "manifestGeneration": accepted, "observedGeneration": observed,
+            "observedRevision": 1, "resources": {}, "conditions": [],
+            "agent": {"version": "0.1.0", "arch": "x86_64", "os": "linux"}});
+        if let Some(revision) = replayed {
+            status["rejection"] = json!({"reason": "ReplayedGeneration", "message": "m",
+                "revision": revision, "generation": 1});
+        }
+        bytes(status)
+    }
+
+    #[test]
+    fn statuses_matter_only_when_they_change_whether_the_stored_manifest_stands() {
+        let mut s = State::default();
+        s.wrote(AgentManifest::empty(agent("pi-1"), 3), 10);
+        let key = "actual-state.pi-1";
+        assert!(
+            !s.apply(key, 11, Operation::Put, &agent_status(3, 3, None)),
+            "the agent accepted what is stored"
+        );
+        assert!(
+            s.apply(key, 12, Operation::Put, &agent_status(5, 5, None)),
+            "the agent has seen more than what is stored"
+        );
+        assert!(!s.apply(key, 13, Operation::Put, &agent_status(5, 5, None)));
+        s.wrote(AgentManifest::empty(agent("pi-1"), 6), 14);
+        assert!(!s.apply(key, 15, Operation::Put, &agent_status(5, 6, Some(12))));
+        assert!(
+            s.apply(key, 16, Operation::Put, &agent_status(5, 6, Some(14))),
+            "the agent rejected the stored revision as replayed"
+        );
+        assert!(
+            !s.apply(
+                "actual-state.pi-7",
+                17,
+                Operation::Put,
+                &agent_status(1, 1, None)
+            ),
+            "an agent without a key has nothing to replace"
+        );
+        assert_eq!(s.floor(&agent("pi-1")).generation, 6);
+    }
+
+    #[test]
+    fn a_relist_forgets_the_bucket_but_not_what_this_process_wrote() {
+        let mut s = State::default();
+        s.wrote(AgentManifest::empty(agent("pi-1"), 9), 40);
+        s.apply(
+            "agents.pi-1",
+            41,
+            Operation::Put,
+            &inventory("pi-1", json!({})),
+        );
+        let s = s.relist();
+        assert!(s.desired.is_empty() && s.registered.is_empty());
+        assert_eq!(s.floor(&agent("pi-1")).generation, 9);
+    }
+
+    #[test]
+    fn unreadable_manifests_always_ask_for_a_pass_and_a_status_marker_once() {
+        let mut s = State::default();
+        assert!(s.apply("desired-state.pi-1", 5, Operation::Put, b"junk"));
+        assert!(s.apply("desired-state.pi-1", 6, Operation::Put, b"more junk"));
+        assert!(s.apply("desired-state.pi-1", 7, Operation::Delete, b""));
+        // Another agent's manifest in this key is not this agent's manifest.
+        let foreign = AgentManifest::empty(agent("pi-2"), 3).to_json();
+        assert!(s.apply("desired-state.pi-1", 8, Operation::Put, &foreign));
+        assert!(s.desired[&agent("pi-1")].value.is_none());
+        // The same manifest at a new revision (a restore of identical bytes)
+        // changes nothing.
+        let own = AgentManifest::empty(agent("pi-1"), 3).to_json();
+        assert!(s.apply("desired-state.pi-1", 9, Operation::Put, &own));
+        assert!(!s.apply("desired-state.pi-1", 10, Operation::Put, &own));
+        // The echo of a status removal: nothing held, nothing to do.
+        assert!(s.apply("deployment-status.web", 11, Operation::Delete, b""));
+        assert!(!s.apply("deployment-status.web", 12, Operation::Delete, b""));
+    }
 }

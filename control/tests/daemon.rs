@@ -340,6 +340,7 @@ async fn an_older_revision_put_back_while_the_daemon_was_down_is_replaced_after_
     put_deployment(&store, &kiosk_web("v1")).await;
     let (rev1, m1) = wait_manifest(&store, "pi-1", "v1", |m| m.resources.len() == 2).await;
     put_deployment(&store, &kiosk_web("v2")).await;
+    wait_manifest(&store, "pi-1", "v2", |m| m.generation == m1.generation + 1).await;
     put_deployment(&store, &kiosk_web("v1")).await;
     let (_, m3) = wait_manifest(&store, "pi-1", "back to v1", |m| {
         m.generation == m1.generation + 2

@@ -251,10 +251,12 @@ impl Loop {
     /// so an answer below `handled_before` means the key's history restarted
     /// (the bucket was deleted and created again, revisions start at 1): it
     /// is the truth now, and goes through the gate, whose replay floor is by
-    /// generation. An answer at or below what was handled since is late.
+    /// generation. An answer at or below what was handled since is late, and
+    /// so is one sent before a restart already seen (revisions only go back
+    /// at a restart, so `handled_before` is then above `last_revision`).
     fn fetched(&mut self, handled_before: u64, value: Option<KvValue>) {
         let revision = value.as_ref().map_or(0, KvValue::revision);
-        let restarted = revision < handled_before;
+        let restarted = revision < handled_before && handled_before <= self.last_revision;
         if restarted {
             tracing::warn!(
                 revision,

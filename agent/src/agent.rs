@@ -16,7 +16,7 @@ use crate::config::{Config, NatsAuth};
 use crate::gate::{Accepted, Decision, Gate};
 use crate::kv::{AgentKv, KvError, KvValue};
 use crate::reconcile::Reconcilers;
-use crate::report;
+use crate::report::{self, HistoryResets};
 use crate::service::{self, Liveness};
 use crate::state::{CachedManifest, StateDir, StateError};
 use crate::status::{StatusBoard, agent_build};
@@ -94,35 +94,41 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.agent_id.clone(),
     );
 
+    let history = HistoryResets::default();
     tasks.spawn(report::status_writer(
         kv.clone(),
         board.clone(),
         statuses,
         epoch_rx.clone(),
+        history.clone(),
         config.resync_interval,
     ));
     tasks.spawn(report::heartbeat(
         kv.clone(),
         board.clone(),
         config.heartbeat_interval,
+        history.clone(),
     ));
     tasks.spawn(report::register(
         kv.clone(),
         inventory(&config, &instance_id),
         epoch_rx.clone(),
+        history.clone(),
     ));
 
     tasks.spawn(service::supervise(live.clone(), board.clone()));
     // Up and converging (from the cache if there is one), connected or not.
     service::notify_ready();
 
+    let mut resets = history.subscribe();
     let mut looper = Loop {
         gate,
         state,
         board,
         desired_tx,
+        last_revision: current.as_ref().map_or(0, |c| c.revision),
         current,
-        last_revision: 0,
+        history,
     };
     let (fetched_tx, mut fetched) = mpsc::channel(4);
     let mut connected = epoch_rx;
@@ -147,9 +153,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             msg = sub.next() => {
                 let Some(msg) = msg else { break };
                 match msg.headers.as_ref().and_then(|h| h.get("Nats-Sequence")).and_then(|v| v.as_str().parse().ok()) {
-                    Some(revision) => looper.handle(KvValue::from_parts(revision, msg.headers.as_ref(), msg.payload)),
+                    Some(revision) => {
+                        let value = KvValue::from_parts(revision, msg.headers.as_ref(), msg.payload);
+                        if looper.republished(value) == Heard::Older {
+                            // A late message, or a restarted history: a direct get tells.
+                            spawn_fetch(&kv, &key, looper.last_revision, &fetched_tx);
+                        }
+                    }
                     None => tracing::warn!(subject = %msg.subject, "republished message without Nats-Sequence; ignoring it"),
                 }
+            }
+            // Cancel-safe: `changed` only marks the value seen.
+            changed = resets.changed() => {
+                if changed.is_err() { break }
+                spawn_fetch(&kv, &key, looper.last_revision, &fetched_tx);
             }
             // Cancel-safe: `changed` only marks the epoch seen.
             changed = connected.changed() => {
@@ -160,17 +177,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             }
             () = &mut fetch_timer, if fetch_armed => {
                 fetch_armed = false;
-                spawn_fetch(&kv, &key, &fetched_tx);
+                spawn_fetch(&kv, &key, looper.last_revision, &fetched_tx);
             }
             () = &mut resync_timer => {
                 resync_timer.as_mut().reset(tokio::time::Instant::now() + report::jittered(config.resync_interval));
-                spawn_fetch(&kv, &key, &fetched_tx);
+                spawn_fetch(&kv, &key, looper.last_revision, &fetched_tx);
                 resync.notify_one();
             }
             // Cancel-safe: mpsc::Receiver::recv.
-            Some(result) = fetched.recv() => match result {
-                Ok(Some(value)) => looper.handle(value),
-                Ok(None) => looper.handle_missing(),
+            Some((handled_before, result)) = fetched.recv() => match result {
+                Ok(value) => looper.fetched(handled_before, value),
                 Err(e) => tracing::debug!(error = %e, "desired-state get failed; will retry on reconnect or resync"),
             },
         }
@@ -182,11 +198,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
-fn spawn_fetch(kv: &AgentKv, key: &str, tx: &mpsc::Sender<Result<Option<KvValue>, KvError>>) {
+/// A direct get's answer, with the highest revision handled when it was sent.
+type Fetched = (u64, Result<Option<KvValue>, KvError>);
+
+fn spawn_fetch(kv: &AgentKv, key: &str, handled_before: u64, tx: &mpsc::Sender<Fetched>) {
     let (kv, key, tx) = (kv.clone(), key.to_owned(), tx.clone());
     tokio::spawn(async move {
-        let _ = tx.send(kv.get(&key).await).await;
+        let _ = tx.send((handled_before, kv.get(&key).await)).await;
     });
+}
+
+/// How a republished value relates to what the loop has handled.
+#[derive(Debug, PartialEq, Eq)]
+enum Heard {
+    /// Newer: evaluated.
+    New,
+    /// The revision handled last, heard again.
+    Again,
+    /// Below the revision handled last: late, or the history restarted.
+    Older,
 }
 
 /// State owned by the event loop.
@@ -196,22 +226,56 @@ struct Loop {
     board: StatusBoard,
     desired_tx: watch::Sender<Option<Arc<manifest_types::AgentManifest>>>,
     current: Option<Accepted>,
-    /// Highest desired-state revision handled; older or repeated values
-    /// (a get racing a republish) are ignored.
+    /// Highest desired-state revision handled (from the cached manifest at
+    /// start); republished values at or below it are not evaluated again.
     last_revision: u64,
+    history: HistoryResets,
 }
 
 impl Loop {
-    fn handle(&mut self, value: KvValue) {
+    /// A value heard on the RePublish subject.
+    fn republished(&mut self, value: KvValue) -> Heard {
         let revision = value.revision();
-        if revision <= self.last_revision
-            || self
-                .current
-                .as_ref()
-                .is_some_and(|c| revision <= c.revision)
-        {
-            return;
+        if revision < self.last_revision {
+            return Heard::Older;
         }
+        if revision == self.last_revision {
+            return Heard::Again;
+        }
+        self.evaluate(value);
+        Heard::New
+    }
+
+    /// The answer of a direct get sent when `handled_before` was the highest
+    /// revision handled. A direct get answers with the key's current value,
+    /// so an answer below `handled_before` means the key's history restarted
+    /// (the bucket was deleted and created again, revisions start at 1): it
+    /// is the truth now, and goes through the gate, whose replay floor is by
+    /// generation. An answer at or below what was handled since is late, and
+    /// so is one sent before a restart already seen (revisions only go back
+    /// at a restart, so `handled_before` is then above `last_revision`).
+    fn fetched(&mut self, handled_before: u64, value: Option<KvValue>) {
+        let revision = value.as_ref().map_or(0, KvValue::revision);
+        let restarted = revision < handled_before && handled_before <= self.last_revision;
+        if restarted {
+            tracing::warn!(
+                revision,
+                handled_before,
+                "desired-state revision went back: the bucket's history restarted; evaluating the current value afresh"
+            );
+            self.last_revision = 0;
+            self.history.restarted("desired-state get");
+        }
+        match value {
+            Some(v) if v.revision() > self.last_revision => self.evaluate(v),
+            Some(_) => {}
+            None if self.last_revision == 0 => self.missing(),
+            None => {}
+        }
+    }
+
+    fn evaluate(&mut self, value: KvValue) {
+        let revision = value.revision();
         self.last_revision = revision;
         let bytes = match value {
             KvValue::Deleted { .. } => return self.deleted(revision),
@@ -271,9 +335,10 @@ impl Loop {
         }
     }
 
-    fn handle_missing(&mut self) {
-        if self.current.is_some() && self.last_revision > 0 {
-            self.deleted(self.last_revision);
+    /// The key does not exist (never written, or gone with its bucket).
+    fn missing(&mut self) {
+        if self.current.is_some() {
+            self.deleted(0);
         }
     }
 }

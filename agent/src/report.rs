@@ -1,6 +1,13 @@
 //! What the agent writes: its status (CAS, coalesced, identity-checked), its
 //! heartbeat (own task, jittered, independent of reconciliation) and its
-//! inventory (once, only when it changed).
+//! inventory (only when it changed).
+//!
+//! A bucket deleted and created again takes all three keys with it and
+//! restarts revisions at 1 ([`HistoryResets`], docs/adr/0012): the heartbeat
+//! notices (its revision goes back), and so do the status writer (its key is
+//! gone) and the event loop (its key's revision went back); then the status is
+//! written again from scratch, the inventory registered again and the
+//! manifest read again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,11 +26,46 @@ pub fn jittered(base: Duration) -> Duration {
     base.mul_f64(f)
 }
 
-/// Waits for `d` or until the connection epoch changes (a reconnect), whichever is first.
-async fn pause(d: Duration, connected: &mut watch::Receiver<u64>) {
+/// Waits for `d`, or until the connection epoch changes (a reconnect) or the
+/// bucket's history restarts, whichever is first.
+async fn pause(
+    d: Duration,
+    connected: &mut watch::Receiver<u64>,
+    resets: &mut watch::Receiver<u64>,
+) {
     tokio::select! {
         () = tokio::time::sleep(d) => {}
         _ = connected.changed() => {}
+        _ = resets.changed() => {}
+    }
+}
+
+/// Tells the agent's tasks that the bucket's history restarted under them:
+/// the bucket was deleted and created again, so the keys the agent writes are
+/// gone and revisions start at 1 again. Any task that notices says so; every
+/// task that depends on revisions or on its keys existing subscribes.
+#[derive(Debug, Clone)]
+pub struct HistoryResets(watch::Sender<u64>);
+
+impl Default for HistoryResets {
+    fn default() -> Self {
+        Self(watch::channel(0).0)
+    }
+}
+
+impl HistoryResets {
+    /// Reports a restarted history, noticed by `by`.
+    pub fn restarted(&self, by: &'static str) {
+        tracing::warn!(
+            noticed_by = by,
+            "the bucket's history restarted (deleted and created again?); rewriting this agent's keys and reading its manifest again"
+        );
+        self.0.send_modify(|n| *n += 1);
+    }
+
+    /// A receiver that sees every later restart.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.0.subscribe()
     }
 }
 
@@ -42,30 +84,44 @@ fn instance_of(bytes: &[u8]) -> Option<String> {
 /// Writes every new status with compare-and-swap on `actual-state.<id>`.
 ///
 /// The revision to swap against comes from our own last write, or from a
-/// direct get after a restart or a lost race. A stored status from another
-/// `instanceId` is an identity conflict: reported (log, condition, heartbeat)
-/// and re-checked each `recheck`, never overwritten.
+/// direct get after a restart, a lost race or a restarted history. A stored
+/// status from another `instanceId` is an identity conflict: reported (log,
+/// condition, heartbeat) and re-checked each `recheck`, never overwritten.
+/// The key found missing after this writer wrote it means the bucket was
+/// created again: the status is created anew and the other tasks told.
 pub async fn status_writer(
     kv: AgentKv,
     board: StatusBoard,
     mut statuses: watch::Receiver<Arc<AgentStatus>>,
     mut connected: watch::Receiver<u64>,
+    history: HistoryResets,
     recheck: Duration,
 ) {
     let key = keys::actual_state(kv.agent());
     let ours = board.current().instance_id.clone();
+    let mut resets = history.subscribe();
     let mut known: Option<u64> = None;
+    let mut wrote = false;
     let mut dirty = true;
     let mut failures = 0u32;
     loop {
         if !dirty {
-            if statuses.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = statuses.changed() => if changed.is_err() { return },
+                // The key went with the old bucket: read it again, write it again.
+                changed = resets.changed() => {
+                    if changed.is_err() { return }
+                    known = None;
+                }
             }
             dirty = true;
         }
         if known.is_none() {
             let read = kv.get(&key).await;
+            if matches!(read, Ok(None)) && std::mem::take(&mut wrote) {
+                history.restarted("status writer");
+                resets.borrow_and_update();
+            }
             if matches!(read, Ok(None | Some(KvValue::Deleted { .. })))
                 && board.identity_conflict().is_some()
             {
@@ -85,7 +141,7 @@ pub async fn status_writer(
                             );
                         }
                         board.set_identity_conflict(Some(other));
-                        pause(recheck, &mut connected).await;
+                        pause(recheck, &mut connected, &mut resets).await;
                         continue;
                     }
                     _ => {
@@ -99,6 +155,7 @@ pub async fn status_writer(
                     pause(
                         crate::worker::backoff(failures).min(Duration::from_secs(5)),
                         &mut connected,
+                        &mut resets,
                     )
                     .await;
                     continue;
@@ -111,6 +168,7 @@ pub async fn status_writer(
             Ok(revision) => {
                 failures = 0;
                 known = Some(revision);
+                wrote = true;
                 dirty = false;
                 tracing::debug!(
                     revision,
@@ -125,6 +183,7 @@ pub async fn status_writer(
                 pause(
                     crate::worker::backoff(failures).min(Duration::from_secs(5)),
                     &mut connected,
+                    &mut resets,
                 )
                 .await;
             }
@@ -133,10 +192,17 @@ pub async fn status_writer(
 }
 
 /// Publishes `heartbeat.<id>` every `interval` (jittered). Its KV timestamp,
-/// which is server time, is the liveness signal.
-pub async fn heartbeat(kv: AgentKv, board: StatusBoard, interval: Duration) {
+/// which is server time, is the liveness signal. A beat stored at a lower
+/// revision than the one before means the bucket's history restarted.
+pub async fn heartbeat(
+    kv: AgentKv,
+    board: StatusBoard,
+    interval: Duration,
+    history: HistoryResets,
+) {
     let key = keys::heartbeat(kv.agent());
     let mut seq = 0u64;
+    let mut last_revision = 0u64;
     // The first beat comes soon after start, spread over a second.
     let mut delay = jittered(Duration::from_millis(500));
     loop {
@@ -155,17 +221,30 @@ pub async fn heartbeat(kv: AgentKv, board: StatusBoard, interval: Duration) {
         };
         let bytes = Bytes::from(serde_json::to_vec(&hb).expect("heartbeat serialises"));
         match tokio::time::timeout(interval, kv.put(&key, bytes)).await {
-            Ok(Ok(_)) => tracing::trace!(seq, "heartbeat"),
+            Ok(Ok(revision)) => {
+                tracing::trace!(seq, revision, "heartbeat");
+                if revision < last_revision {
+                    history.restarted("heartbeat");
+                }
+                last_revision = revision;
+            }
             Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat not delivered"),
             Err(_) => tracing::debug!("heartbeat timed out"),
         }
     }
 }
 
-/// Writes `agents.<id>` unless it already holds exactly `inventory`.
-pub async fn register(kv: AgentKv, inventory: AgentInventory, mut connected: watch::Receiver<u64>) {
+/// Writes `agents.<id>` unless it already holds exactly `inventory`, and
+/// again each time the bucket's history restarts (the key went with it).
+pub async fn register(
+    kv: AgentKv,
+    inventory: AgentInventory,
+    mut connected: watch::Receiver<u64>,
+    history: HistoryResets,
+) {
     let key = keys::inventory(kv.agent());
     let bytes = Bytes::from(serde_json::to_vec(&inventory).expect("inventory serialises"));
+    let mut resets = history.subscribe();
     let mut failures = 0;
     loop {
         let result = match kv.get(&key).await {
@@ -184,13 +263,19 @@ pub async fn register(kv: AgentKv, inventory: AgentInventory, mut connected: wat
             Err(e) => Err(e),
         };
         match result {
-            Ok(()) => return,
+            Ok(()) => {
+                failures = 0;
+                if resets.changed().await.is_err() {
+                    return;
+                }
+            }
             Err(e) => {
                 failures += 1;
                 tracing::debug!(error = %e, "inventory not registered yet; retrying");
                 pause(
                     crate::worker::backoff(failures).min(Duration::from_secs(5)),
                     &mut connected,
+                    &mut resets,
                 )
                 .await;
             }

@@ -9,16 +9,20 @@
 //!
 //! ## Tour
 //! - [`daemon`] — the one task of the binary: a KV watch over the keys it
-//!   renders from, an in-memory copy of them, and a reconcile pass after every
-//!   burst of changes. Entry points: [`daemon::run`] (connect, check the
-//!   bucket, loop until shutdown) and [`daemon::run_with_store`] for callers
-//!   that already hold the bucket; both take a shutdown future, so tests run
-//!   exactly the binary's code in-process.
+//!   renders from and the agents' statuses, an in-memory copy of them, and a
+//!   reconcile pass after every burst of changes that can change the render
+//!   (its own writes coming back cost none). It replaces any desired-state
+//!   value it did not write, and recreates a deleted bucket and relists.
+//!   Entry points: [`daemon::run`] (connect, check the bucket, loop until
+//!   shutdown) and [`daemon::run_with_store`] for callers that already hold
+//!   the bucket; both take a shutdown future, so tests run exactly the
+//!   binary's code in-process. [`daemon::Metrics`] counts passes and writes.
 //! - [`render`] — pure: deployments + agents' labels → each agent's resources,
 //!   each deployment's targets and conflicts. Carries most unit tests.
-//! - [`publish`] — the CAS writes: [`publish::publish_manifest`] (generation
-//!   rules, recreation above the agent's `observedGeneration`, bounded retry
-//!   on lost races) and the deployment-status writes.
+//! - [`publish`] — the CAS writes: [`publish::publish_manifest_above`] (the
+//!   stored value stands only as the rendering at or above the agent's
+//!   [`publish::Floor`]; new generations above it and the stored one; bounded
+//!   retry on lost races) and the deployment-status writes.
 //! - [`fleet`] — reads for operators and tests: every agent's status, one
 //!   key's typed value, and [`fleet::rollout`] — how far a deployment's change
 //!   has landed.
@@ -29,7 +33,8 @@
 //! logging and signals, and calls [`daemon::run`].
 //!
 //! Decisions: docs/adr/ (0002 for the KV layout and RePublish watch, 0003
-//! for generations and CAS).
+//! for generations and CAS, 0012 for owning desired-state and recovering a
+//! recreated bucket).
 
 pub mod bucket;
 pub mod daemon;

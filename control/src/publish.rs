@@ -1,15 +1,21 @@
 //! Compare-and-swap writes of what the control plane owns: agent manifests
 //! (`desired-state.<id>`) and deployment statuses (`deployment-status.<name>`).
 //!
-//! Manifest rules (DESIGN.md "Generations", docs/adr/0003):
+//! Manifest rules (DESIGN.md "Generations", docs/adr/0003 and 0012):
 //! - a desired-state key is never deleted, and generations strictly increase;
-//! - the same resources as stored → no write, the stored generation stands;
-//! - different resources → `generation + 1`, written with `update(key, value,
-//!   revision)` against the revision just read;
+//! - the stored manifest stands (no write) only when it is the control
+//!   plane's own rendering of the same resources and the agent can accept it:
+//!   its generation is not below the [`Floor`] (the agent's accepted and
+//!   observed generations, the highest generation this control plane wrote)
+//!   and the agent did not reject it as a replayed generation;
+//! - otherwise a new value is written above both the stored generation and
+//!   the floor, with `update(key, value, revision)` against the revision just
+//!   read — whether the resources changed or someone else put a value there
+//!   (a hand edit, an older revision put back, a restored backup);
 //! - no readable manifest (key missing, DEL/PURGE marker, unreadable bytes,
-//!   another agent's id) → the key is (re)created at a generation above both
-//!   whatever generation can still be read there and the agent's reported
-//!   `observedGeneration`, so the agent never sees a replayed generation;
+//!   another agent's id) → the key is (re)created above whatever generation
+//!   can still be read there, the floor and the agent's `observedGeneration`
+//!   read afresh, so the agent never sees a replayed generation;
 //! - a lost race (`WrongLastRevision`) re-reads and retries on fresh state,
 //!   at most [`MAX_ATTEMPTS`] times.
 
@@ -20,11 +26,47 @@ use manifest_types::{AgentId, AgentManifest, DeploymentStatus, ManagedResource, 
 /// How many times a write is tried before a lost CAS race is an error.
 pub const MAX_ATTEMPTS: usize = 5;
 
+/// What the agent and this control plane have already seen of one agent's
+/// key. A stored manifest below it cannot stand; a new one is written above it
+/// (docs/adr/0012-the-control-plane-owns-desired-state.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Floor {
+    /// The highest of the agent's accepted (`manifestGeneration`) and
+    /// observed (`observedGeneration`) generations and the highest generation
+    /// this control plane has written for the agent.
+    pub generation: u64,
+    /// The revision of a desired-state value the agent rejected as a replayed
+    /// generation: that value never stands.
+    pub replayed_revision: Option<u64>,
+}
+
+impl Floor {
+    /// Whether a stored value at `generation` and `revision` can be one the
+    /// agent accepts, judged by what it reported.
+    pub fn admits(&self, generation: u64, revision: u64) -> bool {
+        generation >= self.generation && self.replayed_revision != Some(revision)
+    }
+
+    /// Whether `stored` (at `revision`, addressed to the agent) is the
+    /// control plane's own rendering of `resources` that the agent can
+    /// accept, so it stands and nothing is written.
+    pub fn stands(
+        &self,
+        stored: &AgentManifest,
+        revision: u64,
+        resources: &[ManagedResource],
+    ) -> bool {
+        self.admits(stored.generation, revision)
+            && stored.resources == resources
+            && stored.signatures.is_empty()
+    }
+}
+
 /// What [`publish_manifest`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PublishOutcome {
-    /// The stored manifest already has these resources.
-    Unchanged { generation: u64 },
+    /// The stored manifest (at this KV revision) already is the rendering.
+    Unchanged { generation: u64, revision: u64 },
     /// A new generation was written at this KV revision.
     Written { generation: u64, revision: u64 },
 }
@@ -33,7 +75,7 @@ impl PublishOutcome {
     /// The generation now stored for the agent.
     pub fn generation(&self) -> u64 {
         match *self {
-            Self::Unchanged { generation } | Self::Written { generation, .. } => generation,
+            Self::Unchanged { generation, .. } | Self::Written { generation, .. } => generation,
         }
     }
 }
@@ -75,11 +117,23 @@ pub enum PublishError {
     },
 }
 
-/// Publishes `resources` as the manifest of `agent`; see the module docs.
+/// Publishes `resources` as the manifest of `agent`, knowing of the agent
+/// only what the key and its status say; see the module docs.
 pub async fn publish_manifest(
     store: &Store,
     agent: &AgentId,
     resources: Vec<ManagedResource>,
+) -> Result<PublishOutcome, PublishError> {
+    publish_manifest_above(store, agent, resources, Floor::default()).await
+}
+
+/// Publishes `resources` as the manifest of `agent`: the stored value stands
+/// only if it reaches `floor`, and a new one is written above it.
+pub async fn publish_manifest_above(
+    store: &Store,
+    agent: &AgentId,
+    resources: Vec<ManagedResource>,
+    floor: Floor,
 ) -> Result<PublishOutcome, PublishError> {
     let key = keys::desired_state(agent);
     let mut manifest = AgentManifest::empty(agent.clone(), 0);
@@ -96,29 +150,42 @@ pub async fn publish_manifest(
             Some(entry) if entry.operation == Operation::Put => {
                 match AgentManifest::from_json(&entry.value) {
                     Ok(stored) if stored.agent_id == *agent => {
-                        if stored.resources == manifest.resources {
+                        if floor.stands(&stored, entry.revision, &manifest.resources) {
                             return Ok(PublishOutcome::Unchanged {
                                 generation: stored.generation,
+                                revision: entry.revision,
                             });
                         }
-                        (stored.generation + 1, entry.revision)
+                        (stored.generation.max(floor.generation) + 1, entry.revision)
                     }
                     // Unreadable or misaddressed: recreate above anything
                     // either side has seen.
                     _ => {
-                        let floor = probe_u64(&entry.value, "generation").unwrap_or(0);
+                        let stored = probe_u64(&entry.value, "generation").unwrap_or(0);
                         let observed = observed_generation(store, agent).await?;
-                        (floor.max(observed) + 1, entry.revision)
+                        (
+                            stored.max(observed).max(floor.generation) + 1,
+                            entry.revision,
+                        )
                     }
                 }
             }
             // A DEL/PURGE marker: update against the marker's revision.
             Some(marker) => (
-                observed_generation(store, agent).await? + 1,
+                observed_generation(store, agent)
+                    .await?
+                    .max(floor.generation)
+                    + 1,
                 marker.revision,
             ),
             // Never written: `update` at revision 0 is a create.
-            None => (observed_generation(store, agent).await? + 1, 0),
+            None => (
+                observed_generation(store, agent)
+                    .await?
+                    .max(floor.generation)
+                    + 1,
+                0,
+            ),
         };
         manifest.generation = generation;
         match store
@@ -146,14 +213,36 @@ pub async fn publish_manifest(
 pub async fn observed_generation(store: &Store, agent: &AgentId) -> Result<u64, PublishError> {
     let key = keys::actual_state(agent);
     Ok(match read(store, &key).await? {
-        Some(entry) if entry.operation == Operation::Put => {
-            let observed = probe_u64(&entry.value, "observedGeneration").unwrap_or(0);
-            let accepted = probe_u64(&entry.value, "manifestGeneration").unwrap_or(0);
-            observed.max(accepted)
-        }
+        Some(entry) if entry.operation == Operation::Put => reported_floor(&entry.value).generation,
         _ => 0,
     })
 }
+
+/// The floor an agent's status document (`actual-state.<id>`) sets, read
+/// leniently so any version of the document counts: its accepted and
+/// observed generations, and the revision it rejected as a replayed
+/// generation, if that is its current rejection.
+pub fn reported_floor(status: &[u8]) -> Floor {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(status) else {
+        return Floor::default();
+    };
+    let field = |name: &str| doc.get(name).and_then(serde_json::Value::as_u64);
+    let rejection = doc.get("rejection");
+    Floor {
+        generation: field("observedGeneration")
+            .unwrap_or(0)
+            .max(field("manifestGeneration").unwrap_or(0)),
+        replayed_revision: rejection
+            .filter(|r| {
+                r.get("reason").and_then(serde_json::Value::as_str) == Some(REPLAYED_GENERATION)
+            })
+            .and_then(|r| r.get("revision"))
+            .and_then(serde_json::Value::as_u64),
+    }
+}
+
+/// The agent's reason code for a manifest at or below its replay floor.
+const REPLAYED_GENERATION: &str = "ReplayedGeneration";
 
 /// Writes `status` to `deployment-status.<name>` unless it is already stored
 /// there, with CAS against the revision read.
@@ -214,7 +303,7 @@ async fn read(store: &Store, key: &str) -> Result<Option<kv::Entry>, PublishErro
 
 /// A top-level unsigned integer field of a JSON document that may not parse
 /// as its full type.
-fn probe_u64(bytes: &[u8], field: &str) -> Option<u64> {
+pub(crate) fn probe_u64(bytes: &[u8], field: &str) -> Option<u64> {
     serde_json::from_slice::<serde_json::Value>(bytes)
         .ok()?
         .get(field)?
@@ -235,8 +324,40 @@ mod tests {
     }
 
     #[test]
+    fn reads_the_floor_from_any_status_document() {
+        let status = br#"{"manifestGeneration":4,"observedGeneration":7,"rejection":
+            {"reason":"ReplayedGeneration","message":"m","revision":31,"generation":3}}"#;
+        let floor = reported_floor(status);
+        assert_eq!(floor.generation, 7);
+        assert_eq!(floor.replayed_revision, Some(31));
+        assert!(
+            !floor.admits(7, 31),
+            "a value the agent rejected as replayed"
+        );
+        assert!(floor.admits(7, 32));
+        assert!(!floor.admits(6, 32), "below what the agent has seen");
+        let other = br#"{"manifestGeneration":9,"observedGeneration":2,"rejection":
+            {"reason":"PathOutsideRoots","message":"m","revision":40}}"#;
+        assert_eq!(
+            reported_floor(other),
+            Floor {
+                generation: 9,
+                replayed_revision: None
+            }
+        );
+        assert_eq!(reported_floor(b"{not json"), Floor::default());
+    }
+
+    #[test]
     fn outcome_reports_the_stored_generation() {
-        assert_eq!(PublishOutcome::Unchanged { generation: 4 }.generation(), 4);
+        assert_eq!(
+            PublishOutcome::Unchanged {
+                generation: 4,
+                revision: 9
+            }
+            .generation(),
+            4
+        );
         assert_eq!(
             PublishOutcome::Written {
                 generation: 5,

@@ -278,12 +278,141 @@ async fn a_restart_writes_no_new_generation_and_keeps_the_conflict_order() {
     let before = revisions().await;
     control.stop().await;
 
-    let _control = Control::start(&server);
+    let control = Control::start(&server);
     // A new agent proves the restarted daemon has rendered (the replay comes
     // first); everything else must be exactly as it was.
     register(&store, "pi-4", json!({})).await;
-    wait_manifest(&store, "pi-4", "new agent after restart", |_| true).await;
+    let (rev4, _) = wait_manifest(&store, "pi-4", "new agent after restart", |_| true).await;
+    control.settled(rev4).await;
     assert_eq!(revisions().await, before, "a restart rewrote keys");
+    assert_eq!(
+        control.metrics.manifests_written(),
+        1,
+        "only the new agent's manifest"
+    );
+    assert_eq!(control.metrics.statuses_written(), 0);
+}
+
+#[tokio::test]
+async fn own_writes_coming_back_through_the_watch_cost_no_render() {
+    let server = NatsServer::start();
+    let store = store(&server).await;
+    let control = Control::start(&server);
+    for id in ["pi-1", "pi-2", "pi-3"] {
+        register(&store, id, json!({"role": "kiosk"})).await;
+    }
+    put_deployment(&store, &kiosk_web("v1")).await;
+    wait_status(&store, "web", "three targets", |s| s.targets.len() == 3).await;
+    control.settled(last_revision(&store).await).await;
+    let (passes, manifests, statuses) = (
+        control.metrics.passes(),
+        control.metrics.manifests_written(),
+        control.metrics.statuses_written(),
+    );
+
+    // One change → one pass, which writes three manifests and one status.
+    let rev = put_deployment(&store, &kiosk_web("v2")).await;
+    let (status_rev, _) = wait_status(&store, "web", "v2", |s| s.observed_revision == rev).await;
+    for id in ["pi-1", "pi-2", "pi-3"] {
+        let (_, m) = manifest(&store, id).await.unwrap();
+        assert_eq!(m.resources[0].source.as_ref().unwrap().revision, rev);
+    }
+    // Every echo of those four writes has been applied (the status was
+    // written last) and the daemon has settled: they cost no pass.
+    control.settled(status_rev).await;
+    assert_eq!(control.metrics.passes(), passes + 1, "echoes re-rendered");
+    assert_eq!(control.metrics.manifests_written(), manifests + 3);
+    assert_eq!(control.metrics.statuses_written(), statuses + 1);
+
+    // Agents' status writes that change nothing about their keys cost none.
+    put_status(&store, "pi-1", 2, 2).await;
+    put_status(&store, "pi-2", 2, 2).await;
+    control.settled(last_revision(&store).await).await;
+    assert_eq!(control.metrics.passes(), passes + 1, "statuses re-rendered");
+}
+
+#[tokio::test]
+async fn an_older_revision_put_back_while_the_daemon_was_down_is_replaced_after_its_restart() {
+    let server = NatsServer::start();
+    let store = store(&server).await;
+    let control = Control::start(&server);
+    register(&store, "pi-1", json!({"role": "kiosk"})).await;
+    put_deployment(&store, &kiosk_web("v1")).await;
+    let (rev1, m1) = wait_manifest(&store, "pi-1", "v1", |m| m.resources.len() == 2).await;
+    put_deployment(&store, &kiosk_web("v2")).await;
+    wait_manifest(&store, "pi-1", "v2", |m| m.generation == m1.generation + 1).await;
+    put_deployment(&store, &kiosk_web("v1")).await;
+    let (_, m3) = wait_manifest(&store, "pi-1", "back to v1", |m| {
+        m.generation == m1.generation + 2
+    })
+    .await;
+    // The agent has accepted the newest generation.
+    put_status(&store, "pi-1", m3.generation, m3.generation).await;
+    control.stop().await;
+
+    // Put back generation 1, byte for byte as the control plane wrote it.
+    let old = store
+        .entry_for_revision(keys::desired_state(&agent("pi-1")), rev1)
+        .await
+        .unwrap()
+        .expect("history keeps it");
+    let put_back = store
+        .put(keys::desired_state(&agent("pi-1")), old.value)
+        .await
+        .unwrap();
+
+    let control = Control::start(&server);
+    let (rev, m) =
+        wait_manifest(&store, "pi-1", "replaced", |m| m.generation > m3.generation).await;
+    assert!(rev > put_back);
+    assert_eq!(
+        m.generation,
+        m3.generation + 1,
+        "above the key and the agent"
+    );
+    assert_eq!(m.resources, m3.resources, "the current rendering");
+    control.settled(rev).await;
+    assert_eq!(control.metrics.manifests_written(), 1);
+}
+
+#[tokio::test]
+async fn a_deleted_bucket_is_created_again_with_its_republish_rule_and_rendered_above_the_agents() {
+    let server = NatsServer::start();
+    let store = store(&server).await;
+    let control = Control::start(&server);
+    register(&store, "pi-1", json!({"role": "kiosk"})).await;
+    put_deployment(&store, &kiosk_web("v1")).await;
+    let (_, m1) = wait_manifest(&store, "pi-1", "v1", |m| m.resources.len() == 2).await;
+
+    let js = async_nats::jetstream::new(server.client().await);
+    js.delete_key_value("fleet").await.unwrap();
+    wait_for("the daemon notices the deleted bucket", || async {
+        (control.metrics.bucket_replaced() >= 1).then_some(())
+    })
+    .await;
+    // The bucket is back, with the rule agents depend on (ensure_bucket
+    // refuses a bucket without it).
+    let store = common::store(&server).await;
+    // Revisions restarted; the agent still reports what it saw before.
+    put_status(&store, "pi-1", m1.generation, m1.generation).await;
+    register(&store, "pi-1", json!({"role": "kiosk"})).await;
+    let rev = put_deployment(&store, &kiosk_web("v2")).await;
+    let (_, m) = wait_manifest(&store, "pi-1", "v2 in the new bucket", |m| {
+        m.resources
+            .first()
+            .is_some_and(|r| r.source.as_ref().unwrap().revision == rev)
+    })
+    .await;
+    assert!(
+        m.generation > m1.generation,
+        "generation {} is not above the agent's {}",
+        m.generation,
+        m1.generation
+    );
+    wait_status(&store, "web", "status in the new bucket", |s| {
+        s.observed_revision == rev
+    })
+    .await;
 }
 
 #[tokio::test]

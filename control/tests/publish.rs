@@ -5,7 +5,9 @@ mod common;
 
 use bytes::Bytes;
 use common::*;
-use flotilla_control::publish::{PublishError, PublishOutcome, publish_manifest};
+use flotilla_control::publish::{
+    Floor, PublishError, PublishOutcome, publish_manifest, publish_manifest_above,
+};
 use futures::StreamExt;
 use manifest_types::{AgentManifest, Deployment, ManagedResource, keys};
 use serde_json::json;
@@ -43,7 +45,13 @@ async fn same_resources_write_nothing_and_new_ones_bump_the_generation() {
     let again = publish_manifest(&store, &pi, resources("a", 3))
         .await
         .unwrap();
-    assert_eq!(again, PublishOutcome::Unchanged { generation: 1 });
+    assert_eq!(
+        again,
+        PublishOutcome::Unchanged {
+            generation: 1,
+            revision
+        }
+    );
     assert_eq!(
         manifest(&store, "pi-1").await.unwrap().0,
         revision,
@@ -248,4 +256,65 @@ async fn an_invalid_manifest_is_refused_before_anything_is_written() {
         "{err:?}"
     );
     assert!(manifest(&store, "pi-1").await.is_none());
+}
+
+#[tokio::test]
+async fn a_stored_rendering_below_the_floor_or_rejected_as_replayed_is_rewritten_above_it() {
+    let server = NatsServer::start();
+    let store = store(&server).await;
+    let pi = agent("pi-1");
+    let PublishOutcome::Written { revision, .. } =
+        publish_manifest_above(&store, &pi, resources("a", 1), Floor::default())
+            .await
+            .unwrap()
+    else {
+        panic!("first publish writes");
+    };
+    // Generation 1 is the rendering, but the agent has already seen 6 (an
+    // older revision put back): it does not stand.
+    let floor = Floor {
+        generation: 6,
+        replayed_revision: None,
+    };
+    let out = publish_manifest_above(&store, &pi, resources("a", 1), floor)
+        .await
+        .unwrap();
+    let PublishOutcome::Written {
+        generation: 7,
+        revision: r7,
+    } = out
+    else {
+        panic!("rewritten above the floor, got {out:?}");
+    };
+    assert!(r7 > revision);
+    let (_, m) = manifest(&store, "pi-1").await.unwrap();
+    assert_eq!((m.generation, m.resources), (7, resources("a", 1)));
+
+    // At the floor it stands…
+    let at = Floor {
+        generation: 7,
+        replayed_revision: None,
+    };
+    let out = publish_manifest_above(&store, &pi, resources("a", 1), at)
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        PublishOutcome::Unchanged {
+            generation: 7,
+            revision: r7
+        }
+    );
+    // …unless the agent rejected exactly that revision as replayed.
+    let rejected = Floor {
+        generation: 7,
+        replayed_revision: Some(r7),
+    };
+    let out = publish_manifest_above(&store, &pi, resources("a", 1), rejected)
+        .await
+        .unwrap();
+    assert!(
+        matches!(out, PublishOutcome::Written { generation: 8, .. }),
+        "{out:?}"
+    );
 }

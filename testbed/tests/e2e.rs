@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use manifest_types::{AgentId, AgentManifest, keys};
+use manifest_types::{AgentId, AgentManifest, DeploymentName, DeploymentStatus, keys};
 use testbed::{NatsServer, Process, binary, in_private_mount};
 
 struct Fleet {
@@ -243,7 +243,37 @@ async fn operator_to_device_and_back() {
         "control plane did not stop cleanly on SIGTERM"
     );
     fleet.start_control();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Barrier: a kiosk the restarted control plane has never seen registers.
+    // The watch replays every other key before it, and a pass writes the
+    // deployment's status only after all of its manifests: once the status
+    // lists the newcomer, any rewrite of the others would have landed.
+    let kv = js.get_key_value("fleet").await.unwrap();
+    let newcomer = AgentId::new("pi-9").unwrap();
+    let inventory = serde_json::json!({"apiVersion": "flotilla.dev/v1", "agentId": "pi-9",
+        "instanceId": "e2e-barrier", "agentVersion": "0.1.0", "arch": "x86_64", "os": "linux",
+        "reconcilers": ["File"], "labels": {"role": "kiosk"}});
+    kv.put(
+        keys::inventory(&newcomer),
+        serde_json::to_vec(&inventory).unwrap().into(),
+    )
+    .await
+    .unwrap();
+    let status_key = keys::deployment_status(&DeploymentName::new("hello").unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = kv.entry(status_key.as_str()).await.unwrap();
+        let status: Option<DeploymentStatus> =
+            status.and_then(|e| serde_json::from_slice(&e.value).ok());
+        if status.is_some_and(|s| s.targets.contains_key(&newcomer)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted control plane never rendered the newcomer\n{}",
+            fleet.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let after: Vec<u64> =
         futures::future::join_all(["pi-1", "pi-2", "pi-3"].map(|a| fleet.manifest(a)))
             .await
@@ -262,4 +292,38 @@ async fn operator_to_device_and_back() {
     let (_, m1c) = fleet.manifest("pi-1").await;
     assert!(m1c.resources.is_empty());
     assert!(m1c.generation > m1b.generation);
+
+    // The bucket deleted under the running fleet: the control plane creates
+    // it again and the devices register again, with no operator step; a new
+    // apply converges above every generation the devices saw before.
+    js.delete_key_value("fleet").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut registered = 0;
+        if let Ok(kv) = js.get_key_value("fleet").await {
+            for id in ["pi-1", "pi-2", "pi-3"] {
+                let id = AgentId::new(id).unwrap();
+                if kv.entry(keys::inventory(&id)).await.unwrap().is_some()
+                    && kv.entry(keys::actual_state(&id)).await.unwrap().is_some()
+                {
+                    registered += 1;
+                }
+            }
+        }
+        if registered == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fleet did not come back into a recreated bucket\n{}",
+            fleet.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ok(&fleet.apply(&V1.replace("hello v1", "hello again")), &fleet);
+    for dev in [&pi1, &pi2] {
+        assert_eq!(read(&dev.join("motd")).as_deref(), Some("hello again\n"));
+    }
+    let (_, m1d) = fleet.manifest("pi-1").await;
+    assert!(m1d.generation > m1c.generation);
 }

@@ -2,7 +2,8 @@
 //! from and re-renders the fleet on every change.
 //!
 //! ```text
-//! KV watch (deployments.>, agents.>, desired-state.>, deployment-status.>)
+//! KV watch (deployments.>, agents.>, desired-state.>, deployment-status.>,
+//!           actual-state.>)
 //!        │ entries, drained in bursts
 //!        ▼
 //!   State::apply ──(render may change?)──▶ reconcile::reconcile
@@ -16,24 +17,36 @@
 //!   changed, writes nothing.
 //! - Whatever the watch has already queued is applied before rendering, so
 //!   a burst costs one render; there is no debounce sleep on the path from
-//!   `apply` to the agent.
+//!   `apply` to the agent. The daemon's own writes coming back through the
+//!   watch cost no render ([`Metrics::passes`] counts them).
+//! - The control plane owns `desired-state.<id>`: a value it did not write (a
+//!   hand edit, an older revision put back, a restore, malformed JSON, a
+//!   DEL/PURGE) is replaced in the next pass above the key's generation and
+//!   what the agent reports (docs/adr/0012-the-control-plane-owns-desired-state.md).
 //! - A failed write is retried by a full pass after [`Config::retry_after`].
 //! - A watch survives server restarts (its ordered consumer is recreated);
 //!   errors are logged, never fatal. Should it end, the daemon relists.
+//! - A deleted bucket is noticed (the server's stream-deleted advisory, and a
+//!   check every [`Config::bucket_check_interval`]): the daemon creates it
+//!   again with its RePublish rule and relists; a watch resumed on the new
+//!   stream would skip its history, because revisions restart at 1.
 
+mod metrics;
 mod reconcile;
 mod state;
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::kv::Store;
+use async_nats::jetstream::{self, kv::Store};
 use futures::{FutureExt, StreamExt};
 use manifest_types::{BucketName, keys};
 use tokio::time::Instant;
 
 use crate::bucket::{BucketError, ensure_bucket};
+pub use metrics::Metrics;
 use state::State;
 
 /// How the control plane authenticates to NATS.
@@ -59,11 +72,17 @@ pub struct Config {
     pub publish_concurrency: usize,
     /// Delay before a pass with failed writes is retried.
     pub retry_after: Duration,
+    /// How often the daemon checks that the bucket it watches still exists
+    /// (besides the server's stream-deleted advisory).
+    pub bucket_check_interval: Duration,
+    /// Counters of the daemon's work, shared with the caller.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Config {
     /// Defaults for everything but the server URL: bucket `fleet`, no
-    /// authentication, 64 writes in flight, retry after 1 s.
+    /// authentication, 64 writes in flight, retry after 1 s, bucket checked
+    /// every 5 s.
     pub fn new(nats_url: impl Into<String>) -> Self {
         Self {
             nats_url: nats_url.into(),
@@ -71,6 +90,8 @@ impl Config {
             auth: NatsAuth::None,
             publish_concurrency: 64,
             retry_after: Duration::from_secs(1),
+            bucket_check_interval: Duration::from_secs(5),
+            metrics: Arc::default(),
         }
     }
 }
@@ -119,24 +140,52 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             url: config.nats_url.clone(),
             source,
         })?;
-    let js = async_nats::jetstream::new(client);
+    let js = jetstream::new(client);
     let store = ensure_bucket(&js, &config.bucket).await?;
     tracing::info!(nats = %config.nats_url, bucket = %config.bucket, "control plane running");
-    run_with_store(store, &config, shutdown).await;
+    run_with_store(js, store, &config, shutdown).await;
     Ok(())
 }
 
 /// The control loop on an already opened fleet bucket (see the module docs).
-/// Returns when `shutdown` completes.
-pub async fn run_with_store(store: Store, config: &Config, shutdown: impl Future<Output = ()>) {
+/// `js` is the context the bucket was opened with; the daemon recreates the
+/// bucket through it when it goes missing. Returns when `shutdown` completes.
+pub async fn run_with_store(
+    js: jetstream::Context,
+    store: Store,
+    config: &Config,
+    shutdown: impl Future<Output = ()>,
+) {
+    let metrics = &config.metrics;
     let mut shutdown = std::pin::pin!(shutdown);
     let families = [
         keys::all(keys::DEPLOYMENTS),
         keys::all(keys::AGENTS),
         keys::all(keys::DESIRED_STATE),
         keys::all(keys::DEPLOYMENT_STATUS),
+        keys::all(keys::ACTUAL_STATE),
     ];
-    loop {
+    // The server announces a deleted stream (at most once: the periodic
+    // check catches a missed announcement).
+    let advisory_subject = format!(
+        "$JS.EVENT.ADVISORY.STREAM.DELETED.{}",
+        keys::stream_name(&config.bucket)
+    );
+    let mut advisories = match js.client().subscribe(advisory_subject).await {
+        Ok(s) => Some(s),
+        Err(error) => {
+            tracing::warn!(error = %reconcile::error_chain(&error), "cannot subscribe to stream advisories; relying on the periodic bucket check");
+            None
+        }
+    };
+    let mut store = store;
+    let mut created = store.status().await.ok().map(|s| s.info.created);
+    let mut state = State::default();
+    let mut first = true;
+    'relist: loop {
+        if !std::mem::take(&mut first) {
+            metrics.relisted();
+        }
         // (Re)list: a fresh watch replays the current value of every key.
         let watch = tokio::select! {
             _ = &mut shutdown => return,
@@ -152,10 +201,12 @@ pub async fn run_with_store(store: Store, config: &Config, shutdown: impl Future
                 }
             }
         };
-        let mut state = State::default();
+        state = std::mem::take(&mut state).relist();
         let mut replayed = false;
         let mut dirty = false;
         let mut retry_at: Option<Instant> = None;
+        let mut check_at = Instant::now() + config.bucket_check_interval;
+        let mut seen = 0u64;
         loop {
             tokio::select! {
                 biased;
@@ -165,7 +216,7 @@ pub async fn run_with_store(store: Store, config: &Config, shutdown: impl Future
                 first = watch.next() => {
                     let Some(first) = first else {
                         tracing::warn!("fleet watch ended; relisting");
-                        break;
+                        continue 'relist;
                     };
                     let mut next = Some(first);
                     while let Some(item) = next {
@@ -173,10 +224,33 @@ pub async fn run_with_store(store: Store, config: &Config, shutdown: impl Future
                             Ok(entry) => {
                                 dirty |= state.apply_entry(&entry);
                                 replayed |= entry.delta == 0;
+                                seen = seen.max(entry.revision);
                             }
                             Err(error) => tracing::warn!(error = %reconcile::error_chain(&error), "fleet watch error; it recovers on its own"),
                         }
                         next = watch.next().now_or_never().flatten();
+                    }
+                }
+                // Cancel-safe: a subscription buffers messages until polled.
+                Some(_) = next_advisory(&mut advisories) => check_at = Instant::now(),
+                // Cancel-safe: a timer; the check runs in the arm's body.
+                _ = tokio::time::sleep_until(check_at) => {
+                    check_at = Instant::now() + config.bucket_check_interval;
+                    match check_bucket(&js, &config.bucket).await {
+                        Ok((now, info)) => match created {
+                            Some(c) if c != info.created => {
+                                // A watch on the old stream would resume at its old
+                                // sequence and miss the new history: relist.
+                                tracing::warn!(bucket = %config.bucket, "the fleet bucket was deleted and created again; relisting and rewriting every manifest above what its agent has seen");
+                                metrics.replaced_bucket();
+                                created = Some(info.created);
+                                store = now;
+                                continue 'relist;
+                            }
+                            Some(_) => {}
+                            None => created = Some(info.created),
+                        },
+                        Err(error) => tracing::warn!(error = %reconcile::error_chain(&error), "cannot check the fleet bucket; retrying"),
                     }
                 }
                 // Cancel-safe: a timer.
@@ -189,6 +263,7 @@ pub async fn run_with_store(store: Store, config: &Config, shutdown: impl Future
                 dirty = false;
                 let report =
                     reconcile::reconcile(&mut state, &store, config.publish_concurrency).await;
+                metrics.pass(report.manifests_written, report.statuses_written);
                 tracing::debug!(?report, "reconcile pass");
                 if report.failures > 0 {
                     tracing::warn!(
@@ -202,6 +277,37 @@ pub async fn run_with_store(store: Store, config: &Config, shutdown: impl Future
                     retry_at = None;
                 }
             }
+            if replayed {
+                metrics.settled(seen);
+            }
         }
     }
+}
+
+/// The next stream-deleted advisory, or never without a subscription.
+async fn next_advisory(advisories: &mut Option<async_nats::Subscriber>) -> Option<()> {
+    match advisories {
+        Some(s) => s.next().await.map(|_| ()),
+        None => std::future::pending().await,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CheckError {
+    #[error(transparent)]
+    Bucket(#[from] BucketError),
+    #[error("cannot read the bucket's stream info")]
+    Status(#[source] async_nats::jetstream::kv::StatusError),
+}
+
+/// The fleet bucket as it is now — created again, with its RePublish rule,
+/// if it went missing — and its stream info (whose creation time tells a
+/// recreated bucket from the one being watched).
+async fn check_bucket(
+    js: &jetstream::Context,
+    bucket: &BucketName,
+) -> Result<(Store, async_nats::jetstream::stream::Info), CheckError> {
+    let store = ensure_bucket(js, bucket).await?;
+    let status = store.status().await.map_err(CheckError::Status)?;
+    Ok((store, status.info))
 }

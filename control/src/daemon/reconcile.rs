@@ -1,8 +1,10 @@
 //! One reconcile pass: render the whole fleet from [`State`], publish the
-//! manifests whose resources changed, then the deployment statuses whose
-//! content changed, then remove statuses of deleted deployments. Always the
-//! whole desired state, never a hint of what changed (STYLE.md 5); the state
-//! cache makes an unchanged fleet cost no KV round trip at all.
+//! manifests that do not stand (their resources changed, or the stored value
+//! is not the control plane's own rendering at a generation the agent can
+//! accept — docs/adr/0012), then the deployment statuses whose content
+//! changed, then remove statuses of deleted deployments. Always the whole
+//! desired state, never a hint of what changed (STYLE.md 5); the state cache
+//! makes an unchanged fleet cost no KV round trip at all.
 
 use std::collections::BTreeMap;
 
@@ -11,7 +13,7 @@ use futures::StreamExt;
 use manifest_types::{AgentId, AgentManifest, ApiVersion, DeploymentStatus, ManagedResource};
 
 use super::state::{State, Written};
-use crate::publish::{self, PublishOutcome, StatusOutcome};
+use crate::publish::{self, Floor, PublishOutcome, StatusOutcome};
 use crate::render;
 
 /// What a pass did; `failures` > 0 asks for a retry.
@@ -40,21 +42,26 @@ pub(crate) async fn reconcile(state: &mut State, store: &Store, concurrency: usi
     let rendered = render::render(&state.deployment_inputs(), state.known_agents());
     let mut report = PassReport::default();
 
-    // Manifests: skip agents whose cached manifest already matches; publish
-    // re-checks against the store with CAS, so a stale cache costs a read.
+    // Manifests: skip agents whose cached manifest stands; publish re-checks
+    // against the store with CAS, so a stale cache costs a read.
     let mut generations: BTreeMap<AgentId, u64> = BTreeMap::new();
-    let mut changed: Vec<(AgentId, Vec<ManagedResource>)> = Vec::new();
+    let mut changed: Vec<(AgentId, Vec<ManagedResource>, Floor)> = Vec::new();
     for (agent, resources) in rendered.manifests {
-        match state.desired.get(&agent).and_then(|w| w.value.as_ref()) {
-            Some(m) if m.agent_id == agent && m.resources == resources => {
+        let floor = state.floor(&agent);
+        match state.desired.get(&agent) {
+            Some(Written {
+                revision,
+                value: Some(m),
+            }) if floor.stands(m, *revision, &resources) => {
                 generations.insert(agent, m.generation);
             }
-            _ => changed.push((agent, resources)),
+            _ => changed.push((agent, resources, floor)),
         }
     }
     let results: Vec<_> = futures::stream::iter(changed)
-        .map(|(agent, resources)| async move {
-            let outcome = publish::publish_manifest(store, &agent, resources.clone()).await;
+        .map(|(agent, resources, floor)| async move {
+            let outcome =
+                publish::publish_manifest_above(store, &agent, resources.clone(), floor).await;
             (agent, resources, outcome)
         })
         .buffer_unordered(concurrency.max(1))
@@ -64,26 +71,25 @@ pub(crate) async fn reconcile(state: &mut State, store: &Store, concurrency: usi
         match outcome {
             Ok(outcome) => {
                 let generation = outcome.generation();
-                let revision = match outcome {
-                    PublishOutcome::Written { revision, .. } => {
-                        tracing::info!(%agent, generation, revision, resources = resources.len(), "manifest written");
-                        report.manifests_written += 1;
-                        revision
-                    }
-                    // The store was ahead of the cache; the watch brings its revision.
-                    PublishOutcome::Unchanged { .. } => {
-                        state.desired.get(&agent).map_or(0, |w| w.revision)
-                    }
-                };
                 let mut manifest = AgentManifest::empty(agent.clone(), generation);
                 manifest.resources = resources;
-                state.desired.insert(
-                    agent.clone(),
-                    Written {
-                        revision,
-                        value: Some(manifest),
-                    },
-                );
+                match outcome {
+                    PublishOutcome::Written { revision, .. } => {
+                        tracing::info!(%agent, generation, revision, resources = manifest.resources.len(), "manifest written");
+                        report.manifests_written += 1;
+                        state.wrote(manifest, revision);
+                    }
+                    // The store was ahead of the cache.
+                    PublishOutcome::Unchanged { revision, .. } => {
+                        state.desired.insert(
+                            agent.clone(),
+                            Written {
+                                revision,
+                                value: Some(manifest),
+                            },
+                        );
+                    }
+                }
                 generations.insert(agent, generation);
             }
             Err(error) => {

@@ -1,7 +1,9 @@
 //! The daemon's in-memory copy of the keys it renders from and writes to,
 //! fed by one KV watch. [`State::apply`] says whether an entry can change the
 //! render; echoes of the daemon's own writes (already recorded by revision)
-//! cannot.
+//! cannot, and neither can a value equal to the one held. Agents' statuses
+//! count only when they change whether a stored manifest can stand
+//! (docs/adr/0012-the-control-plane-owns-desired-state.md).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -11,6 +13,7 @@ use manifest_types::{
     AgentId, AgentInventory, AgentManifest, Deployment, DeploymentName, DeploymentStatus,
 };
 
+use crate::publish::{self, Floor};
 use crate::render::{DeploymentInput, Labels};
 
 /// One watched value, as [`State::apply`] reads it.
@@ -33,7 +36,8 @@ pub(crate) struct DeploymentRecord {
 }
 
 /// A key the daemon writes: the value last seen or written, by revision.
-/// `value` is `None` for a DEL/PURGE marker or a value that does not parse.
+/// `value` is `None` for a DEL/PURGE marker or a value that does not parse
+/// (for a manifest: or is addressed to another agent).
 #[derive(Debug)]
 pub(crate) struct Written<T> {
     pub revision: u64,
@@ -50,11 +54,51 @@ pub(crate) struct State {
     /// Deployments deleted while this daemon watched: if one comes back it
     /// is a new deployment, whatever its old stored status says.
     pub deleted: BTreeSet<DeploymentName>,
+    /// What each agent's status (`actual-state.<id>`) says about its key.
+    pub reported: BTreeMap<AgentId, Floor>,
+    /// The highest generation this process has written per agent. Kept
+    /// across relists (a recreated bucket starts empty, the agents do not).
+    pub written: BTreeMap<AgentId, u64>,
 }
 
 static NO_LABELS: Labels = Labels::new();
 
 impl State {
+    /// A fresh state for a relist: everything is read again from the
+    /// bucket except what this process itself wrote.
+    pub fn relist(self) -> Self {
+        Self {
+            written: self.written,
+            ..Self::default()
+        }
+    }
+
+    /// The floor a stored manifest of `agent` must reach to stand, and a new
+    /// one must be written above.
+    pub fn floor(&self, agent: &AgentId) -> Floor {
+        let reported = self.reported.get(agent).copied().unwrap_or_default();
+        Floor {
+            generation: reported
+                .generation
+                .max(self.written.get(agent).copied().unwrap_or(0)),
+            ..reported
+        }
+    }
+
+    /// Records a manifest this daemon wrote.
+    pub fn wrote(&mut self, manifest: AgentManifest, revision: u64) {
+        let agent = manifest.agent_id.clone();
+        let highest = self.written.entry(agent.clone()).or_default();
+        *highest = (*highest).max(manifest.generation);
+        self.desired.insert(
+            agent,
+            Written {
+                revision,
+                value: Some(manifest),
+            },
+        );
+    }
+
     /// Records one watched entry; true when the render may change.
     pub fn apply_entry(&mut self, entry: &Entry) -> bool {
         self.apply(&entry.key, entry.revision, entry.operation, &entry.value)
@@ -75,16 +119,37 @@ impl State {
             Some(Key::DesiredState(agent)) => {
                 let value = put
                     .then(|| AgentManifest::from_json(entry.value).ok())
-                    .flatten();
-                record(&mut self.desired, agent, entry.revision, value)
+                    .flatten()
+                    .filter(|m| m.agent_id == agent);
+                record(
+                    &mut self.desired,
+                    agent,
+                    entry.revision,
+                    value,
+                    Missing::Replace,
+                )
             }
             Some(Key::DeploymentStatus(name)) => {
                 let value = put
                     .then(|| serde_json::from_slice(entry.value).ok())
                     .flatten();
-                record(&mut self.statuses, name, entry.revision, value)
+                record(
+                    &mut self.statuses,
+                    name,
+                    entry.revision,
+                    value,
+                    Missing::Expected,
+                )
             }
-            Some(Key::ActualState(_) | Key::Heartbeat(_)) => false,
+            Some(Key::ActualState(agent)) => {
+                let reported = if put {
+                    publish::reported_floor(entry.value)
+                } else {
+                    Floor::default()
+                };
+                self.apply_report(agent, reported)
+            }
+            Some(Key::Heartbeat(_)) => false,
             None => {
                 tracing::debug!(key, "ignoring a key that is not Flotilla's");
                 false
@@ -135,6 +200,21 @@ impl State {
             },
         );
         true
+    }
+
+    /// An agent's status matters to the render only when it changes whether
+    /// its stored manifest can stand (most status writes do not).
+    fn apply_report(&mut self, agent: AgentId, reported: Floor) -> bool {
+        let admitted = |s: &Self| {
+            s.desired.get(&agent).and_then(|d| {
+                d.value
+                    .as_ref()
+                    .map(|m| s.floor(&agent).admits(m.generation, d.revision))
+            })
+        };
+        let before = admitted(self);
+        self.reported.insert(agent.clone(), reported);
+        before != admitted(self)
     }
 
     fn apply_inventory(&mut self, agent: AgentId, entry: Seen<'_>, put: bool) -> bool {
@@ -195,19 +275,33 @@ impl State {
     }
 }
 
+/// What a missing or unreadable value of a written key means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Missing {
+    /// Always replaced (a desired-state key is never absent).
+    Replace,
+    /// Fine when nothing was held either (a deleted deployment's status).
+    Expected,
+}
+
 /// Records a value of a key the daemon writes, unless the daemon already
-/// holds that revision (the echo of its own write) or a newer one.
-fn record<K: Ord, T>(
+/// holds that revision (the echo of its own write) or a newer one. True when
+/// the render may change: the value differs from the one held (for
+/// [`Missing::Replace`] keys: or is no readable value at all).
+fn record<K: Ord, T: PartialEq>(
     map: &mut BTreeMap<K, Written<T>>,
     key: K,
     revision: u64,
     value: Option<T>,
+    missing: Missing,
 ) -> bool {
     if map.get(&key).is_some_and(|w| w.revision >= revision) {
         return false;
     }
+    let same = (value.is_some() || missing == Missing::Expected)
+        && map.get(&key).is_some_and(|w| w.value == value);
     map.insert(key, Written { revision, value });
-    true
+    !same
 }
 
 #[cfg(test)]
@@ -363,5 +457,84 @@ mod tests {
         s.apply("deployments.web", 32, Operation::Put, &deployment("web"));
         s.resolve_created_revisions();
         assert_eq!(s.deployments[&name("web")].created_revision, Some(32));
+    }
+
+    fn agent_status(accepted: u64, observed: u64, replayed: Option<u64>) -> Vec<u8> {
+        let mut status = json!({"apiVersion": "flotilla.dev/v1", "agentId": "pi-1",
+            "instanceId": "i", "manifestGeneration": accepted, "observedGeneration": observed,
+            "observedRevision": 1, "resources": {}, "conditions": [],
+            "agent": {"version": "0.1.0", "arch": "x86_64", "os": "linux"}});
+        if let Some(revision) = replayed {
+            status["rejection"] = json!({"reason": "ReplayedGeneration", "message": "m",
+                "revision": revision, "generation": 1});
+        }
+        bytes(status)
+    }
+
+    #[test]
+    fn statuses_matter_only_when_they_change_whether_the_stored_manifest_stands() {
+        let mut s = State::default();
+        s.wrote(AgentManifest::empty(agent("pi-1"), 3), 10);
+        let key = "actual-state.pi-1";
+        assert!(
+            !s.apply(key, 11, Operation::Put, &agent_status(3, 3, None)),
+            "the agent accepted what is stored"
+        );
+        assert!(
+            s.apply(key, 12, Operation::Put, &agent_status(5, 5, None)),
+            "the agent has seen more than what is stored"
+        );
+        assert!(!s.apply(key, 13, Operation::Put, &agent_status(5, 5, None)));
+        s.wrote(AgentManifest::empty(agent("pi-1"), 6), 14);
+        assert!(!s.apply(key, 15, Operation::Put, &agent_status(5, 6, Some(12))));
+        assert!(
+            s.apply(key, 16, Operation::Put, &agent_status(5, 6, Some(14))),
+            "the agent rejected the stored revision as replayed"
+        );
+        assert!(
+            !s.apply(
+                "actual-state.pi-7",
+                17,
+                Operation::Put,
+                &agent_status(1, 1, None)
+            ),
+            "an agent without a key has nothing to replace"
+        );
+        assert_eq!(s.floor(&agent("pi-1")).generation, 6);
+    }
+
+    #[test]
+    fn a_relist_forgets_the_bucket_but_not_what_this_process_wrote() {
+        let mut s = State::default();
+        s.wrote(AgentManifest::empty(agent("pi-1"), 9), 40);
+        s.apply(
+            "agents.pi-1",
+            41,
+            Operation::Put,
+            &inventory("pi-1", json!({})),
+        );
+        let s = s.relist();
+        assert!(s.desired.is_empty() && s.registered.is_empty());
+        assert_eq!(s.floor(&agent("pi-1")).generation, 9);
+    }
+
+    #[test]
+    fn unreadable_manifests_always_ask_for_a_pass_and_a_status_marker_once() {
+        let mut s = State::default();
+        assert!(s.apply("desired-state.pi-1", 5, Operation::Put, b"junk"));
+        assert!(s.apply("desired-state.pi-1", 6, Operation::Put, b"more junk"));
+        assert!(s.apply("desired-state.pi-1", 7, Operation::Delete, b""));
+        // Another agent's manifest in this key is not this agent's manifest.
+        let foreign = AgentManifest::empty(agent("pi-2"), 3).to_json();
+        assert!(s.apply("desired-state.pi-1", 8, Operation::Put, &foreign));
+        assert!(s.desired[&agent("pi-1")].value.is_none());
+        // The same manifest at a new revision (a restore of identical bytes)
+        // changes nothing.
+        let own = AgentManifest::empty(agent("pi-1"), 3).to_json();
+        assert!(s.apply("desired-state.pi-1", 9, Operation::Put, &own));
+        assert!(!s.apply("desired-state.pi-1", 10, Operation::Put, &own));
+        // The echo of a status removal: nothing held, nothing to do.
+        assert!(s.apply("deployment-status.web", 11, Operation::Delete, b""));
+        assert!(!s.apply("deployment-status.web", 12, Operation::Delete, b""));
     }
 }

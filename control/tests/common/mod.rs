@@ -5,11 +5,12 @@
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv::{Operation, Store};
 use bytes::Bytes;
-use flotilla_control::daemon::{self, Config, DaemonError};
+use flotilla_control::daemon::{self, Config, DaemonError, Metrics};
 use manifest_types::{AgentId, AgentManifest, BucketName, DeploymentName, DeploymentStatus, keys};
 use serde_json::{Value, json};
 use testbed::NatsServer;
@@ -37,6 +38,8 @@ pub async fn store(server: &NatsServer) -> Store {
 
 /// The control-plane daemon running in-process; stopped like SIGTERM.
 pub struct Control {
+    /// The daemon's counters (passes, writes, settled revision).
+    pub metrics: Arc<Metrics>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), DaemonError>>>,
 }
@@ -45,14 +48,28 @@ impl Control {
     pub fn start(server: &NatsServer) -> Self {
         let mut config = Config::new(server.url());
         config.retry_after = Duration::from_millis(200);
+        config.bucket_check_interval = Duration::from_millis(500);
+        let metrics = config.metrics.clone();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(daemon::run(config, async move {
             let _ = rx.await;
         }));
         Self {
+            metrics,
             stop: Some(tx),
             task: Some(task),
         }
+    }
+
+    /// Waits until the daemon has applied everything up to `revision` from
+    /// its watch and finished any pass it called for: a barrier, after which
+    /// its counters say what those entries cost.
+    pub async fn settled(&self, revision: u64) {
+        wait_for(
+            &format!("daemon settled at revision {revision}"),
+            || async { (self.metrics.settled_revision() >= revision).then_some(()) },
+        )
+        .await
     }
 
     /// Signals shutdown and waits for a clean exit.
@@ -140,6 +157,13 @@ pub async fn put_status(store: &Store, id: &str, accepted: u64, observed: u64) {
         )
         .await
         .unwrap();
+}
+
+/// The bucket's last revision (stream sequence), asked afresh
+/// (`Store::status` answers from a cache).
+pub async fn last_revision(store: &Store) -> u64 {
+    let mut stream = store.stream.clone();
+    stream.info().await.unwrap().state.last_sequence
 }
 
 /// The manifest stored for `id` and its revision (None: missing, marker).

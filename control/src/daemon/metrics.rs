@@ -1,0 +1,71 @@
+//! Counters of the daemon's work, readable while it runs: tests read them to
+//! prove what did *not* happen (an echo of the daemon's own write costing a
+//! render) without waiting out a quiet period.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Shared with whoever started the daemon ([`super::Config::metrics`]).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    passes: AtomicU64,
+    manifests_written: AtomicU64,
+    statuses_written: AtomicU64,
+    relists: AtomicU64,
+    bucket_replaced: AtomicU64,
+    settled_revision: AtomicU64,
+}
+
+impl Metrics {
+    /// Reconcile passes run (each renders the whole fleet once).
+    pub fn passes(&self) -> u64 {
+        self.passes.load(Ordering::SeqCst)
+    }
+
+    /// Desired-state values written.
+    pub fn manifests_written(&self) -> u64 {
+        self.manifests_written.load(Ordering::SeqCst)
+    }
+
+    /// Deployment-status values written.
+    pub fn statuses_written(&self) -> u64 {
+        self.statuses_written.load(Ordering::SeqCst)
+    }
+
+    /// Watches opened after the first (a watch that ended, a replaced bucket).
+    pub fn relists(&self) -> u64 {
+        self.relists.load(Ordering::SeqCst)
+    }
+
+    /// Times the daemon found the bucket deleted (and created it again) or
+    /// replaced by another one.
+    pub fn bucket_replaced(&self) -> u64 {
+        self.bucket_replaced.load(Ordering::SeqCst)
+    }
+
+    /// The highest bucket revision the daemon has applied from its watch and
+    /// acted on: any pass that entry called for has finished. Revisions
+    /// restart with a recreated bucket, and so does this.
+    pub fn settled_revision(&self) -> u64 {
+        self.settled_revision.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn pass(&self, manifests: usize, statuses: usize) {
+        self.passes.fetch_add(1, Ordering::SeqCst);
+        self.manifests_written
+            .fetch_add(manifests as u64, Ordering::SeqCst);
+        self.statuses_written
+            .fetch_add(statuses as u64, Ordering::SeqCst);
+    }
+
+    pub(crate) fn relisted(&self) {
+        self.relists.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(crate) fn replaced_bucket(&self) {
+        self.bucket_replaced.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(crate) fn settled(&self, revision: u64) {
+        self.settled_revision.store(revision, Ordering::SeqCst);
+    }
+}

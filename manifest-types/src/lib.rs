@@ -12,7 +12,10 @@
 //! - [`manifest`]: [`AgentManifest`] (`desired-state.<id>`), typed
 //!   [`ManifestError`] rejections, spec hashes and the signing input.
 //! - [`status`]: [`AgentStatus`] (`actual-state.<id>`), per-resource
-//!   [`ResourceStatus`], [`Condition`]s and the convergence rule.
+//!   [`ResourceStatus`] and [`Condition`]s.
+//! - [`convergence`]: the one convergence rule — [`convergence::assess`]
+//!   turns a status, a target and the heartbeat's server-time age into the
+//!   [`convergence::State`] an operator sees (ADR 0010). Every reader uses it.
 //! - [`inventory`]: [`AgentInventory`] (`agents.<id>`) and [`Heartbeat`].
 //! - [`deployment`]: [`Deployment`] (`deployments.<name>`) and
 //!   [`DeploymentStatus`] (`deployment-status.<name>`).
@@ -22,6 +25,7 @@
 //! `schema` feature derives JSON Schemas (checked in under `docs/schema/`).
 
 pub mod canonical;
+pub mod convergence;
 pub mod deployment;
 pub mod ids;
 pub mod inventory;

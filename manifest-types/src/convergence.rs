@@ -1,11 +1,12 @@
 //! The one convergence rule (docs/adr/0010-one-convergence-rule.md): what an
 //! operator sees for one agent, as a pure function of what was read.
 //!
-//! [`assess`] takes an [`Observation`] — the agent's status (if any), the
-//! [`Target`] (the agent's whole desired generation, or one deployment's
-//! change), the age of its last heartbeat measured from server time — and
+//! [`assess`] takes an [`AgentReport`] — the agent's status (if any) and the
+//! age of its last heartbeat measured from server time — a [`Target`] (the
+//! agent's whole desired generation, or one deployment's change) and
 //! [`Thresholds`], and returns a [`Verdict`]: one [`State`] and, where useful,
 //! a typed [`Reason`] whose `Display` is a one-line explanation.
+//! [`Progress`] applies it to every target of a deployment.
 //!
 //! Decided in this order, most urgent first; the first that applies wins:
 //! 1. **Offline / Stale**: the last heartbeat is older than
@@ -25,12 +26,14 @@
 //! No I/O and no clock: ages are inputs, measured by the caller from KV
 //! server timestamps.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::ids::{DeploymentName, ResourceId};
+use crate::deployment::{Deployment, DeploymentStatus};
+use crate::ids::{AgentId, DeploymentName, ResourceId};
 use crate::status::{AgentStatus, ConditionType, Rejection, ResourceState};
 
 /// The agent's default heartbeat period (the agent's `--heartbeat-interval`).
@@ -104,12 +107,11 @@ impl Target<'_> {
     }
 }
 
-/// Everything [`assess`] looks at for one agent.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Observation<'a> {
+/// What was read about one agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AgentReport<'a> {
     /// `actual-state.<id>`, decoded; None: absent or unreadable.
     pub status: Option<&'a AgentStatus>,
-    pub target: Target<'a>,
     /// Age of `heartbeat.<id>` by server time (KV timestamp); None: no
     /// heartbeat has been read.
     pub heartbeat_age: Option<Duration>,
@@ -294,7 +296,7 @@ pub fn resource_detail(state: &ResourceState) -> String {
 }
 
 /// Where one agent stands (see the module docs for the order of the rules).
-pub fn assess(o: &Observation<'_>, thresholds: &Thresholds) -> Verdict {
+pub fn assess(o: &AgentReport<'_>, target: Target<'_>, thresholds: &Thresholds) -> Verdict {
     match o.heartbeat_age {
         Some(age) if age > thresholds.offline_after => {
             return Verdict::new(State::Offline, Reason::HeartbeatAge(age));
@@ -314,7 +316,7 @@ pub fn assess(o: &Observation<'_>, thresholds: &Thresholds) -> Verdict {
     if let Some(m) = identity_conflict(s, o.heartbeat_conflict) {
         return Verdict::new(State::IdentityConflict, Reason::OtherInstance(m));
     }
-    let generation = o.target.generation();
+    let generation = target.generation();
     if let Some(r) = s.rejected_at_or_after(generation) {
         return Verdict::new(State::Rejected, Reason::Rejected(r.clone()));
     }
@@ -327,7 +329,7 @@ pub fn assess(o: &Observation<'_>, thresholds: &Thresholds) -> Verdict {
             },
         );
     }
-    match o.target {
+    match target {
         Target::Agent { generation } => agent_verdict(s, generation),
         Target::Deployment {
             name,
@@ -460,6 +462,98 @@ fn not_ready<'a>(
         }
     }
     progressing.map(|r| Verdict::new(State::Progressing, r))
+}
+
+/// The resource ids a deployment renders into every manifest it selects.
+pub fn deployment_resources(deployment: &Deployment) -> Vec<ResourceId> {
+    deployment
+        .resources
+        .iter()
+        .map(|r| ResourceId::rendered(&deployment.name, &r.id))
+        .collect()
+}
+
+/// How far one deployment's rendered revision has landed: the [`Verdict`]
+/// of every target agent (`DeploymentStatus.targets`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    pub targets: BTreeMap<AgentId, Verdict>,
+}
+
+impl Progress {
+    /// Assesses every target of `status` (the render results for revision
+    /// `status.observedRevision`). `resources` are the deployment's rendered
+    /// ids ([`deployment_resources`]); a resource the control plane left out
+    /// of an agent's manifest because of a conflict is not expected there.
+    pub fn of<'a>(
+        status: &DeploymentStatus,
+        resources: &[ResourceId],
+        report: impl Fn(&AgentId) -> AgentReport<'a>,
+        thresholds: &Thresholds,
+    ) -> Self {
+        let targets = status
+            .targets
+            .iter()
+            .map(|(agent, &generation)| {
+                let expected: Vec<ResourceId> = resources
+                    .iter()
+                    .filter(|id| {
+                        !status
+                            .conflicts
+                            .iter()
+                            .any(|c| &c.agent == agent && &c.resource == *id)
+                    })
+                    .cloned()
+                    .collect();
+                let target = Target::Deployment {
+                    name: &status.name,
+                    revision: status.observed_revision,
+                    generation,
+                    resources: &expected,
+                };
+                (agent.clone(), assess(&report(agent), target, thresholds))
+            })
+            .collect();
+        Self { targets }
+    }
+
+    pub fn total(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// How many targets are in `state`.
+    pub fn count(&self, state: State) -> usize {
+        self.targets.values().filter(|v| v.state == state).count()
+    }
+
+    pub fn converged(&self) -> usize {
+        self.count(State::Converged)
+    }
+
+    /// Every target that rejected the manifest carrying the revision.
+    pub fn rejected(&self) -> impl Iterator<Item = (&AgentId, &Rejection)> {
+        self.targets
+            .iter()
+            .filter_map(|(a, v)| v.rejection().map(|r| (a, r)))
+    }
+
+    /// Every target not (yet) converged, with its verdict.
+    pub fn not_converged(&self) -> impl Iterator<Item = (&AgentId, &Verdict)> {
+        self.targets.iter().filter(|(_, v)| !v.is_converged())
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.converged() == self.total()
+    }
+
+    /// `hello: 1/2 agents converged on revision 7`
+    pub fn line(&self, deployment: &DeploymentName, revision: u64) -> String {
+        format!(
+            "{deployment}: {}/{} agents converged on revision {revision}",
+            self.converged(),
+            self.total()
+        )
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use super::*;
 use crate::ApiVersion;
 use crate::ids::AgentId;
@@ -132,12 +134,12 @@ fn agent(
     heartbeat_age: Option<Duration>,
 ) -> Verdict {
     assess(
-        &Observation {
+        &AgentReport {
             status,
-            target: Target::Agent { generation },
             heartbeat_age,
             heartbeat_conflict: None,
         },
+        Target::Agent { generation },
         &Thresholds::default(),
     )
 }
@@ -152,16 +154,16 @@ fn deployment(
     let resources: Vec<ResourceId> = resources.iter().map(|r| rid(r)).collect();
     let name = web();
     assess(
-        &Observation {
+        &AgentReport {
             status,
-            target: Target::Deployment {
-                name: &name,
-                revision,
-                generation,
-                resources: &resources,
-            },
             heartbeat_age,
             heartbeat_conflict: None,
+        },
+        Target::Deployment {
+            name: &name,
+            revision,
+            generation,
+            resources: &resources,
         },
         &Thresholds::default(),
     )
@@ -519,12 +521,12 @@ fn one_deployment_table() {
 fn a_heartbeat_conflict_is_reported_even_when_the_status_looks_fine() {
     let s = status(4, true, &[]);
     let v = assess(
-        &Observation {
+        &AgentReport {
             status: Some(&s),
-            target: Target::Agent { generation: 4 },
             heartbeat_age: FRESH,
             heartbeat_conflict: Some("instance j heartbeats too"),
         },
+        Target::Agent { generation: 4 },
         &Thresholds::default(),
     );
     assert_eq!(v.state, State::IdentityConflict);
@@ -558,4 +560,76 @@ fn states_sort_most_urgent_first() {
     all.sort();
     assert_eq!(all.first(), Some(&State::Offline));
     assert_eq!(all.last(), Some(&State::Converged));
+}
+
+#[test]
+fn progress_assesses_every_target_and_skips_conflicted_resources() {
+    use crate::deployment::Conflict;
+    let id = |s: &str| AgentId::new(s).unwrap();
+    let ds = DeploymentStatus {
+        api_version: ApiVersion,
+        name: web(),
+        observed_revision: 7,
+        created_revision: 3,
+        targets: [(id("a"), 4), (id("b"), 2), (id("c"), 5), (id("d"), 5)].into(),
+        conflicts: vec![Conflict {
+            agent: id("c"),
+            resource: rid("web/conf"),
+            held_by: rid("base/conf"),
+            target: "file /etc/conf".into(),
+        }],
+        error: None,
+    };
+    let resources = [rid("web/motd"), rid("web/conf")];
+    let a = status(
+        4,
+        true,
+        &[("web/motd", 7, ready()), ("web/conf", 7, ready())],
+    );
+    let c = status(5, true, &[("web/motd", 7, ready())]);
+    let d = rejected(status(4, true, &[]), Some(5));
+    let statuses: BTreeMap<AgentId, AgentStatus> =
+        [(id("a"), a), (id("c"), c), (id("d"), d)].into();
+    let p = Progress::of(
+        &ds,
+        &resources,
+        |agent| AgentReport {
+            status: statuses.get(agent),
+            heartbeat_age: FRESH,
+            heartbeat_conflict: None,
+        },
+        &Thresholds::default(),
+    );
+    let states: Vec<(&str, State)> = p
+        .targets
+        .iter()
+        .map(|(a, v)| (a.as_str(), v.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("a", State::Converged),
+            ("b", State::Pending),
+            // c's manifest lacks web/conf because base holds the target.
+            ("c", State::Converged),
+            ("d", State::Rejected),
+        ]
+    );
+    assert_eq!((p.converged(), p.total()), (2, 4));
+    assert!(!p.is_done());
+    assert_eq!(
+        p.rejected().map(|(a, _)| a.as_str()).collect::<Vec<_>>(),
+        ["d"]
+    );
+    assert_eq!(p.not_converged().count(), 2);
+    assert_eq!(p.line(&web(), 7), "web: 2/4 agents converged on revision 7");
+    assert!(Progress::default().is_done());
+}
+
+#[test]
+fn deployment_resources_are_the_rendered_ids() {
+    let d = Deployment::from_json(include_bytes!("../../tests/golden/deployment.json")).unwrap();
+    let ids = deployment_resources(&d);
+    assert_eq!(ids.len(), d.resources.len());
+    assert!(ids.iter().all(|i| i.deployment() == Some(d.name.as_str())));
 }

@@ -22,15 +22,20 @@
 //!   `DeliverPolicy::LastPerSubject`, never one request per key, with each
 //!   entry's revision and server timestamp and the server's own clock
 //!   ([`family::Snapshot::server_time`]) for ages.
+//! - [`reports`]: [`AgentReports`] — a snapshot's statuses and heartbeat ages
+//!   as the input of the one convergence rule
+//!   (`manifest_types::convergence::assess`).
 
 pub mod auth;
 pub mod bucket;
 pub mod connect;
 pub mod family;
+pub mod reports;
 pub mod shutdown;
 
 pub use auth::{Auth, AuthError};
 pub use bucket::{BucketError, bucket_config, ensure_bucket, open_bucket, republish_rule};
 pub use connect::{ConnectError, Connector};
 pub use family::{ReadError, Snapshot, read_families, read_family, read_keys};
+pub use reports::AgentReports;
 pub use shutdown::shutdown_signal;

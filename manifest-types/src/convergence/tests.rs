@@ -13,6 +13,25 @@ use crate::status::{AgentBuild, Condition, ReadyDetails, ResourceStatus};
 
 const FRESH: Option<Duration> = Some(Duration::from_secs(2));
 
+/// `(what, status, desired generation, heartbeat age, state, reason)`.
+type AgentRow<'a> = (
+    &'a str,
+    Option<&'a AgentStatus>,
+    u64,
+    Option<Duration>,
+    State,
+    &'a str,
+);
+/// `(what, status, expected resources, heartbeat age, state, reason)`.
+type DeploymentRow<'a> = (
+    &'a str,
+    &'a AgentStatus,
+    &'a [&'a str],
+    Option<Duration>,
+    State,
+    &'a str,
+);
+
 fn rid(s: &str) -> ResourceId {
     ResourceId::new(s).unwrap()
 }
@@ -197,14 +216,7 @@ fn whole_agent_table() {
     let conflict = conflicted(status(4, true, &[]));
     let nothing = status(0, true, &[]);
     let s = Duration::from_secs;
-    let rows: Vec<(
-        &str,
-        Option<&AgentStatus>,
-        u64,
-        Option<Duration>,
-        State,
-        &str,
-    )> = vec![
+    let rows: Vec<AgentRow<'_>> = vec![
         (
             "converged",
             Some(&converged),
@@ -393,7 +405,7 @@ fn one_deployment_table() {
         &[motd.clone(), conf.clone(), ("db/x", 2, failed())],
     );
     let old_revision = status(4, true, &[("web/motd", 6, ready()), conf.clone()]);
-    let one_missing = status(4, true, &[motd.clone()]);
+    let one_missing = status(4, true, std::slice::from_ref(&motd));
     let ours_failing = status(4, false, &[("web/motd", 7, failed()), conf.clone()]);
     let ours_pending = status(
         4,
@@ -408,7 +420,7 @@ fn one_deployment_table() {
     let nothing_of_ours = status(4, true, &[("db/x", 2, ready())]);
     let behind = status(3, true, &[motd.clone(), conf.clone()]);
     let rejected_it = rejected(status(3, true, &[]), Some(4));
-    let rows: Vec<(&str, &AgentStatus, &[&str], Option<Duration>, State, &str)> = vec![
+    let rows: Vec<DeploymentRow<'_>> = vec![
         (
             "all of ours at this revision and Ready",
             &both,
@@ -547,7 +559,7 @@ fn the_rejection_is_reachable_typed() {
 
 #[test]
 fn states_sort_most_urgent_first() {
-    let mut all = vec![
+    let mut all = [
         State::Converged,
         State::Pending,
         State::Progressing,

@@ -12,7 +12,7 @@ use rand::Rng;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::config::{Config, NatsAuth};
+use crate::config::Config;
 use crate::gate::{Accepted, Decision, Gate};
 use crate::kv::{AgentKv, KvError, KvValue};
 use crate::reconcile::Reconcilers;
@@ -379,42 +379,32 @@ async fn connect(
     epoch: watch::Sender<u64>,
     live: Arc<Liveness>,
 ) -> Result<async_nats::Client, AgentError> {
-    let mut options = async_nats::ConnectOptions::new()
-        .name(format!("flotilla-agent {}", config.agent_id))
-        .custom_inbox_prefix(keys::agent_inbox_prefix(&config.agent_id))
-        .retry_on_initial_connect()
-        .event_callback(move |event| {
-            let epoch = epoch.clone();
-            let live = live.clone();
-            async move {
-                match event {
-                    async_nats::Event::Connected => {
-                        tracing::info!("connected to NATS");
-                        live.set_connected(true);
-                        epoch.send_modify(|e| *e += 1);
-                    }
-                    async_nats::Event::Disconnected => {
-                        live.set_connected(false);
-                        tracing::warn!(
-                            "disconnected from NATS; converging from the last good manifest"
-                        )
-                    }
-                    other => tracing::debug!(event = %other, "NATS event"),
+    flotilla_nats::Connector::new(
+        &config.nats_url,
+        format!("flotilla-agent {}", config.agent_id),
+        config.auth.clone(),
+    )
+    .inbox_prefix(keys::agent_inbox_prefix(&config.agent_id))
+    .retry_on_initial_connect()
+    .event_callback(move |event| {
+        let epoch = epoch.clone();
+        let live = live.clone();
+        async move {
+            match event {
+                async_nats::Event::Connected => {
+                    tracing::info!("connected to NATS");
+                    live.set_connected(true);
+                    epoch.send_modify(|e| *e += 1);
                 }
+                async_nats::Event::Disconnected => {
+                    live.set_connected(false);
+                    tracing::warn!("disconnected from NATS; converging from the last good manifest")
+                }
+                other => tracing::debug!(event = %other, "NATS event"),
             }
-        });
-    options = match &config.auth {
-        NatsAuth::None => options,
-        NatsAuth::Credentials(path) => options
-            .credentials_file(path)
-            .await
-            .map_err(|e| AgentError::Connect(e.into()))?,
-        NatsAuth::UserPassword { user, password } => {
-            options.user_and_password(user.clone(), password.clone())
         }
-    };
-    options
-        .connect(&config.nats_url)
-        .await
-        .map_err(|e| AgentError::Connect(e.into()))
+    })
+    .connect()
+    .await
+    .map_err(|e| AgentError::Connect(e.into()))
 }

@@ -47,16 +47,9 @@ pub struct ContainerPolicy {
     pub allowed_capabilities: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default)]
-pub enum NatsAuth {
-    #[default]
-    None,
-    Credentials(PathBuf),
-    UserPassword {
-        user: String,
-        password: String,
-    },
-}
+/// How the agent authenticates to NATS: the one [`flotilla_nats::Auth`]
+/// (precedence creds file > nkey seed file > user/password > none).
+pub use flotilla_nats::Auth as NatsAuth;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -76,6 +69,8 @@ pub enum ConfigError {
     Missing(&'static str),
     #[error(transparent)]
     Id(#[from] manifest_types::IdError),
+    #[error(transparent)]
+    Auth(#[from] flotilla_nats::AuthError),
     #[error("invalid label {0:?}: expected key=value")]
     Label(String),
     #[error("{0}")]
@@ -130,9 +125,12 @@ pub struct Args {
     /// Period of the heartbeat (jittered), e.g. "15s".
     #[arg(long, env = "FLOTILLA_HEARTBEAT_INTERVAL")]
     pub heartbeat_interval: Option<String>,
-    /// NATS credentials file (per-device user).
+    /// NATS credentials file (per-device user). Wins over every other method.
     #[arg(long, env = "FLOTILLA_CREDS")]
     pub creds: Option<PathBuf>,
+    /// File holding this device's nkey user seed. Wins over user/password.
+    #[arg(long, env = "FLOTILLA_NKEY_SEED_FILE")]
+    pub nkey_seed_file: Option<PathBuf>,
     /// NATS user (with FLOTILLA_NATS_PASSWORD).
     #[arg(long, env = "FLOTILLA_NATS_USER")]
     pub nats_user: Option<String>,
@@ -183,6 +181,7 @@ pub struct FileConfig {
     pub resync_interval: Option<String>,
     pub heartbeat_interval: Option<String>,
     pub creds: Option<PathBuf>,
+    pub nkey_seed_file: Option<PathBuf>,
     pub nats_user: Option<String>,
     pub nats_password: Option<String>,
     pub docker_host: Option<String>,
@@ -201,7 +200,8 @@ pub struct FileConfig {
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/flotilla";
 pub const DEFAULT_RESYNC: Duration = Duration::from_secs(60);
-pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+/// The contract's heartbeat period, from which liveness thresholds derive.
+pub const DEFAULT_HEARTBEAT: Duration = manifest_types::convergence::DEFAULT_HEARTBEAT_INTERVAL;
 pub const DEFAULT_CONTAINER_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_UNIT_JOB_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -228,17 +228,12 @@ impl Config {
         } else {
             args.file_roots
         };
-        let auth = match (args.creds.or(file.creds), args.nats_user.or(file.nats_user)) {
-            (Some(creds), _) => NatsAuth::Credentials(creds),
-            (None, Some(user)) => NatsAuth::UserPassword {
-                user,
-                password: args
-                    .nats_password
-                    .or(file.nats_password)
-                    .unwrap_or_default(),
-            },
-            (None, None) => NatsAuth::None,
-        };
+        let auth = NatsAuth::pick(
+            args.creds.or(file.creds),
+            args.nkey_seed_file.or(file.nkey_seed_file),
+            args.nats_user.or(file.nats_user),
+            args.nats_password.or(file.nats_password),
+        )?;
         Ok(Self {
             nats_url: args
                 .nats_url

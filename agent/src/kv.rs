@@ -30,17 +30,14 @@ impl KvValue {
     }
 
     /// Builds a value from message headers (RePublish and direct get carry
-    /// the same ones).
+    /// the same ones), read by the one operation parser in `flotilla_nats`.
     pub fn from_parts(revision: u64, headers: Option<&HeaderMap>, payload: Bytes) -> Self {
-        let op = headers
-            .and_then(|h| h.get("KV-Operation"))
-            .map(|v| v.as_str().to_owned());
-        match op.as_deref() {
-            Some("DEL") | Some("PURGE") => Self::Deleted { revision },
-            _ => Self::Value {
+        match flotilla_nats::family::operation(headers) {
+            async_nats::jetstream::kv::Operation::Put => Self::Value {
                 revision,
                 bytes: payload,
             },
+            _ => Self::Deleted { revision },
         }
     }
 }

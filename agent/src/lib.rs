@@ -28,7 +28,9 @@
 //! - [`kv`] — the agent's entire NATS footprint: direct gets and CAS publishes
 //!   on its own keys.
 //! - [`state`] — the state directory: instance id, cached manifest, ledgers.
-//! - [`config`] — flags, `FLOTILLA_*` environment and TOML file.
+//! - [`config`] — flags, `FLOTILLA_*` environment and TOML file; NATS
+//!   authentication and connecting are the shared `flotilla_nats` layer
+//!   (one `Auth` precedence, ADR 0011).
 //! - [`service`] — systemd READY, WATCHDOG and STATUS notifications.
 //!
 //! Decisions: docs/adr/ (0002 for the watch, 0003 for generations and CAS,

@@ -12,19 +12,14 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let config = Config::from_args(Args::parse())?;
-    tracing::info!(agent = %config.agent_id, nats = %config.nats_url, bucket = %config.bucket, "starting flotilla-agent");
-    tokio::runtime::Builder::new_current_thread()
+    tracing::info!(agent = %config.agent_id, nats = %config.nats_url, bucket = %config.bucket, auth = config.auth.method(), "starting flotilla-agent");
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?
-        .block_on(flotilla_agent::run(config, shutdown_signal()))?;
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = flotilla_nats::shutdown_signal()?;
+        flotilla_agent::run(config, shutdown).await?;
+        anyhow::Ok(())
+    })?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

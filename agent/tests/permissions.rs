@@ -16,8 +16,14 @@ use testbed::NatsServer;
 
 /// Exactly what `deploy/nats/flotilla.conf` grants an agent, for `pi-7`.
 fn agent_user(id: &str) -> String {
+    agent_identity(id, &format!(r#"user: "{id}", password: "secret-{id}""#))
+}
+
+/// The agent permissions for `id`, for a user identified by `identity`
+/// (`user/password` or `nkey: U…`).
+fn agent_identity(id: &str, identity: &str) -> String {
     format!(
-        r#"{{ user: "{id}", password: "secret-{id}", permissions: {{
+        r#"{{ {identity}, permissions: {{
             publish: {{ allow: [
                 "$JS.API.DIRECT.GET.KV_fleet.$KV.fleet.desired-state.{id}",
                 "$JS.API.DIRECT.GET.KV_fleet.$KV.fleet.actual-state.{id}",
@@ -136,4 +142,31 @@ async fn a_device_user_confined_to_its_own_subjects_runs_the_full_loop() {
         .await
         .unwrap();
     assert!(forged.is_none(), "a forged status reached the bucket");
+}
+
+/// The same confined device authenticated by an nkey seed file (the agent's
+/// `--nkey-seed-file`) runs the full loop.
+#[tokio::test]
+async fn a_device_authenticated_by_an_nkey_seed_file_runs_the_full_loop() {
+    let key = nkeys::KeyPair::new_user();
+    let config = format!(
+        "no_auth_user: admin\nauthorization {{ users = [\n {{ user: admin, password: admin }}\n {}\n] }}",
+        agent_identity("pi-9", &format!("nkey: {}", key.public_key()))
+    );
+    let h = Harness::with_server(NatsServer::start_with_config(&config)).await;
+    let store = h.store().await;
+    let seed = h.root("pi-9").join("..").join("pi-9.nk");
+    std::fs::write(&seed, key.seed().unwrap()).unwrap();
+    let path = h.root("pi-9").join("f");
+    let mut cfg = h.config("pi-9");
+    cfg.auth = NatsAuth::NkeySeedFile(seed);
+    let _agent = RunningAgent::start(cfg);
+    put_manifest(
+        &store,
+        "pi-9",
+        manifest("pi-9", 1, json!([file("d/f", &path, "nkey")])),
+    )
+    .await;
+    wait_status(&store, "pi-9", "converged on 1", |s| s.converged_on(1)).await;
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "nkey");
 }

@@ -71,7 +71,15 @@ pub async fn run(g: &GlobalArgs, args: &ApplyArgs) -> Result<(), CliError> {
         let reporter = Reporter {
             to_stderr: g.output != Format::Table,
         };
-        wait::wait(&fleet, &deployment.name, revision, args.timeout, &reporter).await?;
+        wait::wait(
+            &fleet,
+            &deployment.name,
+            revision,
+            args.timeout,
+            &g.thresholds(),
+            &reporter,
+        )
+        .await?;
     }
     Ok(())
 }

@@ -50,9 +50,38 @@ pub struct GlobalArgs {
     /// The fleet KV bucket.
     #[arg(long, global = true, env = "FLOTILLA_BUCKET", default_value = "fleet")]
     pub bucket: BucketName,
-    /// NATS credentials file (.creds).
+    /// NATS credentials file (.creds). Wins over every other method.
     #[arg(long, global = true, env = "FLOTILLA_CREDS", value_name = "FILE")]
     pub creds: Option<PathBuf>,
+    /// File holding an nkey user seed. Wins over user/password.
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_NKEY_SEED_FILE",
+        value_name = "FILE"
+    )]
+    pub nkey_seed_file: Option<PathBuf>,
+    /// NATS user (with --nats-password / FLOTILLA_NATS_PASSWORD).
+    #[arg(long, global = true, env = "FLOTILLA_NATS_USER")]
+    pub nats_user: Option<String>,
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_NATS_PASSWORD",
+        hide_env_values = true
+    )]
+    pub nats_password: Option<String>,
+    /// The agents' heartbeat period: an agent is Stale after 3 missed
+    /// heartbeats and Offline after 10 (ADR 0010).
+    #[arg(long, global = true, env = "FLOTILLA_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration, default_value = "15s")]
+    pub heartbeat_interval: Duration,
+}
+
+impl GlobalArgs {
+    /// Liveness thresholds from `--heartbeat-interval`.
+    pub fn thresholds(&self) -> manifest_types::convergence::Thresholds {
+        manifest_types::convergence::Thresholds::from_heartbeat_interval(self.heartbeat_interval)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

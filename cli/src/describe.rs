@@ -1,14 +1,14 @@
 //! `flotilla describe agent|deployment`: everything known about one of them.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use flotilla_nats::AgentReports;
+use manifest_types::convergence::{Progress, Thresholds, rejection_line};
 use manifest_types::{
     AgentId, AgentStatus, DeploymentName, ReadyDetails, ResourceSpec, ResourceState, keys,
 };
 
 use crate::args::{DescribeWhat, Format, GlobalArgs};
-use crate::convergence::{Progress, rejection_line};
 use crate::exit::CliError;
 use crate::fleet::{AgentEntries, AgentView, DeploymentView};
 use crate::kv::Fleet;
@@ -18,7 +18,7 @@ pub async fn run(g: &GlobalArgs, what: &DescribeWhat) -> Result<(), CliError> {
     let fleet = Fleet::open(g).await?;
     match what {
         DescribeWhat::Agent { id } => {
-            let view = read_agent(&fleet, id).await?;
+            let view = read_agent(&fleet, id, &g.thresholds()).await?;
             let text = match g.output {
                 Format::Table => render_agent(&view),
                 f => output::document(f, &view.doc(true))?,
@@ -26,7 +26,7 @@ pub async fn run(g: &GlobalArgs, what: &DescribeWhat) -> Result<(), CliError> {
             print!("{text}");
         }
         DescribeWhat::Deployment { name } => {
-            let (view, progress) = read_deployment(&fleet, name).await?;
+            let (view, progress) = read_deployment(&fleet, name, &g.thresholds()).await?;
             let text = match g.output {
                 Format::Table => render_deployment(&view, progress.as_ref()),
                 f => output::document(f, &view.doc(progress.as_ref()))?,
@@ -37,18 +37,25 @@ pub async fn run(g: &GlobalArgs, what: &DescribeWhat) -> Result<(), CliError> {
     Ok(())
 }
 
-pub async fn read_agent(fleet: &Fleet, id: &AgentId) -> Result<AgentView, CliError> {
-    let (inventory, status, heartbeat, desired) = futures::try_join!(
-        fleet.entry(keys::inventory(id)),
-        fleet.entry(keys::actual_state(id)),
-        fleet.entry(keys::heartbeat(id)),
-        fleet.entry(keys::desired_state(id)),
-    )?;
+/// One agent's four keys, in one read that also carries the server's clock.
+pub async fn read_agent(
+    fleet: &Fleet,
+    id: &AgentId,
+    thresholds: &Thresholds,
+) -> Result<AgentView, CliError> {
+    let snap = fleet
+        .snapshot_keys(&[
+            keys::inventory(id),
+            keys::actual_state(id),
+            keys::heartbeat(id),
+            keys::desired_state(id),
+        ])
+        .await?;
     let entries = AgentEntries {
-        inventory: inventory.as_ref(),
-        status: status.as_ref(),
-        heartbeat: heartbeat.as_ref(),
-        desired: desired.as_ref(),
+        inventory: snap.get(&keys::inventory(id)),
+        status: snap.get(&keys::actual_state(id)),
+        heartbeat: snap.get(&keys::heartbeat(id)),
+        desired: snap.get(&keys::desired_state(id)),
     };
     if entries.is_empty() {
         return Err(CliError::NotFound(format!(
@@ -60,12 +67,18 @@ pub async fn read_agent(fleet: &Fleet, id: &AgentId) -> Result<AgentView, CliErr
             keys::desired_state(id),
         )));
     }
-    Ok(AgentView::from_entries(id.clone(), entries))
+    Ok(AgentView::from_entries(
+        id.clone(),
+        entries,
+        snap.server_time,
+        thresholds,
+    ))
 }
 
 pub async fn read_deployment(
     fleet: &Fleet,
     name: &DeploymentName,
+    thresholds: &Thresholds,
 ) -> Result<(DeploymentView, Option<Progress>), CliError> {
     let (d, s) = futures::try_join!(
         fleet.entry(keys::deployment(name)),
@@ -81,13 +94,8 @@ pub async fn read_deployment(
     let view = DeploymentView::from_entries(name.clone(), d.as_ref(), s.as_ref());
     let progress = match view.current_status() {
         Some(s) => {
-            let mut agents: BTreeMap<AgentId, AgentStatus> = BTreeMap::new();
-            for a in s.targets.keys() {
-                if let Some(Ok(v)) = fleet.read::<AgentStatus>(&keys::actual_state(a)).await? {
-                    agents.insert(a.clone(), v.value);
-                }
-            }
-            Some(Progress::of(s, &agents))
+            let snap = crate::wait::read_targets(fleet, s.targets.keys()).await?;
+            view.progress(&AgentReports::from_snapshot(&snap), thresholds)
         }
         None => None,
     };
@@ -106,7 +114,11 @@ fn section(out: &mut String, title: &str, table: &Table) {
 pub fn render_agent(a: &AgentView) -> String {
     let mut out = String::new();
     field(&mut out, "Agent", &a.id);
-    field(&mut out, "Status", a.phase().as_str());
+    let status = match a.verdict.detail() {
+        d if d.is_empty() => a.verdict.state.to_string(),
+        d => format!("{} ({d})", a.verdict.state),
+    };
+    field(&mut out, "Status", status);
     let hb = a
         .heartbeat
         .as_ref()
@@ -347,13 +359,13 @@ pub fn render_deployment(d: &DeploymentView, progress: Option<&Progress>) -> Str
     }
     if let (Some(s), Some(p)) = (d.current_status(), progress) {
         let mut t = Table::new(["AGENT", "GENERATION", "STATE", "DETAIL"]);
-        for (agent, state) in &p.targets {
+        for (agent, verdict) in &p.targets {
             let generation = s.targets.get(agent).copied().unwrap_or_default();
             t.row([
                 agent.to_string(),
                 generation.to_string(),
-                state.name().to_owned(),
-                state.detail(),
+                verdict.state.as_str().to_owned(),
+                verdict.detail(),
             ]);
         }
         if t.is_empty() {

@@ -1,20 +1,25 @@
 //! The operator's view of agents and deployments, assembled from KV entries.
 //!
-//! Ages ("last seen") come from the KV entries' server timestamps, never from
-//! times an agent writes into its documents (devices may have no RTC).
+//! Every state shown is the one convergence rule's
+//! ([`manifest_types::convergence::assess`], ADR 0010). Ages ("last seen",
+//! heartbeat age) are server time minus server time: the KV entries'
+//! timestamps against the server clock of the read that returned them
+//! ([`Snapshot::server_time`]), never the reader's clock or times an agent
+//! writes into its documents (devices may have no RTC).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::kv;
+use flotilla_nats::AgentReports;
+use manifest_types::convergence::{self, AgentReport, Progress, Target, Thresholds, Verdict};
 use manifest_types::keys::{self, Key};
 use manifest_types::{
-    AgentId, AgentInventory, AgentManifest, AgentStatus, ConditionType, Deployment, DeploymentName,
+    AgentId, AgentInventory, AgentManifest, AgentStatus, Deployment, DeploymentName,
     DeploymentStatus, Heartbeat,
 };
 use serde::Serialize;
 
-use crate::convergence::{Progress, TargetState};
 use crate::kv::{Decode, Snapshot, Versioned};
 use crate::output;
 
@@ -29,6 +34,12 @@ pub struct AgentView {
     /// Server time of the newest heartbeat, else of the newest value the
     /// agent wrote (readable or not).
     pub last_seen: Option<SystemTime>,
+    /// How long before the read `last_seen` was (server time).
+    pub last_seen_age: Option<Duration>,
+    /// Age of the heartbeat by server time; None without one.
+    pub heartbeat_age: Option<Duration>,
+    /// What the convergence rule says about this agent.
+    pub verdict: Verdict,
     /// Values present but unreadable.
     pub problems: Vec<String>,
 }
@@ -65,18 +76,47 @@ fn decode_into<T: Decode>(
 }
 
 impl AgentView {
-    pub fn from_entries(id: AgentId, e: AgentEntries<'_>) -> Self {
+    /// `server_time` is the server's clock at the read that returned the
+    /// entries; ages are measured against it.
+    pub fn from_entries(
+        id: AgentId,
+        e: AgentEntries<'_>,
+        server_time: SystemTime,
+        thresholds: &Thresholds,
+    ) -> Self {
         let mut problems = Vec::new();
         let written = |e: Option<&kv::Entry>| e.map(|e| SystemTime::from(e.created));
         let last_seen =
             written(e.heartbeat).or_else(|| written(e.status).max(written(e.inventory)));
+        let age = |t: SystemTime| server_time.duration_since(t).unwrap_or_default();
+        let heartbeat_age = written(e.heartbeat).map(age);
+        let inventory = decode_into(e.inventory, &mut problems);
+        let status: Option<Versioned<AgentStatus>> = decode_into(e.status, &mut problems);
+        let heartbeat: Option<Versioned<Heartbeat>> = decode_into(e.heartbeat, &mut problems);
+        let desired: Option<Versioned<AgentManifest>> = decode_into(e.desired, &mut problems);
+        let verdict = convergence::assess(
+            &AgentReport {
+                status: status.as_ref().map(|v| &v.value),
+                heartbeat_age,
+                heartbeat_conflict: heartbeat
+                    .as_ref()
+                    .and_then(|h| h.value.identity_conflict.as_deref()),
+            },
+            Target::Agent {
+                generation: desired.as_ref().map_or(0, |d| d.value.generation),
+            },
+            thresholds,
+        );
         Self {
-            inventory: decode_into(e.inventory, &mut problems),
-            status: decode_into(e.status, &mut problems),
-            heartbeat: decode_into(e.heartbeat, &mut problems),
-            desired: decode_into(e.desired, &mut problems),
+            inventory,
+            status,
+            heartbeat,
+            desired,
             id,
             last_seen,
+            last_seen_age: last_seen.map(age),
+            heartbeat_age,
+            verdict,
             problems,
         }
     }
@@ -87,14 +127,6 @@ impl AgentView {
 
     pub fn desired_generation(&self) -> Option<u64> {
         self.desired.as_ref().map(|d| d.value.generation)
-    }
-
-    pub fn phase(&self) -> Phase {
-        phase(
-            self.status(),
-            self.heartbeat.as_ref().map(|h| &h.value),
-            self.desired_generation(),
-        )
     }
 
     /// `ready/total` resources, `-` without a status.
@@ -117,9 +149,8 @@ impl AgentView {
     }
 
     pub fn last_seen_column(&self) -> String {
-        self.last_seen.map_or("never".into(), |t| {
-            format!("{} ago", output::age(output::since(t)))
-        })
+        self.last_seen_age
+            .map_or("never".into(), |a| format!("{} ago", output::age(a)))
     }
 
     pub fn labels(&self) -> Option<&BTreeMap<String, String>> {
@@ -131,9 +162,11 @@ impl AgentView {
     pub fn doc(&self, with_manifest: bool) -> AgentDoc<'_> {
         AgentDoc {
             agent_id: &self.id,
-            state: self.phase().as_str(),
+            state: self.verdict.state.as_str(),
+            reason: self.verdict.detail(),
             last_seen: self.last_seen.map(output::rfc3339),
-            last_seen_seconds_ago: self.last_seen.map(|t| output::since(t).as_secs()),
+            last_seen_seconds_ago: self.last_seen_age.map(|a| a.as_secs()),
+            heartbeat_age_seconds: self.heartbeat_age.map(|a| a.as_secs()),
             desired_generation: self.desired_generation(),
             inventory: self.inventory.as_ref().map(|v| &v.value),
             status: self.status(),
@@ -152,11 +185,17 @@ impl AgentView {
 #[serde(rename_all = "camelCase")]
 pub struct AgentDoc<'a> {
     pub agent_id: &'a AgentId,
+    /// The convergence rule's state (ADR 0010).
     pub state: &'static str,
+    /// Why, in one line (empty when Converged).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_seen_seconds_ago: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_age_seconds: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub desired_generation: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -171,62 +210,8 @@ pub struct AgentDoc<'a> {
     pub problems: &'a [String],
 }
 
-/// The STATUS column of `get agents`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Ready,
-    Degraded,
-    Rejected,
-    Pending,
-    IdentityConflict,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ready => "Ready",
-            Self::Degraded => "Degraded",
-            Self::Rejected => "Rejected",
-            Self::Pending => "Pending",
-            Self::IdentityConflict => "IdentityConflict",
-        }
-    }
-}
-
-/// One word for an agent, most urgent first: another installation writes its
-/// key; its newest manifest was rejected; a resource is failing; it has not
-/// caught up with its desired generation; all Ready.
-pub fn phase(
-    status: Option<&AgentStatus>,
-    heartbeat: Option<&Heartbeat>,
-    desired_generation: Option<u64>,
-) -> Phase {
-    if heartbeat.is_some_and(|h| h.identity_conflict.is_some())
-        || status.is_some_and(|s| s.condition_true(ConditionType::IdentityConflict))
-    {
-        return Phase::IdentityConflict;
-    }
-    let Some(s) = status else {
-        return Phase::Pending;
-    };
-    if s.rejection.is_some() || s.condition_true(ConditionType::ManifestRejected) {
-        return Phase::Rejected;
-    }
-    if s.condition_true(ConditionType::Degraded) {
-        return Phase::Degraded;
-    }
-    if desired_generation.is_some_and(|d| d > s.manifest_generation) {
-        return Phase::Pending;
-    }
-    if s.condition_true(ConditionType::Ready) {
-        Phase::Ready
-    } else {
-        Phase::Pending
-    }
-}
-
 /// Every agent named by any of its keys, from a snapshot of the four families.
-pub fn agents(snap: &Snapshot) -> Vec<AgentView> {
+pub fn agents(snap: &Snapshot, thresholds: &Thresholds) -> Vec<AgentView> {
     let mut ids = BTreeSet::new();
     for key in snap.entries.keys() {
         if let Some(
@@ -244,7 +229,7 @@ pub fn agents(snap: &Snapshot) -> Vec<AgentView> {
                 heartbeat: snap.entries.get(&keys::heartbeat(&id)),
                 desired: snap.entries.get(&keys::desired_state(&id)),
             };
-            AgentView::from_entries(id, e)
+            AgentView::from_entries(id, e, snap.server_time, thresholds)
         })
         .collect()
 }
@@ -258,10 +243,11 @@ pub const AGENT_FAMILIES: [&str; 4] = [
 ];
 
 /// The families `get deployments` reads.
-pub const DEPLOYMENT_FAMILIES: [&str; 3] = [
+pub const DEPLOYMENT_FAMILIES: [&str; 4] = [
     keys::DEPLOYMENTS,
     keys::DEPLOYMENT_STATUS,
     keys::ACTUAL_STATE,
+    keys::HEARTBEAT,
 ];
 
 /// One deployment: its document and the control plane's render results.
@@ -302,6 +288,23 @@ impl DeploymentView {
         }
     }
 
+    /// How far the rendered revision has landed, by the convergence rule;
+    /// None until it is rendered.
+    pub fn progress(&self, reports: &AgentReports, thresholds: &Thresholds) -> Option<Progress> {
+        let status = self.current_status()?;
+        let resources = self
+            .deployment
+            .as_ref()
+            .map(|d| convergence::deployment_resources(&d.value))
+            .unwrap_or_default();
+        Some(Progress::of(
+            status,
+            &resources,
+            |a| reports.report(a),
+            thresholds,
+        ))
+    }
+
     /// The CONVERGED column: `n/m`, `pending` (not rendered yet), `invalid`.
     pub fn converged_column(&self, progress: Option<&Progress>) -> String {
         match (self.current_status(), progress) {
@@ -330,17 +333,6 @@ pub fn deployments(snap: &Snapshot) -> Vec<DeploymentView> {
         .collect()
 }
 
-/// Decoded agent statuses of a snapshot, by agent (unreadable ones skipped).
-pub fn statuses(snap: &Snapshot) -> BTreeMap<AgentId, AgentStatus> {
-    snap.family(keys::ACTUAL_STATE)
-        .filter_map(|(id, e)| {
-            let id: AgentId = id.parse().ok()?;
-            let v = Versioned::<AgentStatus>::decode(e).ok()?;
-            Some((id, v.value))
-        })
-        .collect()
-}
-
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeploymentDoc<'a> {
@@ -362,6 +354,7 @@ pub struct DeploymentDoc<'a> {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TargetDoc {
+    /// The convergence rule's state (ADR 0010).
     pub state: &'static str,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub detail: String,
@@ -380,12 +373,12 @@ impl DeploymentView {
                 .map(|p| {
                     p.targets
                         .iter()
-                        .map(|(a, t): (&AgentId, &TargetState)| {
+                        .map(|(a, v): (&AgentId, &Verdict)| {
                             (
                                 a,
                                 TargetDoc {
-                                    state: t.name(),
-                                    detail: t.detail(),
+                                    state: v.state.as_str(),
+                                    detail: v.detail(),
                                 },
                             )
                         })
@@ -394,80 +387,5 @@ impl DeploymentView {
                 .unwrap_or_default(),
             problems: &self.problems,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use manifest_types::{AgentBuild, ApiVersion, Condition, Rejection};
-
-    fn status(generation: u64, conditions: &[(ConditionType, bool)]) -> AgentStatus {
-        AgentStatus {
-            api_version: ApiVersion,
-            agent_id: AgentId::new("pi-1").unwrap(),
-            instance_id: "i".into(),
-            manifest_generation: generation,
-            observed_generation: generation,
-            observed_revision: 1,
-            resources: BTreeMap::new(),
-            conditions: conditions
-                .iter()
-                .map(|(t, s)| Condition {
-                    type_: *t,
-                    status: *s,
-                    reason: "R".into(),
-                    message: String::new(),
-                    last_transition_time: "t".into(),
-                })
-                .collect(),
-            rejection: None,
-            released: vec![],
-            agent: AgentBuild {
-                version: "0".into(),
-                arch: "x".into(),
-                os: "linux".into(),
-            },
-        }
-    }
-
-    #[test]
-    fn phases_most_urgent_first() {
-        use ConditionType::*;
-        assert_eq!(phase(None, None, Some(1)), Phase::Pending);
-        let ready = status(3, &[(Ready, true)]);
-        assert_eq!(phase(Some(&ready), None, Some(3)), Phase::Ready);
-        assert_eq!(phase(Some(&ready), None, None), Phase::Ready);
-        assert_eq!(phase(Some(&ready), None, Some(4)), Phase::Pending);
-        let degraded = status(3, &[(Ready, false), (Degraded, true)]);
-        assert_eq!(phase(Some(&degraded), None, Some(3)), Phase::Degraded);
-        let mut rejected = degraded.clone();
-        rejected.rejection = Some(Rejection {
-            reason: "InvalidPath".into(),
-            message: "m".into(),
-            revision: 9,
-            generation: Some(4),
-        });
-        assert_eq!(phase(Some(&rejected), None, Some(4)), Phase::Rejected);
-        let conflict = status(3, &[(Ready, true), (IdentityConflict, true)]);
-        assert_eq!(
-            phase(Some(&conflict), None, Some(3)),
-            Phase::IdentityConflict
-        );
-        let hb = Heartbeat {
-            api_version: ApiVersion,
-            agent_id: AgentId::new("pi-1").unwrap(),
-            instance_id: "i".into(),
-            seq: 1,
-            manifest_generation: 3,
-            ready: true,
-            identity_conflict: Some("other".into()),
-        };
-        assert_eq!(
-            phase(Some(&ready), Some(&hb), Some(3)),
-            Phase::IdentityConflict
-        );
-        let not_ready = status(3, &[(Ready, false)]);
-        assert_eq!(phase(Some(&not_ready), None, Some(3)), Phase::Pending);
     }
 }

@@ -1,7 +1,9 @@
 //! `flotilla get agents|deployments`: one row per agent or deployment.
 
+use flotilla_nats::AgentReports;
+use manifest_types::convergence::Progress;
+
 use crate::args::{Format, GetWhat, GlobalArgs};
-use crate::convergence::Progress;
 use crate::exit::CliError;
 use crate::fleet::{self, AgentView, DeploymentView};
 use crate::kv::Fleet;
@@ -12,18 +14,19 @@ pub async fn run(g: &GlobalArgs, what: &GetWhat) -> Result<(), CliError> {
     match what {
         GetWhat::Agents => {
             let snap = fleet.snapshot(&fleet::AGENT_FAMILIES).await?;
-            let agents = fleet::agents(&snap);
+            let agents = fleet::agents(&snap, &g.thresholds());
             print!("{}", render_agents(g.output, &agents)?);
             warn(g.output, agents.iter().flat_map(|a| &a.problems));
         }
         GetWhat::Deployments => {
             let snap = fleet.snapshot(&fleet::DEPLOYMENT_FAMILIES).await?;
             let deployments = fleet::deployments(&snap);
-            let statuses = fleet::statuses(&snap);
+            let reports = AgentReports::from_snapshot(&snap);
+            let thresholds = g.thresholds();
             let rows: Vec<(DeploymentView, Option<Progress>)> = deployments
                 .into_iter()
                 .map(|d| {
-                    let p = d.current_status().map(|s| Progress::of(s, &statuses));
+                    let p = d.progress(&reports, &thresholds);
                     (d, p)
                 })
                 .collect();
@@ -64,7 +67,7 @@ pub fn render_agents(format: Format, agents: &[AgentView]) -> Result<String, Cli
             a.id.to_string(),
             a.ready_column(),
             a.generation_column(),
-            a.phase().as_str().to_owned(),
+            a.verdict.state.as_str().to_owned(),
             a.last_seen_column(),
             a.labels().map_or("-".into(), output::labels),
         ]);

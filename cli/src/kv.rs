@@ -1,15 +1,16 @@
-//! Connecting, opening the fleet bucket, and small typed read helpers.
+//! Connecting, opening the fleet bucket, and small typed read helpers, all
+//! through the one client layer `flotilla_nats` (ADR 0011).
 //!
-//! Only `apply` may create the bucket (through
-//! [`flotilla_control::bucket::ensure_bucket`], which also sets the RePublish
-//! rule agents depend on); every read command opens an existing one and says
-//! so plainly when it is missing.
+//! Only `apply` may create the bucket ([`flotilla_nats::ensure_bucket`], which
+//! also sets the RePublish rule agents depend on — without linking the
+//! control plane); every read command opens an existing one and says so
+//! plainly when it is missing. Listings read whole key families with one
+//! ordered consumer ([`Fleet::snapshot`]), never one request per key.
 
-use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use async_nats::jetstream::{self, kv};
-use futures::{StreamExt, TryStreamExt};
+use flotilla_nats::{Auth, BucketError, Connector};
 use manifest_types::{
     AgentInventory, AgentManifest, AgentStatus, Deployment, DeploymentStatus, Heartbeat,
 };
@@ -17,8 +18,7 @@ use manifest_types::{
 use crate::args::GlobalArgs;
 use crate::exit::CliError;
 
-/// How many direct gets a listing keeps in flight.
-const CONCURRENT_GETS: usize = 32;
+pub use flotilla_nats::Snapshot;
 
 /// A connection to NATS and the fleet bucket.
 #[derive(Debug, Clone)]
@@ -28,30 +28,20 @@ pub struct Fleet {
 }
 
 async fn connect(g: &GlobalArgs) -> Result<jetstream::Context, CliError> {
-    let connect_err = |source: async_nats::Error| CliError::Connect {
-        url: g.nats_url.clone(),
-        source,
-    };
-    let mut opts = async_nats::ConnectOptions::new().name("flotilla-cli");
-    if let Some(creds) = &g.creds {
-        opts = opts
-            .credentials_file(creds)
-            .await
-            .map_err(|e| CliError::Io {
-                context: format!("cannot read credentials file {}", creds.display()),
-                source: e,
-            })?;
-    }
-    let servers: Vec<&str> = g
-        .nats_url
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
-    let client = opts
-        .connect(servers)
+    let auth = Auth::pick(
+        g.creds.clone(),
+        g.nkey_seed_file.clone(),
+        g.nats_user.clone(),
+        g.nats_password.clone(),
+    )
+    .map_err(|e| CliError::Usage(e.to_string()))?;
+    let client = Connector::new(&g.nats_url, "flotilla-cli", auth)
+        .connect()
         .await
-        .map_err(|e| connect_err(e.into()))?;
+        .map_err(|e| CliError::Connect {
+            url: g.nats_url.clone(),
+            source: e.into(),
+        })?;
     Ok(jetstream::new(client))
 }
 
@@ -59,12 +49,12 @@ impl Fleet {
     /// Opens an existing bucket; a missing one is [`CliError::NoBucket`].
     pub async fn open(g: &GlobalArgs) -> Result<Self, CliError> {
         let js = connect(g).await?;
-        match js.get_key_value(g.bucket.as_str()).await {
+        match flotilla_nats::open_bucket(&js, &g.bucket).await {
             Ok(store) => Ok(Self {
                 store,
                 url: g.nats_url.clone(),
             }),
-            Err(e) if is_stream_not_found(&e) => Err(CliError::NoBucket {
+            Err(BucketError::Missing { .. }) => Err(CliError::NoBucket {
                 bucket: g.bucket.to_string(),
                 url: g.nats_url.clone(),
             }),
@@ -78,7 +68,7 @@ impl Fleet {
     /// Opens the bucket, creating it (with its RePublish rule) if missing.
     pub async fn open_or_create(g: &GlobalArgs) -> Result<Self, CliError> {
         let js = connect(g).await?;
-        let store = flotilla_control::bucket::ensure_bucket(&js, &g.bucket)
+        let store = flotilla_nats::ensure_bucket(&js, &g.bucket)
             .await
             .map_err(|e| CliError::nats(format!("bucket {} at {}", g.bucket, g.nats_url), e))?;
         Ok(Self {
@@ -116,67 +106,18 @@ impl Fleet {
     }
 
     /// The live entries of every key in the given families (`agents`,
-    /// `actual-state`, …), by key.
+    /// `actual-state`, …) in one read, with the server's clock.
     pub async fn snapshot(&self, families: &[&str]) -> Result<Snapshot, CliError> {
-        let keys: Vec<String> = self
-            .store
-            .keys()
+        flotilla_nats::read_families(&self.store, families)
             .await
-            .map_err(|e| CliError::nats("cannot list keys", e))?
-            .try_collect()
+            .map_err(|e| CliError::nats("cannot read the fleet", e))
+    }
+
+    /// The live entries of the named keys in one read, with the server's clock.
+    pub async fn snapshot_keys(&self, keys: &[String]) -> Result<Snapshot, CliError> {
+        flotilla_nats::read_keys(&self.store, keys)
             .await
-            .map_err(|e| CliError::nats("cannot list keys", e))?;
-        let wanted = keys.into_iter().filter(|k| {
-            k.split_once('.')
-                .is_some_and(|(family, _)| families.contains(&family))
-        });
-        let entries: Vec<Option<kv::Entry>> = futures::stream::iter(wanted)
-            .map(|k| async move { self.entry(&k).await })
-            .buffer_unordered(CONCURRENT_GETS)
-            .try_collect()
-            .await?;
-        Ok(Snapshot {
-            entries: entries
-                .into_iter()
-                .flatten()
-                .map(|e| (e.key.clone(), e))
-                .collect(),
-        })
-    }
-}
-
-/// Whether opening a bucket failed because its stream does not exist.
-fn is_stream_not_found(e: &jetstream::context::KeyValueError) -> bool {
-    use jetstream::context::{GetStreamError, GetStreamErrorKind};
-    if e.kind() != jetstream::context::KeyValueErrorKind::GetBucket {
-        return false;
-    }
-    std::error::Error::source(e)
-        .and_then(|s| s.downcast_ref::<GetStreamError>())
-        .is_some_and(|s| {
-            matches!(s.kind(), GetStreamErrorKind::JetStream(j)
-                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
-        })
-}
-
-/// Live entries of a set of key families.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    pub entries: BTreeMap<String, kv::Entry>,
-}
-
-impl Snapshot {
-    pub fn get<T: Decode>(&self, key: &str) -> Option<Decoded<T>> {
-        self.entries.get(key).map(Versioned::decode)
-    }
-
-    /// Every key of one family, as `(id, entry)`.
-    pub fn family<'a>(&'a self, family: &'a str) -> impl Iterator<Item = (&'a str, &'a kv::Entry)> {
-        self.entries.iter().filter_map(move |(k, e)| {
-            k.split_once('.')
-                .filter(|(f, _)| *f == family)
-                .map(|(_, id)| (id, e))
-        })
+            .map_err(|e| CliError::nats("cannot read the fleet", e))
     }
 }
 

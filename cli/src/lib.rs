@@ -9,13 +9,22 @@
 //! - `apply -f FILE [--wait [--timeout 60s]] [--expect-revision N]` ([`apply`],
 //!   [`wait`]): YAML/JSON → [`manifest_types::Deployment`] → compare-and-swap
 //!   into `deployments.<name>`; `--wait` follows `deployment-status.<name>`
-//!   and each target's `actual-state.<agent>` ([`convergence`]).
+//!   and each target's `actual-state.<agent>` and `heartbeat.<agent>`.
 //! - `get agents|deployments` ([`get`]), `describe agent|deployment` ([`describe`]):
-//!   views assembled in [`fleet`] from KV entries; ages from server timestamps.
+//!   views assembled in [`fleet`] from one whole-family read (one ordered
+//!   consumer, `flotilla_nats::family`); ages are server time against server
+//!   time.
+//! - Every state shown (`Converged`, `Progressing`, `Degraded`, `Rejected`,
+//!   `Stale`, `Offline`, `IdentityConflict`, `Pending`) is the one
+//!   convergence rule's, `manifest_types::convergence::assess` (ADR 0010);
+//!   `--heartbeat-interval` sets its liveness thresholds.
 //! - `delete deployment NAME` ([`delete`]), `watch` ([`watch`]).
 //! - Global: `-o table|json|yaml` ([`output`]), `--nats-url`
-//!   (`FLOTILLA_NATS_URL`), `--bucket` (`FLOTILLA_BUCKET`), `--creds`
-//!   (`FLOTILLA_CREDS`). Only `apply` creates the bucket ([`kv`]).
+//!   (`FLOTILLA_NATS_URL`, a comma-separated list), `--bucket`
+//!   (`FLOTILLA_BUCKET`), and one authentication with the precedence of
+//!   `flotilla_nats::Auth`: `--creds` > `--nkey-seed-file` >
+//!   `--nats-user`/`--nats-password` > none. Only `apply` creates the
+//!   bucket ([`kv`]), through `flotilla_nats`, not the control plane.
 //!
 //! ## Exit codes ([`exit`])
 //! | code | meaning |
@@ -30,7 +39,6 @@
 
 pub mod apply;
 pub mod args;
-pub mod convergence;
 pub mod delete;
 pub mod describe;
 pub mod exit;

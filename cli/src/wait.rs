@@ -4,25 +4,27 @@
 //! 1. Wait for `deployment-status.<name>` with `observedRevision >=` the
 //!    written revision (flotilla-control has rendered it); its `error` ends
 //!    the wait as a rejection.
-//! 2. Poll each target's `actual-state.<agent>` (direct gets, so no consumer
-//!    per wait) and print a progress line whenever the converged count
-//!    changes. The decisions are [`crate::convergence`]'s. If the status key
-//!    disappears (the deployment was deleted by someone else) the wait ends
-//!    as a conflict.
+//! 2. Poll each target's `actual-state.<agent>` and `heartbeat.<agent>` (one
+//!    read of just those keys per poll, [`read_targets`]) and print a
+//!    progress line whenever the converged count changes. The decisions are
+//!    the one convergence rule's ([`manifest_types::convergence`], ADR 0010):
+//!    an agent whose heartbeat is old is Stale/Offline, never converged. If
+//!    the status key disappears (the deployment was deleted by someone else)
+//!    the wait ends as a conflict.
 //!
 //! Polling rather than watching: a `actual-state.>` watch would replay the
 //! whole fleet's statuses to wait on a handful of agents.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use futures::{StreamExt, TryStreamExt};
-use manifest_types::{AgentId, AgentStatus, DeploymentName, DeploymentStatus, keys};
+use flotilla_nats::AgentReports;
+use manifest_types::convergence::{self, Progress, Thresholds, rejection_line};
+use manifest_types::{AgentId, Deployment, DeploymentName, DeploymentStatus, keys};
 use tokio::time::Instant;
 
-use crate::convergence::{Progress, rejection_line};
 use crate::exit::CliError;
-use crate::kv::Fleet;
+use crate::kv::{Fleet, Snapshot};
 
 /// Where progress lines go: stdout for tables, stderr when stdout carries a
 /// JSON/YAML document.
@@ -55,6 +57,7 @@ pub async fn wait(
     name: &DeploymentName,
     revision: u64,
     timeout: Duration,
+    thresholds: &Thresholds,
     out: &Reporter,
 ) -> Result<(), CliError> {
     let deadline = Instant::now() + timeout;
@@ -112,8 +115,13 @@ pub async fn wait(
             ));
             return Ok(());
         }
-        let agents = read_agent_statuses(fleet, status.targets.keys()).await?;
-        let progress = Progress::of(&status, &agents);
+        let resources = match fleet.read::<Deployment>(keys::deployment(name)).await? {
+            Some(Ok(d)) => convergence::deployment_resources(&d.value),
+            _ => Vec::new(),
+        };
+        let snap = read_targets(fleet, status.targets.keys()).await?;
+        let reports = AgentReports::from_snapshot(&snap);
+        let progress = Progress::of(&status, &resources, |a| reports.report(a), thresholds);
         let rejected: Vec<_> = progress.rejected().collect();
         if !rejected.is_empty() {
             for (agent, r) in &rejected {
@@ -143,9 +151,12 @@ pub async fn wait(
         }
         if Instant::now() >= deadline {
             let pending: Vec<String> = progress
-                .pending()
+                .not_converged()
                 .take(PENDING_SHOWN)
-                .map(|(a, why)| format!("{a} ({why})"))
+                .map(|(a, v)| match v.detail() {
+                    d if d.is_empty() => format!("{a} ({})", v.state),
+                    d => format!("{a} ({}: {d})", v.state),
+                })
                 .collect();
             let more = progress.total() - progress.converged() - pending.len();
             let more = if more > 0 {
@@ -193,19 +204,31 @@ async fn read_status(fleet: &Fleet, key: &str) -> Result<Option<DeploymentStatus
         .map(|v| v.value))
 }
 
-async fn read_agent_statuses(
+/// Above this many targets a poll reads the whole `actual-state` and
+/// `heartbeat` families instead of naming every key in the consumer filter.
+const NAMED_TARGETS_MAX: usize = 500;
+
+/// The `actual-state` and `heartbeat` keys of `agents`, in one read with the
+/// server's clock.
+pub async fn read_targets<'a>(
     fleet: &Fleet,
-    agents: impl Iterator<Item = &AgentId>,
-) -> Result<BTreeMap<AgentId, AgentStatus>, CliError> {
-    let found: Vec<Option<(AgentId, AgentStatus)>> = futures::stream::iter(agents)
-        .map(|a| async move {
-            let s = fleet.read::<AgentStatus>(&keys::actual_state(a)).await?;
-            Ok::<_, CliError>(s.and_then(Result::ok).map(|v| (a.clone(), v.value)))
-        })
-        .buffer_unordered(32)
-        .try_collect()
-        .await?;
-    Ok(found.into_iter().flatten().collect())
+    agents: impl Iterator<Item = &'a AgentId>,
+) -> Result<Snapshot, CliError> {
+    let agents: Vec<&AgentId> = agents.collect();
+    if agents.is_empty() {
+        return Ok(Snapshot {
+            entries: BTreeMap::new(),
+            server_time: SystemTime::UNIX_EPOCH,
+        });
+    }
+    if agents.len() > NAMED_TARGETS_MAX {
+        return fleet.snapshot(&[keys::ACTUAL_STATE, keys::HEARTBEAT]).await;
+    }
+    let names: Vec<String> = agents
+        .iter()
+        .flat_map(|a| [keys::actual_state(a), keys::heartbeat(a)])
+        .collect();
+    fleet.snapshot_keys(&names).await
 }
 
 #[cfg(test)]

@@ -14,9 +14,9 @@ use manifest_types::{AgentInventory, AgentStatus, Deployment, DeploymentStatus};
 use serde::Serialize;
 
 use crate::args::{Format, GlobalArgs};
-use crate::convergence::{rejection_line, resource_detail};
+use manifest_types::convergence::{self, AgentReport, Target, rejection_line, resource_detail};
+
 use crate::exit::CliError;
-use crate::fleet;
 use crate::kv::{Decode, Fleet};
 use crate::output;
 
@@ -109,9 +109,22 @@ fn decoded<T: Decode>(bytes: &[u8]) -> Result<T, String> {
 pub fn summary(key: &str, bytes: &[u8]) -> String {
     let text = match Key::parse(key) {
         Some(Key::ActualState(_)) => decoded::<AgentStatus>(bytes).map(|s| {
+            // What this status says on the newest generation it looked at; a
+            // status being written proves the agent alive at that instant.
+            let verdict = convergence::assess(
+                &AgentReport {
+                    status: Some(&s),
+                    heartbeat_age: Some(std::time::Duration::ZERO),
+                    heartbeat_conflict: None,
+                },
+                Target::Agent {
+                    generation: s.observed_generation,
+                },
+                &convergence::Thresholds::default(),
+            );
             let mut t = format!(
                 "{}, generation {}, {}/{} resources ready",
-                fleet::phase(Some(&s), None, None).as_str(),
+                verdict.state.as_str(),
                 s.manifest_generation,
                 s.ready_count(),
                 s.resources.len()

@@ -106,7 +106,7 @@ async fn get_agents_prints_the_stored_documents() {
     );
     assert_eq!(pi1["heartbeat"], json!(heartbeat("pi-1", 4)));
     assert_eq!(pi1["desiredGeneration"], 4);
-    assert_eq!(pi1["state"], "Ready");
+    assert_eq!(pi1["state"], "Converged");
     assert!(pi1["lastSeenSecondsAgo"].as_u64().unwrap() < 60, "{pi1}");
     assert_eq!(by_key(&rows, "agentId", "pi-2")["state"], "Rejected");
     let pi3 = by_key(&rows, "agentId", "pi-3");
@@ -142,7 +142,7 @@ async fn get_agents_prints_the_stored_documents() {
             .collect::<Vec<_>>()
     };
     let pi1 = cells(lines[1]);
-    assert_eq!(pi1[..4], ["pi-1", "2/2", "4/4", "Ready"]);
+    assert_eq!(pi1[..4], ["pi-1", "2/2", "4/4", "Converged"]);
     assert!(lines[1].ends_with("role=kiosk"), "{}", lines[1]);
     assert_eq!(cells(lines[2])[..4], ["pi-2", "2/2", "3/4", "Rejected"]);
     assert_eq!(
@@ -327,10 +327,10 @@ async fn watch_prints_one_line_per_change_until_interrupted() {
     let store = env.store().await;
     let d = flotilla_cli::apply::load(&hello_yaml()).unwrap();
     let mut watch = Spawned::start(&env.url(), &["watch"]);
-    Spawned::expect_line(&watch.stderr, "watching");
+    Spawned::expect_line(&mut watch.stderr, "watching").await;
 
     put_json(&store, &keys::deployment(&dname("hello")), &d).await;
-    let line = Spawned::expect_line(&watch.stdout, "deployments.hello");
+    let line = Spawned::expect_line(&mut watch.stdout, "deployments.hello").await;
     assert!(line.ends_with("applied, 2 resources"), "{line}");
 
     // Heartbeats are not shown: the next line is the inventory.
@@ -346,10 +346,7 @@ async fn watch_prints_one_line_per_change_until_interrupted() {
         &inventory("pi-1", &[("role", "kiosk")]),
     )
     .await;
-    let line = watch
-        .stdout
-        .recv_timeout(std::time::Duration::from_secs(20))
-        .unwrap();
+    let line = Spawned::next_line(&mut watch.stdout).await;
     assert!(
         line.contains("agents.pi-1") && line.contains("role=kiosk"),
         "{line}"
@@ -361,9 +358,9 @@ async fn watch_prints_one_line_per_change_until_interrupted() {
         &agent_status("pi-1", 4, true, &d, 1),
     )
     .await;
-    let line = Spawned::expect_line(&watch.stdout, "actual-state.pi-1");
+    let line = Spawned::expect_line(&mut watch.stdout, "actual-state.pi-1").await;
     assert!(
-        line.ends_with("Ready, generation 4, 2/2 resources ready"),
+        line.ends_with("Converged, generation 4, 2/2 resources ready"),
         "{line}"
     );
 
@@ -371,14 +368,81 @@ async fn watch_prints_one_line_per_change_until_interrupted() {
         .delete(keys::deployment(&dname("hello")))
         .await
         .unwrap();
-    let line = Spawned::expect_line(&watch.stdout, "deployments.hello");
+    let line = Spawned::expect_line(&mut watch.stdout, "deployments.hello").await;
     assert!(line.ends_with("deleted"), "{line}");
 
-    let pid = watch.child.id().to_string();
+    let pid = watch.child.id().expect("running").to_string();
     let kill = std::process::Command::new("kill")
         .args(["-INT", &pid])
         .status()
         .unwrap();
     assert!(kill.success());
-    assert_eq!(watch.wait_exit(), 0, "Ctrl-C ends the watch cleanly");
+    assert_eq!(watch.wait_exit().await, 0, "Ctrl-C ends the watch cleanly");
+}
+
+/// Liveness is part of the state: the same converged status turns Stale and
+/// then Offline as its heartbeat ages by server time, and `--heartbeat-interval`
+/// sets the thresholds (Stale after 3 beats, Offline after 10).
+#[tokio::test]
+async fn an_agent_whose_heartbeat_ages_turns_stale_then_offline() {
+    let s = seeded().await;
+    let state = || {
+        let run = s.env.run(&[
+            "get",
+            "agents",
+            "-o",
+            "json",
+            "--heartbeat-interval",
+            "300ms",
+        ]);
+        assert_eq!(run.code, 0, "{run:?}");
+        let rows = run.json();
+        let pi1 = by_key(&rows, "agentId", "pi-1");
+        (
+            pi1["state"].as_str().unwrap().to_owned(),
+            pi1["reason"].as_str().unwrap_or_default().to_owned(),
+        )
+    };
+    // The default thresholds (45 s / 150 s) keep a just-written heartbeat live.
+    let run = s.env.run(&["get", "agents", "-o", "json"]);
+    assert_eq!(by_key(&run.json(), "agentId", "pi-1")["state"], "Converged");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut seen = Vec::new();
+    loop {
+        let (st, reason) = state();
+        if seen.last() != Some(&st) {
+            seen.push(st.clone());
+        }
+        if st == "Offline" {
+            assert!(reason.starts_with("last heartbeat "), "{reason}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never Offline: {seen:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Never better than the truth on the way: it only ever got worse.
+    let order = ["Converged", "Stale", "Offline"];
+    let ranks: Vec<usize> = seen
+        .iter()
+        .map(|s| {
+            order
+                .iter()
+                .position(|o| o == s)
+                .unwrap_or_else(|| panic!("{seen:?}"))
+        })
+        .collect();
+    assert!(ranks.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    assert!(seen.contains(&"Stale".to_owned()), "{seen:?}");
+    // A fresh heartbeat makes it live again.
+    put_json(
+        &s.env.store().await,
+        &keys::heartbeat(&agent("pi-1")),
+        &heartbeat("pi-1", 4),
+    )
+    .await;
+    let run = s.env.run(&["get", "agents", "-o", "json"]);
+    assert_eq!(by_key(&run.json(), "agentId", "pi-1")["state"], "Converged");
 }

@@ -23,6 +23,21 @@ fn actual(id: &str) -> String {
     keys::actual_state(&agent(id))
 }
 
+/// What a live agent writes: a fresh heartbeat, then its status.
+async fn report(
+    store: &async_nats::jetstream::kv::Store,
+    id: &str,
+    status: &manifest_types::AgentStatus,
+) {
+    put_json(
+        store,
+        &keys::heartbeat(&agent(id)),
+        &heartbeat(id, status.manifest_generation),
+    )
+    .await;
+    put_json(store, &actual(id), status).await;
+}
+
 #[tokio::test]
 async fn converged_targets_exit_0() {
     let env = Env::start();
@@ -33,17 +48,12 @@ async fn converged_targets_exit_0() {
         &deployment_status("hello", rev, &[("pi-1", 4), ("pi-2", 9)]),
     )
     .await;
-    put_json(
-        &store,
-        &actual("pi-1"),
-        &agent_status("pi-1", 4, true, &d, rev),
-    )
-    .await;
+    report(&store, "pi-1", &agent_status("pi-1", 4, true, &d, rev)).await;
     // pi-2 has moved past its generation; this deployment's resources are Ready
     // even though the agent as a whole is not (another deployment failing).
     let mut past = agent_status("pi-2", 11, true, &d, rev);
     past.conditions[0].status = false;
-    put_json(&store, &actual("pi-2"), &past).await;
+    report(&store, "pi-2", &past).await;
 
     let run = env.run(&[
         "apply",
@@ -76,15 +86,10 @@ async fn a_rejection_exits_4_naming_agent_and_reason() {
         &deployment_status("hello", rev, &[("pi-1", 4), ("pi-2", 4)]),
     )
     .await;
-    put_json(
+    report(&store, "pi-1", &agent_status("pi-1", 4, true, &d, rev)).await;
+    report(
         &store,
-        &actual("pi-1"),
-        &agent_status("pi-1", 4, true, &d, rev),
-    )
-    .await;
-    put_json(
-        &store,
-        &actual("pi-2"),
+        "pi-2",
         &rejected(agent_status("pi-2", 3, true, &d, rev - 1), 4),
     )
     .await;
@@ -121,18 +126,8 @@ async fn nothing_converging_times_out_with_exit_5() {
         &deployment_status("hello", rev, &[("pi-1", 4), ("pi-2", 4)]),
     )
     .await;
-    put_json(
-        &store,
-        &actual("pi-1"),
-        &agent_status("pi-1", 3, true, &d, rev - 1),
-    )
-    .await;
-    put_json(
-        &store,
-        &actual("pi-2"),
-        &agent_status("pi-2", 4, false, &d, rev),
-    )
-    .await;
+    report(&store, "pi-1", &agent_status("pi-1", 3, true, &d, rev - 1)).await;
+    report(&store, "pi-2", &agent_status("pi-2", 4, false, &d, rev)).await;
 
     let started = std::time::Instant::now();
     let run = env.run(&[
@@ -152,12 +147,12 @@ async fn nothing_converging_times_out_with_exit_5() {
     assert!(run.stderr.contains("timed out after 1s"), "{run:?}");
     assert!(
         run.stderr
-            .contains("pi-1 (on manifest generation 3, waiting for 4)"),
+            .contains("pi-1 (Progressing: on manifest generation 3, waiting for 4)"),
         "{run:?}"
     );
     assert!(
         run.stderr
-            .contains("hello/motd Failed: PermissionDenied: cannot write"),
+            .contains("pi-2 (Degraded: hello/motd Failed: PermissionDenied: cannot write)"),
         "{run:?}"
     );
 }
@@ -266,7 +261,7 @@ async fn waits_while_the_fleet_catches_up_and_reports_each_step() {
             "30s",
         ],
     );
-    Spawned::expect_line(&wait.stdout, "waiting for flotilla-control to render");
+    Spawned::expect_line(&mut wait.stdout, "waiting for flotilla-control to render").await;
 
     // The control plane renders; nothing has converged yet.
     put_json(
@@ -276,32 +271,25 @@ async fn waits_while_the_fleet_catches_up_and_reports_each_step() {
     )
     .await;
     Spawned::expect_line(
-        &wait.stdout,
+        &mut wait.stdout,
         &format!("hello: 0/2 agents converged on revision {rev}"),
-    );
-
-    put_json(
-        &store,
-        &actual("pi-1"),
-        &agent_status("pi-1", 2, true, &d, rev),
     )
     .await;
+
+    report(&store, "pi-1", &agent_status("pi-1", 2, true, &d, rev)).await;
     Spawned::expect_line(
-        &wait.stdout,
+        &mut wait.stdout,
         &format!("hello: 1/2 agents converged on revision {rev}"),
-    );
-
-    put_json(
-        &store,
-        &actual("pi-2"),
-        &agent_status("pi-2", 2, true, &d, rev),
     )
     .await;
+
+    report(&store, "pi-2", &agent_status("pi-2", 2, true, &d, rev)).await;
     Spawned::expect_line(
-        &wait.stdout,
+        &mut wait.stdout,
         &format!("hello: 2/2 agents converged on revision {rev}"),
-    );
-    assert_eq!(wait.wait_exit(), 0);
+    )
+    .await;
+    assert_eq!(wait.wait_exit().await, 0);
 }
 
 #[tokio::test]
@@ -314,12 +302,7 @@ async fn a_deletion_by_someone_else_ends_the_wait_as_a_conflict() {
         &deployment_status("hello", rev, &[("pi-1", 2)]),
     )
     .await;
-    put_json(
-        &store,
-        &actual("pi-1"),
-        &agent_status("pi-1", 1, true, &d, rev),
-    )
-    .await;
+    report(&store, "pi-1", &agent_status("pi-1", 1, true, &d, rev)).await;
     let mut wait = Spawned::start(
         &env.url(),
         &[
@@ -332,15 +315,96 @@ async fn a_deletion_by_someone_else_ends_the_wait_as_a_conflict() {
         ],
     );
     Spawned::expect_line(
-        &wait.stdout,
+        &mut wait.stdout,
         &format!("hello: 0/1 agents converged on revision {rev}"),
-    );
+    )
+    .await;
     // What flotilla-control does when the deployment is deleted.
     store
         .delete(keys::deployment(&dname("hello")))
         .await
         .unwrap();
     store.delete(status_key()).await.unwrap();
-    Spawned::expect_line(&wait.stderr, "hello: deleted by someone else while waiting");
-    assert_eq!(wait.wait_exit(), 3);
+    Spawned::expect_line(
+        &mut wait.stderr,
+        "hello: deleted by someone else while waiting",
+    )
+    .await;
+    assert_eq!(wait.wait_exit().await, 3);
+}
+
+/// A target whose status says converged but whose heartbeat is missing is
+/// never counted: the wait times out naming it Stale.
+#[tokio::test]
+async fn a_converged_status_without_a_live_heartbeat_does_not_count() {
+    let env = Env::start();
+    let (d, rev, store) = applied(&env).await;
+    put_json(
+        &store,
+        &status_key(),
+        &deployment_status("hello", rev, &[("pi-1", 4)]),
+    )
+    .await;
+    put_json(
+        &store,
+        &actual("pi-1"),
+        &agent_status("pi-1", 4, true, &d, rev),
+    )
+    .await;
+    let run = env.run(&[
+        "apply",
+        "-f",
+        path(&hello_yaml()),
+        "--wait",
+        "--timeout",
+        "1s",
+    ]);
+    assert_eq!(run.code, 5, "{run:?}");
+    assert!(
+        run.stderr.contains("pi-1 (Stale: no heartbeat read)"),
+        "{run:?}"
+    );
+    // The same status with a fresh heartbeat converges.
+    report(&store, "pi-1", &agent_status("pi-1", 4, true, &d, rev)).await;
+    let run = env.run(&[
+        "apply",
+        "-f",
+        path(&hello_yaml()),
+        "--wait",
+        "--timeout",
+        "20s",
+    ]);
+    assert_eq!(run.code, 0, "{run:?}");
+}
+
+/// A target that has accepted the generation but does not report every
+/// resource of the deployment is not converged by vacuity.
+#[tokio::test]
+async fn a_missing_resource_of_the_deployment_is_not_converged() {
+    let env = Env::start();
+    let (d, rev, store) = applied(&env).await;
+    put_json(
+        &store,
+        &status_key(),
+        &deployment_status("hello", rev, &[("pi-1", 4)]),
+    )
+    .await;
+    let mut partial = agent_status("pi-1", 4, true, &d, rev);
+    let dropped = partial.resources.keys().next().unwrap().clone();
+    partial.resources.remove(&dropped);
+    report(&store, "pi-1", &partial).await;
+    let run = env.run(&[
+        "apply",
+        "-f",
+        path(&hello_yaml()),
+        "--wait",
+        "--timeout",
+        "1s",
+    ]);
+    assert_eq!(run.code, 5, "{run:?}");
+    assert!(
+        run.stderr
+            .contains(&format!("pi-1 (Progressing: {dropped} not reported yet)")),
+        "{run:?}"
+    );
 }

@@ -24,10 +24,12 @@
 //!   [`publish::Floor`]; new generations above it and the stored one; bounded
 //!   retry on lost races) and the deployment-status writes.
 //! - [`fleet`] — reads for operators and tests: every agent's status, one
-//!   key's typed value, and [`fleet::rollout`] — how far a deployment's change
-//!   has landed.
-//! - [`bucket`] — creates the fleet bucket with the RePublish rule agents
-//!   depend on, and refuses a bucket without it.
+//!   key's typed value, and [`fleet::progress`] — how far a deployment's
+//!   change has landed, by the one convergence rule
+//!   (`manifest_types::convergence`, ADR 0010).
+//! - [`bucket`] — the fleet bucket with the RePublish rule agents depend on,
+//!   re-exported from `flotilla_nats::bucket` (ADR 0011), which also holds
+//!   connecting, auth and whole-family reads.
 //!
 //! The binary `flotilla-control` (`src/main.rs`) only parses flags, sets up
 //! logging and signals, and calls [`daemon::run`].

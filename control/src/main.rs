@@ -4,7 +4,8 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::Parser;
-use flotilla_control::daemon::{self, Config, NatsAuth};
+use flotilla_control::daemon::{self, Config};
+use flotilla_nats::Auth;
 use manifest_types::BucketName;
 use tracing_subscriber::EnvFilter;
 
@@ -12,7 +13,7 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// NATS server URL.
+    /// NATS server URL, or a comma-separated list.
     #[arg(
         long,
         env = "FLOTILLA_NATS_URL",
@@ -22,16 +23,14 @@ struct Args {
     /// JetStream KV bucket holding the fleet.
     #[arg(long, env = "FLOTILLA_BUCKET", default_value = manifest_types::keys::DEFAULT_BUCKET)]
     bucket: BucketName,
-    /// NATS credentials file (JWT + nkey seed).
-    #[arg(
-        long,
-        env = "FLOTILLA_CREDS",
-        value_name = "FILE",
-        conflicts_with = "nats_user"
-    )]
+    /// NATS credentials file (JWT + nkey seed). Wins over every other method.
+    #[arg(long, env = "FLOTILLA_CREDS", value_name = "FILE")]
     creds: Option<PathBuf>,
+    /// File holding an nkey user seed. Wins over user/password.
+    #[arg(long, env = "FLOTILLA_NKEY_SEED_FILE", value_name = "FILE")]
+    nkey_seed_file: Option<PathBuf>,
     /// NATS user (with FLOTILLA_NATS_PASSWORD).
-    #[arg(long, env = "FLOTILLA_NATS_USER", requires = "nats_password")]
+    #[arg(long, env = "FLOTILLA_NATS_USER")]
     nats_user: Option<String>,
     #[arg(long, env = "FLOTILLA_NATS_PASSWORD", hide_env_values = true)]
     nats_password: Option<String>,
@@ -49,25 +48,21 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut config = Config::new(args.nats_url);
     config.bucket = args.bucket;
-    config.auth = match (args.creds, args.nats_user, args.nats_password) {
-        (Some(path), _, _) => NatsAuth::Credentials(path),
-        (None, Some(user), Some(password)) => NatsAuth::UserPassword { user, password },
-        _ => NatsAuth::None,
-    };
-    tracing::info!(nats = %config.nats_url, bucket = %config.bucket, "starting flotilla-control");
-    tokio::runtime::Builder::new_multi_thread()
+    config.auth = Auth::pick(
+        args.creds,
+        args.nkey_seed_file,
+        args.nats_user,
+        args.nats_password,
+    )?;
+    tracing::info!(nats = %config.nats_url, bucket = %config.bucket, auth = config.auth.method(), "starting flotilla-control");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(daemon::run(config, shutdown_signal()))?;
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = flotilla_nats::shutdown_signal()?;
+        daemon::run(config, shutdown).await?;
+        anyhow::Ok(())
+    })?;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -12,7 +12,10 @@
 //! - [`manifest`]: [`AgentManifest`] (`desired-state.<id>`), typed
 //!   [`ManifestError`] rejections, spec hashes and the signing input.
 //! - [`status`]: [`AgentStatus`] (`actual-state.<id>`), per-resource
-//!   [`ResourceStatus`], [`Condition`]s and the convergence rule.
+//!   [`ResourceStatus`] and [`Condition`]s.
+//! - [`convergence`]: the one convergence rule — [`convergence::assess`]
+//!   turns a status, a target and the heartbeat's server-time age into the
+//!   [`convergence::State`] an operator sees (ADR 0010). Every reader uses it.
 //! - [`reason`]: [`FailureReason`], the typed codes of resources that are
 //!   not Ready (strings on the wire, so newer codes never break a reader).
 //! - [`inventory`]: [`AgentInventory`] (`agents.<id>`) and [`Heartbeat`].
@@ -24,6 +27,7 @@
 //! `schema` feature derives JSON Schemas (checked in under `docs/schema/`).
 
 pub mod canonical;
+pub mod convergence;
 pub mod deployment;
 pub mod ids;
 pub mod inventory;

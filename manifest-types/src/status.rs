@@ -1,8 +1,9 @@
 //! What an agent reports in `actual-state.<agent-id>`: [`AgentStatus`], one
 //! [`ResourceStatus`] per resource, and Kubernetes-style [`Condition`]s.
 //!
-//! Converged means `manifestGeneration == <desired generation>` and the Ready
-//! condition is true ([`AgentStatus::converged_on`]). Times written here are
+//! Whether a status means converged is decided in one place,
+//! [`crate::convergence::assess`] (ADR 0010); [`AgentStatus::converged_on`]
+//! is that rule for a status just received. Times written here are
 //! informational only (devices may have no RTC); ages are computed from KV
 //! server timestamps.
 
@@ -236,10 +237,25 @@ impl AgentStatus {
         self.condition(t).is_some_and(|c| c.status)
     }
 
-    /// Converged on `generation`: it is the accepted manifest and every
-    /// resource of it is Ready.
+    /// The convergence rule ([`crate::convergence::assess`]) for the whole
+    /// agent on `generation`, for a status the caller has just received (its
+    /// arrival is the liveness proof, so no heartbeat age is consulted): the
+    /// accepted manifest is `generation`, Ready is true, every resource is
+    /// Ready, and no identity conflict is reported. Readers of stored
+    /// statuses call `assess` with the heartbeat's server-time age instead.
     pub fn converged_on(&self, generation: u64) -> bool {
-        self.manifest_generation == generation && self.condition_true(ConditionType::Ready)
+        use crate::convergence::{AgentReport, Target, Thresholds, assess};
+        let report = AgentReport {
+            status: Some(self),
+            heartbeat_age: Some(std::time::Duration::ZERO),
+            heartbeat_conflict: None,
+        };
+        assess(
+            &report,
+            Target::Agent { generation },
+            &Thresholds::default(),
+        )
+        .is_converged()
     }
 
     /// The rejection of `generation` or of anything newer, if any.

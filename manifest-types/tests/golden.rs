@@ -1,6 +1,9 @@
 //! Golden files pin the JSON shape of every wire type: a renamed field or a
 //! changed default fails here before it reaches a fleet. Regenerate with
 //! `UPDATE_GOLDEN=1 cargo test -p manifest-types --all-features` and review the diff.
+//! The comparison always comes first: with `UPDATE_GOLDEN` set, a file that
+//! differs is reported (with its first differing lines), rewritten, and the
+//! test still fails, so a run can never pass by comparing a file with itself.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,17 +18,58 @@ fn golden_path(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Compares `want` with the file at `path`; on a difference reports it and,
+/// only then, rewrites the file when `UPDATE_GOLDEN` is set. Fails on any
+/// difference either way.
+fn compare_then_update(path: &std::path::Path, want: &str) {
+    let current = std::fs::read_to_string(path).ok();
+    if current.as_deref() == Some(want) {
+        return;
+    }
+    let diff = match &current {
+        Some(current) => first_difference(current, want),
+        None => "the file does not exist".to_owned(),
+    };
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, want).unwrap();
+        panic!(
+            "{} differed and was rewritten; review `git diff` and re-run without UPDATE_GOLDEN:\n{diff}",
+            path.display()
+        );
+    }
+    panic!(
+        "{} is stale (regenerate with UPDATE_GOLDEN=1 and review):\n{diff}",
+        path.display()
+    );
+}
+
+/// The first differing line of two texts, with its line number.
+fn first_difference(old: &str, new: &str) -> String {
+    let (mut old_lines, mut new_lines) = (old.lines(), new.lines());
+    for n in 1.. {
+        match (old_lines.next(), new_lines.next()) {
+            (None, None) => break,
+            (a, b) if a == b => continue,
+            (a, b) => {
+                return format!(
+                    "line {n}:\n- {}\n+ {}",
+                    a.unwrap_or("<end of file>"),
+                    b.unwrap_or("<end of file>")
+                );
+            }
+        }
+    }
+    "only the final newline differs".to_owned()
+}
+
 /// Serialises `value`, compares with the golden file, and parses the file back.
 fn check<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(name: &str, value: &T) {
     let path = golden_path(name);
     let mut text = serde_json::to_string_pretty(value).unwrap();
     text.push('\n');
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, &text).unwrap();
-    }
-    let golden = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1)", path.display()));
-    assert_eq!(golden, text, "{name} changed shape; review and regenerate");
+    compare_then_update(&path, &text);
+    let golden = std::fs::read_to_string(&path).unwrap();
     let parsed: T = serde_json::from_str(&golden).unwrap();
     assert_eq!(&parsed, value, "{name} does not round-trip");
 }
@@ -234,12 +278,20 @@ fn json_schemas_are_current() {
         ),
     ] {
         let text = serde_json::to_string_pretty(&schema).unwrap() + "\n";
-        let path = dir.join(name);
-        if std::env::var_os("UPDATE_GOLDEN").is_some() {
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(&path, &text).unwrap();
-        }
-        let current = std::fs::read_to_string(&path).unwrap_or_default();
-        assert_eq!(current, text, "{name} is stale; run with UPDATE_GOLDEN=1");
+        compare_then_update(&dir.join(name), &text);
     }
+}
+
+#[test]
+fn a_stale_golden_file_fails_even_when_updating() {
+    let path = std::env::temp_dir().join(format!("flotilla-golden-{}.json", std::process::id()));
+    std::fs::write(&path, "{\n  \"a\": 1\n}\n").unwrap();
+    // Same text: passes.
+    compare_then_update(&path, "{\n  \"a\": 1\n}\n");
+    // Different text: fails whether or not UPDATE_GOLDEN is set, naming the line.
+    let err = std::panic::catch_unwind(|| compare_then_update(&path, "{\n  \"a\": 2\n}\n"))
+        .expect_err("a changed shape must fail");
+    let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.contains("line 2:\n-   \"a\": 1\n+   \"a\": 2"), "{msg}");
+    std::fs::remove_file(&path).ok();
 }

@@ -5,10 +5,8 @@
 #![allow(dead_code)] // each test file uses a different subset
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
@@ -19,6 +17,8 @@ use manifest_types::{
     ReadyDetails, Rejection, ResourceKind, ResourceState, ResourceStatus, keys,
 };
 use testbed::NatsServer;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 
@@ -85,7 +85,7 @@ impl Env {
     /// The fleet bucket, created as the control plane creates it.
     pub async fn store(&self) -> kv::Store {
         let js = async_nats::jetstream::new(self.server.client().await);
-        flotilla_control::bucket::ensure_bucket(&js, &BucketName::default())
+        flotilla_nats::ensure_bucket(&js, &BucketName::default())
             .await
             .expect("fleet bucket")
     }
@@ -261,6 +261,7 @@ pub fn agent_status(
         ],
         rejection: None,
         released: vec![],
+        removing: vec![],
         agent: AgentBuild {
             version: "0.1.0".into(),
             arch: "aarch64".into(),
@@ -330,33 +331,38 @@ pub fn manifest(
     m
 }
 
-/// A child whose stdout and stderr lines arrive on channels.
+/// A child whose stdout and stderr lines arrive on channels, read by tokio
+/// tasks: waiting on it never blocks the test's runtime.
 pub struct Spawned {
-    pub child: Child,
-    pub stdout: mpsc::Receiver<String>,
-    pub stderr: mpsc::Receiver<String>,
+    pub child: tokio::process::Child,
+    pub stdout: mpsc::UnboundedReceiver<String>,
+    pub stderr: mpsc::UnboundedReceiver<String>,
 }
 
 impl Spawned {
     pub fn start(url: &str, args: &[&str]) -> Self {
-        let mut child = command(url, args)
+        let mut child = tokio::process::Command::from(command(url, args))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .kill_on_drop(true)
             .spawn()
             .expect("spawn flotilla");
-        let lines = |r: Box<dyn std::io::Read + Send>| {
-            let (tx, rx) = mpsc::channel();
-            std::thread::spawn(move || {
-                for line in BufReader::new(r).lines().map_while(Result::ok) {
+        fn lines(
+            r: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+        ) -> mpsc::UnboundedReceiver<String> {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                let mut lines = tokio::io::BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
                     if tx.send(line).is_err() {
                         break;
                     }
                 }
             });
             rx
-        };
-        let stdout = lines(Box::new(child.stdout.take().unwrap()));
-        let stderr = lines(Box::new(child.stderr.take().unwrap()));
+        }
+        let stdout = lines(child.stdout.take().unwrap());
+        let stderr = lines(child.stderr.take().unwrap());
         Self {
             child,
             stdout,
@@ -365,37 +371,33 @@ impl Spawned {
     }
 
     /// The next line containing `needle` (lines before it are skipped).
-    pub fn expect_line(rx: &mpsc::Receiver<String>, needle: &str) -> String {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    pub async fn expect_line(rx: &mut mpsc::UnboundedReceiver<String>, needle: &str) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => continue,
-                Err(e) => panic!("no line containing {needle:?}: {e}"),
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(line)) if line.contains(needle) => return line,
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("no line containing {needle:?}: the output ended"),
+                Err(_) => panic!("no line containing {needle:?} within 20 s"),
             }
         }
+    }
+
+    /// The next line, whatever it is (bounded).
+    pub async fn next_line(rx: &mut mpsc::UnboundedReceiver<String>) -> String {
+        tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("a line within 20 s")
+            .expect("the output has not ended")
     }
 
     /// Waits for exit (bounded) and returns the code.
-    pub fn wait_exit(&mut self) -> i32 {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code().expect("exited normally");
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "flotilla did not exit"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub async fn wait_exit(&mut self) -> i32 {
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("flotilla did not exit within 30 s")
+            .expect("wait for flotilla")
+            .code()
+            .expect("exited normally")
     }
 }

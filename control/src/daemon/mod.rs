@@ -36,7 +36,6 @@ mod reconcile;
 mod state;
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,22 +48,14 @@ use crate::bucket::{BucketError, ensure_bucket};
 pub use metrics::Metrics;
 use state::State;
 
-/// How the control plane authenticates to NATS.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum NatsAuth {
-    #[default]
-    None,
-    /// A credentials file (JWT + nkey seed).
-    Credentials(PathBuf),
-    UserPassword {
-        user: String,
-        password: String,
-    },
-}
+/// How the control plane authenticates to NATS: the one [`flotilla_nats::Auth`]
+/// (precedence creds file > nkey seed file > user/password > none).
+pub use flotilla_nats::Auth as NatsAuth;
 
 /// How the daemon reaches NATS and paces its work.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// One NATS URL or a comma-separated list.
     pub nats_url: String,
     pub bucket: BucketName,
     pub auth: NatsAuth,
@@ -98,18 +89,8 @@ impl Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("cannot read credentials file {path}")]
-    Credentials {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot connect to NATS at {url}")]
-    Connect {
-        url: String,
-        #[source]
-        source: async_nats::ConnectError,
-    },
+    #[error(transparent)]
+    Connect(#[from] flotilla_nats::ConnectError),
     #[error(transparent)]
     Bucket(#[from] BucketError),
 }
@@ -117,30 +98,11 @@ pub enum DaemonError {
 /// Connects, opens (or creates) the fleet bucket, and runs the control loop
 /// until `shutdown` completes. Refuses a bucket without the RePublish rule.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
-    let options = async_nats::ConnectOptions::new().name("flotilla-control");
-    let options = match &config.auth {
-        NatsAuth::None => options,
-        NatsAuth::Credentials(path) => {
-            options
-                .credentials_file(path)
-                .await
-                .map_err(|source| DaemonError::Credentials {
-                    path: path.clone(),
-                    source,
-                })?
-        }
-        NatsAuth::UserPassword { user, password } => {
-            options.user_and_password(user.clone(), password.clone())
-        }
-    };
-    let client = options
-        .connect(config.nats_url.as_str())
-        .await
-        .map_err(|source| DaemonError::Connect {
-            url: config.nats_url.clone(),
-            source,
-        })?;
-    let js = jetstream::new(client);
+    let client =
+        flotilla_nats::Connector::new(&config.nats_url, "flotilla-control", config.auth.clone())
+            .connect()
+            .await?;
+    let js = async_nats::jetstream::new(client);
     let store = ensure_bucket(&js, &config.bucket).await?;
     tracing::info!(nats = %config.nats_url, bucket = %config.bucket, "control plane running");
     run_with_store(js, store, &config, shutdown).await;

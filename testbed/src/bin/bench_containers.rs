@@ -113,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
         .context("docker version")?;
     let server = NatsServer::start();
     let js = async_nats::jetstream::new(server.client().await);
-    let store = flotilla_control::bucket::ensure_bucket(&js, &BucketName::default()).await?;
+    let store = flotilla_nats::ensure_bucket(&js, &BucketName::default()).await?;
     let dir = tempfile::tempdir()?;
     let agent = AgentId::new(format!("bench-ctr-{}", std::process::id()))?;
     let _cleanup = Cleanup::new(&[agent.as_str()]);

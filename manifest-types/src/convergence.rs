@@ -1,0 +1,560 @@
+//! The one convergence rule (docs/adr/0010-one-convergence-rule.md): what an
+//! operator sees for one agent, as a pure function of what was read.
+//!
+//! [`assess`] takes an [`AgentReport`] — the agent's status (if any) and the
+//! age of its last heartbeat measured from server time — a [`Target`] (the
+//! agent's whole desired generation, or one deployment's change) and
+//! [`Thresholds`], and returns a [`Verdict`]: one [`State`] and, where useful,
+//! a typed [`Reason`] whose `Display` is a one-line explanation.
+//! [`Progress`] applies it to every target of a deployment.
+//!
+//! Decided in this order, most urgent first; the first that applies wins:
+//! 1. **Offline / Stale**: the last heartbeat is older than
+//!    [`Thresholds::offline_after`] / [`Thresholds::stale_after`], or there
+//!    is none while a status exists. A status that old says nothing about
+//!    now, whatever it claims.
+//! 2. **Pending**: no status has been reported yet.
+//! 3. **IdentityConflict**: another installation writes this agent's keys.
+//! 4. **Rejected**: the manifest carrying the target (or a newer one) was
+//!    not accepted ([`AgentStatus::rejected_at_or_after`]).
+//! 5. **Converged**: see [`Target`] for what must hold.
+//! 6. **Progressing**: the agent is behind the target generation, or a
+//!    resource is missing, at an older revision, Pending or Reconciling.
+//! 7. **Degraded**: a resource is Failed or Unsupported (or, for the whole
+//!    agent, the Degraded condition is true) on the target generation.
+//!
+//! No I/O and no clock: ages are inputs, measured by the caller from KV
+//! server timestamps.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::deployment::{Deployment, DeploymentStatus};
+use crate::ids::{AgentId, DeploymentName, ResourceId};
+use crate::status::{AgentStatus, ConditionType, Rejection, ResourceState};
+
+/// The agent's default heartbeat period (the agent's `--heartbeat-interval`).
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Heartbeats missed before an agent is [`State::Stale`].
+pub const STALE_AFTER_BEATS: u32 = 3;
+/// Heartbeats missed before an agent is [`State::Offline`].
+pub const OFFLINE_AFTER_BEATS: u32 = 10;
+
+/// Liveness limits on the age of the last heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    /// Older than this: Stale.
+    pub stale_after: Duration,
+    /// Older than this: Offline.
+    pub offline_after: Duration,
+}
+
+impl Thresholds {
+    /// Stale after [`STALE_AFTER_BEATS`] missed beats, Offline after
+    /// [`OFFLINE_AFTER_BEATS`] (heartbeats are jittered by less than one
+    /// period, so three missed beats are never jitter).
+    pub fn from_heartbeat_interval(interval: Duration) -> Self {
+        Self {
+            stale_after: interval * STALE_AFTER_BEATS,
+            offline_after: interval * OFFLINE_AFTER_BEATS,
+        }
+    }
+}
+
+impl Default for Thresholds {
+    /// [`Thresholds::from_heartbeat_interval`] of [`DEFAULT_HEARTBEAT_INTERVAL`]:
+    /// Stale after 45 s, Offline after 150 s.
+    fn default() -> Self {
+        Self::from_heartbeat_interval(DEFAULT_HEARTBEAT_INTERVAL)
+    }
+}
+
+/// What the reader asks about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// The agent as a whole, on the generation of its `desired-state` key
+    /// (0 when it has none: nothing is desired). Converged when
+    /// `manifestGeneration == generation`, the Ready condition is true and
+    /// every reported resource is Ready.
+    Agent { generation: u64 },
+    /// One deployment's change: revision `revision` of deployment `name`,
+    /// carried to this agent by manifest generation `generation`
+    /// (`DeploymentStatus.targets`). `resources` are the ids the deployment
+    /// renders ([`ResourceId::rendered`]); an empty list is a deployment
+    /// that truly has no resources. Converged when the agent has accepted
+    /// `generation` or a later one, and the resources it reports for `name`
+    /// are exactly `resources`, all at `revision` and Ready. Other
+    /// deployments' resources do not hold this one back; a leftover of this
+    /// deployment still being removed does.
+    Deployment {
+        name: &'a DeploymentName,
+        revision: u64,
+        generation: u64,
+        resources: &'a [ResourceId],
+    },
+}
+
+impl Target<'_> {
+    /// The manifest generation that carries the target.
+    pub fn generation(&self) -> u64 {
+        match *self {
+            Self::Agent { generation } | Self::Deployment { generation, .. } => generation,
+        }
+    }
+}
+
+/// What was read about one agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AgentReport<'a> {
+    /// `actual-state.<id>`, decoded; None: absent or unreadable.
+    pub status: Option<&'a AgentStatus>,
+    /// Age of `heartbeat.<id>` by server time (KV timestamp); None: no
+    /// heartbeat has been read.
+    pub heartbeat_age: Option<Duration>,
+    /// The heartbeat's `identityConflict`, when it carries one.
+    pub heartbeat_conflict: Option<&'a str>,
+}
+
+/// The states an operator sees, most urgent first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum State {
+    Offline,
+    Stale,
+    IdentityConflict,
+    Rejected,
+    Degraded,
+    Progressing,
+    Pending,
+    Converged,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Offline => "Offline",
+            Self::Stale => "Stale",
+            Self::IdentityConflict => "IdentityConflict",
+            Self::Rejected => "Rejected",
+            Self::Degraded => "Degraded",
+            Self::Progressing => "Progressing",
+            Self::Pending => "Pending",
+            Self::Converged => "Converged",
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an agent is in its [`State`] (readers branch on these, never on text).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reason {
+    /// The last heartbeat is this old (server time).
+    HeartbeatAge(Duration),
+    /// A status exists but no heartbeat was read.
+    NoHeartbeat,
+    /// `actual-state.<id>` has not been written (or is unreadable).
+    NoStatus,
+    /// Another installation writes this agent's keys.
+    OtherInstance(String),
+    /// The manifest carrying the target was not accepted.
+    Rejected(Rejection),
+    /// The accepted manifest is older than the target generation.
+    BehindGeneration { manifest: u64, target: u64 },
+    /// The accepted manifest is newer than the agent's desired-state key
+    /// (the key was put back or recreated below it).
+    AheadOfDesired { manifest: u64, desired: u64 },
+    /// A resource of the target is not reported at all.
+    ResourceMissing(ResourceId),
+    /// A resource is reported for an older (or other) revision.
+    ResourceAtRevision {
+        id: ResourceId,
+        revision: Option<u64>,
+        want: u64,
+    },
+    /// A resource of this deployment that is no longer desired is still
+    /// reported (its removal has not finished).
+    ResourceLeftOver(ResourceId),
+    /// A resource is not Ready: Pending, Reconciling, Failed or Unsupported.
+    ResourceNotReady {
+        id: ResourceId,
+        state: ResourceState,
+    },
+    /// The agent's Ready condition is false with this reason and message.
+    NotReady { reason: String, message: String },
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::HeartbeatAge(age) => write!(f, "last heartbeat {}s ago", age.as_secs()),
+            Self::NoHeartbeat => f.write_str("no heartbeat read"),
+            Self::NoStatus => f.write_str("no status reported yet"),
+            Self::OtherInstance(m) => write!(f, "identity conflict: {m}"),
+            Self::Rejected(r) => f.write_str(&rejection_line(r)),
+            Self::BehindGeneration { manifest, target } => {
+                write!(f, "on manifest generation {manifest}, waiting for {target}")
+            }
+            Self::AheadOfDesired { manifest, desired } => write!(
+                f,
+                "on manifest generation {manifest}, above the desired generation {desired}"
+            ),
+            Self::ResourceMissing(id) => write!(f, "{id} not reported yet"),
+            Self::ResourceAtRevision { id, revision, want } => match revision {
+                Some(r) => write!(f, "{id} at revision {r}, waiting for {want}"),
+                None => write!(f, "{id} has no source revision, waiting for {want}"),
+            },
+            Self::ResourceLeftOver(id) => write!(f, "{id} is still being removed"),
+            Self::ResourceNotReady { id, state } => {
+                write!(f, "{id} {}", resource_detail(state))
+            }
+            Self::NotReady { reason, message } if reason.is_empty() => {
+                write!(f, "not Ready yet{}", prefixed(message))
+            }
+            Self::NotReady { reason, message } => {
+                write!(f, "not Ready: {reason}{}", prefixed(message))
+            }
+        }
+    }
+}
+
+fn prefixed(message: &str) -> String {
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {message}")
+    }
+}
+
+/// A [`State`] and, where useful, why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub state: State,
+    pub reason: Option<Reason>,
+}
+
+impl Verdict {
+    fn new(state: State, reason: Reason) -> Self {
+        Self {
+            state,
+            reason: Some(reason),
+        }
+    }
+
+    pub fn is_converged(&self) -> bool {
+        self.state == State::Converged
+    }
+
+    /// The reason as one line, empty without one.
+    pub fn detail(&self) -> String {
+        self.reason
+            .as_ref()
+            .map(Reason::to_string)
+            .unwrap_or_default()
+    }
+
+    /// The rejection, when the state is Rejected.
+    pub fn rejection(&self) -> Option<&Rejection> {
+        match &self.reason {
+            Some(Reason::Rejected(r)) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// `reason: message (revision R, generation G)`.
+pub fn rejection_line(r: &Rejection) -> String {
+    let generation = r
+        .generation
+        .map(|g| format!(", generation {g}"))
+        .unwrap_or_default();
+    format!(
+        "{}: {} (revision {}{generation})",
+        r.reason, r.message, r.revision
+    )
+}
+
+/// A resource's state with its reason, for one-line summaries.
+pub fn resource_detail(state: &ResourceState) -> String {
+    match state {
+        ResourceState::Failed {
+            reason, message, ..
+        } => format!("Failed: {reason}: {message}"),
+        ResourceState::Unsupported { reason } => format!("Unsupported: {reason}"),
+        ResourceState::Reconciling { message } if !message.is_empty() => {
+            format!("Reconciling: {message}")
+        }
+        other => other.name().to_owned(),
+    }
+}
+
+/// Where one agent stands (see the module docs for the order of the rules).
+pub fn assess(o: &AgentReport<'_>, target: Target<'_>, thresholds: &Thresholds) -> Verdict {
+    match o.heartbeat_age {
+        Some(age) if age > thresholds.offline_after => {
+            return Verdict::new(State::Offline, Reason::HeartbeatAge(age));
+        }
+        Some(age) if age > thresholds.stale_after => {
+            return Verdict::new(State::Stale, Reason::HeartbeatAge(age));
+        }
+        None if o.status.is_some() => return Verdict::new(State::Stale, Reason::NoHeartbeat),
+        _ => {}
+    }
+    let Some(s) = o.status else {
+        return match o.heartbeat_conflict {
+            Some(m) => Verdict::new(State::IdentityConflict, Reason::OtherInstance(m.into())),
+            None => Verdict::new(State::Pending, Reason::NoStatus),
+        };
+    };
+    if let Some(m) = identity_conflict(s, o.heartbeat_conflict) {
+        return Verdict::new(State::IdentityConflict, Reason::OtherInstance(m));
+    }
+    let generation = target.generation();
+    if let Some(r) = s.rejected_at_or_after(generation) {
+        return Verdict::new(State::Rejected, Reason::Rejected(r.clone()));
+    }
+    if s.manifest_generation < generation {
+        return Verdict::new(
+            State::Progressing,
+            Reason::BehindGeneration {
+                manifest: s.manifest_generation,
+                target: generation,
+            },
+        );
+    }
+    match target {
+        Target::Agent { generation } => agent_verdict(s, generation),
+        Target::Deployment {
+            name,
+            revision,
+            resources,
+            ..
+        } => deployment_verdict(s, name, revision, resources),
+    }
+}
+
+fn identity_conflict(s: &AgentStatus, heartbeat: Option<&str>) -> Option<String> {
+    if let Some(m) = heartbeat {
+        return Some(m.to_owned());
+    }
+    s.condition(ConditionType::IdentityConflict)
+        .filter(|c| c.status)
+        .map(|c| {
+            if c.message.is_empty() {
+                c.reason.clone()
+            } else {
+                c.message.clone()
+            }
+        })
+}
+
+fn agent_verdict(s: &AgentStatus, desired: u64) -> Verdict {
+    if s.manifest_generation > desired {
+        return Verdict::new(
+            State::Progressing,
+            Reason::AheadOfDesired {
+                manifest: s.manifest_generation,
+                desired,
+            },
+        );
+    }
+    if let Some(v) = not_ready(s.resources.iter()) {
+        return v;
+    }
+    if s.condition_true(ConditionType::Ready) {
+        return Verdict {
+            state: State::Converged,
+            reason: None,
+        };
+    }
+    let (reason, message) = s
+        .condition(ConditionType::Ready)
+        .map(|c| (c.reason.clone(), c.message.clone()))
+        .unwrap_or_default();
+    let state = if s.condition_true(ConditionType::Degraded) {
+        State::Degraded
+    } else {
+        State::Progressing
+    };
+    Verdict::new(state, Reason::NotReady { reason, message })
+}
+
+fn deployment_verdict(
+    s: &AgentStatus,
+    name: &DeploymentName,
+    revision: u64,
+    expected: &[ResourceId],
+) -> Verdict {
+    let mut failing = None;
+    let mut progressing = None;
+    for id in expected {
+        let Some(r) = s.resources.get(id) else {
+            progressing.get_or_insert(Reason::ResourceMissing(id.clone()));
+            continue;
+        };
+        if let ResourceState::Failed { .. } | ResourceState::Unsupported { .. } = r.state {
+            failing.get_or_insert(Reason::ResourceNotReady {
+                id: id.clone(),
+                state: r.state.clone(),
+            });
+            continue;
+        }
+        let at = r.source.as_ref().map(|src| src.revision);
+        if at != Some(revision) {
+            progressing.get_or_insert(Reason::ResourceAtRevision {
+                id: id.clone(),
+                revision: at,
+                want: revision,
+            });
+        } else if !r.state.is_ready() {
+            progressing.get_or_insert(Reason::ResourceNotReady {
+                id: id.clone(),
+                state: r.state.clone(),
+            });
+        }
+    }
+    if let Some(reason) = failing {
+        return Verdict::new(State::Degraded, reason);
+    }
+    if let Some(reason) = progressing {
+        return Verdict::new(State::Progressing, reason);
+    }
+    let left_over = s.resources.iter().find(|(id, r)| {
+        !expected.contains(id)
+            && (r.source.as_ref().is_some_and(|src| &src.deployment == name)
+                || id.deployment() == Some(name.as_str()))
+    });
+    if let Some((id, _)) = left_over {
+        return Verdict::new(State::Progressing, Reason::ResourceLeftOver(id.clone()));
+    }
+    Verdict {
+        state: State::Converged,
+        reason: None,
+    }
+}
+
+/// The first not-Ready resource: Failed/Unsupported ones (Degraded) before
+/// Pending/Reconciling ones (Progressing).
+fn not_ready<'a>(
+    resources: impl Iterator<Item = (&'a ResourceId, &'a crate::status::ResourceStatus)>,
+) -> Option<Verdict> {
+    let mut progressing = None;
+    for (id, r) in resources {
+        let reason = || Reason::ResourceNotReady {
+            id: id.clone(),
+            state: r.state.clone(),
+        };
+        match r.state {
+            ResourceState::Ready { .. } => {}
+            ResourceState::Failed { .. } | ResourceState::Unsupported { .. } => {
+                return Some(Verdict::new(State::Degraded, reason()));
+            }
+            ResourceState::Pending | ResourceState::Reconciling { .. } => {
+                progressing.get_or_insert_with(reason);
+            }
+        }
+    }
+    progressing.map(|r| Verdict::new(State::Progressing, r))
+}
+
+/// The resource ids a deployment renders into every manifest it selects.
+pub fn deployment_resources(deployment: &Deployment) -> Vec<ResourceId> {
+    deployment
+        .resources
+        .iter()
+        .map(|r| ResourceId::rendered(&deployment.name, &r.id))
+        .collect()
+}
+
+/// How far one deployment's rendered revision has landed: the [`Verdict`]
+/// of every target agent (`DeploymentStatus.targets`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    pub targets: BTreeMap<AgentId, Verdict>,
+}
+
+impl Progress {
+    /// Assesses every target of `status` (the render results for revision
+    /// `status.observedRevision`). `resources` are the deployment's rendered
+    /// ids ([`deployment_resources`]); a resource the control plane left out
+    /// of an agent's manifest because of a conflict is not expected there.
+    pub fn of<'a>(
+        status: &DeploymentStatus,
+        resources: &[ResourceId],
+        report: impl Fn(&AgentId) -> AgentReport<'a>,
+        thresholds: &Thresholds,
+    ) -> Self {
+        let targets = status
+            .targets
+            .iter()
+            .map(|(agent, &generation)| {
+                let expected: Vec<ResourceId> = resources
+                    .iter()
+                    .filter(|id| {
+                        !status
+                            .conflicts
+                            .iter()
+                            .any(|c| &c.agent == agent && &c.resource == *id)
+                    })
+                    .cloned()
+                    .collect();
+                let target = Target::Deployment {
+                    name: &status.name,
+                    revision: status.observed_revision,
+                    generation,
+                    resources: &expected,
+                };
+                (agent.clone(), assess(&report(agent), target, thresholds))
+            })
+            .collect();
+        Self { targets }
+    }
+
+    pub fn total(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// How many targets are in `state`.
+    pub fn count(&self, state: State) -> usize {
+        self.targets.values().filter(|v| v.state == state).count()
+    }
+
+    pub fn converged(&self) -> usize {
+        self.count(State::Converged)
+    }
+
+    /// Every target that rejected the manifest carrying the revision.
+    pub fn rejected(&self) -> impl Iterator<Item = (&AgentId, &Rejection)> {
+        self.targets
+            .iter()
+            .filter_map(|(a, v)| v.rejection().map(|r| (a, r)))
+    }
+
+    /// Every target not (yet) converged, with its verdict.
+    pub fn not_converged(&self) -> impl Iterator<Item = (&AgentId, &Verdict)> {
+        self.targets.iter().filter(|(_, v)| !v.is_converged())
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.converged() == self.total()
+    }
+
+    /// `hello: 1/2 agents converged on revision 7`
+    pub fn line(&self, deployment: &DeploymentName, revision: u64) -> String {
+        format!(
+            "{deployment}: {}/{} agents converged on revision {revision}",
+            self.converged(),
+            self.total()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,41 @@
+//! # flotilla-nats — the one NATS client layer
+//!
+//! Everything agent, control plane and CLI share about talking to NATS,
+//! defined once (docs/adr/0011-one-nats-client-layer.md). Small on purpose:
+//! async-nats, tokio and the contract crate, nothing heavier, so the agent
+//! can use it without growing.
+//!
+//! ## Tour
+//! - [`auth`]: [`Auth`], one authentication type with one precedence —
+//!   credentials file > nkey seed file > user/password > none
+//!   ([`Auth::pick`]).
+//! - [`connect`]: [`Connector`], the one way to connect: a comma-separated
+//!   server list, the caller's client name, optional inbox prefix (agents
+//!   confine themselves to `_INBOX_<id>`), retry-on-first-connect and event
+//!   callback.
+//! - [`shutdown`]: [`shutdown_signal`], SIGTERM or SIGINT.
+//! - [`bucket`]: the fleet bucket's configuration with its RePublish rule
+//!   (ADR 0002), [`ensure_bucket`] (control plane and `flotilla apply`) and
+//!   [`open_bucket`] (readers; a missing bucket is a typed error).
+//! - [`family`]: [`read_families`] / [`read_keys`] — the current value of a
+//!   whole key family (or of a set of keys) in one ordered consumer with
+//!   `DeliverPolicy::LastPerSubject`, never one request per key, with each
+//!   entry's revision and server timestamp and the server's own clock
+//!   ([`family::Snapshot::server_time`]) for ages.
+//! - [`reports`]: [`AgentReports`] — a snapshot's statuses and heartbeat ages
+//!   as the input of the one convergence rule
+//!   (`manifest_types::convergence::assess`).
+
+pub mod auth;
+pub mod bucket;
+pub mod connect;
+pub mod family;
+pub mod reports;
+pub mod shutdown;
+
+pub use auth::{Auth, AuthError};
+pub use bucket::{BucketError, bucket_config, ensure_bucket, open_bucket, republish_rule};
+pub use connect::{ConnectError, Connector};
+pub use family::{ReadError, Snapshot, read_families, read_family, read_keys};
+pub use reports::AgentReports;
+pub use shutdown::shutdown_signal;

@@ -426,6 +426,14 @@ fn deployment_verdict(
     if let Some(reason) = progressing {
         return Verdict::new(State::Progressing, reason);
     }
+    // A resource this deployment dropped whose removal failed: not done.
+    if let Some(r) = s
+        .removing
+        .iter()
+        .find(|r| !expected.contains(&r.id) && r.id.deployment() == Some(name.as_str()))
+    {
+        return Verdict::new(State::Degraded, Reason::ResourceLeftOver(r.id.clone()));
+    }
     let left_over = s.resources.iter().find(|(id, r)| {
         !expected.contains(id)
             && (r.source.as_ref().is_some_and(|src| &src.deployment == name)

@@ -646,3 +646,28 @@ fn deployment_resources_are_the_rendered_ids() {
     assert_eq!(ids.len(), d.resources.len());
     assert!(ids.iter().all(|i| i.deployment() == Some(d.name.as_str())));
 }
+
+#[test]
+fn a_dropped_resource_whose_removal_failed_is_not_converged() {
+    let mut s = status(4, false, &[("web/motd", 7, ready())]);
+    s.removing.push(crate::RemovingResource {
+        id: rid("web/old"),
+        kind: "Container".into(),
+        reason: crate::FailureReason::DockerUnavailable.into(),
+        message: "engine down".into(),
+        attempts: 1,
+        retry_after_seconds: Some(1),
+    });
+    let v = deployment(Some(&s), 4, 7, &["web/motd"], FRESH);
+    assert_eq!(v.state, State::Degraded, "{v:?}");
+    assert_eq!(v.reason, Some(Reason::ResourceLeftOver(rid("web/old"))));
+    // Another deployment's stuck removal does not hold this one back.
+    s.removing[0].id = rid("db/old");
+    s.conditions.clear();
+    assert_eq!(
+        deployment(Some(&s), 4, 7, &["web/motd"], FRESH).state,
+        State::Converged
+    );
+    // The whole agent is not converged either way.
+    assert_ne!(agent(Some(&s), 4, FRESH).state, State::Converged);
+}

@@ -121,9 +121,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     service::notify_ready();
 
     let mut resets = history.subscribe();
+    let (cache_tx, cache_rx) = watch::channel(None);
+    tasks.spawn(cache_writer(state, cache_rx));
     let mut looper = Loop {
         gate,
-        state,
+        cache: cache_tx,
         board,
         desired_tx,
         last_revision: current.as_ref().map_or(0, |c| c.revision),
@@ -219,10 +221,32 @@ enum Heard {
     Older,
 }
 
+/// Caches each accepted manifest in the state directory, newest first
+/// (a backlog collapses to the latest), with the writes and fsyncs on the
+/// blocking pool: a slow SD card never holds up the event loop or the
+/// watchdog. Should the agent die before a write lands, it starts from the
+/// previous cache and hears of the newer manifest again from NATS.
+async fn cache_writer(state: StateDir, mut accepted: watch::Receiver<Option<CachedManifest>>) {
+    while accepted.changed().await.is_ok() {
+        let Some(m) = accepted.borrow_and_update().clone() else {
+            continue;
+        };
+        let state = state.clone();
+        match tokio::task::spawn_blocking(move || state.save_manifest(&m)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot cache the accepted manifest; converging anyway")
+            }
+            Err(e) => tracing::error!(error = %e, "the manifest cache task failed"),
+        }
+    }
+}
+
 /// State owned by the event loop.
 struct Loop {
     gate: Gate,
-    state: StateDir,
+    /// Accepted manifests to cache; written by [`cache_writer`], off the loop.
+    cache: watch::Sender<Option<CachedManifest>>,
     board: StatusBoard,
     desired_tx: watch::Sender<Option<Arc<manifest_types::AgentManifest>>>,
     current: Option<Accepted>,
@@ -288,9 +312,7 @@ impl Loop {
                     bytes: a.bytes.clone(),
                     revision,
                 };
-                if let Err(e) = self.state.save_manifest(&cached) {
-                    tracing::error!(error = %e, "cannot cache the accepted manifest; converging anyway");
-                }
+                self.cache.send_replace(Some(cached));
                 tracing::info!(
                     generation,
                     revision,

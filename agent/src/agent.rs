@@ -74,7 +74,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
     let reconcilers = Reconcilers::new(state.clone(), &config)?;
-    tasks.spawn(Worker::new(reconcilers, board.clone()).run(desired_rx, resync.clone()));
+    tasks.spawn(
+        Worker::new(reconcilers, board.clone())
+            .with_concurrency(config.reconcile_concurrency)
+            .run(desired_rx, resync.clone()),
+    );
 
     let live = Arc::new(Liveness::default());
     live.beat();

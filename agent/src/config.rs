@@ -35,6 +35,8 @@ pub struct Config {
     /// How long a reconcile waits for a unit's start/stop job before
     /// reporting the unit's state and moving on.
     pub unit_job_timeout: Duration,
+    /// Reconciles in flight at once (at least 1).
+    pub reconcile_concurrency: usize,
 }
 
 /// The device owner's limits on containers. Bind mounts are always limited
@@ -164,6 +166,10 @@ pub struct Args {
     /// How long to wait for a unit's start/stop job, e.g. "90s".
     #[arg(long, env = "FLOTILLA_UNIT_JOB_TIMEOUT")]
     pub unit_job_timeout: Option<String>,
+    /// Resources reconciled at once (default 4); a slow pull or unit job
+    /// occupies one of them, never the others.
+    #[arg(long, env = "FLOTILLA_RECONCILE_CONCURRENCY")]
+    pub reconcile_concurrency: Option<usize>,
 }
 
 /// The config file's shape (every key optional).
@@ -195,6 +201,7 @@ pub struct FileConfig {
     pub unit_dir: Option<PathBuf>,
     pub systemd_bus: Option<String>,
     pub unit_job_timeout: Option<String>,
+    pub reconcile_concurrency: Option<usize>,
 }
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -289,6 +296,11 @@ impl Config {
                 args.unit_job_timeout.or(file.unit_job_timeout),
                 DEFAULT_UNIT_JOB_TIMEOUT,
             )?,
+            reconcile_concurrency: args
+                .reconcile_concurrency
+                .or(file.reconcile_concurrency)
+                .unwrap_or(crate::worker::DEFAULT_CONCURRENCY)
+                .max(1),
         })
     }
 
@@ -314,6 +326,7 @@ impl Config {
             unit_dir: crate::reconcile::systemd::DEFAULT_UNIT_DIR.into(),
             systemd_bus: None,
             unit_job_timeout: DEFAULT_UNIT_JOB_TIMEOUT,
+            reconcile_concurrency: crate::worker::DEFAULT_CONCURRENCY,
         }
     }
 
@@ -419,6 +432,15 @@ mod tests {
         assert_eq!(c.labels.get("site").map(String::as_str), Some("a"));
         assert_eq!(c.file_roots, vec![dir.path().canonicalize().unwrap()]);
         assert_eq!(c.bucket.as_str(), "fleet");
+        assert_eq!(c.reconcile_concurrency, crate::worker::DEFAULT_CONCURRENCY);
+        let c = Config::from_args(args(&[
+            "--config",
+            file.to_str().unwrap(),
+            "--reconcile-concurrency",
+            "0",
+        ]))
+        .unwrap();
+        assert_eq!(c.reconcile_concurrency, 1, "at least one");
     }
 
     #[test]

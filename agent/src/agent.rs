@@ -37,6 +37,12 @@ pub enum AgentError {
         #[source]
         source: async_nats::Error,
     },
+    #[error("the heartbeat bucket beside {bucket} has no valid name")]
+    HeartbeatBucket {
+        bucket: manifest_types::BucketName,
+        #[source]
+        source: manifest_types::IdError,
+    },
 }
 
 /// Runs the agent until `shutdown` resolves.
@@ -80,6 +86,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .run(desired_rx, resync.clone()),
     );
 
+    let heartbeat_bucket = manifest_types::BucketName::new(keys::heartbeat_bucket(&config.bucket))
+        .map_err(|source| AgentError::HeartbeatBucket {
+            bucket: config.bucket.clone(),
+            source,
+        })?;
     let live = Arc::new(Liveness::default());
     live.beat();
     let (epoch_tx, epoch_rx) = watch::channel(0u64);
@@ -108,10 +119,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.resync_interval,
     ));
     tasks.spawn(report::heartbeat(
+        AgentKv::new(
+            client.clone(),
+            heartbeat_bucket.clone(),
+            config.agent_id.clone(),
+        ),
         kv.clone(),
         board.clone(),
         config.heartbeat_interval,
-        history.clone(),
     ));
     tasks.spawn(report::register(
         kv.clone(),

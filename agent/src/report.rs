@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use manifest_types::{AgentInventory, AgentStatus, ApiVersion, ConditionType, Heartbeat, keys};
+use manifest_types::{
+    AgentInventory, AgentStatus, ApiVersion, ConditionType, Heartbeat, HeartbeatSettings, keys,
+};
 use rand::Rng;
 use tokio::sync::watch;
 
@@ -191,22 +193,54 @@ pub async fn status_writer(
     }
 }
 
-/// Publishes `heartbeat.<id>` every `interval` (jittered). Its KV timestamp,
-/// which is server time, is the liveness signal. A beat stored at a lower
-/// revision than the one before means the bucket's history restarted.
-pub async fn heartbeat(
-    kv: AgentKv,
-    board: StatusBoard,
-    interval: Duration,
-    history: HistoryResets,
-) {
-    let key = keys::heartbeat(kv.agent());
+/// Every how many beats the heartbeat reads the fleet's interval setting.
+pub const SETTINGS_EVERY: u64 = 4;
+
+/// The longest interval the fleet setting is obeyed up to.
+pub const MAX_FLEET_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// The interval to beat at: the longer of the agent's own and the fleet's
+/// (capped at [`MAX_FLEET_INTERVAL`]).
+pub fn effective_interval(configured: Duration, fleet: Option<Duration>) -> Duration {
+    fleet.map_or(configured, |f| configured.max(f.min(MAX_FLEET_INTERVAL)))
+}
+
+/// Publishes `heartbeat.<id>` into the heartbeat bucket (`beats`; ADR 0015)
+/// at the longer of `configured` and the fleet's interval setting
+/// (`settings.heartbeat` in the fleet bucket, read every [`SETTINGS_EVERY`]
+/// beats), jittered. Each beat declares the interval until the next one, so
+/// readers judge its liveness by it; a longer interval is declared before it
+/// is waited. Its KV timestamp, which is server time, is the liveness signal.
+pub async fn heartbeat(beats: AgentKv, fleet: AgentKv, board: StatusBoard, configured: Duration) {
+    let key = keys::heartbeat(beats.agent());
     let mut seq = 0u64;
-    let mut last_revision = 0u64;
+    let mut interval = configured;
+    let mut fleet_interval: Option<Duration> = None;
     // The first beat comes soon after start, spread over a second.
     let mut delay = jittered(Duration::from_millis(500));
     loop {
         tokio::time::sleep(delay).await;
+        if seq.is_multiple_of(SETTINGS_EVERY) {
+            match fleet.get(keys::HEARTBEAT_SETTINGS).await {
+                Ok(Some(KvValue::Value { bytes, .. })) => {
+                    match serde_json::from_slice::<HeartbeatSettings>(&bytes) {
+                        Ok(s) => fleet_interval = Some(s.interval()),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "unreadable heartbeat settings; keeping the last")
+                        }
+                    }
+                }
+                Ok(_) => fleet_interval = None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "heartbeat settings not read; keeping the last")
+                }
+            }
+            let next = effective_interval(configured, fleet_interval);
+            if next != interval {
+                tracing::info!(from = ?interval, to = ?next, "heartbeat interval changed by the fleet setting");
+                interval = next;
+            }
+        }
         delay = jittered(interval);
         seq += 1;
         let status = board.current();
@@ -218,16 +252,11 @@ pub async fn heartbeat(
             manifest_generation: status.manifest_generation,
             ready: status.condition_true(ConditionType::Ready),
             identity_conflict: board.identity_conflict(),
+            interval_ms: Some(u64::try_from(interval.as_millis()).unwrap_or(u64::MAX)),
         };
         let bytes = Bytes::from(serde_json::to_vec(&hb).expect("heartbeat serialises"));
-        match tokio::time::timeout(interval, kv.put(&key, bytes)).await {
-            Ok(Ok(revision)) => {
-                tracing::trace!(seq, revision, "heartbeat");
-                if revision < last_revision {
-                    history.restarted("heartbeat");
-                }
-                last_revision = revision;
-            }
+        match tokio::time::timeout(interval, beats.put(&key, bytes)).await {
+            Ok(Ok(revision)) => tracing::trace!(seq, revision, "heartbeat"),
             Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat not delivered"),
             Err(_) => tracing::debug!("heartbeat timed out"),
         }

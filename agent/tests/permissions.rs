@@ -28,8 +28,9 @@ fn agent_identity(id: &str, identity: &str) -> String {
                 "$JS.API.DIRECT.GET.KV_fleet.$KV.fleet.desired-state.{id}",
                 "$JS.API.DIRECT.GET.KV_fleet.$KV.fleet.actual-state.{id}",
                 "$JS.API.DIRECT.GET.KV_fleet.$KV.fleet.agents.{id}",
+                "$JS.API.DIRECT.GET.KV_fleet.$KV.fleet.settings.heartbeat",
                 "$KV.fleet.actual-state.{id}",
-                "$KV.fleet.heartbeat.{id}",
+                "$KV.fleet-heartbeats.heartbeat.{id}",
                 "$KV.fleet.agents.{id}"
             ] }}
             subscribe: {{ allow: ["flotilla.fleet.desired-state.{id}", "_INBOX.{id}.>"] }}
@@ -69,12 +70,13 @@ async fn a_device_user_confined_to_its_own_subjects_runs_the_full_loop() {
     .await;
     wait_status(&store, "pi-7", "converged on 2", |s| s.converged_on(2)).await;
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "two");
-    for key in [
-        keys::heartbeat(&AgentId::new("pi-7").unwrap()),
-        keys::inventory(&AgentId::new("pi-7").unwrap()),
+    let beats = h.heartbeats().await;
+    for (bucket, key) in [
+        (&beats, keys::heartbeat(&AgentId::new("pi-7").unwrap())),
+        (&store, keys::inventory(&AgentId::new("pi-7").unwrap())),
     ] {
         let deadline = tokio::time::Instant::now() + WAIT;
-        while store.entry(&key).await.unwrap().is_none() {
+        while bucket.entry(&key).await.unwrap().is_none() {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "{key} never written under the restricted user"

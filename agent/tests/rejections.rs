@@ -234,8 +234,9 @@ async fn another_installation_writing_the_status_key_is_an_identity_conflict() {
     // new status to write; once the heartbeat reports that generation (and
     // one beat more), the writer has had its chance and declined.
     let hb_key = keys::heartbeat(&AgentId::new("pi-4").unwrap());
+    let beats = h.heartbeats().await;
     let heartbeat = |pred: Box<dyn Fn(&manifest_types::Heartbeat) -> bool>| {
-        let (store, hb_key) = (store.clone(), hb_key.clone());
+        let (store, hb_key) = (beats.clone(), hb_key.clone());
         async move {
             let deadline = tokio::time::Instant::now() + WAIT;
             loop {

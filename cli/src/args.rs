@@ -23,7 +23,9 @@ Exit codes:
   4  rejected: an agent rejected the manifest, or flotilla-control reported the
      deployment invalid (apply --wait)
   5  timeout (apply --wait)
-  6  not found";
+  6  not found
+  7  offline: every target converged except some that are Offline (apply
+     --wait); they converge on their own when they come back";
 
 #[derive(Debug, Parser)]
 #[command(name = "flotilla", version, about = "The Flotilla operator CLI", long_about = LONG_ABOUT)]
@@ -71,16 +73,30 @@ pub struct GlobalArgs {
         hide_env_values = true
     )]
     pub nats_password: Option<String>,
-    /// The agents' heartbeat period: an agent is Stale after 3 missed
-    /// heartbeats and Offline after 10 (ADR 0010).
+    /// The heartbeat period assumed for agents whose heartbeat does not
+    /// declare one (older agents). Every agent is Stale after 3 missed
+    /// heartbeats and Offline after 10 of its own interval (ADR 0010, 0015),
+    /// unless --stale-after / --offline-after fix the limits.
     #[arg(long, global = true, env = "FLOTILLA_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration, default_value = "15s")]
     pub heartbeat_interval: Duration,
+    /// Fixed age of the last heartbeat (server time) after which an agent is
+    /// Stale, whatever interval it declares.
+    #[arg(long, global = true, env = "FLOTILLA_STALE_AFTER", value_parser = humantime::parse_duration)]
+    pub stale_after: Option<Duration>,
+    /// Fixed age of the last heartbeat (server time) after which an agent is
+    /// Offline, whatever interval it declares.
+    #[arg(long, global = true, env = "FLOTILLA_OFFLINE_AFTER", value_parser = humantime::parse_duration)]
+    pub offline_after: Option<Duration>,
 }
 
 impl GlobalArgs {
-    /// Liveness thresholds from `--heartbeat-interval`.
+    /// Liveness thresholds: the flags, else each agent's declared interval.
     pub fn thresholds(&self) -> manifest_types::convergence::Thresholds {
-        manifest_types::convergence::Thresholds::from_heartbeat_interval(self.heartbeat_interval)
+        manifest_types::convergence::Thresholds {
+            stale_after: self.stale_after,
+            offline_after: self.offline_after,
+            assumed_interval: self.heartbeat_interval,
+        }
     }
 }
 
@@ -113,6 +129,42 @@ pub enum Command {
     /// Print one line per change of agent status, inventory, deployments and
     /// deployment status, until Ctrl-C.
     Watch,
+    /// Show or change one agent's per-device values (`values.<id>`), which
+    /// deployments reference as `${values.<key>}` (docs/adr/0014).
+    Values(ValuesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ValuesArgs {
+    #[command(subcommand)]
+    pub action: ValuesAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ValuesAction {
+    /// Print the agent's values.
+    Get { agent: AgentId },
+    /// Set values: `key=value` pairs (an empty value is a value; use `unset`
+    /// to remove a key).
+    Set {
+        agent: AgentId,
+        #[arg(required = true, value_parser = parse_pair, value_name = "KEY=VALUE")]
+        pairs: Vec<(String, String)>,
+    },
+    /// Remove keys.
+    Unset {
+        agent: AgentId,
+        #[arg(required = true, value_name = "KEY")]
+        keys: Vec<String>,
+    },
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    manifest_types::template::validate_value(k, v)?;
+    Ok((k.to_owned(), v.to_owned()))
 }
 
 #[derive(Debug, Args)]

@@ -119,6 +119,17 @@ pub fn render_agent(a: &AgentView) -> String {
         d => format!("{} ({d})", a.verdict.state),
     };
     field(&mut out, "Status", status);
+    let every = a
+        .heartbeat
+        .as_ref()
+        .and_then(|h| h.value.interval())
+        .map(|i| format!(", heartbeat every {}", output::age(i)))
+        .unwrap_or_default();
+    field(
+        &mut out,
+        "Liveness",
+        format!("{}{every}", a.verdict.liveness),
+    );
     let hb = a
         .heartbeat
         .as_ref()
@@ -358,13 +369,14 @@ pub fn render_deployment(d: &DeploymentView, progress: Option<&Progress>) -> Str
         }
     }
     if let (Some(s), Some(p)) = (d.current_status(), progress) {
-        let mut t = Table::new(["AGENT", "GENERATION", "STATE", "DETAIL"]);
+        let mut t = Table::new(["AGENT", "GENERATION", "STATE", "LIVENESS", "DETAIL"]);
         for (agent, verdict) in &p.targets {
             let generation = s.targets.get(agent).copied().unwrap_or_default();
             t.row([
                 agent.to_string(),
                 generation.to_string(),
                 verdict.state.as_str().to_owned(),
+                verdict.liveness.as_str().to_owned(),
                 verdict.detail(),
             ]);
         }
@@ -392,6 +404,21 @@ pub fn render_deployment(d: &DeploymentView, progress: Option<&Progress>) -> Str
             section(
                 &mut out,
                 "Conflicts (left out of these agents' manifests)",
+                &t,
+            );
+        }
+        let mut t = Table::new(["AGENT", "RESOURCE", "WHY"]);
+        for f in &s.render_failures {
+            t.row([
+                f.agent.to_string(),
+                f.resource.to_string(),
+                f.message.clone(),
+            ]);
+        }
+        if !t.is_empty() {
+            section(
+                &mut out,
+                "Not rendered (these agents keep their last render of this deployment)",
                 &t,
             );
         }

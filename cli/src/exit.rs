@@ -9,6 +9,7 @@
 //! | 4 | rejected: an agent rejected the manifest, or the control plane reported the deployment invalid (`--wait`) |
 //! | 5 | timeout (`--wait`) |
 //! | 6 | not found |
+//! | 7 | offline: every target converged except some that are Offline (`--wait`); they converge when they return |
 
 use std::time::Duration;
 
@@ -26,6 +27,9 @@ pub const REJECTED: u8 = 4;
 pub const TIMEOUT: u8 = 5;
 /// Exit code for a deployment or agent that does not exist.
 pub const NOT_FOUND: u8 = 6;
+/// Exit code for a wait that ended with every live target converged and
+/// some targets Offline.
+pub const OFFLINE: u8 = 7;
 
 /// Everything a command can fail with. `Display` is the one-line message
 /// printed to stderr; [`CliError::exit_code`] is the process exit code.
@@ -76,6 +80,10 @@ pub enum CliError {
 
     #[error("{0}")]
     NotFound(String),
+
+    /// Every target converged but these, which are Offline.
+    #[error("{0}")]
+    Offline(String),
 }
 
 impl CliError {
@@ -89,6 +97,7 @@ impl CliError {
             Self::Rejected(_) => REJECTED,
             Self::Timeout { .. } => TIMEOUT,
             Self::NotFound(_) => NOT_FOUND,
+            Self::Offline(_) => OFFLINE,
         }
     }
 
@@ -141,6 +150,7 @@ mod tests {
             "timed out after 1m: 1/2 agents converged"
         );
         assert_eq!(CliError::NotFound("x".into()).exit_code(), 6);
+        assert_eq!(CliError::Offline("x".into()).exit_code(), 7);
         let no_bucket = CliError::NoBucket {
             bucket: "fleet".into(),
             url: "nats://h:4222".into(),

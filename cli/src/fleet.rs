@@ -101,6 +101,8 @@ impl AgentView {
                 heartbeat_conflict: heartbeat
                     .as_ref()
                     .and_then(|h| h.value.identity_conflict.as_deref()),
+                heartbeat_interval: heartbeat.as_ref().and_then(|h| h.value.interval()),
+                status_age: written(e.status).map(age),
             },
             Target::Agent {
                 generation: desired.as_ref().map_or(0, |d| d.value.generation),
@@ -163,6 +165,12 @@ impl AgentView {
         AgentDoc {
             agent_id: &self.id,
             state: self.verdict.state.as_str(),
+            liveness: self.verdict.liveness.as_str(),
+            heartbeat_interval_seconds: self
+                .heartbeat
+                .as_ref()
+                .and_then(|h| h.value.interval())
+                .map(|i| i.as_secs_f64()),
             reason: self.verdict.detail(),
             last_seen: self.last_seen.map(output::rfc3339),
             last_seen_seconds_ago: self.last_seen_age.map(|a| a.as_secs()),
@@ -187,6 +195,11 @@ pub struct AgentDoc<'a> {
     pub agent_id: &'a AgentId,
     /// The convergence rule's state (ADR 0010).
     pub state: &'static str,
+    /// Online / Stale / Offline, from the heartbeat's server-time age.
+    pub liveness: &'static str,
+    /// The interval the agent's last heartbeat declared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interval_seconds: Option<f64>,
     /// Why, in one line (empty when Converged).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub reason: String,
@@ -356,6 +369,8 @@ pub struct DeploymentDoc<'a> {
 pub struct TargetDoc {
     /// The convergence rule's state (ADR 0010).
     pub state: &'static str,
+    /// Online / Stale / Offline, from the heartbeat's server-time age.
+    pub liveness: &'static str,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub detail: String,
 }
@@ -378,6 +393,7 @@ impl DeploymentView {
                                 a,
                                 TargetDoc {
                                     state: v.state.as_str(),
+                                    liveness: v.liveness.as_str(),
                                     detail: v.detail(),
                                 },
                             )

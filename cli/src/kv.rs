@@ -12,7 +12,8 @@ use std::time::SystemTime;
 use async_nats::jetstream::{self, kv};
 use flotilla_nats::{Auth, BucketError, Connector};
 use manifest_types::{
-    AgentInventory, AgentManifest, AgentStatus, Deployment, DeploymentStatus, Heartbeat,
+    AgentInventory, AgentManifest, AgentStatus, AgentValues, Deployment, DeploymentStatus,
+    Heartbeat, keys,
 };
 
 use crate::args::GlobalArgs;
@@ -24,6 +25,8 @@ pub use flotilla_nats::Snapshot;
 #[derive(Debug, Clone)]
 pub struct Fleet {
     pub store: kv::Store,
+    /// Where heartbeats live (docs/adr/0015).
+    pub heartbeats: kv::Store,
     pub url: String,
 }
 
@@ -49,9 +52,16 @@ impl Fleet {
     /// Opens an existing bucket; a missing one is [`CliError::NoBucket`].
     pub async fn open(g: &GlobalArgs) -> Result<Self, CliError> {
         let js = connect(g).await?;
-        match flotilla_nats::open_bucket(&js, &g.bucket).await {
-            Ok(store) => Ok(Self {
+        let opened = async {
+            Ok::<_, BucketError>((
+                flotilla_nats::open_bucket(&js, &g.bucket).await?,
+                flotilla_nats::open_heartbeat_bucket(&js, &g.bucket).await?,
+            ))
+        };
+        match opened.await {
+            Ok((store, heartbeats)) => Ok(Self {
                 store,
+                heartbeats,
                 url: g.nats_url.clone(),
             }),
             Err(BucketError::Missing { .. }) => Err(CliError::NoBucket {
@@ -65,14 +75,20 @@ impl Fleet {
         }
     }
 
-    /// Opens the bucket, creating it (with its RePublish rule) if missing.
+    /// Opens the bucket, creating it (with its RePublish rule) if missing,
+    /// and the heartbeat bucket beside it.
     pub async fn open_or_create(g: &GlobalArgs) -> Result<Self, CliError> {
         let js = connect(g).await?;
+        let failed = |e| CliError::nats(format!("bucket {} at {}", g.bucket, g.nats_url), e);
         let store = flotilla_nats::ensure_bucket(&js, &g.bucket)
             .await
-            .map_err(|e| CliError::nats(format!("bucket {} at {}", g.bucket, g.nats_url), e))?;
+            .map_err(failed)?;
+        let heartbeats = flotilla_nats::open_heartbeat_bucket(&js, &g.bucket)
+            .await
+            .map_err(failed)?;
         Ok(Self {
             store,
+            heartbeats,
             url: g.nats_url.clone(),
         })
     }
@@ -107,17 +123,39 @@ impl Fleet {
 
     /// The live entries of every key in the given families (`agents`,
     /// `actual-state`, …) in one read, with the server's clock.
+    /// Heartbeats come from their own bucket, merged in.
     pub async fn snapshot(&self, families: &[&str]) -> Result<Snapshot, CliError> {
-        flotilla_nats::read_families(&self.store, families)
-            .await
-            .map_err(|e| CliError::nats("cannot read the fleet", e))
+        let filters: Vec<String> = families.iter().map(|f| keys::all(f)).collect();
+        self.snapshot_keys(&filters).await
     }
 
-    /// The live entries of the named keys in one read, with the server's clock.
-    pub async fn snapshot_keys(&self, keys: &[String]) -> Result<Snapshot, CliError> {
-        flotilla_nats::read_keys(&self.store, keys)
-            .await
-            .map_err(|e| CliError::nats("cannot read the fleet", e))
+    /// The live entries of the named keys (or wildcards) in one read per
+    /// bucket, with the server's clock.
+    pub async fn snapshot_keys(&self, filters: &[String]) -> Result<Snapshot, CliError> {
+        let failed = |e| CliError::nats("cannot read the fleet", e);
+        let (beats, rest): (Vec<String>, Vec<String>) = filters
+            .iter()
+            .cloned()
+            .partition(|k| k.starts_with(&format!("{}.", keys::HEARTBEAT)));
+        let mut snap = Snapshot {
+            entries: Default::default(),
+            server_time: SystemTime::UNIX_EPOCH,
+        };
+        if !rest.is_empty() {
+            snap = snap.merge(
+                flotilla_nats::read_keys(&self.store, &rest)
+                    .await
+                    .map_err(failed)?,
+            );
+        }
+        if !beats.is_empty() {
+            snap = snap.merge(
+                flotilla_nats::read_keys(&self.heartbeats, &beats)
+                    .await
+                    .map_err(failed)?,
+            );
+        }
+        Ok(snap)
     }
 }
 
@@ -172,4 +210,10 @@ macro_rules! serde_decode {
         }
     )*};
 }
-serde_decode!(AgentStatus, AgentInventory, Heartbeat, DeploymentStatus);
+serde_decode!(
+    AgentStatus,
+    AgentInventory,
+    Heartbeat,
+    DeploymentStatus,
+    AgentValues
+);

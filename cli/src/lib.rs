@@ -19,6 +19,8 @@
 //!   convergence rule's, `manifest_types::convergence::assess` (ADR 0010);
 //!   `--heartbeat-interval` sets its liveness thresholds.
 //! - `delete deployment NAME` ([`delete`]), `watch` ([`watch`]).
+//! - `values get|set|unset AGENT` ([`values`]): the operator's per-agent
+//!   values (`values.<id>`) that deployments reference as `${values.k}`.
 //! - Global: `-o table|json|yaml` ([`output`]), `--nats-url`
 //!   (`FLOTILLA_NATS_URL`, a comma-separated list), `--bucket`
 //!   (`FLOTILLA_BUCKET`), and one authentication with the precedence of
@@ -36,6 +38,7 @@
 //! | 4 | rejected: an agent rejected the manifest, or flotilla-control reported the deployment invalid (`apply --wait`) |
 //! | 5 | timeout (`apply --wait`) |
 //! | 6 | not found |
+//! | 7 | offline: every target converged except some that are Offline (`apply --wait`) |
 
 pub mod apply;
 pub mod args;
@@ -46,6 +49,7 @@ pub mod fleet;
 pub mod get;
 pub mod kv;
 pub mod output;
+pub mod values;
 pub mod wait;
 pub mod watch;
 
@@ -62,5 +66,6 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Describe { what } => describe::run(g, what).await,
         Command::Delete { what } => delete::run(g, what).await,
         Command::Watch => watch::run(g).await,
+        Command::Values(v) => values::run(g, &v.action).await,
     }
 }

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use flotilla_nats::AgentReports;
-use manifest_types::convergence::{self, Progress, Thresholds, rejection_line};
+use manifest_types::convergence::{self, Progress, State, Thresholds, rejection_line};
 use manifest_types::{AgentId, Deployment, DeploymentName, DeploymentStatus, keys};
 use tokio::time::Instant;
 
@@ -137,17 +137,66 @@ pub async fn wait(
                 r.message
             )));
         }
+        if !status.render_failures.is_empty() {
+            for f in &status.render_failures {
+                out.line(&format!(
+                    "  {}: cannot render {}: {}",
+                    f.agent, f.resource, f.message
+                ));
+            }
+            let f = &status.render_failures[0];
+            return Err(CliError::Rejected(format!(
+                "{name}: revision {} cannot be rendered for {} of {} agents (they keep their last render); first: {}: {}",
+                status.observed_revision,
+                status.render_failures.len(),
+                progress.total(),
+                f.agent,
+                f.message
+            )));
+        }
+        let offline: Vec<_> = progress
+            .targets
+            .iter()
+            .filter(|(_, v)| v.state == State::Offline)
+            .collect();
         let now = (
             progress.converged(),
             progress.total(),
             status.observed_revision,
         );
         if last_line != Some(now) {
-            out.line(&progress.line(name, status.observed_revision));
+            let mut line = progress.line(name, status.observed_revision);
+            if !offline.is_empty() {
+                line.push_str(&format!(", {} offline", offline.len()));
+            }
+            out.line(&line);
             last_line = Some(now);
         }
         if progress.is_done() {
             return Ok(());
+        }
+        // Offline targets are reported, not waited on: they converge on their
+        // own when they come back.
+        if !offline.is_empty() && progress.converged() + offline.len() == progress.total() {
+            for (agent, v) in &offline {
+                out.line(&format!(
+                    "  {agent} is Offline ({}); it converges when it returns",
+                    v.detail()
+                ));
+            }
+            return Err(CliError::Offline(format!(
+                "{name}: {}/{} agents converged on revision {}; {} Offline: {}",
+                progress.converged(),
+                progress.total(),
+                status.observed_revision,
+                offline.len(),
+                offline
+                    .iter()
+                    .take(PENDING_SHOWN)
+                    .map(|(a, _)| a.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
         }
         if Instant::now() >= deadline {
             let pending: Vec<String> = progress

@@ -4,13 +4,21 @@
 //! One KV watch (an ordered consumer, new updates only) over the four key
 //! families. A watch recreates its consumer after a server restart, so an
 //! error item is reported and the loop goes on.
+//!
+//! Heartbeats are watched too, but not printed: a line appears when an
+//! agent's liveness changes (Online → Stale → Offline, and back), judged by
+//! server time as everywhere else.
 
+use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use async_nats::jetstream::kv;
 use futures::StreamExt;
+use manifest_types::convergence::{Liveness, Thresholds};
 use manifest_types::keys::{self, Key};
-use manifest_types::{AgentInventory, AgentStatus, Deployment, DeploymentStatus};
+use manifest_types::{
+    AgentId, AgentInventory, AgentStatus, Deployment, DeploymentStatus, Heartbeat,
+};
 use serde::Serialize;
 
 use crate::args::{Format, GlobalArgs};
@@ -35,12 +43,22 @@ pub async fn run(g: &GlobalArgs) -> Result<(), CliError> {
         .watch_many(WATCHED.map(keys::all))
         .await
         .map_err(|e| CliError::nats("cannot start the watch", e))?;
+    // Heartbeats are followed quietly, from their current values: only a
+    // change of an agent's liveness is printed.
+    let mut beats = fleet
+        .heartbeats
+        .watch_with_history(keys::all(keys::HEARTBEAT))
+        .await
+        .map_err(|e| CliError::nats("cannot watch heartbeats", e))?;
     eprintln!(
-        "watching {} in bucket {} at {} (Ctrl-C to stop)",
+        "watching {} in bucket {} and liveness at {} (Ctrl-C to stop)",
         WATCHED.map(keys::all).join(", "),
         fleet.store.name,
         fleet.url
     );
+    let thresholds = g.thresholds();
+    let mut liveness = LivenessWatch::default();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
@@ -48,14 +66,143 @@ pub async fn run(g: &GlobalArgs) -> Result<(), CliError> {
             // Cancel-safe: nothing is in flight between items.
             _ = &mut ctrl_c => return Ok(()),
             item = watch.next() => match item {
-                Some(Ok(entry)) => println!("{}", line(g.output, &entry)),
+                Some(Ok(entry)) => {
+                    liveness.seen(&entry);
+                    println!("{}", line(g.output, &entry));
+                }
                 Some(Err(e)) => eprintln!("warning: watch: {e}"),
                 None => return Err(CliError::nats(
                     "the watch ended",
                     std::io::Error::other("consumer closed"),
                 )),
             },
+            // Cancel-safe: as above.
+            Some(item) = beats.next() => match item {
+                Ok(entry) => liveness.beat(&entry),
+                Err(e) => eprintln!("warning: heartbeat watch: {e}"),
+            },
+            // Cancel-safe: a timer.
+            _ = tick.tick() => {
+                for change in liveness.changes(&thresholds) {
+                    println!("{}", change.line(g.output));
+                }
+            }
         }
+    }
+}
+
+/// Each agent's last heartbeat by server time, and the liveness last shown.
+/// "Now" in server time is the newest server timestamp received plus the
+/// time this process has waited since (its monotonic clock, not its
+/// calendar), so an agent whose heartbeats stop goes Stale, then Offline,
+/// without anything being written.
+#[derive(Default)]
+struct LivenessWatch {
+    agents: BTreeMap<AgentId, Beat>,
+    /// The newest server timestamp seen, and when it arrived here.
+    clock: Option<(SystemTime, tokio::time::Instant)>,
+}
+
+struct Beat {
+    at: SystemTime,
+    interval: Option<std::time::Duration>,
+    shown: Option<Liveness>,
+}
+
+struct LivenessChange {
+    agent: AgentId,
+    from: Option<Liveness>,
+    to: Liveness,
+    age: std::time::Duration,
+    now: SystemTime,
+}
+
+impl LivenessWatch {
+    fn seen(&mut self, e: &kv::Entry) {
+        let t = SystemTime::from(e.created);
+        if self.clock.is_none_or(|(c, _)| t > c) {
+            self.clock = Some((t, tokio::time::Instant::now()));
+        }
+    }
+
+    fn beat(&mut self, e: &kv::Entry) {
+        self.seen(e);
+        let Some(Key::Heartbeat(agent)) = Key::parse(&e.key) else {
+            return;
+        };
+        if e.operation != kv::Operation::Put {
+            return;
+        }
+        let interval = serde_json::from_slice::<Heartbeat>(&e.value)
+            .ok()
+            .and_then(|h| h.interval());
+        let at = SystemTime::from(e.created);
+        let b = self.agents.entry(agent).or_insert(Beat {
+            at,
+            interval,
+            shown: None,
+        });
+        b.at = b.at.max(at);
+        b.interval = interval;
+    }
+
+    fn now(&self) -> Option<SystemTime> {
+        self.clock.map(|(t, at)| t + at.elapsed())
+    }
+
+    /// Agents whose liveness changed since last shown (the first verdict of
+    /// each agent is recorded, not shown).
+    fn changes(&mut self, thresholds: &Thresholds) -> Vec<LivenessChange> {
+        let Some(now) = self.now() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (agent, b) in &mut self.agents {
+            let age = now.duration_since(b.at).unwrap_or_default();
+            let (to, _) = convergence::liveness(
+                &AgentReport {
+                    heartbeat_age: Some(age),
+                    heartbeat_interval: b.interval,
+                    ..AgentReport::default()
+                },
+                thresholds,
+            );
+            match b.shown.replace(to) {
+                None => {}
+                Some(from) if from == to => {}
+                from => out.push(LivenessChange {
+                    agent: agent.clone(),
+                    from,
+                    to,
+                    age,
+                    now,
+                }),
+            }
+        }
+        out
+    }
+}
+
+impl LivenessChange {
+    fn line(&self, format: Format) -> String {
+        let time = output::rfc3339(self.now);
+        let key = keys::heartbeat(&self.agent);
+        if format != Format::Table {
+            return serde_json::json!({
+                "time": time, "key": key, "agent": self.agent,
+                "liveness": self.to.as_str(),
+                "previous": self.from.map(Liveness::as_str),
+                "heartbeatAgeSeconds": self.age.as_secs(),
+            })
+            .to_string();
+        }
+        let clock = time.get(11..19).unwrap_or(&time);
+        format!(
+            "{clock}  {key}: {} -> {} (last heartbeat {} ago)",
+            self.from.map_or("-", Liveness::as_str),
+            self.to,
+            output::age(self.age)
+        )
     }
 }
 
@@ -115,7 +262,7 @@ pub fn summary(key: &str, bytes: &[u8]) -> String {
                 &AgentReport {
                     status: Some(&s),
                     heartbeat_age: Some(std::time::Duration::ZERO),
-                    heartbeat_conflict: None,
+                    ..AgentReport::default()
                 },
                 Target::Agent {
                     generation: s.observed_generation,

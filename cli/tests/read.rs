@@ -22,6 +22,7 @@ async fn seeded() -> Seeded {
     let run = env.run(&["apply", "-f", path(&hello_yaml())]);
     assert_eq!(run.code, 0, "{run:?}");
     let store = env.store().await;
+    let beats = env.beats().await;
     let (d, rev) = stored_deployment(&store, "hello").await.unwrap();
     for (id, role) in [("pi-1", "kiosk"), ("pi-2", "kiosk"), ("pi-3", "sensor")] {
         let a = agent(id);
@@ -31,7 +32,7 @@ async fn seeded() -> Seeded {
             &inventory(id, &[("role", role)]),
         )
         .await;
-        put_json(&store, &keys::heartbeat(&a), &heartbeat(id, 4)).await;
+        put_json(&beats, &keys::heartbeat(&a), &heartbeat(id, 4)).await;
     }
     for id in ["pi-1", "pi-2"] {
         put_json(
@@ -44,7 +45,7 @@ async fn seeded() -> Seeded {
     // pi-3's key is also written by another installation.
     let mut hb = heartbeat("pi-3", 4);
     hb.identity_conflict = Some("other-installation".into());
-    put_json(&store, &keys::heartbeat(&agent("pi-3")), &hb).await;
+    put_json(&beats, &keys::heartbeat(&agent("pi-3")), &hb).await;
     put_json(
         &store,
         &keys::actual_state(&agent("pi-1")),
@@ -335,7 +336,7 @@ async fn watch_prints_one_line_per_change_until_interrupted() {
 
     // Heartbeats are not shown: the next line is the inventory.
     put_json(
-        &store,
+        &env.beats().await,
         &keys::heartbeat(&agent("pi-1")),
         &heartbeat("pi-1", 4),
     )
@@ -438,7 +439,7 @@ async fn an_agent_whose_heartbeat_ages_turns_stale_then_offline() {
     assert!(seen.contains(&"Stale".to_owned()), "{seen:?}");
     // A fresh heartbeat makes it live again.
     put_json(
-        &s.env.store().await,
+        &s.env.beats().await,
         &keys::heartbeat(&agent("pi-1")),
         &heartbeat("pi-1", 4),
     )

@@ -25,12 +25,13 @@ fn actual(id: &str) -> String {
 
 /// What a live agent writes: a fresh heartbeat, then its status.
 async fn report(
+    env: &Env,
     store: &async_nats::jetstream::kv::Store,
     id: &str,
     status: &manifest_types::AgentStatus,
 ) {
     put_json(
-        store,
+        &env.beats().await,
         &keys::heartbeat(&agent(id)),
         &heartbeat(id, status.manifest_generation),
     )
@@ -48,12 +49,18 @@ async fn converged_targets_exit_0() {
         &deployment_status("hello", rev, &[("pi-1", 4), ("pi-2", 9)]),
     )
     .await;
-    report(&store, "pi-1", &agent_status("pi-1", 4, true, &d, rev)).await;
+    report(
+        &env,
+        &store,
+        "pi-1",
+        &agent_status("pi-1", 4, true, &d, rev),
+    )
+    .await;
     // pi-2 has moved past its generation; this deployment's resources are Ready
     // even though the agent as a whole is not (another deployment failing).
     let mut past = agent_status("pi-2", 11, true, &d, rev);
     past.conditions[0].status = false;
-    report(&store, "pi-2", &past).await;
+    report(&env, &store, "pi-2", &past).await;
 
     let run = env.run(&[
         "apply",
@@ -86,8 +93,15 @@ async fn a_rejection_exits_4_naming_agent_and_reason() {
         &deployment_status("hello", rev, &[("pi-1", 4), ("pi-2", 4)]),
     )
     .await;
-    report(&store, "pi-1", &agent_status("pi-1", 4, true, &d, rev)).await;
     report(
+        &env,
+        &store,
+        "pi-1",
+        &agent_status("pi-1", 4, true, &d, rev),
+    )
+    .await;
+    report(
+        &env,
         &store,
         "pi-2",
         &rejected(agent_status("pi-2", 3, true, &d, rev - 1), 4),
@@ -126,8 +140,20 @@ async fn nothing_converging_times_out_with_exit_5() {
         &deployment_status("hello", rev, &[("pi-1", 4), ("pi-2", 4)]),
     )
     .await;
-    report(&store, "pi-1", &agent_status("pi-1", 3, true, &d, rev - 1)).await;
-    report(&store, "pi-2", &agent_status("pi-2", 4, false, &d, rev)).await;
+    report(
+        &env,
+        &store,
+        "pi-1",
+        &agent_status("pi-1", 3, true, &d, rev - 1),
+    )
+    .await;
+    report(
+        &env,
+        &store,
+        "pi-2",
+        &agent_status("pi-2", 4, false, &d, rev),
+    )
+    .await;
 
     let started = std::time::Instant::now();
     let run = env.run(&[
@@ -276,14 +302,26 @@ async fn waits_while_the_fleet_catches_up_and_reports_each_step() {
     )
     .await;
 
-    report(&store, "pi-1", &agent_status("pi-1", 2, true, &d, rev)).await;
+    report(
+        &env,
+        &store,
+        "pi-1",
+        &agent_status("pi-1", 2, true, &d, rev),
+    )
+    .await;
     Spawned::expect_line(
         &mut wait.stdout,
         &format!("hello: 1/2 agents converged on revision {rev}"),
     )
     .await;
 
-    report(&store, "pi-2", &agent_status("pi-2", 2, true, &d, rev)).await;
+    report(
+        &env,
+        &store,
+        "pi-2",
+        &agent_status("pi-2", 2, true, &d, rev),
+    )
+    .await;
     Spawned::expect_line(
         &mut wait.stdout,
         &format!("hello: 2/2 agents converged on revision {rev}"),
@@ -302,7 +340,13 @@ async fn a_deletion_by_someone_else_ends_the_wait_as_a_conflict() {
         &deployment_status("hello", rev, &[("pi-1", 2)]),
     )
     .await;
-    report(&store, "pi-1", &agent_status("pi-1", 1, true, &d, rev)).await;
+    report(
+        &env,
+        &store,
+        "pi-1",
+        &agent_status("pi-1", 1, true, &d, rev),
+    )
+    .await;
     let mut wait = Spawned::start(
         &env.url(),
         &[
@@ -365,7 +409,13 @@ async fn a_converged_status_without_a_live_heartbeat_does_not_count() {
         "{run:?}"
     );
     // The same status with a fresh heartbeat converges.
-    report(&store, "pi-1", &agent_status("pi-1", 4, true, &d, rev)).await;
+    report(
+        &env,
+        &store,
+        "pi-1",
+        &agent_status("pi-1", 4, true, &d, rev),
+    )
+    .await;
     let run = env.run(&[
         "apply",
         "-f",
@@ -392,7 +442,7 @@ async fn a_missing_resource_of_the_deployment_is_not_converged() {
     let mut partial = agent_status("pi-1", 4, true, &d, rev);
     let dropped = partial.resources.keys().next().unwrap().clone();
     partial.resources.remove(&dropped);
-    report(&store, "pi-1", &partial).await;
+    report(&env, &store, "pi-1", &partial).await;
     let run = env.run(&[
         "apply",
         "-f",

@@ -10,7 +10,6 @@
 use std::collections::BTreeMap;
 
 use async_nats::jetstream::kv::{self, Operation, Store};
-use flotilla_nats::AgentReports;
 pub use flotilla_nats::family::{ReadError, Snapshot, read_family};
 use manifest_types::convergence::{self, Progress, Thresholds};
 use manifest_types::{
@@ -120,7 +119,8 @@ async fn read_json<T: DeserializeOwned>(store: &Store, key: &str) -> Result<Opti
 
 /// How far the rendered revision of deployment `name` has landed on its
 /// targets, by [`convergence::assess`]: the deployment, its render results,
-/// and every target's status and heartbeat in one read, ages by server time.
+/// and every target's status and heartbeat (`heartbeats`: the heartbeat
+/// bucket, docs/adr/0015), ages by server time.
 /// `None` until the control plane has rendered the deployment.
 ///
 /// # Errors
@@ -128,6 +128,7 @@ async fn read_json<T: DeserializeOwned>(store: &Store, key: &str) -> Result<Opti
 /// unreadable.
 pub async fn progress(
     store: &Store,
+    heartbeats: &Store,
     name: &DeploymentName,
     thresholds: &Thresholds,
 ) -> Result<Option<Progress>, FleetError> {
@@ -141,8 +142,7 @@ pub async fn progress(
             .map_err(|source| FleetError::InvalidDeployment { key, source })?,
         None => Vec::new(),
     };
-    let snap = flotilla_nats::read_families(store, &[keys::ACTUAL_STATE, keys::HEARTBEAT]).await?;
-    let reports = AgentReports::from_snapshot(&snap);
+    let reports = flotilla_nats::read_reports(store, heartbeats).await?;
     Ok(Some(Progress::of(
         &status,
         &resources,

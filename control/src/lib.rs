@@ -23,6 +23,9 @@
 //!   stored value stands only as the rendering at or above the agent's
 //!   [`publish::Floor`]; new generations above it and the stored one; bounded
 //!   retry on lost races) and the deployment-status writes.
+//! - [`heartbeat`] — pure: the fleet's heartbeat interval, sized to keep the
+//!   fleet under a heartbeat-rate cap; the daemon publishes it in
+//!   `settings.heartbeat` (ADR 0015).
 //! - [`fleet`] — reads for operators and tests: every agent's status, one
 //!   key's typed value, and [`fleet::progress`] — how far a deployment's
 //!   change has landed, by the one convergence rule
@@ -41,6 +44,7 @@
 pub mod bucket;
 pub mod daemon;
 pub mod fleet;
+pub mod heartbeat;
 pub mod publish;
 pub mod render;
 

@@ -34,6 +34,16 @@ struct Args {
     nats_user: Option<String>,
     #[arg(long, env = "FLOTILLA_NATS_PASSWORD", hide_env_values = true)]
     nats_password: Option<String>,
+    /// Heartbeats per second the whole fleet may send: the published
+    /// heartbeat interval grows with the fleet to keep under it.
+    #[arg(long, env = "FLOTILLA_HEARTBEAT_MAX_RATE", default_value_t = 500)]
+    heartbeat_max_rate: u64,
+    /// Shortest heartbeat interval published (agents whose own is longer keep theirs).
+    #[arg(long, env = "FLOTILLA_HEARTBEAT_MIN_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
+    heartbeat_min_interval: std::time::Duration,
+    /// Longest heartbeat interval published, however large the fleet.
+    #[arg(long, env = "FLOTILLA_HEARTBEAT_MAX_INTERVAL", value_parser = humantime::parse_duration, default_value = "10m")]
+    heartbeat_max_interval: std::time::Duration,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +58,11 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut config = Config::new(args.nats_url);
     config.bucket = args.bucket;
+    config.heartbeat = flotilla_control::heartbeat::HeartbeatPolicy {
+        max_per_second: args.heartbeat_max_rate.max(1),
+        min_interval: args.heartbeat_min_interval,
+        max_interval: args.heartbeat_max_interval,
+    };
     config.auth = Auth::pick(
         args.creds,
         args.nkey_seed_file,

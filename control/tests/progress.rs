@@ -52,10 +52,14 @@ async fn heartbeat(store: &async_nats::jetstream::kv::Store, id: &str) {
 async fn progress_is_the_convergence_rule_over_every_target() {
     let server = NatsServer::start();
     let store = store(&server).await;
+    let beats = heartbeats(&server).await;
     let _control = Control::start(&server);
     let t = Thresholds::default();
     let web = name("web");
-    assert_eq!(fleet::progress(&store, &web, &t).await.unwrap(), None);
+    assert_eq!(
+        fleet::progress(&store, &beats, &web, &t).await.unwrap(),
+        None
+    );
 
     for id in ["pi-1", "pi-2", "pi-3"] {
         register(&store, id, json!({"role": "kiosk"})).await;
@@ -79,10 +83,13 @@ async fn progress_is_the_convergence_rule_over_every_target() {
 
     // pi-1: every resource Ready at the revision, live. pi-2: converged
     // status but no heartbeat. pi-3: nothing reported.
-    heartbeat(&store, "pi-1").await;
+    heartbeat(&beats, "pi-1").await;
     report(&store, &m1, false).await;
     report(&store, &m2, false).await;
-    let p = fleet::progress(&store, &web, &t).await.unwrap().unwrap();
+    let p = fleet::progress(&store, &beats, &web, &t)
+        .await
+        .unwrap()
+        .unwrap();
     let states: Vec<(&str, State)> = p
         .targets
         .iter()
@@ -102,9 +109,12 @@ async fn progress_is_the_convergence_rule_over_every_target() {
     );
 
     // pi-2 live but one resource missing: not converged by vacuity.
-    heartbeat(&store, "pi-2").await;
+    heartbeat(&beats, "pi-2").await;
     report(&store, &m2, true).await;
-    let p = fleet::progress(&store, &web, &t).await.unwrap().unwrap();
+    let p = fleet::progress(&store, &beats, &web, &t)
+        .await
+        .unwrap()
+        .unwrap();
     let v = &p.targets[&agent("pi-2")];
     assert_eq!(v.state, State::Progressing, "{v:?}");
     assert_eq!(v.detail(), "web/b not reported yet");

@@ -9,10 +9,11 @@
 //! [`Progress`] applies it to every target of a deployment.
 //!
 //! Decided in this order, most urgent first; the first that applies wins:
-//! 1. **Offline / Stale**: the last heartbeat is older than
-//!    [`Thresholds::offline_after`] / [`Thresholds::stale_after`], or there
-//!    is none while a status exists. A status that old says nothing about
-//!    now, whatever it claims.
+//! 1. **Offline / Stale**: the agent's [`Liveness`] — the last heartbeat is
+//!    older than the limits of [`Thresholds::limits`] (which follow the
+//!    interval the agent declares), or there is none while a status exists.
+//!    A status that old says nothing about now, whatever it claims. Every
+//!    verdict also carries the liveness on its own ([`Verdict::liveness`]).
 //! 2. **Pending**: no status has been reported yet.
 //! 3. **IdentityConflict**: another installation writes this agent's keys.
 //! 4. **Rejected**: the manifest carrying the target (or a newer one) was
@@ -44,32 +45,105 @@ pub const STALE_AFTER_BEATS: u32 = 3;
 /// Heartbeats missed before an agent is [`State::Offline`].
 pub const OFFLINE_AFTER_BEATS: u32 = 10;
 
-/// Liveness limits on the age of the last heartbeat.
+/// Liveness limits on the age of an agent's last heartbeat (server time).
+///
+/// By default they follow each agent's own heartbeat interval, which the
+/// agent declares in every heartbeat (`intervalMs`; the control plane adapts
+/// it to the fleet's size, docs/adr/0015): Stale after [`STALE_AFTER_BEATS`]
+/// missed beats, Offline after [`OFFLINE_AFTER_BEATS`]. An operator may fix
+/// either limit instead (`--stale-after`, `--offline-after`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Thresholds {
-    /// Older than this: Stale.
-    pub stale_after: Duration,
-    /// Older than this: Offline.
-    pub offline_after: Duration,
+    /// Older than this: Stale. None: [`STALE_AFTER_BEATS`] intervals.
+    pub stale_after: Option<Duration>,
+    /// Older than this: Offline. None: [`OFFLINE_AFTER_BEATS`] intervals.
+    pub offline_after: Option<Duration>,
+    /// The interval of a heartbeat that declares none (an older agent).
+    pub assumed_interval: Duration,
 }
 
 impl Thresholds {
-    /// Stale after [`STALE_AFTER_BEATS`] missed beats, Offline after
-    /// [`OFFLINE_AFTER_BEATS`] (heartbeats are jittered by less than one
-    /// period, so three missed beats are never jitter).
+    /// Limits derived from `interval` for heartbeats that declare none;
+    /// heartbeats that declare one use their own.
     pub fn from_heartbeat_interval(interval: Duration) -> Self {
         Self {
-            stale_after: interval * STALE_AFTER_BEATS,
-            offline_after: interval * OFFLINE_AFTER_BEATS,
+            stale_after: None,
+            offline_after: None,
+            assumed_interval: interval,
         }
+    }
+
+    /// Fixed limits, whatever interval agents declare.
+    pub fn fixed(stale_after: Duration, offline_after: Duration) -> Self {
+        Self {
+            stale_after: Some(stale_after),
+            offline_after: Some(offline_after),
+            assumed_interval: DEFAULT_HEARTBEAT_INTERVAL,
+        }
+    }
+
+    /// `(stale_after, offline_after)` for an agent whose heartbeat declares
+    /// `interval` (heartbeats are jittered by less than one period, so three
+    /// missed beats are never jitter). Offline is never before Stale.
+    pub fn limits(&self, interval: Option<Duration>) -> (Duration, Duration) {
+        let interval = interval.unwrap_or(self.assumed_interval);
+        let stale = self.stale_after.unwrap_or(interval * STALE_AFTER_BEATS);
+        let offline = self
+            .offline_after
+            .unwrap_or(interval * OFFLINE_AFTER_BEATS)
+            .max(stale);
+        (stale, offline)
     }
 }
 
 impl Default for Thresholds {
-    /// [`Thresholds::from_heartbeat_interval`] of [`DEFAULT_HEARTBEAT_INTERVAL`]:
-    /// Stale after 45 s, Offline after 150 s.
+    /// Limits that follow each agent's declared interval, assuming
+    /// [`DEFAULT_HEARTBEAT_INTERVAL`] for heartbeats that declare none.
     fn default() -> Self {
         Self::from_heartbeat_interval(DEFAULT_HEARTBEAT_INTERVAL)
+    }
+}
+
+/// Whether an agent is alive, from the server-side age of its last
+/// heartbeat alone (never from what its status claims).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Liveness {
+    /// Heartbeats arrive within the Stale limit.
+    Online,
+    /// Heartbeats stopped, or none was read while a status exists.
+    Stale,
+    /// No heartbeat within the Offline limit, or the agent was never heard.
+    Offline,
+}
+
+impl Liveness {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Online => "Online",
+            Self::Stale => "Stale",
+            Self::Offline => "Offline",
+        }
+    }
+}
+
+impl fmt::Display for Liveness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An agent's [`Liveness`] and, unless Online, why.
+pub fn liveness(o: &AgentReport<'_>, thresholds: &Thresholds) -> (Liveness, Option<Reason>) {
+    let (stale, offline) = thresholds.limits(o.heartbeat_interval);
+    match (o.heartbeat_age, o.status_age) {
+        (Some(age), _) if age > offline => (Liveness::Offline, Some(Reason::HeartbeatAge(age))),
+        (Some(age), _) if age > stale => (Liveness::Stale, Some(Reason::HeartbeatAge(age))),
+        (Some(_), _) => (Liveness::Online, None),
+        // A status but no heartbeat (expired, or never written): its own
+        // age bounds how long ago the agent was last heard of.
+        (None, Some(age)) if age > offline => (Liveness::Offline, Some(Reason::NoHeartbeat)),
+        (None, _) if o.status.is_some() => (Liveness::Stale, Some(Reason::NoHeartbeat)),
+        (None, _) => (Liveness::Offline, Some(Reason::NoHeartbeat)),
     }
 }
 
@@ -117,6 +191,12 @@ pub struct AgentReport<'a> {
     pub heartbeat_age: Option<Duration>,
     /// The heartbeat's `identityConflict`, when it carries one.
     pub heartbeat_conflict: Option<&'a str>,
+    /// The interval the heartbeat declares (`intervalMs`); None: older
+    /// agents, [`Thresholds::assumed_interval`].
+    pub heartbeat_interval: Option<Duration>,
+    /// Age of the status by server time; bounds liveness when there is no
+    /// heartbeat to read.
+    pub status_age: Option<Duration>,
 }
 
 /// The states an operator sees, most urgent first.
@@ -189,6 +269,12 @@ pub enum Reason {
     },
     /// The agent's Ready condition is false with this reason and message.
     NotReady { reason: String, message: String },
+    /// The control plane could not render the deployment's revision for
+    /// this agent (a reference without a value); it keeps its last render.
+    RenderFailed {
+        resource: ResourceId,
+        message: String,
+    },
 }
 
 impl fmt::Display for Reason {
@@ -221,6 +307,9 @@ impl fmt::Display for Reason {
             Self::NotReady { reason, message } => {
                 write!(f, "not Ready: {reason}{}", prefixed(message))
             }
+            Self::RenderFailed { resource, message } => {
+                write!(f, "cannot render {resource} for this agent: {message}")
+            }
         }
     }
 }
@@ -233,11 +322,12 @@ fn prefixed(message: &str) -> String {
     }
 }
 
-/// A [`State`] and, where useful, why.
+/// A [`State`] and, where useful, why; and the agent's [`Liveness`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verdict {
     pub state: State,
     pub reason: Option<Reason>,
+    pub liveness: Liveness,
 }
 
 impl Verdict {
@@ -245,6 +335,15 @@ impl Verdict {
         Self {
             state,
             reason: Some(reason),
+            liveness: Liveness::Online,
+        }
+    }
+
+    fn converged() -> Self {
+        Self {
+            state: State::Converged,
+            reason: None,
+            liveness: Liveness::Online,
         }
     }
 
@@ -297,16 +396,20 @@ pub fn resource_detail(state: &ResourceState) -> String {
 
 /// Where one agent stands (see the module docs for the order of the rules).
 pub fn assess(o: &AgentReport<'_>, target: Target<'_>, thresholds: &Thresholds) -> Verdict {
-    match o.heartbeat_age {
-        Some(age) if age > thresholds.offline_after => {
-            return Verdict::new(State::Offline, Reason::HeartbeatAge(age));
+    let (alive, why) = liveness(o, thresholds);
+    let mut verdict = match (alive, why) {
+        (Liveness::Offline, Some(reason)) if o.status.is_some() || o.heartbeat_age.is_some() => {
+            Verdict::new(State::Offline, reason)
         }
-        Some(age) if age > thresholds.stale_after => {
-            return Verdict::new(State::Stale, Reason::HeartbeatAge(age));
-        }
-        None if o.status.is_some() => return Verdict::new(State::Stale, Reason::NoHeartbeat),
-        _ => {}
-    }
+        (Liveness::Stale, Some(reason)) => Verdict::new(State::Stale, reason),
+        _ => assess_report(o, target),
+    };
+    verdict.liveness = alive;
+    verdict
+}
+
+/// [`assess`] past liveness.
+fn assess_report(o: &AgentReport<'_>, target: Target<'_>) -> Verdict {
     let Some(s) = o.status else {
         return match o.heartbeat_conflict {
             Some(m) => Verdict::new(State::IdentityConflict, Reason::OtherInstance(m.into())),
@@ -369,10 +472,7 @@ fn agent_verdict(s: &AgentStatus, desired: u64) -> Verdict {
         return v;
     }
     if s.condition_true(ConditionType::Ready) {
-        return Verdict {
-            state: State::Converged,
-            reason: None,
-        };
+        return Verdict::converged();
     }
     let (reason, message) = s
         .condition(ConditionType::Ready)
@@ -442,10 +542,7 @@ fn deployment_verdict(
     if let Some((id, _)) = left_over {
         return Verdict::new(State::Progressing, Reason::ResourceLeftOver(id.clone()));
     }
-    Verdict {
-        state: State::Converged,
-        reason: None,
-    }
+    Verdict::converged()
 }
 
 /// The first not-Ready resource: Failed/Unsupported ones (Degraded) before
@@ -519,7 +616,24 @@ impl Progress {
                     generation,
                     resources: &expected,
                 };
-                (agent.clone(), assess(&report(agent), target, thresholds))
+                let verdict = assess(&report(agent), target, thresholds);
+                // Not rendered for this agent: it cannot converge on the
+                // revision whatever it reports (liveness still comes first).
+                let failed = status.render_failures.iter().find(|f| &f.agent == agent);
+                let verdict = match failed {
+                    Some(f) if !matches!(verdict.state, State::Offline | State::Stale) => Verdict {
+                        liveness: verdict.liveness,
+                        ..Verdict::new(
+                            State::Degraded,
+                            Reason::RenderFailed {
+                                resource: f.resource.clone(),
+                                message: f.message.clone(),
+                            },
+                        )
+                    },
+                    _ => verdict,
+                };
+                (agent.clone(), verdict)
             })
             .collect();
         Self { targets }

@@ -10,6 +10,7 @@ use crate::ids::{AgentId, DeploymentName, LocalId, ResourceId};
 use crate::inventory::validate_label;
 use crate::manifest::{ManagedResource, ManifestError, ResourceSource, WireResource};
 use crate::spec::ResourceSpec;
+use crate::template;
 use crate::{API_VERSION, ApiVersion};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -45,8 +46,14 @@ impl Selector {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeploymentResource {
     pub id: LocalId,
+    /// The spec; for a templated resource, rendered for a stand-in agent
+    /// ([`template::sample`]), which checks it against the kind's rules.
     pub spec: ResourceSpec,
     pub restart_on: Vec<LocalId>,
+    /// The spec as written, when a string in it references the agent
+    /// (`${agent.id}`, `${labels.k}`, `${values.k}`; docs/adr/0014): the
+    /// control plane renders it for each agent.
+    pub template: Option<serde_json::Value>,
 }
 
 /// Why a deployment document is refused (by the CLI before writing it, and by
@@ -61,6 +68,12 @@ pub enum DeploymentError {
     UnsupportedResource { resource: String, reason: String },
     #[error("the selector selects nothing: give `agents` and/or `matchLabels`")]
     EmptySelector,
+    #[error("resource {resource:?}: {error}")]
+    Template {
+        resource: String,
+        #[source]
+        error: template::SyntaxError,
+    },
     #[error(transparent)]
     Resource(#[from] ManifestError),
 }
@@ -108,11 +121,23 @@ impl Deployment {
             return Err(DeploymentError::EmptySelector);
         }
         let mut resources = Vec::new();
-        for w in wire.resources {
+        for mut w in wire.resources {
             let id = LocalId::new(w.id.clone()).map_err(|e| invalid(e.to_string()))?;
+            let template = template::has_templates(&w.spec).then(|| w.spec.clone());
+            if let Some(t) = &template {
+                w.spec = template::sample(t).map_err(|error| DeploymentError::Template {
+                    resource: id.to_string(),
+                    error,
+                })?;
+            }
             // Reuse the manifest rules (spec parse, restartOn, collisions) by
-            // rendering into a scratch manifest.
-            let r = ManagedResource::from_wire(w)?;
+            // rendering into a scratch manifest. A templated spec is checked
+            // for its shape here and in full for each agent it is rendered for.
+            let r = if template.is_some() {
+                ManagedResource::from_wire_shape(w)?
+            } else {
+                ManagedResource::from_wire(w)?
+            };
             if let ResourceSpec::Unsupported(u) = &r.spec {
                 return Err(DeploymentError::UnsupportedResource {
                     resource: id.to_string(),
@@ -129,6 +154,7 @@ impl Deployment {
                 id,
                 spec: r.spec,
                 restart_on,
+                template,
             });
         }
         let d = Deployment {
@@ -152,27 +178,83 @@ impl Deployment {
         serde_json::to_vec(self).expect("deployment serialises")
     }
 
+    /// Whether any resource references the agent it is rendered for, so
+    /// each agent needs [`Self::render_for`].
+    pub fn is_templated(&self) -> bool {
+        self.resources.iter().any(|r| r.template.is_some())
+    }
+
     /// The resources as they appear in an agent manifest: ids
     /// `<deployment>/<local-id>`, each naming this deployment and `revision`.
-    /// Fails on the same cross-resource rules as a manifest.
+    /// Fails on the same cross-resource rules as a manifest. Templated
+    /// resources appear as rendered for the stand-in agent; use
+    /// [`Self::render_for`] for a real one.
     pub fn render_resources(&self, revision: u64) -> Result<Vec<ManagedResource>, ManifestError> {
         let rendered: Vec<ManagedResource> = self
             .resources
             .iter()
-            .map(|r| ManagedResource {
-                id: ResourceId::rendered(&self.name, &r.id),
-                spec: r.spec.clone(),
-                restart_on: r
-                    .restart_on
-                    .iter()
-                    .map(|t| ResourceId::rendered(&self.name, t))
-                    .collect(),
-                source: Some(ResourceSource {
-                    deployment: self.name.clone(),
-                    revision,
-                }),
-            })
+            .map(|r| self.managed(r, r.spec.clone(), revision))
             .collect();
+        self.checked(rendered)
+    }
+
+    /// The resources rendered for one agent: every reference replaced by the
+    /// agent's own value. Fails as a whole — never half-rendered — when a
+    /// reference has no value for this agent or the rendered spec breaks its
+    /// kind's rules.
+    pub fn render_for(
+        &self,
+        revision: u64,
+        ctx: &template::Context<'_>,
+    ) -> Result<Vec<ManagedResource>, RenderError> {
+        let mut rendered = Vec::with_capacity(self.resources.len());
+        for r in &self.resources {
+            let spec = match &r.template {
+                None => r.spec.clone(),
+                Some(t) => {
+                    let failed = |message: String| RenderError {
+                        resource: ResourceId::rendered(&self.name, &r.id),
+                        message,
+                    };
+                    let expanded =
+                        template::expand_value(t, ctx).map_err(|e| failed(e.to_string()))?;
+                    ResourceSpec::from_parts(r.spec.kind_str(), expanded)
+                        .map_err(|e| failed(e.to_string()))?
+                }
+            };
+            rendered.push(self.managed(r, spec, revision));
+        }
+        self.checked(rendered).map_err(|e| RenderError {
+            resource: ResourceId::rendered(&self.name, &self.resources[0].id),
+            message: e.to_string(),
+        })
+    }
+
+    fn managed(
+        &self,
+        r: &DeploymentResource,
+        spec: ResourceSpec,
+        revision: u64,
+    ) -> ManagedResource {
+        ManagedResource {
+            id: ResourceId::rendered(&self.name, &r.id),
+            spec,
+            restart_on: r
+                .restart_on
+                .iter()
+                .map(|t| ResourceId::rendered(&self.name, t))
+                .collect(),
+            source: Some(ResourceSource {
+                deployment: self.name.clone(),
+                revision,
+            }),
+        }
+    }
+
+    fn checked(
+        &self,
+        rendered: Vec<ManagedResource>,
+    ) -> Result<Vec<ManagedResource>, ManifestError> {
         let scratch = crate::AgentManifest {
             agent_id: AgentId::new("scratch").expect("valid id"),
             generation: 0,
@@ -197,7 +279,7 @@ impl Serialize for Deployment {
                 .map(|r| WireResource {
                     id: r.id.to_string(),
                     kind: r.spec.kind_str().to_owned(),
-                    spec: r.spec.normalised(),
+                    spec: r.template.clone().unwrap_or_else(|| r.spec.normalised()),
                     restart_on: r.restart_on.iter().map(ToString::to_string).collect(),
                     source: None,
                 })
@@ -211,6 +293,26 @@ impl<'de> Deserialize<'de> for Deployment {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         Self::from_value(serde_json::Value::deserialize(d)?).map_err(serde::de::Error::custom)
     }
+}
+
+/// Why a templated deployment could not be rendered for one agent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{resource}: {message}")]
+pub struct RenderError {
+    pub resource: ResourceId,
+    pub message: String,
+}
+
+/// An agent the deployment selects but could not be rendered for: it keeps
+/// what it runs of this deployment (the resources of its last good render)
+/// until its values are fixed (docs/adr/0014).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct RenderFailure {
+    pub agent: AgentId,
+    pub resource: ResourceId,
+    pub message: String,
 }
 
 /// Render results the control plane publishes in `deployment-status.<name>`.
@@ -229,6 +331,12 @@ pub struct DeploymentStatus {
     pub targets: BTreeMap<AgentId, u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conflicts: Vec<Conflict>,
+    /// Selected agents whose render of this revision failed (a reference
+    /// without a value for them, or a rendered spec that breaks its kind's
+    /// rules). They are in `targets` too, with the generation that keeps
+    /// their last good render of this deployment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub render_failures: Vec<RenderFailure>,
     /// Set when the stored document could not be read; nothing is rendered from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -304,6 +412,59 @@ mod tests {
             Deployment::from_value(typo),
             Err(DeploymentError::InvalidDocument { .. })
         ));
+    }
+
+    #[test]
+    fn templated_resources_keep_their_template_and_render_per_agent() {
+        let d = Deployment::from_value(doc(json!([
+            {"id": "conf", "kind": "File", "spec": {"path": "${values.dir}/${agent.id}.conf", "content": "site=${labels.site}"}},
+            {"id": "plain", "kind": "File", "spec": {"path": "/etc/plain", "content": "x"}}
+        ])))
+        .expect("a value at the start of a path is checked per agent");
+        assert!(d.is_templated());
+        // The stored document keeps the references as written.
+        let wire: serde_json::Value = serde_json::from_slice(&d.to_json()).unwrap();
+        assert_eq!(
+            wire["resources"][0]["spec"]["path"],
+            "${values.dir}/${agent.id}.conf"
+        );
+        assert_eq!(Deployment::from_json(&d.to_json()).unwrap(), d);
+        let a = AgentId::new("pi-1").unwrap();
+        let labels = [("site".to_owned(), "s1".to_owned())].into();
+        let values = [("dir".to_owned(), "/srv".to_owned())].into();
+        let ctx = template::Context {
+            agent: &a,
+            labels: &labels,
+            values: &values,
+        };
+        let r = d.render_for(5, &ctx).unwrap();
+        assert_eq!(r[0].spec.target().unwrap().1, "/srv/pi-1.conf");
+        assert_eq!(r[1].spec.target().unwrap().1, "/etc/plain");
+        let bad = [("dir".to_owned(), "srv".to_owned())].into();
+        let e = d
+            .render_for(
+                5,
+                &template::Context {
+                    values: &bad,
+                    ..ctx
+                },
+            )
+            .unwrap_err();
+        assert_eq!(e.resource.as_str(), "web/conf");
+        assert!(e.message.contains("absolute"), "{e}");
+    }
+
+    #[test]
+    fn malformed_references_reject_the_document() {
+        for spec in [
+            json!({"path": "/etc/${agent.id", "content": ""}),
+            json!({"path": "/etc/${agent.hostname}", "content": ""}),
+            json!({"path": "/etc/x", "content": "${values.}"}),
+        ] {
+            let e = Deployment::from_value(doc(json!([{"id": "f", "kind": "File", "spec": spec}])))
+                .unwrap_err();
+            assert!(matches!(e, DeploymentError::Template { .. }), "{e}");
+        }
     }
 
     #[test]

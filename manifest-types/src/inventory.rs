@@ -43,6 +43,41 @@ pub struct Heartbeat {
     /// Set while another installation is writing this agent's status key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity_conflict: Option<String>,
+    /// The interval until this agent's next heartbeat, in milliseconds:
+    /// readers judge its liveness by it (`convergence::Thresholds`). Absent
+    /// from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+}
+
+impl Heartbeat {
+    /// The declared interval.
+    pub fn interval(&self) -> Option<std::time::Duration> {
+        self.interval_ms.map(std::time::Duration::from_millis)
+    }
+}
+
+/// `settings.heartbeat` (fleet bucket): the heartbeat interval the control
+/// plane asks every agent to use at least, sized so the whole fleet's
+/// heartbeat rate stays under a cap (docs/adr/0015). Agents read it every few
+/// beats and use the longer of it and their own configured interval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatSettings {
+    pub api_version: ApiVersion,
+    /// The interval agents should beat at, at least, in milliseconds.
+    pub interval_ms: u64,
+    /// How many agents it was sized for.
+    pub agents: u64,
+    /// The fleet-wide cap on heartbeats per second it keeps to.
+    pub max_per_second: u64,
+}
+
+impl HeartbeatSettings {
+    pub fn interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.interval_ms)
+    }
 }
 
 /// Checks a label key or value: 1 to 63 ASCII letters, digits, `-_.`, and

@@ -11,6 +11,7 @@ pub const AGENTS: &str = "agents";
 pub const HEARTBEAT: &str = "heartbeat";
 pub const DEPLOYMENTS: &str = "deployments";
 pub const DEPLOYMENT_STATUS: &str = "deployment-status";
+pub const VALUES: &str = "values";
 
 /// `desired-state.<agent-id>`: the agent's manifest, written by the control plane only.
 pub fn desired_state(agent: &AgentId) -> String {
@@ -27,7 +28,18 @@ pub fn inventory(agent: &AgentId) -> String {
     format!("{AGENTS}.{agent}")
 }
 
-/// `heartbeat.<agent-id>`: the agent's liveness record.
+/// The bucket heartbeats live in, beside the fleet bucket `bucket`
+/// (docs/adr/0015-heartbeats-and-liveness.md): `<bucket>-heartbeats`, one
+/// value per key, so liveness churn never touches the fleet bucket's history.
+pub fn heartbeat_bucket(bucket: &BucketName) -> String {
+    format!("{bucket}-heartbeats")
+}
+
+/// `settings.heartbeat` (fleet bucket): the heartbeat interval the control
+/// plane asks of agents, sized to the fleet (docs/adr/0015).
+pub const HEARTBEAT_SETTINGS: &str = "settings.heartbeat";
+
+/// `heartbeat.<agent-id>` (in [`heartbeat_bucket`]): the agent's liveness record.
 pub fn heartbeat(agent: &AgentId) -> String {
     format!("{HEARTBEAT}.{agent}")
 }
@@ -40,6 +52,11 @@ pub fn deployment(name: &DeploymentName) -> String {
 /// `deployment-status.<name>`: render results, written by the control plane.
 pub fn deployment_status(name: &DeploymentName) -> String {
     format!("{DEPLOYMENT_STATUS}.{name}")
+}
+
+/// `values.<agent-id>`: the operator's per-agent values (docs/adr/0014).
+pub fn values(agent: &AgentId) -> String {
+    format!("{VALUES}.{agent}")
 }
 
 /// A wildcard over every key of one family, e.g. `actual-state.>`.
@@ -56,6 +73,7 @@ pub enum Key {
     Heartbeat(AgentId),
     Deployment(DeploymentName),
     DeploymentStatus(DeploymentName),
+    Values(AgentId),
 }
 
 impl Key {
@@ -70,6 +88,7 @@ impl Key {
             HEARTBEAT => Key::Heartbeat(id.parse().ok()?),
             DEPLOYMENTS => Key::Deployment(id.parse().ok()?),
             DEPLOYMENT_STATUS => Key::DeploymentStatus(id.parse().ok()?),
+            VALUES => Key::Values(id.parse().ok()?),
             _ => return None,
         })
     }
@@ -130,6 +149,7 @@ mod tests {
         assert_eq!(heartbeat(&a), "heartbeat.pi-1");
         assert_eq!(deployment(&d), "deployments.hello");
         assert_eq!(deployment_status(&d), "deployment-status.hello");
+        assert_eq!(values(&a), "values.pi-1");
         assert_eq!(kv_subject(&b, "agents.pi-1"), "$KV.fleet.agents.pi-1");
         assert_eq!(
             direct_get_subject(&b, "desired-state.pi-1"),
@@ -142,6 +162,8 @@ mod tests {
             "flotilla.fleet.desired-state.pi-1"
         );
         assert_eq!(agent_inbox_prefix(&a), "_INBOX.pi-1");
+        assert_eq!(heartbeat_bucket(&b), "fleet-heartbeats");
+        assert_eq!(HEARTBEAT_SETTINGS, "settings.heartbeat");
         assert_eq!(all(ACTUAL_STATE), "actual-state.>");
     }
 
@@ -152,6 +174,7 @@ mod tests {
             Key::parse(&desired_state(&a)),
             Some(Key::DesiredState(a.clone()))
         );
+        assert_eq!(Key::parse(&values(&a)), Some(Key::Values(a.clone())));
         assert_eq!(Key::parse(&heartbeat(&a)), Some(Key::Heartbeat(a)));
         assert_eq!(Key::parse("desired-state.Bad"), None);
         assert_eq!(Key::parse("other.x"), None);

@@ -21,6 +21,9 @@
 //! - [`inventory`]: [`AgentInventory`] (`agents.<id>`) and [`Heartbeat`].
 //! - [`deployment`]: [`Deployment`] (`deployments.<name>`) and
 //!   [`DeploymentStatus`] (`deployment-status.<name>`).
+//! - [`template`]: per-device references in deployment specs
+//!   (`${agent.id}`, `${labels.k}`, `${values.k}`) and their expansion;
+//!   [`AgentValues`] (`values.<id>`) holds an agent's operator-set values.
 //!
 //! Every document carries `apiVersion: flotilla.dev/v1`; field names are
 //! camelCase. Golden files under `tests/golden/` pin the JSON shape, and the
@@ -36,12 +39,14 @@ pub mod manifest;
 pub mod reason;
 pub mod spec;
 pub mod status;
+pub mod template;
 
 pub use deployment::{
-    Conflict, Deployment, DeploymentError, DeploymentResource, DeploymentStatus, Selector,
+    Conflict, Deployment, DeploymentError, DeploymentResource, DeploymentStatus, RenderError,
+    RenderFailure, Selector,
 };
 pub use ids::{AgentId, BucketName, DeploymentName, IdError, LocalId, ResourceId};
-pub use inventory::{AgentInventory, Heartbeat};
+pub use inventory::{AgentInventory, Heartbeat, HeartbeatSettings};
 pub use manifest::{AgentManifest, ManagedResource, ManifestError, ResourceSource, Signature};
 pub use reason::FailureReason;
 pub use spec::{
@@ -52,6 +57,7 @@ pub use status::{
     AgentBuild, AgentStatus, Condition, ConditionType, ReadyDetails, Rejection, ReleasedResource,
     RemovingResource, ResourceState, ResourceStatus,
 };
+pub use template::AgentValues;
 
 /// The one API version this build speaks.
 pub const API_VERSION: &str = "flotilla.dev/v1";

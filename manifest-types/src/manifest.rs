@@ -260,13 +260,14 @@ impl ResourceSpec {
 }
 
 impl ManagedResource {
-    pub(crate) fn from_wire(w: WireResource) -> Result<Self, ManifestError> {
+    fn from_wire_with(
+        w: WireResource,
+        parse: fn(&str, serde_json::Value) -> Result<ResourceSpec, crate::SpecError>,
+    ) -> Result<Self, ManifestError> {
         let id = ResourceId::new(w.id).map_err(invalid)?;
-        let spec = ResourceSpec::from_parts(&w.kind, w.spec).map_err(|error| {
-            ManifestError::InvalidSpec {
-                resource: id.to_string(),
-                error,
-            }
+        let spec = parse(&w.kind, w.spec).map_err(|error| ManifestError::InvalidSpec {
+            resource: id.to_string(),
+            error,
         })?;
         let restart_on = w
             .restart_on
@@ -280,6 +281,16 @@ impl ManagedResource {
             restart_on,
             source: w.source,
         })
+    }
+
+    pub(crate) fn from_wire(w: WireResource) -> Result<Self, ManifestError> {
+        Self::from_wire_with(w, ResourceSpec::from_parts)
+    }
+
+    /// [`Self::from_wire`] checking only the spec's shape (see
+    /// [`ResourceSpec::shape`]).
+    pub(crate) fn from_wire_shape(w: WireResource) -> Result<Self, ManifestError> {
+        Self::from_wire_with(w, ResourceSpec::shape)
     }
 
     pub(crate) fn to_wire(&self) -> WireResource {

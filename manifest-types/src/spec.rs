@@ -618,6 +618,15 @@ pub struct UnsupportedSpec {
 impl ResourceSpec {
     /// Parses a `{kind, spec}` pair; see the module docs for the rules.
     pub fn from_parts(kind: &str, spec: serde_json::Value) -> Result<Self, SpecError> {
+        let typed = Self::shape(kind, spec)?;
+        typed.validate()?;
+        Ok(typed)
+    }
+
+    /// Parses a `{kind, spec}` pair for its shape only (field names and
+    /// types), without the value rules [`Self::from_parts`] also checks: a
+    /// templated deployment resource, whose values are known only per agent.
+    pub(crate) fn shape(kind: &str, spec: serde_json::Value) -> Result<Self, SpecError> {
         let Some(known) = ResourceKind::parse(kind) else {
             return Ok(Self::Unsupported(UnsupportedSpec {
                 reason: format!("unknown resource kind {kind:?}"),
@@ -631,10 +640,7 @@ impl ResourceSpec {
             ResourceKind::SystemdUnit => parse_known(&spec).map(|s| s.map(Self::SystemdUnit)),
         }?;
         match parsed {
-            Ok(typed) => {
-                typed.validate()?;
-                Ok(typed)
-            }
+            Ok(typed) => Ok(typed),
             Err(unknown_fields) => Ok(Self::Unsupported(UnsupportedSpec {
                 kind: kind.to_owned(),
                 spec,

@@ -249,6 +249,7 @@ impl AgentStatus {
             status: Some(self),
             heartbeat_age: Some(std::time::Duration::ZERO),
             heartbeat_conflict: None,
+            ..Default::default()
         };
         assess(
             &report,

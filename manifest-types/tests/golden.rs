@@ -239,6 +239,7 @@ fn inventory_and_heartbeat() {
         manifest_generation: 4,
         ready: true,
         identity_conflict: None,
+        interval_ms: Some(15_000),
     };
     check("heartbeat.json", &hb);
 }
@@ -257,9 +258,39 @@ fn deployment_status() {
             held_by: id("base/config"),
             target: "file /etc/app/config.toml".into(),
         }],
+        render_failures: vec![RenderFailure {
+            agent: id("pi-03"),
+            resource: id("web/config"),
+            message: "${values.site} is not set for agent pi-03".into(),
+        }],
         error: None,
     };
     check("deployment-status.json", &st);
+}
+
+#[test]
+fn heartbeat_settings() {
+    let s = HeartbeatSettings {
+        api_version: ApiVersion,
+        interval_ms: 20_000,
+        agents: 10_000,
+        max_per_second: 500,
+    };
+    check("heartbeat-settings.json", &s);
+}
+
+#[test]
+fn agent_values() {
+    let v = AgentValues {
+        api_version: ApiVersion,
+        agent_id: id("pi-01"),
+        values: [
+            ("site".to_owned(), "berlin-2".to_owned()),
+            ("cert".to_owned(), "/etc/flotilla/pi-01.pem".to_owned()),
+        ]
+        .into(),
+    };
+    check("agent-values.json", &v);
 }
 
 #[cfg(feature = "schema")]
@@ -275,6 +306,10 @@ fn json_schemas_are_current() {
         (
             "agent-status.schema.json",
             schemars::schema_for!(AgentStatus),
+        ),
+        (
+            "agent-values.schema.json",
+            schemars::schema_for!(AgentValues),
         ),
     ] {
         let text = serde_json::to_string_pretty(&schema).unwrap() + "\n";

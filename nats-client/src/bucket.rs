@@ -60,6 +60,71 @@ pub fn bucket_config(bucket: &BucketName) -> kv::Config {
     }
 }
 
+/// How long a heartbeat outlives its agent's silence: after a day without
+/// one, liveness is judged by the status's age instead (docs/adr/0015).
+pub const HEARTBEAT_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// The config of the heartbeat bucket beside fleet bucket `bucket`: one
+/// value per key (history 1), expired after [`HEARTBEAT_TTL`], file storage
+/// (a server restart keeps every agent's last heartbeat and its timestamp).
+pub fn heartbeat_bucket_config(bucket: &BucketName) -> kv::Config {
+    kv::Config {
+        bucket: keys::heartbeat_bucket(bucket),
+        description: "Flotilla heartbeats (see docs/adr/0015)".into(),
+        history: 1,
+        max_age: HEARTBEAT_TTL,
+        max_value_size: 4096,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// Opens the heartbeat bucket beside fleet bucket `bucket`, creating it if
+/// missing (control plane and `flotilla apply`, with [`ensure_bucket`]).
+///
+/// # Errors
+/// [`BucketError::Create`] when the server refuses.
+pub async fn ensure_heartbeat_bucket(
+    js: &jetstream::Context,
+    bucket: &BucketName,
+) -> Result<kv::Store, BucketError> {
+    let name = keys::heartbeat_bucket(bucket);
+    if let Ok(store) = js.get_key_value(name.as_str()).await {
+        return Ok(store);
+    }
+    match js.create_key_value(heartbeat_bucket_config(bucket)).await {
+        Ok(store) => Ok(store),
+        // Lost a creation race: re-open.
+        Err(create_err) => js
+            .get_key_value(name.as_str())
+            .await
+            .map_err(|_| BucketError::Create {
+                bucket: bucket.clone(),
+                source: create_err.into(),
+            }),
+    }
+}
+
+/// Opens the heartbeat bucket beside fleet bucket `bucket`; never creates it.
+///
+/// # Errors
+/// [`BucketError::Missing`] (naming the fleet bucket) when it does not exist.
+pub async fn open_heartbeat_bucket(
+    js: &jetstream::Context,
+    bucket: &BucketName,
+) -> Result<kv::Store, BucketError> {
+    match js.get_key_value(keys::heartbeat_bucket(bucket)).await {
+        Ok(store) => Ok(store),
+        Err(e) if is_stream_not_found(&e) => Err(BucketError::Missing {
+            bucket: bucket.clone(),
+        }),
+        Err(e) => Err(BucketError::Read {
+            bucket: bucket.clone(),
+            source: e.into(),
+        }),
+    }
+}
+
 /// Opens an existing fleet bucket; never creates one.
 ///
 /// # Errors
@@ -95,8 +160,9 @@ fn is_stream_not_found(e: &jetstream::context::KeyValueError) -> bool {
         })
 }
 
-/// Opens the fleet bucket, creating it (with its RePublish rule) if missing.
-/// An existing bucket without the rule is an error, never silently used.
+/// Opens the fleet bucket, creating it (with its RePublish rule) if missing,
+/// and the heartbeat bucket beside it ([`ensure_heartbeat_bucket`]). An
+/// existing bucket without the rule is an error, never silently used.
 ///
 /// # Errors
 /// [`BucketError::MissingRepublish`] for an existing bucket without the
@@ -106,6 +172,7 @@ pub async fn ensure_bucket(
     js: &jetstream::Context,
     bucket: &BucketName,
 ) -> Result<kv::Store, BucketError> {
+    ensure_heartbeat_bucket(js, bucket).await?;
     match js.get_key_value(bucket.as_str()).await {
         Ok(store) => {
             check_republish(&store, bucket).await?;

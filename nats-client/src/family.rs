@@ -69,6 +69,14 @@ impl Snapshot {
         })
     }
 
+    /// Both reads in one snapshot (their keys are disjoint: two buckets),
+    /// on the later server clock, so no age looks younger than it is.
+    pub fn merge(mut self, other: Snapshot) -> Snapshot {
+        self.entries.extend(other.entries);
+        self.server_time = self.server_time.max(other.server_time);
+        self
+    }
+
     /// How long ago (server time) `entry` was written; zero if the entry is
     /// stamped after the read started.
     pub fn age(&self, entry: &kv::Entry) -> Duration {

@@ -16,7 +16,8 @@
 //! - [`shutdown`]: [`shutdown_signal`], SIGTERM or SIGINT.
 //! - [`bucket`]: the fleet bucket's configuration with its RePublish rule
 //!   (ADR 0002), [`ensure_bucket`] (control plane and `flotilla apply`) and
-//!   [`open_bucket`] (readers; a missing bucket is a typed error).
+//!   [`open_bucket`] (readers; a missing bucket is a typed error); the
+//!   heartbeat bucket beside it (history 1, a TTL; ADR 0015).
 //! - [`family`]: [`read_families`] / [`read_keys`] — the current value of a
 //!   whole key family (or of a set of keys) in one ordered consumer with
 //!   `DeliverPolicy::LastPerSubject`, never one request per key, with each
@@ -34,8 +35,11 @@ pub mod reports;
 pub mod shutdown;
 
 pub use auth::{Auth, AuthError};
-pub use bucket::{BucketError, bucket_config, ensure_bucket, open_bucket, republish_rule};
+pub use bucket::{
+    BucketError, bucket_config, ensure_bucket, ensure_heartbeat_bucket, heartbeat_bucket_config,
+    open_bucket, open_heartbeat_bucket, republish_rule,
+};
 pub use connect::{ConnectError, Connector};
 pub use family::{ReadError, Snapshot, read_families, read_family, read_keys};
-pub use reports::AgentReports;
+pub use reports::{AgentReports, read_reports};
 pub use shutdown::shutdown_signal;

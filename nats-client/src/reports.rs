@@ -7,7 +7,22 @@ use std::time::Duration;
 use manifest_types::convergence::AgentReport;
 use manifest_types::{AgentId, AgentStatus, Heartbeat, keys};
 
-use crate::family::Snapshot;
+use crate::family::{ReadError, Snapshot, read_family};
+
+/// Every agent's status (fleet bucket `store`) and heartbeat (`heartbeats`,
+/// the heartbeat bucket beside it), one read each, merged on the later
+/// server clock.
+///
+/// # Errors
+/// As [`crate::read_keys`].
+pub async fn read_reports(
+    store: &async_nats::jetstream::kv::Store,
+    heartbeats: &async_nats::jetstream::kv::Store,
+) -> Result<AgentReports, ReadError> {
+    let statuses = read_family(store, keys::ACTUAL_STATE).await?;
+    let beats = read_family(heartbeats, keys::HEARTBEAT).await?;
+    Ok(AgentReports::from_snapshot(&statuses.merge(beats)))
+}
 
 /// Agents' statuses and heartbeats decoded from one snapshot (one that read
 /// the `actual-state` and `heartbeat` keys). Unreadable values count as
@@ -16,6 +31,8 @@ use crate::family::Snapshot;
 #[derive(Debug, Clone, Default)]
 pub struct AgentReports {
     pub statuses: BTreeMap<AgentId, AgentStatus>,
+    /// Age of each status by server time.
+    pub status_ages: BTreeMap<AgentId, Duration>,
     /// Age (server time) and the decoded document, when readable.
     pub heartbeats: BTreeMap<AgentId, (Duration, Option<Heartbeat>)>,
 }
@@ -28,6 +45,7 @@ impl AgentReports {
                 AgentId::new(id),
                 serde_json::from_slice::<AgentStatus>(&e.value),
             ) {
+                out.status_ages.insert(agent.clone(), snap.age(e));
                 out.statuses.insert(agent, s);
             }
         }
@@ -49,6 +67,10 @@ impl AgentReports {
             heartbeat_conflict: hb
                 .and_then(|(_, h)| h.as_ref())
                 .and_then(|h| h.identity_conflict.as_deref()),
+            heartbeat_interval: hb
+                .and_then(|(_, h)| h.as_ref())
+                .and_then(Heartbeat::interval),
+            status_age: self.status_ages.get(agent).copied(),
         }
     }
 }

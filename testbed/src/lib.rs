@@ -164,6 +164,11 @@ impl NatsServer {
         self.child.is_some()
     }
 
+    /// The server's process id while it runs (for RSS readings).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// A plain client connected to this server.
     pub async fn client(&self) -> async_nats::Client {
         async_nats::connect(self.url())
@@ -329,4 +334,17 @@ pub fn bench_arg(name: &str, default: usize) -> usize {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// A benchmark's list option `--name 1,2,3`, or `default` parsed the same way.
+pub fn bench_list(name: &str, default: &str) -> Vec<usize> {
+    let args: Vec<String> = std::env::args().collect();
+    let raw = args
+        .iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map_or(default, String::as_str);
+    raw.split(',')
+        .filter_map(|v| v.trim().replace('_', "").parse().ok())
+        .collect()
 }

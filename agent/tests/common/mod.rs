@@ -44,6 +44,15 @@ impl Harness {
             .unwrap()
     }
 
+    /// The heartbeat bucket beside the fleet bucket (docs/adr/0015).
+    #[allow(dead_code)]
+    pub async fn heartbeats(&self) -> Store {
+        let js = async_nats::jetstream::new(self.server.client().await);
+        flotilla_nats::ensure_heartbeat_bucket(&js, &BucketName::default())
+            .await
+            .unwrap()
+    }
+
     /// A file root for agent `id`, created on first use.
     pub fn root(&self, id: &str) -> PathBuf {
         let p = self.dir.path().join(id).join("root");

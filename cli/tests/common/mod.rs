@@ -90,6 +90,14 @@ impl Env {
             .expect("fleet bucket")
     }
 
+    /// The heartbeat bucket beside the fleet bucket (docs/adr/0015).
+    pub async fn beats(&self) -> kv::Store {
+        let js = async_nats::jetstream::new(self.server.client().await);
+        flotilla_nats::ensure_heartbeat_bucket(&js, &BucketName::default())
+            .await
+            .expect("heartbeat bucket")
+    }
+
     /// Writes `text` to a file in the scratch directory.
     pub fn file(&self, name: &str, text: &str) -> PathBuf {
         let p = self.dir.path().join(name);
@@ -171,6 +179,7 @@ pub fn deployment_status(
         created_revision: observed_revision,
         targets: targets.iter().map(|(a, g)| (agent(a), *g)).collect(),
         conflicts: vec![],
+        render_failures: vec![],
         error: None,
     }
 }
@@ -316,6 +325,7 @@ pub fn heartbeat(id: &str, generation: u64) -> Heartbeat {
         manifest_generation: generation,
         ready: true,
         identity_conflict: None,
+        interval_ms: None,
     }
 }
 

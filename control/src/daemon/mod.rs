@@ -2,8 +2,8 @@
 //! from and re-renders the fleet on every change.
 //!
 //! ```text
-//! KV watch (deployments.>, agents.>, desired-state.>, deployment-status.>,
-//!           actual-state.>)
+//! KV watch (deployments.>, agents.>, values.>, desired-state.>,
+//!           deployment-status.>, actual-state.>, settings.heartbeat)
 //!        │ entries, drained in bursts
 //!        ▼
 //!   State::apply ──(render may change?)──▶ reconcile::reconcile
@@ -23,6 +23,8 @@
 //!   hand edit, an older revision put back, a restore, malformed JSON, a
 //!   DEL/PURGE) is replaced in the next pass above the key's generation and
 //!   what the agent reports (docs/adr/0012-the-control-plane-owns-desired-state.md).
+//! - Each pass also keeps `settings.heartbeat` sized to the registered
+//!   agents ([`crate::heartbeat`], docs/adr/0015).
 //! - A failed write is retried by a full pass after [`Config::retry_after`].
 //! - A watch survives server restarts (its ordered consumer is recreated);
 //!   errors are logged, never fatal. Should it end, the daemon relists.
@@ -45,6 +47,7 @@ use manifest_types::{BucketName, keys};
 use tokio::time::Instant;
 
 use crate::bucket::{BucketError, ensure_bucket};
+use crate::heartbeat::HeartbeatPolicy;
 pub use metrics::Metrics;
 use state::State;
 
@@ -68,6 +71,8 @@ pub struct Config {
     pub bucket_check_interval: Duration,
     /// Counters of the daemon's work, shared with the caller.
     pub metrics: Arc<Metrics>,
+    /// How the fleet's heartbeat interval is sized (`settings.heartbeat`).
+    pub heartbeat: HeartbeatPolicy,
 }
 
 impl Config {
@@ -83,6 +88,7 @@ impl Config {
             retry_after: Duration::from_secs(1),
             bucket_check_interval: Duration::from_secs(5),
             metrics: Arc::default(),
+            heartbeat: HeartbeatPolicy::default(),
         }
     }
 }
@@ -126,6 +132,8 @@ pub async fn run_with_store(
         keys::all(keys::DESIRED_STATE),
         keys::all(keys::DEPLOYMENT_STATUS),
         keys::all(keys::ACTUAL_STATE),
+        keys::all(keys::VALUES),
+        keys::HEARTBEAT_SETTINGS.to_owned(),
     ];
     // The server announces a deleted stream (at most once: the periodic
     // check catches a missed announcement).
@@ -223,8 +231,13 @@ pub async fn run_with_store(
             }
             if replayed && dirty {
                 dirty = false;
-                let report =
-                    reconcile::reconcile(&mut state, &store, config.publish_concurrency).await;
+                let report = reconcile::reconcile(
+                    &mut state,
+                    &store,
+                    config.publish_concurrency,
+                    &config.heartbeat,
+                )
+                .await;
                 metrics.pass(report.manifests_written, report.statuses_written);
                 tracing::debug!(?report, "reconcile pass");
                 if report.failures > 0 {

@@ -10,9 +10,10 @@ use std::collections::BTreeMap;
 
 use async_nats::jetstream::kv::Store;
 use futures::StreamExt;
-use manifest_types::{AgentId, AgentManifest, ApiVersion, DeploymentStatus, ManagedResource};
+use manifest_types::{AgentId, AgentManifest, ApiVersion, DeploymentStatus, ManagedResource, keys};
 
 use super::state::{State, Written};
+use crate::heartbeat::{HeartbeatPolicy, needs_write};
 use crate::publish::{self, Floor, PublishOutcome, StatusOutcome};
 use crate::render;
 
@@ -37,7 +38,12 @@ impl PassReport {
     }
 }
 
-pub(crate) async fn reconcile(state: &mut State, store: &Store, concurrency: usize) -> PassReport {
+pub(crate) async fn reconcile(
+    state: &mut State,
+    store: &Store,
+    concurrency: usize,
+    heartbeat: &HeartbeatPolicy,
+) -> PassReport {
     state.resolve_created_revisions();
     let rendered = render::render(&state.deployment_inputs(), state.known_agents());
     let mut report = PassReport::default();
@@ -120,6 +126,7 @@ pub(crate) async fn reconcile(state: &mut State, store: &Store, concurrency: usi
             created_revision: record.created_revision.unwrap_or(record.first_seen),
             targets,
             conflicts: r.conflicts,
+            render_failures: r.render_failures,
             error: r.error,
         };
         let stored = state.statuses.get(&name).and_then(|w| w.value.as_ref());
@@ -159,6 +166,29 @@ pub(crate) async fn reconcile(state: &mut State, store: &Store, concurrency: usi
                     format!("cannot write the status of {}", status.name),
                     &error,
                 );
+            }
+        }
+    }
+
+    // The fleet's heartbeat interval, sized to the registered agents.
+    let want = heartbeat.settings(state.registered.len());
+    let stored = state.heartbeat.as_ref().and_then(|w| w.value.as_ref());
+    if needs_write(stored, &want) {
+        let bytes = serde_json::to_vec(&want).expect("settings serialise");
+        match store.put(keys::HEARTBEAT_SETTINGS, bytes.into()).await {
+            Ok(revision) => {
+                tracing::info!(
+                    interval_ms = want.interval_ms,
+                    agents = want.agents,
+                    "heartbeat interval published"
+                );
+                state.heartbeat = Some(Written {
+                    revision,
+                    value: Some(want),
+                });
+            }
+            Err(error) => {
+                report.failed(format!("cannot write {}", keys::HEARTBEAT_SETTINGS), &error);
             }
         }
     }

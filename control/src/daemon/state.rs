@@ -8,13 +8,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use async_nats::jetstream::kv::{Entry, Operation};
-use manifest_types::keys::Key;
+use manifest_types::keys::{self, Key};
 use manifest_types::{
-    AgentId, AgentInventory, AgentManifest, Deployment, DeploymentName, DeploymentStatus,
+    AgentId, AgentInventory, AgentManifest, AgentValues, Deployment, DeploymentName,
+    DeploymentStatus, HeartbeatSettings,
 };
 
 use crate::publish::{self, Floor};
-use crate::render::{DeploymentInput, Labels};
+use crate::render::{AgentInput, DeploymentInput, Labels};
 
 /// One watched value, as [`State::apply`] reads it.
 struct Seen<'a> {
@@ -49,6 +50,8 @@ pub(crate) struct State {
     pub deployments: BTreeMap<DeploymentName, DeploymentRecord>,
     /// Registered agents (`agents.<id>`) → their labels.
     pub registered: BTreeMap<AgentId, Labels>,
+    /// The operator's per-agent values (`values.<id>`, docs/adr/0014).
+    pub values: BTreeMap<AgentId, Labels>,
     pub desired: BTreeMap<AgentId, Written<AgentManifest>>,
     pub statuses: BTreeMap<DeploymentName, Written<DeploymentStatus>>,
     /// Deployments deleted while this daemon watched: if one comes back it
@@ -59,6 +62,8 @@ pub(crate) struct State {
     /// The highest generation this process has written per agent. Kept
     /// across relists (a recreated bucket starts empty, the agents do not).
     pub written: BTreeMap<AgentId, u64>,
+    /// `settings.heartbeat` as last seen or written (docs/adr/0015).
+    pub heartbeat: Option<Written<HeartbeatSettings>>,
 }
 
 static NO_LABELS: Labels = Labels::new();
@@ -113,10 +118,21 @@ impl State {
             value,
         };
         let put = operation == Operation::Put;
+        if key == keys::HEARTBEAT_SETTINGS {
+            return self.apply_heartbeat_settings(entry, put);
+        }
         match Key::parse(key) {
             Some(Key::Deployment(name)) => self.apply_deployment(name, entry, put),
             Some(Key::Inventory(agent)) => self.apply_inventory(agent, entry, put),
             Some(Key::DesiredState(agent)) => {
+                if self
+                    .desired
+                    .get(&agent)
+                    .is_some_and(|w| w.revision >= entry.revision)
+                {
+                    // The echo of this daemon's own write: not parsed again.
+                    return false;
+                }
                 let value = put
                     .then(|| AgentManifest::from_json(entry.value).ok())
                     .flatten()
@@ -130,6 +146,13 @@ impl State {
                 )
             }
             Some(Key::DeploymentStatus(name)) => {
+                if self
+                    .statuses
+                    .get(&name)
+                    .is_some_and(|w| w.revision >= entry.revision)
+                {
+                    return false;
+                }
                 let value = put
                     .then(|| serde_json::from_slice(entry.value).ok())
                     .flatten();
@@ -149,6 +172,7 @@ impl State {
                 };
                 self.apply_report(agent, reported)
             }
+            Some(Key::Values(agent)) => self.apply_values(agent, entry, put),
             Some(Key::Heartbeat(_)) => false,
             None => {
                 tracing::debug!(key, "ignoring a key that is not Flotilla's");
@@ -235,12 +259,59 @@ impl State {
         self.registered.insert(agent, labels.clone()) != Some(labels)
     }
 
-    /// Every agent the control plane knows: registered ones with their
-    /// labels, and those known only by an existing desired-state key.
-    pub fn known_agents(&self) -> BTreeMap<&AgentId, &Labels> {
-        let mut agents: BTreeMap<&AgentId, &Labels> =
-            self.desired.keys().map(|a| (a, &NO_LABELS)).collect();
-        agents.extend(self.registered.iter());
+    /// Someone else's value (or a deletion) asks for a pass, which puts the
+    /// fleet's own value back if it differs; an echo costs nothing.
+    fn apply_heartbeat_settings(&mut self, entry: Seen<'_>, put: bool) -> bool {
+        if self
+            .heartbeat
+            .as_ref()
+            .is_some_and(|w| w.revision >= entry.revision)
+        {
+            return false;
+        }
+        let value = put
+            .then(|| serde_json::from_slice(entry.value).ok())
+            .flatten();
+        self.heartbeat = Some(Written {
+            revision: entry.revision,
+            value,
+        });
+        true
+    }
+
+    fn apply_values(&mut self, agent: AgentId, entry: Seen<'_>, put: bool) -> bool {
+        if !put {
+            return self.values.remove(&agent).is_some();
+        }
+        let values = match serde_json::from_slice::<AgentValues>(entry.value) {
+            Ok(v) if v.agent_id == agent => v.values,
+            Ok(v) => {
+                tracing::warn!(%agent, claimed = %v.agent_id, "values document names another agent; ignoring it");
+                Labels::new()
+            }
+            Err(error) => {
+                tracing::warn!(%agent, %error, "values do not parse; rendering the agent without values");
+                Labels::new()
+            }
+        };
+        self.values.insert(agent, values.clone()) != Some(values)
+    }
+
+    /// Every agent the control plane knows — registered ones with their
+    /// labels, and those known only by an existing desired-state key — with
+    /// what its render depends on.
+    pub fn known_agents(&self) -> BTreeMap<&AgentId, AgentInput<'_>> {
+        let input = |a: &AgentId, labels| AgentInput {
+            labels,
+            values: self.values.get(a).unwrap_or(&NO_LABELS),
+            previous: self.desired.get(a).and_then(|w| w.value.as_ref()),
+        };
+        let mut agents: BTreeMap<&AgentId, AgentInput<'_>> = self
+            .desired
+            .keys()
+            .map(|a| (a, input(a, &NO_LABELS)))
+            .collect();
+        agents.extend(self.registered.iter().map(|(a, l)| (a, input(a, l))));
         agents
     }
 
@@ -428,10 +499,10 @@ mod tests {
         let known = s.known_agents();
         assert_eq!(known.len(), 2);
         assert_eq!(
-            known[&agent("pi-1")].get("a").map(String::as_str),
+            known[&agent("pi-1")].labels.get("a").map(String::as_str),
             Some("1")
         );
-        assert!(known[&agent("pi-2")].is_empty());
+        assert!(known[&agent("pi-2")].labels.is_empty());
     }
 
     #[test]

@@ -14,13 +14,36 @@
 //!   the manifest stays valid.
 //! - A deployment whose document does not parse renders nothing and carries
 //!   its error; everything else renders normally.
+//! - A templated deployment (`${agent.id}`, `${labels.k}`, `${values.k}`;
+//!   docs/adr/0014) is rendered for each agent it selects. When that fails
+//!   for one agent (a label or value it lacks, a rendered spec that breaks
+//!   its kind's rules), the agent keeps the resources of this deployment it
+//!   was last rendered (from its previous manifest, at their old revision),
+//!   and the failure is reported as a [`RenderFailure`]; every other agent
+//!   gets the new revision. Never a half-rendered spec.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use manifest_types::{AgentId, Conflict, Deployment, DeploymentName, ManagedResource, ResourceId};
+use manifest_types::template::Context;
+use manifest_types::{
+    AgentId, AgentManifest, Conflict, Deployment, DeploymentName, ManagedResource, RenderFailure,
+    ResourceId,
+};
 
 /// Labels an agent reports in its inventory (`agents.<id>`).
 pub type Labels = BTreeMap<String, String>;
+
+/// What one agent's render depends on besides the deployments.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentInput<'a> {
+    /// Inventory labels (selection, `${labels.k}`).
+    pub labels: &'a Labels,
+    /// The operator's per-agent values (`values.<id>`, `${values.k}`).
+    pub values: &'a Labels,
+    /// The agent's stored manifest: what it keeps of a deployment whose
+    /// render fails for it.
+    pub previous: Option<&'a AgentManifest>,
+}
 
 /// One deployment as stored in `deployments.<name>`.
 #[derive(Debug, Clone, Copy)]
@@ -42,6 +65,8 @@ pub struct DeploymentRender {
     pub targets: BTreeSet<AgentId>,
     /// Resources left out because an earlier deployment manages the target.
     pub conflicts: Vec<Conflict>,
+    /// Selected agents this revision could not be rendered for.
+    pub render_failures: Vec<RenderFailure>,
     /// Set when nothing could be rendered from the document.
     pub error: Option<String>,
 }
@@ -59,16 +84,38 @@ pub struct Rendered {
 struct Prepared<'a> {
     name: &'a DeploymentName,
     deployment: &'a Deployment,
+    revision: u64,
+    /// Rendered once for every agent (templated ones: per agent instead).
     resources: Vec<ManagedResource>,
 }
 
-/// Renders the fleet. `agents` yields every known agent with its labels: the
+/// The resources of `deployment` in an agent's previous manifest.
+fn kept_from(
+    previous: Option<&AgentManifest>,
+    deployment: &DeploymentName,
+) -> Vec<ManagedResource> {
+    previous
+        .map(|m| {
+            m.resources
+                .iter()
+                .filter(|r| {
+                    r.source
+                        .as_ref()
+                        .is_some_and(|s| &s.deployment == deployment)
+                })
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Renders the fleet. `agents` yields every known agent with its input: the
 /// registered ones with their inventory labels, and the ones known only
 /// because they already have a desired-state key with empty labels (they can
 /// still be selected by id).
 pub fn render<'a>(
     deployments: &[DeploymentInput<'_>],
-    agents: impl IntoIterator<Item = (&'a AgentId, &'a Labels)>,
+    agents: impl IntoIterator<Item = (&'a AgentId, AgentInput<'a>)>,
 ) -> Rendered {
     let mut ordered: Vec<&DeploymentInput<'_>> = deployments.iter().collect();
     ordered.sort_by(|a, b| (a.created_revision, a.name).cmp(&(b.created_revision, b.name)));
@@ -83,6 +130,7 @@ pub fn render<'a>(
                 Ok(resources) => prepared.push(Prepared {
                     name: d.name,
                     deployment,
+                    revision: d.revision,
                     resources,
                 }),
                 Err(e) => status.error = Some(e.to_string()),
@@ -90,12 +138,12 @@ pub fn render<'a>(
         }
     }
 
-    for (agent, labels) in agents {
+    for (agent, input) in agents {
         let mut resources = Vec::new();
         // Target ("file /etc/x") → the resource that holds it on this agent.
         let mut held: BTreeMap<(&'static str, String), ResourceId> = BTreeMap::new();
         for p in &prepared {
-            if !p.deployment.selector.selects(agent, labels) {
+            if !p.deployment.selector.selects(agent, input.labels) {
                 continue;
             }
             let status = out
@@ -103,9 +151,31 @@ pub fn render<'a>(
                 .get_mut(p.name)
                 .expect("every prepared deployment has a status");
             status.targets.insert(agent.clone());
+            let own;
+            let candidates: &[ManagedResource] = if p.deployment.is_templated() {
+                let ctx = Context {
+                    agent,
+                    labels: input.labels,
+                    values: input.values,
+                };
+                own = match p.deployment.render_for(p.revision, &ctx) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        status.render_failures.push(RenderFailure {
+                            agent: agent.clone(),
+                            resource: e.resource,
+                            message: e.message,
+                        });
+                        kept_from(input.previous, p.name)
+                    }
+                };
+                &own
+            } else {
+                &p.resources
+            };
             let mut left_out: BTreeSet<&ResourceId> = BTreeSet::new();
             let first_kept = resources.len();
-            for r in &p.resources {
+            for r in candidates {
                 if let Some(target) = r.spec.target() {
                     if let Some(holder) = held.get(&target) {
                         status.conflicts.push(Conflict {
@@ -131,6 +201,7 @@ pub fn render<'a>(
     }
     for status in out.deployments.values_mut() {
         status.conflicts.sort();
+        status.render_failures.sort();
     }
     out
 }

@@ -41,6 +41,8 @@ fn ids(resources: &[ManagedResource]) -> Vec<&str> {
 struct Fleet {
     deployments: Vec<(DeploymentName, Result<Deployment, String>, u64, u64)>,
     agents: BTreeMap<AgentId, Labels>,
+    values: BTreeMap<AgentId, Labels>,
+    previous: BTreeMap<AgentId, AgentManifest>,
 }
 
 impl Fleet {
@@ -48,7 +50,24 @@ impl Fleet {
         Self {
             deployments: Vec::new(),
             agents: BTreeMap::new(),
+            values: BTreeMap::new(),
+            previous: BTreeMap::new(),
         }
+    }
+
+    fn values(mut self, id: &str, v: &[(&str, &str)]) -> Self {
+        self.values.insert(agent(id), labels(v));
+        self
+    }
+
+    /// Gives every agent the manifests of `rendered` as its stored one.
+    fn stored(mut self, rendered: &Rendered) -> Self {
+        for (a, resources) in &rendered.manifests {
+            let mut m = AgentManifest::empty(a.clone(), 1);
+            m.resources = resources.clone();
+            self.previous.insert(a.clone(), m);
+        }
+        self
     }
 
     fn deploy(mut self, d: Deployment, revision: u64, created: u64) -> Self {
@@ -79,7 +98,20 @@ impl Fleet {
                 created_revision: *created,
             })
             .collect();
-        render(&inputs, &self.agents)
+        let none = Labels::new();
+        render(
+            &inputs,
+            self.agents.iter().map(|(a, labels)| {
+                (
+                    a,
+                    AgentInput {
+                        labels,
+                        values: self.values.get(a).unwrap_or(&none),
+                        previous: self.previous.get(a),
+                    },
+                )
+            }),
+        )
     }
 }
 
@@ -359,4 +391,116 @@ fn a_new_revision_changes_every_selected_manifest() {
             .revision,
         8
     );
+}
+
+fn path_of(r: &ManagedResource) -> &str {
+    match &r.spec {
+        manifest_types::ResourceSpec::File(f) => &f.path,
+        other => panic!("not a file: {other:?}"),
+    }
+}
+
+#[test]
+fn templated_specs_are_rendered_per_agent() {
+    let web = deployment(
+        "web",
+        json!({"matchLabels": {"role": "kiosk"}}),
+        json!([file(
+            "conf",
+            "/srv/${labels.site}/${agent.id}.conf",
+            "cert=${values.cert}"
+        )]),
+    );
+    let out = Fleet::new()
+        .deploy(web, 4, 4)
+        .agent("pi-1", &[("role", "kiosk"), ("site", "berlin")])
+        .agent("pi-2", &[("role", "kiosk"), ("site", "paris")])
+        .values("pi-1", &[("cert", "/etc/c1.pem")])
+        .values("pi-2", &[("cert", "/etc/c2.pem")])
+        .render();
+    let one = &out.manifests[&agent("pi-1")][0];
+    assert_eq!(path_of(one), "/srv/berlin/pi-1.conf");
+    assert_eq!(
+        path_of(&out.manifests[&agent("pi-2")][0]),
+        "/srv/paris/pi-2.conf"
+    );
+    match &one.spec {
+        manifest_types::ResourceSpec::File(f) => assert_eq!(f.content, "cert=/etc/c1.pem"),
+        _ => unreachable!(),
+    }
+    assert!(out.deployments[&name("web")].render_failures.is_empty());
+}
+
+#[test]
+fn an_unresolved_reference_fails_only_that_agent_which_keeps_its_last_render() {
+    let v1 = deployment(
+        "web",
+        json!({"matchLabels": {"role": "kiosk"}}),
+        json!([file("conf", "/srv/${agent.id}.conf", "v1")]),
+    );
+    let v2 = deployment(
+        "web",
+        json!({"matchLabels": {"role": "kiosk"}}),
+        json!([file("conf", "/srv/${agent.id}.conf", "v2 ${values.site}")]),
+    );
+    let fleet = || {
+        Fleet::new()
+            .agent("pi-1", &[("role", "kiosk")])
+            .agent("pi-2", &[("role", "kiosk")])
+            .values("pi-1", &[("site", "s1")])
+    };
+    let first = fleet().deploy(v1, 3, 3).render();
+    let out = fleet().deploy(v2, 9, 3).stored(&first).render();
+    let ok = &out.manifests[&agent("pi-1")][0];
+    assert_eq!(ok.source.as_ref().unwrap().revision, 9);
+    // pi-2 has no `site` value: it keeps revision 3, exactly as rendered then.
+    assert_eq!(
+        out.manifests[&agent("pi-2")],
+        first.manifests[&agent("pi-2")]
+    );
+    let status = &out.deployments[&name("web")];
+    assert_eq!(status.targets.len(), 2);
+    assert_eq!(status.render_failures.len(), 1);
+    let failure = &status.render_failures[0];
+    assert_eq!(failure.agent, agent("pi-2"));
+    assert_eq!(failure.resource.as_str(), "web/conf");
+    assert!(
+        failure.message.contains("${values.site}"),
+        "{}",
+        failure.message
+    );
+    // Without a previous render there is nothing to keep: nothing of it.
+    let fresh = fleet()
+        .deploy(
+            deployment(
+                "web",
+                json!({"matchLabels": {"role": "kiosk"}}),
+                json!([file("conf", "/srv/${agent.id}.conf", "${values.site}")]),
+            ),
+            9,
+            3,
+        )
+        .render();
+    assert!(fresh.manifests[&agent("pi-2")].is_empty());
+}
+
+#[test]
+fn a_rendered_spec_that_breaks_its_rules_fails_that_agent() {
+    // A value that makes the path relative.
+    let d = deployment(
+        "web",
+        json!({"agents": ["pi-1", "pi-2"]}),
+        json!([file("conf", "${values.dir}/x", "x")]),
+    );
+    let out = Fleet::new()
+        .deploy(d, 2, 2)
+        .agent("pi-1", &[])
+        .agent("pi-2", &[])
+        .values("pi-1", &[("dir", "/srv")])
+        .values("pi-2", &[("dir", "relative")])
+        .render();
+    assert_eq!(path_of(&out.manifests[&agent("pi-1")][0]), "/srv/x");
+    let f = &out.deployments[&name("web")].render_failures;
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].agent, agent("pi-2"));
 }

@@ -28,6 +28,15 @@ pub fn name(n: &str) -> DeploymentName {
     DeploymentName::new(n).unwrap()
 }
 
+/// The heartbeat bucket beside the fleet bucket (docs/adr/0015).
+#[allow(dead_code)]
+pub async fn heartbeats(server: &NatsServer) -> Store {
+    let js = async_nats::jetstream::new(server.client().await);
+    flotilla_nats::ensure_heartbeat_bucket(&js, &BucketName::default())
+        .await
+        .expect("heartbeat bucket")
+}
+
 /// The fleet bucket, created (with its RePublish rule) if missing.
 pub async fn store(server: &NatsServer) -> Store {
     let js = async_nats::jetstream::new(server.client().await);

@@ -158,6 +158,7 @@ fn agent(
             status,
             heartbeat_age,
             heartbeat_conflict: None,
+            ..Default::default()
         },
         Target::Agent { generation },
         &Thresholds::default(),
@@ -178,6 +179,7 @@ fn deployment(
             status,
             heartbeat_age,
             heartbeat_conflict: None,
+            ..Default::default()
         },
         Target::Deployment {
             name: &name,
@@ -191,14 +193,73 @@ fn deployment(
 
 #[test]
 fn default_thresholds_derive_from_the_heartbeat_interval() {
+    let s = Duration::from_secs;
     let t = Thresholds::default();
-    assert_eq!(t.stale_after, Duration::from_secs(45));
-    assert_eq!(t.offline_after, Duration::from_secs(150));
-    let t = Thresholds::from_heartbeat_interval(Duration::from_secs(2));
-    assert_eq!(
-        (t.stale_after, t.offline_after),
-        (Duration::from_secs(6), Duration::from_secs(20))
-    );
+    assert_eq!(t.limits(None), (s(45), s(150)));
+    // An agent that declares its interval is judged by it.
+    assert_eq!(t.limits(Some(s(2))), (s(6), s(20)));
+    let t = Thresholds::from_heartbeat_interval(s(2));
+    assert_eq!(t.limits(None), (s(6), s(20)));
+    assert_eq!(t.limits(Some(s(60))), (s(180), s(600)));
+    // Fixed limits win; Offline never before Stale.
+    let t = Thresholds::fixed(s(5), s(9));
+    assert_eq!(t.limits(Some(s(60))), (s(5), s(9)));
+    let t = Thresholds {
+        offline_after: Some(s(1)),
+        ..Thresholds::default()
+    };
+    assert_eq!(t.limits(Some(s(2))), (s(6), s(6)));
+}
+
+#[test]
+fn liveness_is_the_heartbeat_age_against_the_declared_interval() {
+    let s = Duration::from_secs;
+    let st = status(4, true, &[]);
+    let t = Thresholds::default();
+    let report = |heartbeat_age, heartbeat_interval, status_age, status| AgentReport {
+        status,
+        heartbeat_age,
+        heartbeat_interval,
+        status_age,
+        ..Default::default()
+    };
+    let cases = [
+        (
+            report(Some(s(1)), Some(s(1)), None, Some(&st)),
+            Liveness::Online,
+        ),
+        (
+            report(Some(s(4)), Some(s(1)), None, Some(&st)),
+            Liveness::Stale,
+        ),
+        (
+            report(Some(s(11)), Some(s(1)), None, Some(&st)),
+            Liveness::Offline,
+        ),
+        // A slow interval: the same ages are fine.
+        (
+            report(Some(s(11)), Some(s(60)), None, Some(&st)),
+            Liveness::Online,
+        ),
+        // No heartbeat: a status is Stale, an old status Offline, nothing at all Offline.
+        (report(None, None, Some(s(1)), Some(&st)), Liveness::Stale),
+        (
+            report(None, None, Some(s(1000)), Some(&st)),
+            Liveness::Offline,
+        ),
+        (report(None, None, None, None), Liveness::Offline),
+    ];
+    for (i, (r, want)) in cases.iter().enumerate() {
+        assert_eq!(liveness(r, &t).0, *want, "case {i}");
+        let v = assess(r, Target::Agent { generation: 4 }, &t);
+        assert_eq!(v.liveness, *want, "case {i}");
+    }
+    // Status never looks fresher than the heartbeat: Ready but Offline.
+    let v = assess(&cases[2].0, Target::Agent { generation: 4 }, &t);
+    assert_eq!(v.state, State::Offline);
+    // Never heard of at all is Pending (nothing to say about convergence).
+    let v = assess(&cases[6].0, Target::Agent { generation: 4 }, &t);
+    assert_eq!(v.state, State::Pending);
 }
 
 #[test]
@@ -538,6 +599,7 @@ fn a_heartbeat_conflict_is_reported_even_when_the_status_looks_fine() {
             status: Some(&s),
             heartbeat_age: FRESH,
             heartbeat_conflict: Some("instance j heartbeats too"),
+            ..Default::default()
         },
         Target::Agent { generation: 4 },
         &Thresholds::default(),
@@ -591,6 +653,7 @@ fn progress_assesses_every_target_and_skips_conflicted_resources() {
             held_by: rid("base/conf"),
             target: "file /etc/conf".into(),
         }],
+        render_failures: vec![],
         error: None,
     };
     let resources = [rid("web/motd"), rid("web/conf")];
@@ -610,6 +673,7 @@ fn progress_assesses_every_target_and_skips_conflicted_resources() {
             status: statuses.get(agent),
             heartbeat_age: FRESH,
             heartbeat_conflict: None,
+            ..Default::default()
         },
         &Thresholds::default(),
     );

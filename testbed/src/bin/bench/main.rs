@@ -14,6 +14,11 @@
 //!    of the binary, against a real nats-server.
 //! 2. Fleet: N agents in-process; one manifest write per agent in a burst;
 //!    time until all report converged, repeated a few rounds.
+//!
+//! `flotilla-bench fleet …` measures the control plane at fleet scale
+//! instead (see `fleet.rs`).
+
+mod fleet;
 
 use std::time::{Duration, Instant};
 
@@ -29,6 +34,9 @@ use tokio::sync::oneshot;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("fleet") {
+        return fleet::run().await;
+    }
     let applies = testbed::bench_arg("--applies", 200);
     let fleet = testbed::bench_arg("--fleet", 100);
     let rounds = testbed::bench_arg("--rounds", 5);
@@ -232,7 +240,7 @@ async fn wait_deployment(store: &Store, agent: &AgentId, revision: u64) -> anyho
     }
 }
 
-fn percentile(samples: &mut [Duration], p: usize) -> Duration {
+pub(crate) fn percentile(samples: &mut [Duration], p: usize) -> Duration {
     samples.sort();
     let idx = ((samples.len() - 1) * p).div_ceil(100);
     samples[idx.min(samples.len() - 1)]

@@ -1,0 +1,370 @@
+//! `flotilla-bench fleet`: the control plane at fleet scale.
+//!
+//! For each fleet size N: a fresh nats-server, the real `flotilla-control`
+//! binary (release build) as its own process, and N agents in this process
+//! (exactly the agent's code, one NATS connection each), labelled
+//! `bench=fleet`, all with one shared file root. Measured, side by side in
+//! one run:
+//! 1. **new deployment**: one label-selected Deployment whose File path
+//!    carries `${agent.id}` is put; time until every agent reports it
+//!    converged (all its resources Ready at that revision);
+//! 2. **update**: the content changes; time until all converged again;
+//! 3. the control plane's RSS, idle before the agents start and after the
+//!    updates, and per agent;
+//! 4. `flotilla get agents -o json` (the release binary), median of 3;
+//! 5. the heartbeat interval the control plane published, the heartbeat
+//!    writes per second it holds the fleet to (agents would beat every
+//!    second; the cap is 500/s) and nats-server RSS while the fleet idles.
+//!
+//! ```sh
+//! cargo build --release --workspace --bins
+//! target/release/flotilla-bench fleet --agents 100,1000,10000 --updates 3
+//! ```
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use async_nats::jetstream::kv::Store;
+use bytes::Bytes;
+use flotilla_agent::Config;
+use futures::StreamExt;
+use manifest_types::{AgentId, AgentStatus, BucketName, ConditionType, HeartbeatSettings, keys};
+use serde_json::json;
+use testbed::NatsServer;
+use tokio::sync::{oneshot, watch};
+
+/// The fleet-wide heartbeat cap the control plane is started with.
+const MAX_RATE: u64 = 500;
+
+pub async fn run() -> anyhow::Result<()> {
+    let sizes = testbed::bench_list("--agents", "100,1000,10000");
+    let updates = testbed::bench_arg("--updates", 3);
+    println!("{} cores", std::thread::available_parallelism()?);
+    let mut rows = Vec::new();
+    for &n in &sizes {
+        rows.push(one_fleet(n, updates).await?);
+    }
+    println!();
+    println!(
+        "| agents | new deployment → all converged | update → all converged (median of {updates}) | control RSS idle | control RSS | per agent | `get agents` | heartbeat interval | heartbeats/s (cap {MAX_RATE}) | nats-server RSS |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {:.1} KiB | {} | {:.1} s | {:.0} | {} |",
+            r.agents,
+            ms(r.first),
+            ms(r.update),
+            kib(r.control_idle),
+            kib(r.control_rss),
+            r.control_rss.saturating_sub(r.control_idle) as f64 / r.agents as f64,
+            ms(r.get_agents),
+            r.interval.as_secs_f64(),
+            r.heartbeats_per_s,
+            kib(r.server_rss),
+        );
+    }
+    Ok(())
+}
+
+struct Row {
+    agents: usize,
+    first: Duration,
+    update: Duration,
+    control_idle: u64,
+    control_rss: u64,
+    get_agents: Duration,
+    heartbeats_per_s: f64,
+    interval: Duration,
+    server_rss: u64,
+}
+
+async fn one_fleet(n: usize, updates: usize) -> anyhow::Result<Row> {
+    eprintln!("fleet of {n}: starting");
+    let server = NatsServer::start();
+    let js = async_nats::jetstream::new(server.client().await);
+    let dir = tempfile::tempdir()?;
+    let files = dir.path().join("files");
+    std::fs::create_dir_all(&files)?;
+    let files = files.canonicalize()?;
+    let control = ControlPlane::start(&server, dir.path())?;
+    // The control plane creates the bucket; wait for it.
+    let store = loop {
+        if let Ok(s) = js.get_key_value(BucketName::default().as_str()).await {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let control_idle = rss_kib(control.pid())?;
+    let converged = Converged::watch(&store).await?;
+
+    let mut agents = Vec::with_capacity(n);
+    for i in 0..n {
+        agents.push(start_agent(
+            &server,
+            dir.path(),
+            &files,
+            &format!("a{i:05}"),
+        )?);
+    }
+    // Registered: every agent has reported a status on its first manifest.
+    converged
+        .wait(n, 0, Duration::from_secs(300))
+        .await
+        .context("agents did not register")?;
+    eprintln!("fleet of {n}: registered");
+
+    let t = Instant::now();
+    let revision = store
+        .put("deployments.bench", deployment(&files, 0))
+        .await?;
+    converged
+        .wait(n, revision, Duration::from_secs(300))
+        .await
+        .context("new deployment")?;
+    let first = t.elapsed();
+    eprintln!("fleet of {n}: new deployment {first:?}");
+
+    let mut times = Vec::new();
+    for i in 1..=updates {
+        let t = Instant::now();
+        let revision = store
+            .put("deployments.bench", deployment(&files, i))
+            .await?;
+        converged
+            .wait(n, revision, Duration::from_secs(300))
+            .await
+            .context("update")?;
+        times.push(t.elapsed());
+    }
+    let update = crate::percentile(&mut times, 50);
+    let control_rss = rss_kib(control.pid())?;
+
+    let mut reads = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let out = Command::new(release_binary("flotilla")?)
+            .args(["--nats-url", &server.url(), "get", "agents", "-o", "json"])
+            .stderr(Stdio::inherit())
+            .output()?;
+        if !out.status.success() {
+            bail!("flotilla get agents failed: {}", out.status);
+        }
+        reads.push(t.elapsed());
+    }
+    let get_agents = crate::percentile(&mut reads, 50);
+
+    // Over two published intervals (at least 10 s), once every agent has
+    // had time to read the setting.
+    let interval = published_interval(&store).await?;
+    let beats = js
+        .get_key_value(keys::heartbeat_bucket(&BucketName::default()))
+        .await?;
+    let heartbeats_per_s =
+        heartbeat_rate(&beats, (interval * 2).max(Duration::from_secs(10))).await?;
+    let server_rss = rss_kib(server.pid().context("nats-server runs")?)?;
+    drop(agents);
+    drop(control);
+    Ok(Row {
+        agents: n,
+        first,
+        update,
+        control_idle,
+        control_rss,
+        get_agents,
+        heartbeats_per_s,
+        interval,
+        server_rss,
+    })
+}
+
+/// Heartbeat writes per second over `window`, from the heartbeat bucket's
+/// stream sequence.
+async fn heartbeat_rate(beats: &Store, window: Duration) -> anyhow::Result<f64> {
+    let before = beats.status().await?.info.state.last_sequence;
+    let t = Instant::now();
+    tokio::time::sleep(window).await;
+    let after = beats.status().await?.info.state.last_sequence;
+    Ok((after - before) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// The published heartbeat interval (`settings.heartbeat`).
+async fn published_interval(store: &Store) -> anyhow::Result<Duration> {
+    let entry = store
+        .get(keys::HEARTBEAT_SETTINGS)
+        .await?
+        .context("settings.heartbeat is published")?;
+    Ok(serde_json::from_slice::<HeartbeatSettings>(&entry)?.interval())
+}
+
+/// Each agent's newest deployment revision it reports converged (every
+/// `bench/…` resource Ready at that revision, the agent Ready), from one
+/// watch over `actual-state.>`; revision 0 is "registered and Ready".
+struct Converged {
+    newest: Arc<Mutex<HashMap<String, u64>>>,
+    changed: watch::Receiver<u64>,
+}
+
+impl Converged {
+    async fn watch(store: &Store) -> anyhow::Result<Self> {
+        let mut w = store.watch(keys::all(keys::ACTUAL_STATE)).await?;
+        let newest: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+        let (tx, rx) = watch::channel(0u64);
+        let map = newest.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(entry)) = w.next().await {
+                let Ok(s) = serde_json::from_slice::<AgentStatus>(&entry.value) else {
+                    continue;
+                };
+                if !s.condition_true(ConditionType::Ready) || s.manifest_generation == 0 {
+                    continue;
+                }
+                let mut revisions = s.resources.values().map(|r| {
+                    r.state
+                        .is_ready()
+                        .then(|| r.source.as_ref().map(|src| src.revision))
+                        .flatten()
+                });
+                let revision = match revisions.next() {
+                    None => 0,
+                    Some(first) => match revisions.try_fold(first, |a, b| (a == b).then_some(a)) {
+                        Some(Some(r)) => r,
+                        _ => continue,
+                    },
+                };
+                let mut m = map.lock().expect("not poisoned");
+                let held = m.entry(entry.key.clone()).or_default();
+                if revision >= *held {
+                    *held = revision;
+                    drop(m);
+                    tx.send_modify(|v| *v += 1);
+                }
+            }
+        });
+        Ok(Self {
+            newest,
+            changed: rx,
+        })
+    }
+
+    /// Waits until `n` agents report `revision` (or a newer one) converged.
+    async fn wait(&self, n: usize, revision: u64, limit: Duration) -> anyhow::Result<()> {
+        let mut changed = self.changed.clone();
+        let done = |m: &HashMap<String, u64>| m.values().filter(|&&r| r >= revision).count();
+        tokio::time::timeout(limit, async {
+            loop {
+                let count = done(&self.newest.lock().expect("not poisoned"));
+                if count >= n {
+                    return Ok(());
+                }
+                changed.changed().await?;
+            }
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "{} of {n} converged on revision {revision} after {limit:?}",
+                done(&self.newest.lock().expect("not poisoned"))
+            )
+        })?
+    }
+}
+
+struct ControlPlane(Child);
+
+impl ControlPlane {
+    fn start(server: &NatsServer, dir: &Path) -> anyhow::Result<Self> {
+        let log = std::fs::File::create(dir.join("control.log"))?;
+        let child = Command::new(release_binary("flotilla-control")?)
+            .args(["--nats-url", &server.url()])
+            .args(["--heartbeat-max-rate", &MAX_RATE.to_string()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        Ok(Self(child))
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn release_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| testbed::workspace_root().join("target"));
+    let path = dir.join("release").join(name);
+    if !path.exists() {
+        bail!(
+            "{} is not built: run `cargo build --release --workspace --bins`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Resident set size of a process, KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS in /proc/<pid>/status")
+}
+
+fn start_agent(
+    server: &NatsServer,
+    dir: &Path,
+    files: &Path,
+    id: &str,
+) -> anyhow::Result<oneshot::Sender<()>> {
+    let mut config = Config::new(server.url(), AgentId::new(id)?, dir.join("state").join(id))
+        .with_file_root(files)?;
+    config.labels.insert("bench".into(), "fleet".into());
+    // Agents would beat every second; the control plane's published
+    // interval holds the fleet to MAX_RATE.
+    config.heartbeat_interval = Duration::from_secs(1);
+    let (tx, rx) = oneshot::channel::<()>();
+    tokio::spawn(flotilla_agent::run(config, async move {
+        let _ = rx.await;
+    }));
+    Ok(tx)
+}
+
+/// The benchmark's Deployment: every `bench=fleet` agent, one File per agent
+/// at a path of its own.
+fn deployment(files: &Path, i: usize) -> Bytes {
+    Bytes::from(
+        json!({
+            "apiVersion": "flotilla.dev/v1", "kind": "Deployment", "name": "bench",
+            "selector": {"labels": {"bench": "fleet"}},
+            "resources": [
+                {"id": "config", "kind": "File", "spec": {
+                    "path": format!("{}/${{agent.id}}.conf", files.display()),
+                    "content": format!("update = {i}\n")}}
+            ]
+        })
+        .to_string(),
+    )
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn kib(k: u64) -> String {
+    format!("{:.1} MiB", k as f64 / 1024.0)
+}

@@ -22,6 +22,9 @@ use crate::state::{CachedManifest, StateDir, StateError};
 use crate::status::{StatusBoard, agent_build};
 use crate::worker::Worker;
 
+/// Longest wait for the first heartbeat before the first status is written.
+const FIRST_BEAT_WAIT: Duration = Duration::from_secs(2);
+
 /// Longest random delay before the direct get that follows a (re)connect.
 const RECONNECT_JITTER: Duration = Duration::from_secs(1);
 
@@ -109,15 +112,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.agent_id.clone(),
     );
 
-    let history = HistoryResets::default();
-    tasks.spawn(report::status_writer(
-        kv.clone(),
-        board.clone(),
-        statuses,
-        epoch_rx.clone(),
-        history.clone(),
-        config.resync_interval,
-    ));
+    // The first heartbeat goes out before the first status (see
+    // report::heartbeat), waited for at most FIRST_BEAT_WAIT.
+    let (first_beat, beaten) = tokio::sync::oneshot::channel();
     tasks.spawn(report::heartbeat(
         AgentKv::new(
             client.clone(),
@@ -127,6 +124,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         kv.clone(),
         board.clone(),
         config.heartbeat_interval,
+        first_beat,
+    ));
+    let _ = tokio::time::timeout(FIRST_BEAT_WAIT, beaten).await;
+
+    let history = HistoryResets::default();
+    tasks.spawn(report::status_writer(
+        kv.clone(),
+        board.clone(),
+        statuses,
+        epoch_rx.clone(),
+        history.clone(),
+        config.resync_interval,
     ));
     tasks.spawn(report::register(
         kv.clone(),

@@ -211,13 +211,23 @@ pub fn effective_interval(configured: Duration, fleet: Option<Duration>) -> Dura
 /// beats), jittered. Each beat declares the interval until the next one, so
 /// readers judge its liveness by it; a longer interval is declared before it
 /// is waited. Its KV timestamp, which is server time, is the liveness signal.
-pub async fn heartbeat(beats: AgentKv, fleet: AgentKv, board: StatusBoard, configured: Duration) {
+///
+/// The first beat goes out at once, and `first` is told when it was tried:
+/// the agent writes its status only after it, so a reader never sees a fresh
+/// status without a heartbeat (which would look Stale).
+pub async fn heartbeat(
+    beats: AgentKv,
+    fleet: AgentKv,
+    board: StatusBoard,
+    configured: Duration,
+    first: tokio::sync::oneshot::Sender<()>,
+) {
     let key = keys::heartbeat(beats.agent());
     let mut seq = 0u64;
     let mut interval = configured;
     let mut fleet_interval: Option<Duration> = None;
-    // The first beat comes soon after start, spread over a second.
-    let mut delay = jittered(Duration::from_millis(500));
+    let mut first = Some(first);
+    let mut delay = Duration::ZERO;
     loop {
         tokio::time::sleep(delay).await;
         if seq.is_multiple_of(SETTINGS_EVERY) {
@@ -259,6 +269,9 @@ pub async fn heartbeat(beats: AgentKv, fleet: AgentKv, board: StatusBoard, confi
             Ok(Ok(revision)) => tracing::trace!(seq, revision, "heartbeat"),
             Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat not delivered"),
             Err(_) => tracing::debug!("heartbeat timed out"),
+        }
+        if let Some(tx) = first.take() {
+            let _ = tx.send(());
         }
     }
 }

@@ -39,7 +39,7 @@ struct Args {
     #[arg(long, env = "FLOTILLA_HEARTBEAT_MAX_RATE", default_value_t = 500)]
     heartbeat_max_rate: u64,
     /// Shortest heartbeat interval published (agents whose own is longer keep theirs).
-    #[arg(long, env = "FLOTILLA_HEARTBEAT_MIN_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
+    #[arg(long, env = "FLOTILLA_HEARTBEAT_MIN_INTERVAL", value_parser = humantime::parse_duration, default_value = "100ms")]
     heartbeat_min_interval: std::time::Duration,
     /// Longest heartbeat interval published, however large the fleet.
     #[arg(long, env = "FLOTILLA_HEARTBEAT_MAX_INTERVAL", value_parser = humantime::parse_duration, default_value = "10m")]

@@ -281,6 +281,12 @@ impl Process {
         self.child.wait().expect("wait")
     }
 
+    /// SIGKILL: the process dies without a word, as on power loss.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn output(&self) -> String {
         read(&self.log)
     }

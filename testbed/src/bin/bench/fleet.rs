@@ -161,11 +161,7 @@ async fn one_fleet(n: usize, updates: usize) -> anyhow::Result<Row> {
     // Over two published intervals (at least 10 s), once every agent has
     // had time to read the setting.
     let interval = published_interval(&store).await?;
-    let beats = js
-        .get_key_value(keys::heartbeat_bucket(&BucketName::default()))
-        .await?;
-    let heartbeats_per_s =
-        heartbeat_rate(&beats, (interval * 2).max(Duration::from_secs(10))).await?;
+    let heartbeats_per_s = heartbeat_rate(&js, (interval * 2).max(Duration::from_secs(10))).await?;
     let server_rss = rss_kib(server.pid().context("nats-server runs")?)?;
     drop(agents);
     drop(control);
@@ -184,11 +180,26 @@ async fn one_fleet(n: usize, updates: usize) -> anyhow::Result<Row> {
 
 /// Heartbeat writes per second over `window`, from the heartbeat bucket's
 /// stream sequence.
-async fn heartbeat_rate(beats: &Store, window: Duration) -> anyhow::Result<f64> {
-    let before = beats.status().await?.info.state.last_sequence;
+async fn heartbeat_rate(
+    js: &async_nats::jetstream::Context,
+    window: Duration,
+) -> anyhow::Result<f64> {
+    // Fresh stream info each time (a KV store's `status()` is cached).
+    let stream = format!("KV_{}", keys::heartbeat_bucket(&BucketName::default()));
+    let sequence = || async {
+        anyhow::Ok(
+            js.get_stream(&stream)
+                .await?
+                .info()
+                .await?
+                .state
+                .last_sequence,
+        )
+    };
+    let before = sequence().await?;
     let t = Instant::now();
     tokio::time::sleep(window).await;
-    let after = beats.status().await?.info.state.last_sequence;
+    let after = sequence().await?;
     Ok((after - before) as f64 / t.elapsed().as_secs_f64())
 }
 
@@ -350,7 +361,7 @@ fn deployment(files: &Path, i: usize) -> Bytes {
     Bytes::from(
         json!({
             "apiVersion": "flotilla.dev/v1", "kind": "Deployment", "name": "bench",
-            "selector": {"labels": {"bench": "fleet"}},
+            "selector": {"matchLabels": {"bench": "fleet"}},
             "resources": [
                 {"id": "config", "kind": "File", "spec": {
                     "path": format!("{}/${{agent.id}}.conf", files.display()),

@@ -208,6 +208,53 @@ pub async fn publish_manifest_above(
     })
 }
 
+/// [`publish_manifest_above`] for a caller that knows what the key holds: a
+/// readable manifest of the agent's at `known.revision` with generation
+/// `known.generation` (the daemon's watched copy). The new manifest is
+/// written above it and the floor with one CAS against that revision — no
+/// read — and only when the key has moved since does it fall back to
+/// reading it afresh.
+pub async fn publish_manifest_over(
+    store: &Store,
+    agent: &AgentId,
+    resources: Vec<ManagedResource>,
+    floor: Floor,
+    known: Known,
+) -> Result<PublishOutcome, PublishError> {
+    let key = keys::desired_state(agent);
+    let mut manifest = AgentManifest::empty(agent.clone(), 0);
+    manifest.resources = resources;
+    manifest
+        .validate()
+        .map_err(|source| PublishError::InvalidManifest {
+            agent: agent.clone(),
+            source,
+        })?;
+    let generation = known.generation.max(floor.generation) + 1;
+    manifest.generation = generation;
+    match store
+        .update(&key, Bytes::from(manifest.to_json()), known.revision)
+        .await
+    {
+        Ok(revision) => Ok(PublishOutcome::Written {
+            generation,
+            revision,
+        }),
+        Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+            publish_manifest_above(store, agent, manifest.resources, floor).await
+        }
+        Err(source) => Err(PublishError::Write { key, source }),
+    }
+}
+
+/// What the caller knows a desired-state key holds: a readable manifest of
+/// its agent, at this revision and generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Known {
+    pub revision: u64,
+    pub generation: u64,
+}
+
 /// The highest generation the agent reports having looked at (or accepted),
 /// read leniently from `actual-state.<id>`; 0 when there is nothing readable.
 pub async fn observed_generation(store: &Store, agent: &AgentId) -> Result<u64, PublishError> {

@@ -493,3 +493,70 @@ async fn a_write_that_fails_blocks_nobody_else_and_is_retried() {
     let (_, s) = wait_status(&store, "beta", "both targets", |s| s.targets.len() == 2).await;
     assert!(s.conflicts.is_empty());
 }
+
+/// A pass costs what changed: one agent relabelled renders one agent, a
+/// new value renders one agent, while a deployment change renders the
+/// whole fleet; the deployment status still counts every target.
+#[tokio::test]
+async fn a_pass_renders_only_the_agents_whose_inputs_changed() {
+    let server = NatsServer::start();
+    let store = store(&server).await;
+    let control = Control::start(&server);
+    for i in 0..20 {
+        register(&store, &format!("pi-{i}"), json!({"role": "kiosk"})).await;
+    }
+    let templated = deployment(
+        "web",
+        json!({"matchLabels": {"role": "kiosk"}}),
+        json!([file("conf", "/etc/${agent.id}.conf", "site=${values.site}")]),
+    );
+    let rev = put_deployment(&store, &templated).await;
+    control.settled(rev).await;
+    let (_, s) = wait_status(&store, "web", "rendered", |s| s.observed_revision == rev).await;
+    assert_eq!(s.targets.len(), 20);
+    assert_eq!(s.render_failures.len(), 20, "no agent has `site` yet");
+
+    // One agent's value: one agent rendered, its manifest written.
+    let before = control.metrics.agents_rendered();
+    let written = control.metrics.manifests_written();
+    let values =
+        json!({"apiVersion": "flotilla.dev/v1", "agentId": "pi-3", "values": {"site": "s3"}});
+    let vrev = store
+        .put("values.pi-3", Bytes::from(values.to_string()))
+        .await
+        .unwrap();
+    control.settled(vrev).await;
+    assert_eq!(control.metrics.agents_rendered() - before, 1);
+    assert_eq!(control.metrics.manifests_written() - written, 1);
+    let (_, m) = wait_manifest(&store, "pi-3", "rendered with its value", |m| {
+        !m.resources.is_empty()
+    })
+    .await;
+    let manifest_types::ResourceSpec::File(f) = &m.resources[0].spec else {
+        panic!("a file")
+    };
+    assert_eq!(
+        (f.path.as_str(), f.content.as_str()),
+        ("/etc/pi-3.conf", "site=s3")
+    );
+    let (_, s) = wait_status(&store, "web", "19 failures", |s| {
+        s.render_failures.len() == 19
+    })
+    .await;
+    assert_eq!(s.targets.len(), 20);
+
+    // One agent relabelled out of the selection: one agent rendered.
+    let before = control.metrics.agents_rendered();
+    let lrev = register(&store, "pi-7", json!({"role": "sensor"})).await;
+    control.settled(lrev).await;
+    assert_eq!(control.metrics.agents_rendered() - before, 1);
+    let (_, s) = wait_status(&store, "web", "19 targets", |s| s.targets.len() == 19).await;
+    assert!(!s.targets.contains_key(&agent("pi-7")));
+    assert_eq!(s.render_failures.len(), 18);
+
+    // A deployment change renders everyone.
+    let before = control.metrics.agents_rendered();
+    let rev2 = put_deployment(&store, &kiosk_web("v2")).await;
+    control.settled(rev2).await;
+    assert_eq!(control.metrics.agents_rendered() - before, 20);
+}

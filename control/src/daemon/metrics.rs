@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Debug, Default)]
 pub struct Metrics {
     passes: AtomicU64,
+    agents_rendered: AtomicU64,
     manifests_written: AtomicU64,
     statuses_written: AtomicU64,
     relists: AtomicU64,
@@ -16,9 +17,15 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Reconcile passes run (each renders the whole fleet once).
+    /// Reconcile passes run.
     pub fn passes(&self) -> u64 {
         self.passes.load(Ordering::SeqCst)
+    }
+
+    /// Agents rendered over all passes: the whole fleet when a deployment
+    /// changed, only the agents whose inputs changed otherwise.
+    pub fn agents_rendered(&self) -> u64 {
+        self.agents_rendered.load(Ordering::SeqCst)
     }
 
     /// Desired-state values written.
@@ -49,8 +56,10 @@ impl Metrics {
         self.settled_revision.load(Ordering::SeqCst)
     }
 
-    pub(crate) fn pass(&self, manifests: usize, statuses: usize) {
+    pub(crate) fn pass(&self, rendered: usize, manifests: usize, statuses: usize) {
         self.passes.fetch_add(1, Ordering::SeqCst);
+        self.agents_rendered
+            .fetch_add(rendered as u64, Ordering::SeqCst);
         self.manifests_written
             .fetch_add(manifests as u64, Ordering::SeqCst);
         self.statuses_written

@@ -238,7 +238,11 @@ pub async fn run_with_store(
                     &config.heartbeat,
                 )
                 .await;
-                metrics.pass(report.manifests_written, report.statuses_written);
+                metrics.pass(
+                    report.agents_rendered,
+                    report.manifests_written,
+                    report.statuses_written,
+                );
                 tracing::debug!(?report, "reconcile pass");
                 if report.failures > 0 {
                     tracing::warn!(

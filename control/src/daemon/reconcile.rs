@@ -1,10 +1,13 @@
-//! One reconcile pass: render the whole fleet from [`State`], publish the
-//! manifests that do not stand (their resources changed, or the stored value
-//! is not the control plane's own rendering at a generation the agent can
-//! accept — docs/adr/0012), then the deployment statuses whose content
-//! changed, then remove statuses of deleted deployments. Always the whole
-//! desired state, never a hint of what changed (STYLE.md 5); the state cache
-//! makes an unchanged fleet cost no KV round trip at all.
+//! One reconcile pass: render from [`State`] — the whole fleet when a
+//! deployment changed, else only the agents whose labels, values, stored
+//! manifest or report changed, patched into the last render — publish the
+//! manifests of those agents that do not stand (their resources changed, or
+//! the stored value is not the control plane's own rendering at a generation
+//! the agent can accept — docs/adr/0012), then the deployment statuses whose
+//! content changed, then remove statuses of deleted deployments. Each agent
+//! is rendered from its whole desired state, never a hint of what changed
+//! (STYLE.md 5); the pass's cost follows what changed, and an unchanged
+//! fleet costs no KV round trip at all.
 
 use std::collections::BTreeMap;
 
@@ -14,12 +17,14 @@ use manifest_types::{AgentId, AgentManifest, ApiVersion, DeploymentStatus, Manag
 
 use super::state::{State, Written};
 use crate::heartbeat::{HeartbeatPolicy, needs_write};
-use crate::publish::{self, Floor, PublishOutcome, StatusOutcome};
+use crate::publish::{self, Floor, Known, PublishOutcome, StatusOutcome};
 use crate::render;
 
 /// What a pass did; `failures` > 0 asks for a retry.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct PassReport {
+    /// Agents rendered in this pass (all, or those whose inputs changed).
+    pub agents_rendered: usize,
     pub manifests_written: usize,
     pub statuses_written: usize,
     pub failures: usize,
@@ -45,29 +50,63 @@ pub(crate) async fn reconcile(
     heartbeat: &HeartbeatPolicy,
 ) -> PassReport {
     state.resolve_created_revisions();
-    let rendered = render::render(&state.deployment_inputs(), state.known_agents());
     let mut report = PassReport::default();
+    // Render the whole fleet after a deployment changed (or a relist), else
+    // only the agents whose inputs changed, patched into the last render.
+    let dirty = std::mem::take(&mut state.dirty);
+    let full = dirty.all || state.rendered.is_none();
+    let (fresh, rendered) = if full {
+        let r = render::render(&state.deployment_inputs(), state.known_agents());
+        (r.manifests.clone(), r)
+    } else {
+        let agents = state
+            .known_agents()
+            .into_iter()
+            .filter(|(a, _)| dirty.agents.contains(*a));
+        let partial = render::render(&state.deployment_inputs(), agents);
+        let fresh = partial.manifests.clone();
+        let mut r = state.rendered.take().expect("a previous render");
+        r.patch(partial, &dirty.agents);
+        (fresh, r)
+    };
+    report.agents_rendered = fresh.len();
 
-    // Manifests: skip agents whose cached manifest stands; publish re-checks
-    // against the store with CAS, so a stale cache costs a read.
-    let mut generations: BTreeMap<AgentId, u64> = BTreeMap::new();
-    let mut changed: Vec<(AgentId, Vec<ManagedResource>, Floor)> = Vec::new();
-    for (agent, resources) in rendered.manifests {
+    // Manifests of the agents just rendered: skip those whose cached
+    // manifest stands; publish re-checks against the store with CAS, so a
+    // stale cache costs a read.
+    let mut changed: Vec<(AgentId, Vec<ManagedResource>, Floor, Option<Known>)> = Vec::new();
+    for (agent, resources) in fresh {
         let floor = state.floor(&agent);
         match state.desired.get(&agent) {
             Some(Written {
                 revision,
                 value: Some(m),
-            }) if floor.stands(m, *revision, &resources) => {
-                generations.insert(agent, m.generation);
+            }) if floor.stands(m, *revision, &resources) => {}
+            Some(Written {
+                revision,
+                value: Some(m),
+            }) => {
+                let known = Known {
+                    revision: *revision,
+                    generation: m.generation,
+                };
+                changed.push((agent, resources, floor, Some(known)));
             }
-            _ => changed.push((agent, resources, floor)),
+            _ => changed.push((agent, resources, floor, None)),
         }
     }
     let results: Vec<_> = futures::stream::iter(changed)
-        .map(|(agent, resources, floor)| async move {
-            let outcome =
-                publish::publish_manifest_above(store, &agent, resources.clone(), floor).await;
+        .map(|(agent, resources, floor, known)| async move {
+            // A watched copy of the key saves the read before the write.
+            let outcome = match known {
+                Some(known) => {
+                    publish::publish_manifest_over(store, &agent, resources.clone(), floor, known)
+                        .await
+                }
+                None => {
+                    publish::publish_manifest_above(store, &agent, resources.clone(), floor).await
+                }
+            };
             (agent, resources, outcome)
         })
         .buffer_unordered(concurrency.max(1))
@@ -96,19 +135,30 @@ pub(crate) async fn reconcile(
                         );
                     }
                 }
-                generations.insert(agent, generation);
             }
             Err(error) => {
                 report.failed(format!("cannot publish the manifest of {agent}"), &error);
+                // Rendered again by the retry.
+                state.dirty.agents.insert(agent);
             }
         }
     }
 
-    // Deployment statuses. One whose targets could not all be published
-    // waits for the retry rather than report a partial picture.
+    // Deployment statuses, from the whole (patched) render and the stored
+    // generations. One whose targets are not all written yet waits for the
+    // retry rather than report a partial picture.
+    // A target counts only once its stored manifest carries this render.
+    let generations: BTreeMap<&AgentId, u64> = state
+        .desired
+        .iter()
+        .filter_map(|(a, w)| {
+            let m = w.value.as_ref()?;
+            (rendered.manifests.get(a) == Some(&m.resources)).then_some((a, m.generation))
+        })
+        .collect();
     let mut statuses = Vec::new();
-    for (name, r) in rendered.deployments {
-        let Some(record) = state.deployments.get(&name) else {
+    for (name, r) in &rendered.deployments {
+        let Some(record) = state.deployments.get(name) else {
             continue;
         };
         let Some(targets) = r
@@ -125,11 +175,11 @@ pub(crate) async fn reconcile(
             observed_revision: record.revision,
             created_revision: record.created_revision.unwrap_or(record.first_seen),
             targets,
-            conflicts: r.conflicts,
-            render_failures: r.render_failures,
-            error: r.error,
+            conflicts: r.conflicts.clone(),
+            render_failures: r.render_failures.clone(),
+            error: r.error.clone(),
         };
-        let stored = state.statuses.get(&name).and_then(|w| w.value.as_ref());
+        let stored = state.statuses.get(name).and_then(|w| w.value.as_ref());
         if stored != Some(&status) {
             statuses.push(status);
         }
@@ -192,6 +242,8 @@ pub(crate) async fn reconcile(
             }
         }
     }
+
+    state.rendered = Some(rendered);
 
     // Statuses of deployments that no longer exist.
     let orphans: Vec<_> = state

@@ -15,7 +15,7 @@ use manifest_types::{
 };
 
 use crate::publish::{self, Floor};
-use crate::render::{AgentInput, DeploymentInput, Labels};
+use crate::render::{AgentInput, DeploymentInput, Labels, Rendered};
 
 /// One watched value, as [`State::apply`] reads it.
 struct Seen<'a> {
@@ -64,6 +64,30 @@ pub(crate) struct State {
     pub written: BTreeMap<AgentId, u64>,
     /// `settings.heartbeat` as last seen or written (docs/adr/0015).
     pub heartbeat: Option<Written<HeartbeatSettings>>,
+    /// What the next pass must render again.
+    pub dirty: Dirty,
+    /// The last pass's render of the whole fleet, patched by later passes
+    /// that render only the agents whose inputs changed.
+    pub rendered: Option<Rendered>,
+}
+
+/// What changed since the last pass, so a pass renders only that: every
+/// agent after a deployment changed (or a relist), else the agents whose
+/// labels, values, desired-state value or report changed.
+#[derive(Debug, Default)]
+pub(crate) struct Dirty {
+    pub all: bool,
+    pub agents: BTreeSet<AgentId>,
+}
+
+impl Dirty {
+    /// Records `agent` when `changed`; returns `changed`.
+    fn agent(&mut self, changed: bool, agent: AgentId) -> bool {
+        if changed && !self.all {
+            self.agents.insert(agent);
+        }
+        changed
+    }
 }
 
 static NO_LABELS: Labels = Labels::new();
@@ -74,6 +98,10 @@ impl State {
     pub fn relist(self) -> Self {
         Self {
             written: self.written,
+            dirty: Dirty {
+                all: true,
+                agents: BTreeSet::new(),
+            },
             ..Self::default()
         }
     }
@@ -122,8 +150,15 @@ impl State {
             return self.apply_heartbeat_settings(entry, put);
         }
         match Key::parse(key) {
-            Some(Key::Deployment(name)) => self.apply_deployment(name, entry, put),
-            Some(Key::Inventory(agent)) => self.apply_inventory(agent, entry, put),
+            Some(Key::Deployment(name)) => {
+                let changed = self.apply_deployment(name, entry, put);
+                self.dirty.all |= changed;
+                changed
+            }
+            Some(Key::Inventory(agent)) => {
+                let changed = self.apply_inventory(agent.clone(), entry, put);
+                self.dirty.agent(changed, agent)
+            }
             Some(Key::DesiredState(agent)) => {
                 if self
                     .desired
@@ -137,13 +172,14 @@ impl State {
                     .then(|| AgentManifest::from_json(entry.value).ok())
                     .flatten()
                     .filter(|m| m.agent_id == agent);
-                record(
+                let changed = record(
                     &mut self.desired,
-                    agent,
+                    agent.clone(),
                     entry.revision,
                     value,
                     Missing::Replace,
-                )
+                );
+                self.dirty.agent(changed, agent)
             }
             Some(Key::DeploymentStatus(name)) => {
                 if self
@@ -170,9 +206,13 @@ impl State {
                 } else {
                     Floor::default()
                 };
-                self.apply_report(agent, reported)
+                let changed = self.apply_report(agent.clone(), reported);
+                self.dirty.agent(changed, agent)
             }
-            Some(Key::Values(agent)) => self.apply_values(agent, entry, put),
+            Some(Key::Values(agent)) => {
+                let changed = self.apply_values(agent.clone(), entry, put);
+                self.dirty.agent(changed, agent)
+            }
             Some(Key::Heartbeat(_)) => false,
             None => {
                 tracing::debug!(key, "ignoring a key that is not Flotilla's");

@@ -80,6 +80,38 @@ pub struct Rendered {
     pub deployments: BTreeMap<DeploymentName, DeploymentRender>,
 }
 
+impl Rendered {
+    /// Replaces what this render says about `agents` with `partial`, a
+    /// render of exactly those agents over the same deployments: their
+    /// manifests, and their places in every deployment's targets,
+    /// conflicts and render failures. Every other agent's render is kept.
+    pub fn patch(&mut self, partial: Rendered, agents: &BTreeSet<AgentId>) {
+        self.manifests.retain(|a, _| !agents.contains(a));
+        self.manifests.extend(partial.manifests);
+        let mut deployments = partial.deployments;
+        for (name, d) in &mut deployments {
+            let Some(old) = self.deployments.remove(name) else {
+                continue;
+            };
+            d.targets
+                .extend(old.targets.into_iter().filter(|a| !agents.contains(a)));
+            d.conflicts.extend(
+                old.conflicts
+                    .into_iter()
+                    .filter(|c| !agents.contains(&c.agent)),
+            );
+            d.render_failures.extend(
+                old.render_failures
+                    .into_iter()
+                    .filter(|f| !agents.contains(&f.agent)),
+            );
+            d.conflicts.sort();
+            d.render_failures.sort();
+        }
+        self.deployments = deployments;
+    }
+}
+
 /// A deployment's resources rendered once, shared by all agents it selects.
 struct Prepared<'a> {
     name: &'a DeploymentName,

@@ -50,14 +50,16 @@ pub async fn run() -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "| agents | new deployment → all converged | update → all converged (median of {updates}) | control RSS idle | control RSS | per agent | `get agents` | heartbeat interval | heartbeats/s (cap {MAX_RATE}) | nats-server RSS |"
+        "| agents | new deployment → all written / all converged | update → all written / all converged (median of {updates}) | control RSS idle | control RSS | per agent | `get agents` | heartbeat interval | heartbeats/s (cap {MAX_RATE}) | nats-server RSS |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    for r in rows {
+    for r in &rows {
         println!(
-            "| {} | {} | {} | {} | {} | {:.1} KiB | {} | {:.1} s | {:.0} | {} |",
+            "| {} | {} / {} | {} / {} | {} | {} | {:.1} KiB | {} | {:.1} s | {:.0} | {} |",
             r.agents,
+            ms(r.first_written),
             ms(r.first),
+            ms(r.update_written),
             ms(r.update),
             kib(r.control_idle),
             kib(r.control_rss),
@@ -68,13 +70,29 @@ pub async fn run() -> anyhow::Result<()> {
             kib(r.server_rss),
         );
     }
+    println!();
+    println!(
+        "| agents | CPU during the new deployment: nats-server | flotilla-control | the in-process agents |"
+    );
+    println!("|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {:.1} s | {:.1} s | {:.1} s |",
+            r.agents, r.first_cpu[0], r.first_cpu[1], r.first_cpu[2]
+        );
+    }
     Ok(())
 }
 
 struct Row {
     agents: usize,
+    /// CPU seconds of nats-server, flotilla-control and the agents during
+    /// the new deployment.
+    first_cpu: [f64; 3],
     first: Duration,
+    first_written: Duration,
     update: Duration,
+    update_written: Duration,
     control_idle: u64,
     control_rss: u64,
     get_agents: Duration,
@@ -118,23 +136,46 @@ async fn one_fleet(n: usize, updates: usize) -> anyhow::Result<Row> {
         .context("agents did not register")?;
     eprintln!("fleet of {n}: registered");
 
+    let written = Converged::written(&store).await?;
+    let server_pid = server.pid().context("nats-server runs")?;
+    let cpu = || -> anyhow::Result<[f64; 3]> {
+        Ok([
+            cpu_seconds(server_pid)?,
+            cpu_seconds(control.pid())?,
+            cpu_seconds(std::process::id())?,
+        ])
+    };
+    let cpu_before = cpu()?;
     let t = Instant::now();
     let revision = store
         .put("deployments.bench", deployment(&files, 0))
         .await?;
+    written
+        .wait(n, revision, Duration::from_secs(300))
+        .await
+        .context("new deployment written")?;
+    let first_written = t.elapsed();
     converged
         .wait(n, revision, Duration::from_secs(300))
         .await
         .context("new deployment")?;
     let first = t.elapsed();
-    eprintln!("fleet of {n}: new deployment {first:?}");
+    let cpu_after = cpu()?;
+    let first_cpu: [f64; 3] = std::array::from_fn(|i| cpu_after[i] - cpu_before[i]);
+    eprintln!("fleet of {n}: new deployment written {first_written:?}, converged {first:?}");
 
     let mut times = Vec::new();
+    let mut written_times = Vec::new();
     for i in 1..=updates {
         let t = Instant::now();
         let revision = store
             .put("deployments.bench", deployment(&files, i))
             .await?;
+        written
+            .wait(n, revision, Duration::from_secs(300))
+            .await
+            .context("update written")?;
+        written_times.push(t.elapsed());
         converged
             .wait(n, revision, Duration::from_secs(300))
             .await
@@ -142,6 +183,7 @@ async fn one_fleet(n: usize, updates: usize) -> anyhow::Result<Row> {
         times.push(t.elapsed());
     }
     let update = crate::percentile(&mut times, 50);
+    let update_written = crate::percentile(&mut written_times, 50);
     let control_rss = rss_kib(control.pid())?;
 
     let mut reads = Vec::new();
@@ -167,8 +209,11 @@ async fn one_fleet(n: usize, updates: usize) -> anyhow::Result<Row> {
     drop(control);
     Ok(Row {
         agents: n,
+        first_cpu,
         first,
+        first_written,
         update,
+        update_written,
         control_idle,
         control_rss,
         get_agents,
@@ -212,40 +257,69 @@ async fn published_interval(store: &Store) -> anyhow::Result<Duration> {
     Ok(serde_json::from_slice::<HeartbeatSettings>(&entry)?.interval())
 }
 
-/// Each agent's newest deployment revision it reports converged (every
-/// `bench/…` resource Ready at that revision, the agent Ready), from one
-/// watch over `actual-state.>`; revision 0 is "registered and Ready".
+/// The revision every resource of a status is Ready at (the agent Ready);
+/// 0 for an agent Ready with no resources ("registered").
+fn converged_revision(bytes: &[u8]) -> Option<u64> {
+    let s = serde_json::from_slice::<AgentStatus>(bytes).ok()?;
+    if !s.condition_true(ConditionType::Ready) || s.manifest_generation == 0 {
+        return None;
+    }
+    let mut revisions = s.resources.values().map(|r| {
+        r.state
+            .is_ready()
+            .then(|| r.source.as_ref().map(|src| src.revision))
+            .flatten()
+    });
+    match revisions.next() {
+        None => Some(0),
+        Some(first) => match revisions.try_fold(first, |a, b| (a == b).then_some(a)) {
+            Some(Some(r)) => Some(r),
+            _ => None,
+        },
+    }
+}
+
+/// Each agent's newest deployment revision seen in one key family, from one
+/// watch: converged in `actual-state.>`, written in `desired-state.>`.
 struct Converged {
     newest: Arc<Mutex<HashMap<String, u64>>>,
     changed: watch::Receiver<u64>,
 }
 
 impl Converged {
+    /// Agents' statuses: the revision every resource is Ready at.
     async fn watch(store: &Store) -> anyhow::Result<Self> {
-        let mut w = store.watch(keys::all(keys::ACTUAL_STATE)).await?;
+        Self::track(store, keys::ACTUAL_STATE, converged_revision).await
+    }
+
+    /// Agents' manifests: the revision of the deployment they carry.
+    async fn written(store: &Store) -> anyhow::Result<Self> {
+        Self::track(store, keys::DESIRED_STATE, |bytes| {
+            let m = manifest_types::AgentManifest::from_json(bytes).ok()?;
+            Some(
+                m.resources
+                    .iter()
+                    .filter_map(|r| r.source.as_ref().map(|s| s.revision))
+                    .min()
+                    .unwrap_or(0),
+            )
+        })
+        .await
+    }
+
+    async fn track(
+        store: &Store,
+        family: &str,
+        revision_of: fn(&[u8]) -> Option<u64>,
+    ) -> anyhow::Result<Self> {
+        let mut w = store.watch(keys::all(family)).await?;
         let newest: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
         let (tx, rx) = watch::channel(0u64);
         let map = newest.clone();
         tokio::spawn(async move {
             while let Some(Ok(entry)) = w.next().await {
-                let Ok(s) = serde_json::from_slice::<AgentStatus>(&entry.value) else {
+                let Some(revision) = revision_of(&entry.value) else {
                     continue;
-                };
-                if !s.condition_true(ConditionType::Ready) || s.manifest_generation == 0 {
-                    continue;
-                }
-                let mut revisions = s.resources.values().map(|r| {
-                    r.state
-                        .is_ready()
-                        .then(|| r.source.as_ref().map(|src| src.revision))
-                        .flatten()
-                });
-                let revision = match revisions.next() {
-                    None => 0,
-                    Some(first) => match revisions.try_fold(first, |a, b| (a == b).then_some(a)) {
-                        Some(Some(r)) => r,
-                        _ => continue,
-                    },
                 };
                 let mut m = map.lock().expect("not poisoned");
                 let held = m.entry(entry.key.clone()).or_default();
@@ -324,6 +398,16 @@ fn release_binary(name: &str) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces), from field 3.
+    let rest = stat.rsplit_once(')').context("/proc/<pid>/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
 }
 
 /// Resident set size of a process, KiB.

@@ -24,7 +24,10 @@
 //!   level-based triggers).
 //! - [`status`] — the status board that assembles [`manifest_types::AgentStatus`].
 //! - [`report`] — status writer (CAS, coalesced, identity-checked),
-//!   heartbeat and inventory tasks.
+//!   heartbeat and inventory tasks. The heartbeat goes to the heartbeat
+//!   bucket beside the fleet bucket, first before any status, at the longer
+//!   of `--heartbeat-interval` and the fleet's `settings.heartbeat` (read
+//!   every 4 beats), declaring its interval (ADR 0015).
 //! - [`kv`] — the agent's entire NATS footprint: direct gets and CAS publishes
 //!   on its own keys.
 //! - [`state`] — the state directory: instance id, cached manifest, ledgers.
@@ -35,7 +38,7 @@
 //!
 //! Decisions: docs/adr/ (0002 for the watch, 0003 for generations and CAS,
 //! 0005 for file ownership, 0008 for containers, 0009 for units, 0013 for the
-//! worker and safe change).
+//! worker and safe change, 0015 for heartbeats).
 
 pub mod agent;
 pub mod config;

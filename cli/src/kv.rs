@@ -137,25 +137,26 @@ impl Fleet {
             .iter()
             .cloned()
             .partition(|k| k.starts_with(&format!("{}.", keys::HEARTBEAT)));
-        let mut snap = Snapshot {
+        let empty = || Snapshot {
             entries: Default::default(),
             server_time: SystemTime::UNIX_EPOCH,
         };
-        if !rest.is_empty() {
-            snap = snap.merge(
-                flotilla_nats::read_keys(&self.store, &rest)
-                    .await
-                    .map_err(failed)?,
-            );
-        }
-        if !beats.is_empty() {
-            snap = snap.merge(
-                flotilla_nats::read_keys(&self.heartbeats, &beats)
-                    .await
-                    .map_err(failed)?,
-            );
-        }
-        Ok(snap)
+        // The two buckets are read at once.
+        let (fleet, heartbeats) = tokio::join!(
+            async {
+                match rest.is_empty() {
+                    true => Ok(empty()),
+                    false => flotilla_nats::read_keys(&self.store, &rest).await,
+                }
+            },
+            async {
+                match beats.is_empty() {
+                    true => Ok(empty()),
+                    false => flotilla_nats::read_keys(&self.heartbeats, &beats).await,
+                }
+            }
+        );
+        Ok(fleet.map_err(failed)?.merge(heartbeats.map_err(failed)?))
     }
 }
 

@@ -11,18 +11,26 @@
 //! - [`daemon`] — the one task of the binary: a KV watch over the keys it
 //!   renders from and the agents' statuses, an in-memory copy of them, and a
 //!   reconcile pass after every burst of changes that can change the render
-//!   (its own writes coming back cost none). It replaces any desired-state
-//!   value it did not write, and recreates a deleted bucket and relists.
+//!   (its own writes coming back cost none, and are not parsed again). A
+//!   pass renders the whole fleet only when a deployment changed; otherwise
+//!   only the agents whose labels, values (`values.<id>`), stored manifest
+//!   or report changed. It replaces any desired-state value it did not
+//!   write, keeps `settings.heartbeat` sized to the fleet, and recreates a
+//!   deleted bucket and relists.
 //!   Entry points: [`daemon::run`] (connect, check the bucket, loop until
 //!   shutdown) and [`daemon::run_with_store`] for callers that already hold
 //!   the bucket; both take a shutdown future, so tests run exactly the
 //!   binary's code in-process. [`daemon::Metrics`] counts passes and writes.
-//! - [`render`] — pure: deployments + agents' labels → each agent's resources,
-//!   each deployment's targets and conflicts. Carries most unit tests.
+//! - [`render`] — pure: deployments + agents' labels and values → each
+//!   agent's resources (templated specs rendered per agent, ADR 0014), each
+//!   deployment's targets, conflicts and render failures; a partial render
+//!   patches the last one ([`render::Rendered::patch`]). Carries most unit
+//!   tests.
 //! - [`publish`] — the CAS writes: [`publish::publish_manifest_above`] (the
 //!   stored value stands only as the rendering at or above the agent's
 //!   [`publish::Floor`]; new generations above it and the stored one; bounded
-//!   retry on lost races) and the deployment-status writes.
+//!   retry on lost races), [`publish::publish_manifest_over`] (one CAS
+//!   against the watched copy, no read) and the deployment-status writes.
 //! - [`heartbeat`] — pure: the fleet's heartbeat interval, sized to keep the
 //!   fleet under a heartbeat-rate cap; the daemon publishes it in
 //!   `settings.heartbeat` (ADR 0015).
@@ -37,7 +45,8 @@
 //! The binary `flotilla-control` (`src/main.rs`) only parses flags, sets up
 //! logging and signals, and calls [`daemon::run`].
 //!
-//! Decisions: docs/adr/ (0002 for the KV layout and RePublish watch, 0003
+//! Decisions: docs/adr/ (0014 for per-device values, 0015 for heartbeats and
+//! liveness, 0002 for the KV layout and RePublish watch, 0003
 //! for generations and CAS, 0012 for owning desired-state and recovering a
 //! recreated bucket).
 

@@ -136,14 +136,7 @@ pub async fn publish_manifest_above(
     floor: Floor,
 ) -> Result<PublishOutcome, PublishError> {
     let key = keys::desired_state(agent);
-    let mut manifest = AgentManifest::empty(agent.clone(), 0);
-    manifest.resources = resources;
-    manifest
-        .validate()
-        .map_err(|source| PublishError::InvalidManifest {
-            agent: agent.clone(),
-            source,
-        })?;
+    let mut manifest = checked(agent, resources)?;
     for _ in 0..MAX_ATTEMPTS {
         let current = read(store, &key).await?;
         let (generation, expected_revision) = match &current {
@@ -222,14 +215,7 @@ pub async fn publish_manifest_over(
     known: Known,
 ) -> Result<PublishOutcome, PublishError> {
     let key = keys::desired_state(agent);
-    let mut manifest = AgentManifest::empty(agent.clone(), 0);
-    manifest.resources = resources;
-    manifest
-        .validate()
-        .map_err(|source| PublishError::InvalidManifest {
-            agent: agent.clone(),
-            source,
-        })?;
+    let mut manifest = checked(agent, resources)?;
     let generation = known.generation.max(floor.generation) + 1;
     manifest.generation = generation;
     match store
@@ -245,6 +231,23 @@ pub async fn publish_manifest_over(
         }
         Err(source) => Err(PublishError::Write { key, source }),
     }
+}
+
+/// `resources` as a manifest of `agent` (generation still to be set), if
+/// valid.
+fn checked(
+    agent: &AgentId,
+    resources: Vec<ManagedResource>,
+) -> Result<AgentManifest, PublishError> {
+    let mut manifest = AgentManifest::empty(agent.clone(), 0);
+    manifest.resources = resources;
+    manifest
+        .validate()
+        .map_err(|source| PublishError::InvalidManifest {
+            agent: agent.clone(),
+            source,
+        })?;
+    Ok(manifest)
 }
 
 /// What the caller knows a desired-state key holds: a readable manifest of

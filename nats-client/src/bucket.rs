@@ -113,16 +113,7 @@ pub async fn open_heartbeat_bucket(
     js: &jetstream::Context,
     bucket: &BucketName,
 ) -> Result<kv::Store, BucketError> {
-    match js.get_key_value(keys::heartbeat_bucket(bucket)).await {
-        Ok(store) => Ok(store),
-        Err(e) if is_stream_not_found(&e) => Err(BucketError::Missing {
-            bucket: bucket.clone(),
-        }),
-        Err(e) => Err(BucketError::Read {
-            bucket: bucket.clone(),
-            source: e.into(),
-        }),
-    }
+    open_named(js, &keys::heartbeat_bucket(bucket), bucket).await
 }
 
 /// Opens an existing fleet bucket; never creates one.
@@ -134,7 +125,16 @@ pub async fn open_bucket(
     js: &jetstream::Context,
     bucket: &BucketName,
 ) -> Result<kv::Store, BucketError> {
-    match js.get_key_value(bucket.as_str()).await {
+    open_named(js, bucket.as_str(), bucket).await
+}
+
+/// Opens bucket `name` (the fleet bucket `bucket` or one beside it).
+async fn open_named(
+    js: &jetstream::Context,
+    name: &str,
+    bucket: &BucketName,
+) -> Result<kv::Store, BucketError> {
+    match js.get_key_value(name).await {
         Ok(store) => Ok(store),
         Err(e) if is_stream_not_found(&e) => Err(BucketError::Missing {
             bucket: bucket.clone(),

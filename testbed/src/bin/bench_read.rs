@@ -112,10 +112,15 @@ async fn seed(js: &jetstream::Context, n: usize) -> anyhow::Result<usize> {
             ),
         ]
     };
+    let beats = BucketName::new(keys::heartbeat_bucket(&bucket))?;
     let writes = futures::stream::iter((0..n).flat_map(docs))
         .map(|(key, value)| {
             let js = js.clone();
-            let subject = keys::kv_subject(&bucket, &key);
+            // Heartbeats live in their own bucket (docs/adr/0015).
+            let subject = match key.starts_with("heartbeat.") {
+                true => keys::kv_subject(&beats, &key),
+                false => keys::kv_subject(&bucket, &key),
+            };
             async move {
                 js.publish(subject, value).await?.await?;
                 anyhow::Ok(())
@@ -156,17 +161,13 @@ async fn main() -> anyhow::Result<()> {
     let sizes = list_arg("--agents", "100,1000,10000");
     let runs = testbed::bench_arg("--runs", 5).max(1);
     let cli = release_cli()?;
-    let families = [
-        keys::AGENTS,
-        keys::ACTUAL_STATE,
-        keys::HEARTBEAT,
-        keys::DESIRED_STATE,
-    ];
+    let families = [keys::AGENTS, keys::ACTUAL_STATE, keys::DESIRED_STATE];
     let mut rows = Vec::new();
     for &n in &sizes {
         let server = NatsServer::start();
         let js = jetstream::new(server.client().await);
         let store = flotilla_nats::ensure_bucket(&js, &BucketName::default()).await?;
+        let beats = flotilla_nats::ensure_heartbeat_bucket(&js, &BucketName::default()).await?;
         let written = seed(&js, n).await?;
         let (mut cli_t, mut family_t, mut per_key_t) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {
@@ -190,7 +191,11 @@ async fn main() -> anyhow::Result<()> {
             }
 
             let t = Instant::now();
-            let snap = flotilla_nats::read_families(&store, &families).await?;
+            let (snap, hb) = tokio::join!(
+                flotilla_nats::read_families(&store, &families),
+                flotilla_nats::read_family(&beats, keys::HEARTBEAT)
+            );
+            let snap = snap?.merge(hb?);
             family_t.push(t.elapsed());
             if snap.len() != written {
                 bail!(
@@ -200,7 +205,8 @@ async fn main() -> anyhow::Result<()> {
             }
 
             let t = Instant::now();
-            let got = per_key(&store, &families).await?;
+            let got =
+                per_key(&store, &families).await? + per_key(&beats, &[keys::HEARTBEAT]).await?;
             per_key_t.push(t.elapsed());
             if got != written {
                 bail!("per-key read returned {got} keys, expected {written}");

@@ -1,13 +1,14 @@
 //! What the agent writes: its status (CAS, coalesced, identity-checked), its
-//! heartbeat (own task, jittered, independent of reconciliation) and its
+//! heartbeat (own task, jittered, independent of reconciliation, into the
+//! heartbeat bucket beside the fleet bucket; docs/adr/0015) and its
 //! inventory (only when it changed).
 //!
-//! A bucket deleted and created again takes all three keys with it and
-//! restarts revisions at 1 ([`HistoryResets`], docs/adr/0012): the heartbeat
-//! notices (its revision goes back), and so do the status writer (its key is
-//! gone) and the event loop (its key's revision went back); then the status is
-//! written again from scratch, the inventory registered again and the
-//! manifest read again.
+//! A fleet bucket deleted and created again takes the status and inventory
+//! keys with it and restarts revisions at 1 ([`HistoryResets`],
+//! docs/adr/0012): the status writer notices (its key is gone) and so does
+//! the event loop (its key's revision went back); then the status is written
+//! again from scratch, the inventory registered again and the manifest read
+//! again.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -53,12 +53,15 @@ async fn read(fleet: &Fleet, agent: &AgentId) -> Result<(AgentValues, u64), CliE
     let key = keys::values(agent);
     match fleet.raw_entry(&key).await? {
         Some(e) if e.operation == kv::Operation::Put => {
-            let v = Versioned::<AgentValues>::decode(&e).map_err(|message| {
+            let mut v = Versioned::<AgentValues>::decode(&e).map_err(|message| {
                 CliError::InvalidDocument {
                     origin: key.clone(),
                     message,
                 }
             })?;
+            // A document naming another agent is ignored by the control
+            // plane; a change writes it back under the right name.
+            v.value.agent_id = agent.clone();
             Ok((v.value, e.revision))
         }
         Some(marker) => Ok((AgentValues::new(agent.clone()), marker.revision)),

@@ -175,8 +175,9 @@ pub async fn wait(
         if progress.is_done() {
             return Ok(());
         }
-        // Offline targets are reported, not waited on: they converge on their
-        // own when they come back.
+        // Offline targets (heard of, then silent past the Offline limit) are
+        // reported, not waited on: they converge on their own when they come
+        // back. A target never heard of yet is Pending and waited for.
         if !offline.is_empty() && progress.converged() + offline.len() == progress.total() {
             for (agent, v) in &offline {
                 out.line(&format!(

@@ -57,7 +57,13 @@ pub async fn run(g: &GlobalArgs) -> Result<(), CliError> {
         fleet.url
     );
     let thresholds = g.thresholds();
-    let mut liveness = LivenessWatch::default();
+    // "Now" starts at the server's clock, not at the newest heartbeat
+    // replayed: in a quiet fleet that one may be long past.
+    let now = fleet.snapshot(&[keys::HEARTBEAT]).await?.server_time;
+    let mut liveness = LivenessWatch {
+        clock: Some((now, tokio::time::Instant::now())),
+        ..LivenessWatch::default()
+    };
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);

@@ -67,7 +67,7 @@ pub fn needs_write(stored: Option<&HeartbeatSettings>, want: &HeartbeatSettings)
         Some(s) => {
             s.max_per_second != want.max_per_second
                 || s.interval_ms < want.interval_ms
-                || s.interval_ms * 5 > want.interval_ms * 6
+                || s.interval_ms.saturating_mul(5) > want.interval_ms.saturating_mul(6)
         }
     }
 }

@@ -430,7 +430,9 @@ async fn a_hand_purged_manifest_is_recreated_above_the_agents_generation() {
         .await
         .unwrap();
     let (_, again) = wait_manifest(&store, "pi-1", "recreated", |_| true).await;
-    assert_eq!(again.generation, m.generation + 5);
+    // Above what the agent reported (m + 4); one more when the status and
+    // the purge were handled in two passes.
+    assert!(again.generation > m.generation + 4, "{}", again.generation);
     assert_eq!(again.resources, m.resources);
 }
 

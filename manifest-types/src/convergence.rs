@@ -24,6 +24,11 @@
 //! 7. **Degraded**: a resource is Failed or Unsupported (or, for the whole
 //!    agent, the Degraded condition is true) on the target generation.
 //!
+//! For a deployment's targets, [`Progress::of`] adds one rule after
+//! liveness: a target the control plane could not render the revision for
+//! (`DeploymentStatus.renderFailures`, ADR 0014) is Degraded with
+//! [`Reason::RenderFailed`], whatever else it reports.
+//!
 //! No I/O and no clock: ages are inputs, measured by the caller from KV
 //! server timestamps.
 

@@ -455,6 +455,21 @@ mod tests {
     }
 
     #[test]
+    fn resources_that_differ_only_in_their_references_are_not_one_target() {
+        let d = Deployment::from_value(doc(json!([
+            {"id": "a", "kind": "File", "spec": {"path": "/etc/app/${values.a}.conf", "content": ""}},
+            {"id": "b", "kind": "File", "spec": {"path": "/etc/app/${values.b}.conf", "content": ""}}
+        ])));
+        assert!(d.is_ok(), "{d:?}");
+        // The same template twice is one target on every agent.
+        let same = Deployment::from_value(doc(json!([
+            {"id": "a", "kind": "File", "spec": {"path": "/etc/${agent.id}", "content": ""}},
+            {"id": "b", "kind": "File", "spec": {"path": "/etc/${agent.id}", "content": ""}}
+        ])));
+        assert!(same.is_err());
+    }
+
+    #[test]
     fn malformed_references_reject_the_document() {
         for spec in [
             json!({"path": "/etc/${agent.id", "content": ""}),

@@ -9,9 +9,11 @@
 //! | `${labels.<key>}`    | the agent's label `<key>` (`agents.<id>`)          |
 //! | `${values.<key>}`    | the operator's per-agent value `<key>` (`values.<id>`) |
 //!
-//! `$${` is a literal `${`. Any other `${…}` (shell or systemd syntax in a
-//! file's content, `${HOME}`) is left as it is, so existing payloads keep
-//! their meaning. An unterminated reference or an unknown field of `agent`
+//! `$${agent.id}` (and so on) is the literal text `${agent.id}`. Any other
+//! `${…}` or `$${…}` (shell, make or systemd syntax in a file's content:
+//! `${HOME}`, `$${i}`) is left exactly as it is, and a spec without one of
+//! our references is not a template at all, so existing payloads keep their
+//! meaning. An unterminated reference or an unknown field of `agent`
 //! is an error in the deployment document itself; a label or value the agent
 //! lacks is an error of that agent's render only ([`Unresolved`]).
 //!
@@ -143,20 +145,20 @@ fn parse(s: &str) -> Result<Vec<Piece<'_>>, SyntaxError> {
     let mut out = Vec::new();
     let mut rest = s;
     while let Some(at) = rest.find("${") {
-        // `$${` is a literal `${`.
-        if at > 0 && rest.as_bytes()[at - 1] == b'$' {
-            out.push(Piece::Text(&rest[..at - 1]));
-            out.push(Piece::Text("${"));
-            rest = &rest[at + 2..];
-            continue;
-        }
         let body = &rest[at + 2..];
         let Some(namespace) = NAMESPACES.iter().find(|n| body.starts_with(**n)) else {
-            // Not ours: `${HOME}` stays as written.
+            // Not ours: `${HOME}` and `$${i}` stay as written.
             out.push(Piece::Text(&rest[..at + 2]));
             rest = body;
             continue;
         };
+        // `$${agent.id}` is the literal text `${agent.id}`.
+        if at > 0 && rest.as_bytes()[at - 1] == b'$' {
+            out.push(Piece::Text(&rest[..at - 1]));
+            out.push(Piece::Text("${"));
+            rest = body;
+            continue;
+        }
         let Some(end) = body.find('}') else {
             return Err(SyntaxError::Unterminated(
                 rest[at..].chars().take(40).collect(),
@@ -190,9 +192,10 @@ pub fn references(s: &str) -> Result<Vec<Reference>, SyntaxError> {
         .collect())
 }
 
-/// Whether `s` needs expanding: a reference, or an escaped `$${`.
+/// Whether `s` needs expanding: a reference (or an escaped one) in one of
+/// our namespaces. Other `${…}` never make a spec a template.
 fn is_template(s: &str) -> bool {
-    s.contains("${")
+    NAMESPACES.iter().any(|n| s.contains(&format!("${{{n}")))
 }
 
 /// `s` with every reference replaced.
@@ -299,11 +302,15 @@ fn collect_keys(
         serde_json::Value::String(s) => {
             for r in references(s).unwrap_or_default() {
                 match r {
+                    // One stand-in per key, so two resources that differ
+                    // only in their references do not look like one target.
                     Reference::Label(k) => {
-                        labels.insert(k, "label".into());
+                        let v = format!("label-{}", k.replace('/', "-"));
+                        labels.insert(k, v);
                     }
                     Reference::Value(k) => {
-                        values.insert(k, "value".into());
+                        let v = format!("value-{k}");
+                        values.insert(k, v);
                     }
                     Reference::AgentId => {}
                 }
@@ -374,6 +381,11 @@ mod tests {
             "literal ${agent.id} is pi-7"
         );
         assert_eq!(expand("$$${agent.id}", &c).unwrap(), "$${agent.id}");
+        // `$${` before anything but our namespaces is not an escape.
+        assert_eq!(
+            expand("for i: $${i} $${HOME}", &c).unwrap(),
+            "for i: $${i} $${HOME}"
+        );
         assert_eq!(expand("cost: $5 {x}", &c).unwrap(), "cost: $5 {x}");
     }
 
@@ -423,6 +435,8 @@ mod tests {
             "env": {"SITE": "${labels.site}"}, "args": ["${values.a}", "x"]});
         assert!(has_templates(&spec));
         assert!(!has_templates(&json!({"path": "/srv/x"})));
+        assert!(!has_templates(&json!({"content": "echo ${HOME} $${i}"})));
+        assert!(has_templates(&json!({"content": "$${agent.id}"})));
         let a = AgentId::new("pi-1").unwrap();
         let labels = map(&[("site", "s1")]);
         let values = map(&[("a", "va")]);
@@ -434,7 +448,8 @@ mod tests {
         );
         let s = sample(&spec).unwrap();
         assert_eq!(s["path"], "/srv/agent.conf");
-        assert_eq!(s["env"]["SITE"], "label");
+        assert_eq!(s["env"]["SITE"], "label-site");
+        assert_eq!(s["args"][0], "value-a");
         assert!(sample(&json!({"p": "${agent.nope}"})).is_err());
     }
 }

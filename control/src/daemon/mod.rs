@@ -25,7 +25,8 @@
 //!   what the agent reports (docs/adr/0012-the-control-plane-owns-desired-state.md).
 //! - Each pass also keeps `settings.heartbeat` sized to the registered
 //!   agents ([`crate::heartbeat`], docs/adr/0015).
-//! - A failed write is retried by a full pass after [`Config::retry_after`].
+//! - A failed write is retried after [`Config::retry_after`] by a pass that
+//!   renders the agents whose writes failed again.
 //! - A watch survives server restarts (its ordered consumer is recreated);
 //!   errors are logged, never fatal. Should it end, the daemon relists.
 //! - A deleted bucket is noticed (the server's stream-deleted advisory, and a

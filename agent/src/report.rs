@@ -197,8 +197,9 @@ pub async fn status_writer(
 /// Every how many beats the heartbeat reads the fleet's interval setting.
 pub const SETTINGS_EVERY: u64 = 4;
 
-/// The longest interval the fleet setting is obeyed up to.
-pub const MAX_FLEET_INTERVAL: Duration = Duration::from_secs(3600);
+/// The longest interval the fleet setting is obeyed up to (readers believe
+/// no longer one either).
+pub const MAX_FLEET_INTERVAL: Duration = manifest_types::convergence::MAX_DECLARED_INTERVAL;
 
 /// The interval to beat at: the longer of the agent's own and the fleet's
 /// (capped at [`MAX_FLEET_INTERVAL`]).

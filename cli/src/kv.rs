@@ -52,26 +52,39 @@ impl Fleet {
     /// Opens an existing bucket; a missing one is [`CliError::NoBucket`].
     pub async fn open(g: &GlobalArgs) -> Result<Self, CliError> {
         let js = connect(g).await?;
-        let opened = async {
-            Ok::<_, BucketError>((
-                flotilla_nats::open_bucket(&js, &g.bucket).await?,
-                flotilla_nats::open_heartbeat_bucket(&js, &g.bucket).await?,
-            ))
+        let store = match flotilla_nats::open_bucket(&js, &g.bucket).await {
+            Ok(store) => store,
+            Err(e) => return Err(Self::open_error(g, e)),
         };
-        match opened.await {
-            Ok((store, heartbeats)) => Ok(Self {
+        match flotilla_nats::open_heartbeat_bucket(&js, &g.bucket).await {
+            Ok(heartbeats) => Ok(Self {
                 store,
                 heartbeats,
                 url: g.nats_url.clone(),
             }),
-            Err(BucketError::Missing { .. }) => Err(CliError::NoBucket {
+            Err(BucketError::Missing { .. }) => Err(CliError::nats(
+                format!(
+                    "no heartbeat bucket {} beside bucket {} at {} — is an up-to-date flotilla-control running? (docs/adr/0015)",
+                    manifest_types::keys::heartbeat_bucket(&g.bucket),
+                    g.bucket,
+                    g.nats_url
+                ),
+                std::io::Error::other("bucket not found"),
+            )),
+            Err(e) => Err(Self::open_error(g, e)),
+        }
+    }
+
+    fn open_error(g: &GlobalArgs, e: BucketError) -> CliError {
+        match e {
+            BucketError::Missing { .. } => CliError::NoBucket {
                 bucket: g.bucket.to_string(),
                 url: g.nats_url.clone(),
-            }),
-            Err(e) => Err(CliError::nats(
+            },
+            e => CliError::nats(
                 format!("cannot open bucket {} at {}", g.bucket, g.nats_url),
                 e,
-            )),
+            ),
         }
     }
 

@@ -50,6 +50,10 @@ pub const STALE_AFTER_BEATS: u32 = 3;
 /// Heartbeats missed before an agent is [`State::Offline`].
 pub const OFFLINE_AFTER_BEATS: u32 = 10;
 
+/// The longest heartbeat interval a reader believes (the agent obeys the
+/// fleet's setting only up to this too).
+pub const MAX_DECLARED_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// Liveness limits on the age of an agent's last heartbeat (server time).
 ///
 /// By default they follow each agent's own heartbeat interval, which the
@@ -91,7 +95,11 @@ impl Thresholds {
     /// `interval` (heartbeats are jittered by less than one period, so three
     /// missed beats are never jitter). Offline is never before Stale.
     pub fn limits(&self, interval: Option<Duration>) -> (Duration, Duration) {
-        let interval = interval.unwrap_or(self.assumed_interval);
+        // A declared interval longer than any the fleet asks for is not
+        // believed: a device cannot buy itself hours of looking Online.
+        let interval = interval
+            .unwrap_or(self.assumed_interval)
+            .min(MAX_DECLARED_INTERVAL);
         let stale = self.stale_after.unwrap_or(interval * STALE_AFTER_BEATS);
         let offline = self
             .offline_after

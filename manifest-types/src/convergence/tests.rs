@@ -201,6 +201,8 @@ fn default_thresholds_derive_from_the_heartbeat_interval() {
     let t = Thresholds::from_heartbeat_interval(s(2));
     assert_eq!(t.limits(None), (s(6), s(20)));
     assert_eq!(t.limits(Some(s(60))), (s(180), s(600)));
+    // A declared interval above an hour is taken as an hour.
+    assert_eq!(t.limits(Some(s(100_000))), (s(3 * 3600), s(10 * 3600)));
     // Fixed limits win; Offline never before Stale.
     let t = Thresholds::fixed(s(5), s(9));
     assert_eq!(t.limits(Some(s(60))), (s(5), s(9)));

@@ -25,7 +25,8 @@
 //!    agent, the Degraded condition is true) on the target generation.
 //!
 //! For a deployment's targets, [`Progress::of`] adds one rule after
-//! liveness: a target the control plane could not render the revision for
+//! liveness and identity conflicts: a target the control plane could not
+//! render the revision for
 //! (`DeploymentStatus.renderFailures`, ADR 0014) is Degraded with
 //! [`Reason::RenderFailed`], whatever else it reports.
 //!
@@ -634,16 +635,23 @@ impl Progress {
                 // revision whatever it reports (liveness still comes first).
                 let failed = status.render_failures.iter().find(|f| &f.agent == agent);
                 let verdict = match failed {
-                    Some(f) if !matches!(verdict.state, State::Offline | State::Stale) => Verdict {
-                        liveness: verdict.liveness,
-                        ..Verdict::new(
-                            State::Degraded,
-                            Reason::RenderFailed {
-                                resource: f.resource.clone(),
-                                message: f.message.clone(),
-                            },
-                        )
-                    },
+                    Some(f)
+                        if !matches!(
+                            verdict.state,
+                            State::Offline | State::Stale | State::IdentityConflict
+                        ) =>
+                    {
+                        Verdict {
+                            liveness: verdict.liveness,
+                            ..Verdict::new(
+                                State::Degraded,
+                                Reason::RenderFailed {
+                                    resource: f.resource.clone(),
+                                    message: f.message.clone(),
+                                },
+                            )
+                        }
+                    }
                     _ => verdict,
                 };
                 (agent.clone(), verdict)

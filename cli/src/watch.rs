@@ -47,7 +47,7 @@ pub async fn run(g: &GlobalArgs) -> Result<(), CliError> {
     // change of an agent's liveness is printed.
     let mut beats = fleet
         .heartbeats
-        .watch_with_history(keys::all(keys::HEARTBEAT))
+        .watch(keys::all(keys::HEARTBEAT))
         .await
         .map_err(|e| CliError::nats("cannot watch heartbeats", e))?;
     eprintln!(
@@ -57,13 +57,18 @@ pub async fn run(g: &GlobalArgs) -> Result<(), CliError> {
         fleet.url
     );
     let thresholds = g.thresholds();
-    // "Now" starts at the server's clock, not at the newest heartbeat
-    // replayed: in a quiet fleet that one may be long past.
-    let now = fleet.snapshot(&[keys::HEARTBEAT]).await?.server_time;
+    // "Now" starts at the server's clock, not at the newest heartbeat: in a
+    // quiet fleet that one may be long past.
+    // One read after the watch started: every agent's last heartbeat and
+    // the server's clock, so nothing falls between the two.
+    let current = fleet.snapshot(&[keys::HEARTBEAT]).await?;
     let mut liveness = LivenessWatch {
-        clock: Some((now, tokio::time::Instant::now())),
+        clock: Some((current.server_time, tokio::time::Instant::now())),
         ..LivenessWatch::default()
     };
+    for entry in current.entries.values() {
+        liveness.beat(entry);
+    }
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);

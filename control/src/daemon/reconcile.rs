@@ -55,16 +55,16 @@ pub(crate) async fn reconcile(
     // only the agents whose inputs changed, patched into the last render.
     let dirty = std::mem::take(&mut state.dirty);
     let full = dirty.all || state.rendered.is_none();
-    let (fresh, rendered) = if full {
+    let (fresh, rendered): (Vec<AgentId>, _) = if full {
         let r = render::render(&state.deployment_inputs(), state.known_agents());
-        (r.manifests.clone(), r)
+        (r.manifests.keys().cloned().collect(), r)
     } else {
         let agents = state
             .known_agents()
             .into_iter()
             .filter(|(a, _)| dirty.agents.contains(*a));
         let partial = render::render(&state.deployment_inputs(), agents);
-        let fresh = partial.manifests.clone();
+        let fresh = partial.manifests.keys().cloned().collect();
         let mut r = state.rendered.take().expect("a previous render");
         r.patch(partial, &dirty.agents);
         (fresh, r)
@@ -72,28 +72,27 @@ pub(crate) async fn reconcile(
     report.agents_rendered = fresh.len();
 
     // Manifests of the agents just rendered: skip those whose cached
-    // manifest stands; publish re-checks against the store with CAS, so a
-    // stale cache costs a read.
+    // manifest stands (only the others are copied out to be written);
+    // publish re-checks against the store with CAS.
     let mut changed: Vec<(AgentId, Vec<ManagedResource>, Floor, Option<Known>)> = Vec::new();
-    for (agent, resources) in fresh {
+    for agent in fresh {
+        let resources = &rendered.manifests[&agent];
         let floor = state.floor(&agent);
-        match state.desired.get(&agent) {
+        let known = match state.desired.get(&agent) {
             Some(Written {
                 revision,
                 value: Some(m),
-            }) if floor.stands(m, *revision, &resources) => {}
+            }) if floor.stands(m, *revision, resources) => continue,
             Some(Written {
                 revision,
                 value: Some(m),
-            }) => {
-                let known = Known {
-                    revision: *revision,
-                    generation: m.generation,
-                };
-                changed.push((agent, resources, floor, Some(known)));
-            }
-            _ => changed.push((agent, resources, floor, None)),
-        }
+            }) => Some(Known {
+                revision: *revision,
+                generation: m.generation,
+            }),
+            _ => None,
+        };
+        changed.push((agent, resources.clone(), floor, known));
     }
     let results: Vec<_> = futures::stream::iter(changed)
         .map(|(agent, resources, floor, known)| async move {

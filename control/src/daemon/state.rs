@@ -285,17 +285,9 @@ impl State {
         if !put {
             return self.registered.remove(&agent).is_some();
         }
-        let labels = match serde_json::from_slice::<AgentInventory>(entry.value) {
-            Ok(inv) if inv.agent_id == agent => inv.labels,
-            Ok(inv) => {
-                tracing::warn!(%agent, claimed = %inv.agent_id, "inventory names another agent; ignoring its labels");
-                Labels::new()
-            }
-            Err(error) => {
-                tracing::warn!(%agent, %error, "inventory does not parse; treating the agent as unlabelled");
-                Labels::new()
-            }
-        };
+        let labels = addressed(&agent, entry.value, "inventory", |i: AgentInventory| {
+            (i.agent_id, i.labels)
+        });
         self.registered.insert(agent, labels.clone()) != Some(labels)
     }
 
@@ -323,17 +315,9 @@ impl State {
         if !put {
             return self.values.remove(&agent).is_some();
         }
-        let values = match serde_json::from_slice::<AgentValues>(entry.value) {
-            Ok(v) if v.agent_id == agent => v.values,
-            Ok(v) => {
-                tracing::warn!(%agent, claimed = %v.agent_id, "values document names another agent; ignoring it");
-                Labels::new()
-            }
-            Err(error) => {
-                tracing::warn!(%agent, %error, "values do not parse; rendering the agent without values");
-                Labels::new()
-            }
-        };
+        let values = addressed(&agent, entry.value, "values", |v: AgentValues| {
+            (v.agent_id, v.values)
+        });
         self.values.insert(agent, values.clone()) != Some(values)
     }
 
@@ -383,6 +367,27 @@ impl State {
                 created_revision: d.created_revision.unwrap_or(d.first_seen),
             })
             .collect()
+    }
+}
+
+/// The map (labels, values) a document addressed to `agent` carries; empty,
+/// with a warning, when it does not parse or names another agent.
+fn addressed<T: serde::de::DeserializeOwned>(
+    agent: &AgentId,
+    bytes: &[u8],
+    what: &str,
+    parts: impl FnOnce(T) -> (AgentId, Labels),
+) -> Labels {
+    match serde_json::from_slice::<T>(bytes).map(parts) {
+        Ok((claimed, map)) if &claimed == agent => map,
+        Ok((claimed, _)) => {
+            tracing::warn!(%agent, %claimed, "{what} names another agent; ignoring it");
+            Labels::new()
+        }
+        Err(error) => {
+            tracing::warn!(%agent, %error, "{what} does not parse; using none");
+            Labels::new()
+        }
     }
 }
 

@@ -154,22 +154,22 @@ impl Fleet {
             entries: Default::default(),
             server_time: SystemTime::UNIX_EPOCH,
         };
-        // The two buckets are read at once.
-        let (fleet, heartbeats) = tokio::join!(
-            async {
-                match rest.is_empty() {
-                    true => Ok(empty()),
-                    false => flotilla_nats::read_keys(&self.store, &rest).await,
-                }
-            },
-            async {
-                match beats.is_empty() {
-                    true => Ok(empty()),
-                    false => flotilla_nats::read_keys(&self.heartbeats, &beats).await,
-                }
-            }
-        );
-        Ok(fleet.map_err(failed)?.merge(heartbeats.map_err(failed)?))
+        // The fleet bucket first, then heartbeats: an agent beats before it
+        // writes its first status, so a status read always has its
+        // heartbeat read too (read at once, a fresh agent looked Stale).
+        let fleet = match rest.is_empty() {
+            true => empty(),
+            false => flotilla_nats::read_keys(&self.store, &rest)
+                .await
+                .map_err(failed)?,
+        };
+        let heartbeats = match beats.is_empty() {
+            true => empty(),
+            false => flotilla_nats::read_keys(&self.heartbeats, &beats)
+                .await
+                .map_err(failed)?,
+        };
+        Ok(fleet.merge(heartbeats))
     }
 }
 

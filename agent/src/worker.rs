@@ -14,7 +14,9 @@
 //!   reconcilers say themselves when a good or pending state deserves another
 //!   look ([`Outcome`]'s `recheck_after`).
 //! - Removal is part of convergence: once every resource of a generation
-//!   has been reconciled, a sweep removes what the manifest no longer lists.
+//!   has been reconciled, a sweep removes what the manifest no longer lists
+//!   — after any interrupted reconcile of a dropped resource has ended, so
+//!   the two never race over one unit, container or file.
 //!   Removals that fail stay in the status (`removing`), keep Ready false and
 //!   are retried with backoff.
 //! - The status names a generation (`manifestGeneration`) only when every
@@ -164,6 +166,26 @@ fn starts(
         }
     }
     picked
+}
+
+/// Whether the removal sweep runs now: once every resource of the
+/// generation has been looked at (`looked_at`), then on drift checks and on
+/// its own backoff — and never while a reconcile of a resource the manifest
+/// no longer lists is still winding down, or that reconcile (a drift check
+/// repairing a "manual stop") could undo what the sweep just removed.
+fn sweep_due(
+    removal: &Removal,
+    in_flight: &BTreeMap<ResourceId, InFlight>,
+    looked_at: bool,
+    m: &AgentManifest,
+    now: Instant,
+) -> bool {
+    !removal.running
+        && looked_at
+        && in_flight.keys().all(|id| m.resource(id).is_some())
+        && (removal.swept != m.generation
+            || removal.drift
+            || removal.retry_at.is_some_and(|at| at <= now))
 }
 
 impl Worker {
@@ -325,14 +347,13 @@ impl Worker {
                 },
             );
         }
-        // The removal sweep runs once every resource of the generation has
-        // been looked at, then on drift checks and on its own backoff.
-        let sweep_due = !self.removal.running
-            && self.all_looked_at(&m)
-            && (self.removal.swept != m.generation
-                || self.removal.drift
-                || self.removal.retry_at.is_some_and(|at| at <= now));
-        if sweep_due {
+        if sweep_due(
+            &self.removal,
+            &self.in_flight,
+            self.all_looked_at(&m),
+            &m,
+            now,
+        ) {
             self.removal.running = true;
             self.removal.drift = false;
             let dropped: Vec<_> = self
@@ -632,6 +653,40 @@ mod tests {
         rec.retry_at = retry_at;
         rec.drift = drift;
         rec
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_waits_for_reconciles_of_dropped_resources_to_end() {
+        let now = Instant::now();
+        let mut m = manifest(files(&["d/a"]));
+        m.generation = 2;
+        let mut removal = Removal {
+            swept: 1,
+            ..Removal::default()
+        };
+        let in_flight = |ids: &[&str]| -> BTreeMap<ResourceId, InFlight> {
+            ids.iter()
+                .map(|id| {
+                    let (interrupt, _) = watch::channel(true);
+                    let level = String::new();
+                    (id.parse().unwrap(), InFlight { level, interrupt })
+                })
+                .collect()
+        };
+        // A generation not yet swept: due once everything was looked at …
+        assert!(sweep_due(&removal, &in_flight(&[]), true, &m, now));
+        assert!(!sweep_due(&removal, &in_flight(&[]), false, &m, now));
+        // … also with a listed resource in flight (a drift check) …
+        assert!(sweep_due(&removal, &in_flight(&["d/a"]), true, &m, now));
+        // … but not while a dropped resource's reconcile winds down.
+        assert!(!sweep_due(&removal, &in_flight(&["d/gone"]), true, &m, now));
+        // Swept: again only on a drift check or a due retry, one at a time.
+        removal.swept = 2;
+        assert!(!sweep_due(&removal, &in_flight(&[]), true, &m, now));
+        removal.retry_at = Some(now);
+        assert!(sweep_due(&removal, &in_flight(&[]), true, &m, now));
+        removal.running = true;
+        assert!(!sweep_due(&removal, &in_flight(&[]), true, &m, now));
     }
 
     #[tokio::test(start_paused = true)]

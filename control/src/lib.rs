@@ -56,6 +56,7 @@ pub mod fleet;
 pub mod heartbeat;
 pub mod publish;
 pub mod render;
+pub mod rollout;
 
 pub use daemon::{Config, DaemonError, NatsAuth, run};
 pub use publish::{PublishError, PublishOutcome, publish_manifest};

@@ -44,6 +44,16 @@ struct Args {
     /// Longest heartbeat interval published, however large the fleet.
     #[arg(long, env = "FLOTILLA_HEARTBEAT_MAX_INTERVAL", value_parser = humantime::parse_duration, default_value = "10m")]
     heartbeat_max_interval: std::time::Duration,
+    /// Fixed age of the last heartbeat (server time) after which a rollout
+    /// counts an agent Stale; default: 3 of the intervals it declares.
+    #[arg(long, env = "FLOTILLA_STALE_AFTER", value_parser = humantime::parse_duration)]
+    stale_after: Option<std::time::Duration>,
+    /// … and Offline (not waited for); default: 10 declared intervals.
+    #[arg(long, env = "FLOTILLA_OFFLINE_AFTER", value_parser = humantime::parse_duration)]
+    offline_after: Option<std::time::Duration>,
+    /// While a rollout is in progress, judge it at least this often.
+    #[arg(long, env = "FLOTILLA_ROLLOUT_RECHECK", value_parser = humantime::parse_duration, default_value = "1s")]
+    rollout_recheck: std::time::Duration,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +73,9 @@ fn main() -> anyhow::Result<()> {
         min_interval: args.heartbeat_min_interval,
         max_interval: args.heartbeat_max_interval,
     };
+    config.thresholds.stale_after = args.stale_after;
+    config.thresholds.offline_after = args.offline_after;
+    config.rollout_recheck = args.rollout_recheck;
     config.auth = Auth::pick(
         args.creds,
         args.nkey_seed_file,

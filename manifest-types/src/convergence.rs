@@ -24,11 +24,12 @@
 //! 7. **Degraded**: a resource is Failed or Unsupported (or, for the whole
 //!    agent, the Degraded condition is true) on the target generation.
 //!
-//! For a deployment's targets, [`Progress::of`] adds one rule after
-//! liveness and identity conflicts: a target the control plane could not
-//! render the revision for
-//! (`DeploymentStatus.renderFailures`, ADR 0014) is Degraded with
-//! [`Reason::RenderFailed`], whatever else it reports.
+//! For a deployment's targets, [`Progress::of`] adds two rules after
+//! liveness and identity conflicts: a target a staged rollout keeps on
+//! another revision (`DeploymentStatus.heldBack`, ADR 0016) is Progressing
+//! with [`Reason::HeldBack`]; a target the control plane could not render
+//! the revision for (`DeploymentStatus.renderFailures`, ADR 0014) is
+//! Degraded with [`Reason::RenderFailed`], whatever else it reports.
 //!
 //! No I/O and no clock: ages are inputs, measured by the caller from KV
 //! server timestamps.
@@ -289,6 +290,9 @@ pub enum Reason {
         resource: ResourceId,
         message: String,
     },
+    /// A staged rollout keeps this agent on another revision (its wave is
+    /// not released yet, or the rollout rolled back; docs/adr/0016).
+    HeldBack { revision: Option<u64> },
 }
 
 impl fmt::Display for Reason {
@@ -324,6 +328,10 @@ impl fmt::Display for Reason {
             Self::RenderFailed { resource, message } => {
                 write!(f, "cannot render {resource} for this agent: {message}")
             }
+            Self::HeldBack { revision: Some(r) } => {
+                write!(f, "held at revision {r} by the rollout")
+            }
+            Self::HeldBack { revision: None } => f.write_str("not reached by the rollout yet"),
         }
     }
 }
@@ -631,11 +639,27 @@ impl Progress {
                     resources: &expected,
                 };
                 let verdict = assess(&report(agent), target, thresholds);
-                // Not rendered for this agent: it cannot converge on the
-                // revision whatever it reports (liveness still comes first).
-                let failed = status.render_failures.iter().find(|f| &f.agent == agent);
-                let verdict = match failed {
-                    Some(f)
+                // Not given the revision (a rollout holds it back) or not
+                // rendered for this agent: it cannot converge on the revision
+                // whatever it reports (liveness still comes first).
+                let instead = match (
+                    status.held_back.get(agent),
+                    status.render_failures.iter().find(|f| &f.agent == agent),
+                ) {
+                    (Some(&revision), _) => {
+                        Some((State::Progressing, Reason::HeldBack { revision }))
+                    }
+                    (None, Some(f)) => Some((
+                        State::Degraded,
+                        Reason::RenderFailed {
+                            resource: f.resource.clone(),
+                            message: f.message.clone(),
+                        },
+                    )),
+                    (None, None) => None,
+                };
+                let verdict = match instead {
+                    Some((state, reason))
                         if !matches!(
                             verdict.state,
                             State::Offline | State::Stale | State::IdentityConflict
@@ -643,13 +667,7 @@ impl Progress {
                     {
                         Verdict {
                             liveness: verdict.liveness,
-                            ..Verdict::new(
-                                State::Degraded,
-                                Reason::RenderFailed {
-                                    resource: f.resource.clone(),
-                                    message: f.message.clone(),
-                                },
-                            )
+                            ..Verdict::new(state, reason)
                         }
                     }
                     _ => verdict,

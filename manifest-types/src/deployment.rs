@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{AgentId, DeploymentName, LocalId, ResourceId};
 use crate::inventory::validate_label;
 use crate::manifest::{ManagedResource, ManifestError, ResourceSource, WireResource};
+use crate::rollout::{RolloutPolicy, RolloutStatus};
 use crate::spec::ResourceSpec;
 use crate::template;
 use crate::{API_VERSION, ApiVersion};
@@ -18,6 +19,23 @@ pub struct Deployment {
     pub name: DeploymentName,
     pub selector: Selector,
     pub resources: Vec<DeploymentResource>,
+    /// How a new revision reaches the targets (docs/adr/0016); None: the
+    /// fleet default (`settings.rollout`), or all at once.
+    pub rollout: Option<RolloutPolicy>,
+    /// Who made this revision and why, as the CLI records it; shown by
+    /// `flotilla rollout history`, ignored by the render.
+    pub change: Option<ChangeNote>,
+}
+
+/// Who changed a deployment, and why (`flotilla apply --cause`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChangeNote {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
 }
 
 /// Selects agents by explicit id and/or labels. An agent is selected when its
@@ -68,6 +86,8 @@ pub enum DeploymentError {
     UnsupportedResource { resource: String, reason: String },
     #[error("the selector selects nothing: give `agents` and/or `matchLabels`")]
     EmptySelector,
+    #[error("invalid rollout policy: {0}")]
+    Rollout(String),
     #[error("resource {resource:?}: {error}")]
     Template {
         resource: String,
@@ -88,6 +108,10 @@ struct WireDeployment {
     selector: Selector,
     #[serde(default)]
     resources: Vec<WireResource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rollout: Option<RolloutPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    change: Option<ChangeNote>,
 }
 
 fn deployment_kind() -> String {
@@ -119,6 +143,9 @@ impl Deployment {
         }
         if wire.selector.agents.is_empty() && wire.selector.match_labels.is_empty() {
             return Err(DeploymentError::EmptySelector);
+        }
+        if let Some(p) = &wire.rollout {
+            p.validate().map_err(DeploymentError::Rollout)?;
         }
         let mut resources = Vec::new();
         for mut w in wire.resources {
@@ -161,6 +188,8 @@ impl Deployment {
             name: wire.name,
             selector: wire.selector,
             resources,
+            rollout: wire.rollout,
+            change: wire.change,
         };
         d.render_resources(0)?;
         Ok(d)
@@ -176,6 +205,15 @@ impl Deployment {
 
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("deployment serialises")
+    }
+
+    /// Whether `other` asks for the same thing: equal but for the
+    /// [`ChangeNote`] (re-applying a document unchanged is no new revision).
+    pub fn same_intent(&self, other: &Deployment) -> bool {
+        self.name == other.name
+            && self.selector == other.selector
+            && self.resources == other.resources
+            && self.rollout == other.rollout
     }
 
     /// Whether any resource references the agent it is rendered for, so
@@ -284,6 +322,8 @@ impl Serialize for Deployment {
                     source: None,
                 })
                 .collect(),
+            rollout: self.rollout.clone(),
+            change: self.change.clone(),
         }
         .serialize(s)
     }
@@ -340,6 +380,16 @@ pub struct DeploymentStatus {
     /// Set when the stored document could not be read; nothing is rendered from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The staged rollout of `observedRevision`, when a policy applies
+    /// (docs/adr/0016); absent: every target gets each revision at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+    /// Targets a rollout keeps on another revision than `observedRevision`
+    /// (their wave is not released yet, or the rollout rolled back), with
+    /// the revision their manifest carries (`null`: none of this deployment
+    /// yet). Their `targets` generation carries that revision.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub held_back: BTreeMap<AgentId, Option<u64>>,
 }
 
 /// A resource left out of an agent's manifest because an earlier deployment

@@ -12,6 +12,8 @@ pub const HEARTBEAT: &str = "heartbeat";
 pub const DEPLOYMENTS: &str = "deployments";
 pub const DEPLOYMENT_STATUS: &str = "deployment-status";
 pub const VALUES: &str = "values";
+pub const REVISIONS: &str = "revisions";
+pub const ROLLOUTS: &str = "rollouts";
 
 /// `desired-state.<agent-id>`: the agent's manifest, written by the control plane only.
 pub fn desired_state(agent: &AgentId) -> String {
@@ -59,6 +61,27 @@ pub fn values(agent: &AgentId) -> String {
     format!("{VALUES}.{agent}")
 }
 
+/// `revisions.<name>.<revision>`: one revision of a deployment in its
+/// history, written by the control plane (docs/adr/0016).
+pub fn revision(name: &DeploymentName, revision: u64) -> String {
+    format!("{REVISIONS}.{name}.{revision}")
+}
+
+/// Every revision key of one deployment: `revisions.<name>.*`.
+pub fn revisions_of(name: &DeploymentName) -> String {
+    format!("{REVISIONS}.{name}.*")
+}
+
+/// `rollouts.<name>`: the operator's pause/resume switch for a deployment's
+/// rollouts (docs/adr/0016).
+pub fn rollout(name: &DeploymentName) -> String {
+    format!("{ROLLOUTS}.{name}")
+}
+
+/// `settings.rollout` (fleet bucket): the fleet's default rollout policy,
+/// for deployments that carry none (docs/adr/0016).
+pub const ROLLOUT_SETTINGS: &str = "settings.rollout";
+
 /// A wildcard over every key of one family, e.g. `actual-state.>`.
 pub fn all(prefix: &str) -> String {
     format!("{prefix}.>")
@@ -74,6 +97,8 @@ pub enum Key {
     Deployment(DeploymentName),
     DeploymentStatus(DeploymentName),
     Values(AgentId),
+    Revision(DeploymentName, u64),
+    Rollout(DeploymentName),
 }
 
 impl Key {
@@ -89,6 +114,11 @@ impl Key {
             DEPLOYMENTS => Key::Deployment(id.parse().ok()?),
             DEPLOYMENT_STATUS => Key::DeploymentStatus(id.parse().ok()?),
             VALUES => Key::Values(id.parse().ok()?),
+            REVISIONS => {
+                let (name, revision) = id.split_once('.')?;
+                Key::Revision(name.parse().ok()?, revision.parse().ok()?)
+            }
+            ROLLOUTS => Key::Rollout(id.parse().ok()?),
             _ => return None,
         })
     }
@@ -150,6 +180,10 @@ mod tests {
         assert_eq!(deployment(&d), "deployments.hello");
         assert_eq!(deployment_status(&d), "deployment-status.hello");
         assert_eq!(values(&a), "values.pi-1");
+        assert_eq!(revision(&d, 42), "revisions.hello.42");
+        assert_eq!(revisions_of(&d), "revisions.hello.*");
+        assert_eq!(rollout(&d), "rollouts.hello");
+        assert_eq!(ROLLOUT_SETTINGS, "settings.rollout");
         assert_eq!(kv_subject(&b, "agents.pi-1"), "$KV.fleet.agents.pi-1");
         assert_eq!(
             direct_get_subject(&b, "desired-state.pi-1"),
@@ -176,6 +210,14 @@ mod tests {
         );
         assert_eq!(Key::parse(&values(&a)), Some(Key::Values(a.clone())));
         assert_eq!(Key::parse(&heartbeat(&a)), Some(Key::Heartbeat(a)));
+        let d = DeploymentName::new("web").unwrap();
+        assert_eq!(
+            Key::parse(&revision(&d, 7)),
+            Some(Key::Revision(d.clone(), 7))
+        );
+        assert_eq!(Key::parse(&rollout(&d)), Some(Key::Rollout(d)));
+        assert_eq!(Key::parse("revisions.web"), None);
+        assert_eq!(Key::parse("revisions.web.x"), None);
         assert_eq!(Key::parse("desired-state.Bad"), None);
         assert_eq!(Key::parse("other.x"), None);
     }

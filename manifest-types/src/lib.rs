@@ -32,18 +32,20 @@
 pub mod canonical;
 pub mod convergence;
 pub mod deployment;
+pub mod diff;
 pub mod ids;
 pub mod inventory;
 pub mod keys;
 pub mod manifest;
 pub mod reason;
+pub mod rollout;
 pub mod spec;
 pub mod status;
 pub mod template;
 
 pub use deployment::{
-    Conflict, Deployment, DeploymentError, DeploymentResource, DeploymentStatus, RenderError,
-    RenderFailure, Selector,
+    ChangeNote, Conflict, Deployment, DeploymentError, DeploymentResource, DeploymentStatus,
+    RenderError, RenderFailure, Selector,
 };
 pub use ids::{AgentId, BucketName, DeploymentName, IdError, LocalId, ResourceId};
 pub use inventory::{AgentInventory, Heartbeat, HeartbeatSettings};
@@ -124,6 +126,10 @@ mod deployment_schema {
         name: DeploymentName,
         selector: Selector,
         resources: Vec<DeploymentResourceSchema>,
+        #[serde(default)]
+        rollout: Option<rollout::RolloutPolicy>,
+        #[serde(default)]
+        change: Option<ChangeNote>,
     }
 
     impl JsonSchema for Deployment {

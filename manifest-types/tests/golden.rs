@@ -264,6 +264,8 @@ fn deployment_status() {
             message: "${values.site} is not set for agent pi-03".into(),
         }],
         error: None,
+        rollout: None,
+        held_back: Default::default(),
     };
     check("deployment-status.json", &st);
 }

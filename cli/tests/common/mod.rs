@@ -181,6 +181,8 @@ pub fn deployment_status(
         conflicts: vec![],
         render_failures: vec![],
         error: None,
+        rollout: None,
+        held_back: Default::default(),
     }
 }
 

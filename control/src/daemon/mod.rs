@@ -36,6 +36,7 @@
 
 mod metrics;
 mod reconcile;
+mod rollouts;
 mod state;
 
 use std::future::Future;
@@ -44,6 +45,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv::Store};
 use futures::{FutureExt, StreamExt};
+use manifest_types::convergence::Thresholds;
 use manifest_types::{BucketName, keys};
 use tokio::time::Instant;
 
@@ -74,6 +76,12 @@ pub struct Config {
     pub metrics: Arc<Metrics>,
     /// How the fleet's heartbeat interval is sized (`settings.heartbeat`).
     pub heartbeat: HeartbeatPolicy,
+    /// Liveness limits for judging rollouts (as the CLI's `--stale-after`
+    /// / `--offline-after`).
+    pub thresholds: Thresholds,
+    /// While a rollout is in progress, how often it is judged again even
+    /// when no agent reports (agents going Offline, soak times ending).
+    pub rollout_recheck: Duration,
 }
 
 impl Config {
@@ -90,6 +98,8 @@ impl Config {
             bucket_check_interval: Duration::from_secs(5),
             metrics: Arc::default(),
             heartbeat: HeartbeatPolicy::default(),
+            thresholds: Thresholds::default(),
+            rollout_recheck: Duration::from_secs(1),
         }
     }
 }
@@ -134,8 +144,23 @@ pub async fn run_with_store(
         keys::all(keys::DEPLOYMENT_STATUS),
         keys::all(keys::ACTUAL_STATE),
         keys::all(keys::VALUES),
+        keys::all(keys::REVISIONS),
+        keys::all(keys::ROLLOUTS),
         keys::HEARTBEAT_SETTINGS.to_owned(),
+        keys::ROLLOUT_SETTINGS.to_owned(),
     ];
+    let heartbeats = loop {
+        match crate::bucket::ensure_heartbeat_bucket(&js, &config.bucket).await {
+            Ok(h) => break h,
+            Err(error) => {
+                tracing::warn!(error = %reconcile::error_chain(&error), "cannot open the heartbeat bucket; retrying");
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    _ = tokio::time::sleep(config.retry_after) => {}
+                }
+            }
+        }
+    };
     // The server announces a deleted stream (at most once: the periodic
     // check catches a missed announcement).
     let advisory_subject = format!(
@@ -176,6 +201,9 @@ pub async fn run_with_store(
         let mut replayed = false;
         let mut dirty = false;
         let mut retry_at: Option<Instant> = None;
+        // When rollouts are judged next (never more often than MIN_JUDGE_GAP).
+        let mut judge_at: Option<Instant> = None;
+        let mut judged_at = Instant::now() - MIN_JUDGE_GAP;
         let mut check_at = Instant::now() + config.bucket_check_interval;
         let mut seen = 0u64;
         loop {
@@ -229,6 +257,27 @@ pub async fn run_with_store(
                     retry_at = None;
                     dirty = true;
                 }
+                // Cancel-safe: a timer; the judgement runs after the select.
+                _ = tokio::time::sleep_until(judge_at.unwrap_or_else(Instant::now)), if judge_at.is_some() => {
+                    judge_at = None;
+                    state.rollout_due = true;
+                }
+            }
+            if replayed && state.rollout_due && state.rolling() && state.rendered.is_some() {
+                let due = judged_at + MIN_JUDGE_GAP;
+                if Instant::now() < due {
+                    judge_at = Some(judge_at.map_or(due, |at| at.min(due)));
+                } else {
+                    judged_at = Instant::now();
+                    match rollouts::judge(&mut state, &store, &heartbeats, &config.thresholds).await
+                    {
+                        Ok(moved) => dirty |= moved,
+                        Err(error) => {
+                            tracing::warn!(error = %reconcile::error_chain(&error), "cannot read the fleet to judge rollouts; retrying")
+                        }
+                    }
+                    judge_at = Some(Instant::now() + config.rollout_recheck);
+                }
             }
             if replayed && dirty {
                 dirty = false;
@@ -257,12 +306,20 @@ pub async fn run_with_store(
                     retry_at = None;
                 }
             }
+            if replayed && state.rolling() && state.rollout_due {
+                // A pass started a rollout: judge it at once.
+                judge_at = Some(judged_at + MIN_JUDGE_GAP);
+            }
             if replayed {
                 metrics.settled(seen);
             }
         }
     }
 }
+
+/// The least time between two judgements of the rollouts (each reads every
+/// agent's status and heartbeat).
+const MIN_JUDGE_GAP: Duration = Duration::from_millis(50);
 
 /// The next stream-deleted advisory, or never without a subscription.
 async fn next_advisory(advisories: &mut Option<async_nats::Subscriber>) -> Option<()> {

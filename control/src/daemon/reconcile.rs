@@ -50,6 +50,7 @@ pub(crate) async fn reconcile(
     heartbeat: &HeartbeatPolicy,
 ) -> PassReport {
     state.resolve_created_revisions();
+    super::rollouts::prepare(state);
     let mut report = PassReport::default();
     // Render the whole fleet after a deployment changed (or a relist), else
     // only the agents whose inputs changed, patched into the last render.
@@ -177,6 +178,12 @@ pub(crate) async fn reconcile(
             conflicts: r.conflicts.clone(),
             render_failures: r.render_failures.clone(),
             error: r.error.clone(),
+            rollout: state
+                .runs
+                .get(name)
+                .filter(|run| run.status.revision == record.revision)
+                .map(|run| run.status.clone()),
+            held_back: r.held_back.clone(),
         };
         let stored = state.statuses.get(name).and_then(|w| w.value.as_ref());
         if stored != Some(&status) {
@@ -217,6 +224,13 @@ pub(crate) async fn reconcile(
                 );
             }
         }
+    }
+
+    // Each deployment's history of revisions.
+    for failure in super::rollouts::record_history(state, store).await {
+        tracing::debug!(%failure, "history");
+        report.failures += 1;
+        report.first_error.get_or_insert(failure);
     }
 
     // The fleet's heartbeat interval, sized to the registered agents.

@@ -6,16 +6,19 @@
 //! (docs/adr/0012-the-control-plane-owns-desired-state.md).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::SystemTime;
 
 use async_nats::jetstream::kv::{Entry, Operation};
 use manifest_types::keys::{self, Key};
+use manifest_types::rollout::{RevisionRecord, RolloutControl, RolloutPolicy};
 use manifest_types::{
     AgentId, AgentInventory, AgentManifest, AgentValues, Deployment, DeploymentName,
     DeploymentStatus, HeartbeatSettings,
 };
 
 use crate::publish::{self, Floor};
-use crate::render::{AgentInput, DeploymentInput, Labels, Rendered};
+use crate::render::{AgentInput, DeploymentInput, Labels, Rendered, Staged};
+use crate::rollout::{Control, Run};
 
 /// One watched value, as [`State::apply`] reads it.
 struct Seen<'a> {
@@ -34,6 +37,8 @@ pub(crate) struct DeploymentRecord {
     /// Creation order used for conflicts; resolved at the first render (from
     /// a stored status when there is one, so restarts keep the order).
     pub created_revision: Option<u64>,
+    /// Server time the document was written.
+    pub applied_at: Option<SystemTime>,
 }
 
 /// A key the daemon writes: the value last seen or written, by revision.
@@ -69,6 +74,20 @@ pub(crate) struct State {
     /// The last pass's render of the whole fleet, patched by later passes
     /// that render only the agents whose inputs changed.
     pub rendered: Option<Rendered>,
+    /// Each deployment's history (`revisions.<name>.<revision>`): the
+    /// documents of earlier revisions, for agents a rollout holds on one.
+    pub history: BTreeMap<DeploymentName, BTreeMap<u64, Deployment>>,
+    /// The revisions recorded in the history, readable or not.
+    pub recorded: BTreeMap<DeploymentName, BTreeSet<u64>>,
+    /// The operators' pause/resume switches (`rollouts.<name>`).
+    pub controls: BTreeMap<DeploymentName, Control>,
+    /// The fleet's default rollout policy (`settings.rollout`).
+    pub default_rollout: Option<RolloutPolicy>,
+    /// Rollouts in progress (or finished, until the next revision).
+    pub runs: BTreeMap<DeploymentName, Run>,
+    /// Something a rollout's judgement depends on changed (an agent's
+    /// status, a switch, a new rollout).
+    pub rollout_due: bool,
 }
 
 /// What changed since the last pass, so a pass renders only that: every
@@ -91,6 +110,7 @@ impl Dirty {
 }
 
 static NO_LABELS: Labels = Labels::new();
+static NO_HISTORY: BTreeMap<u64, Deployment> = BTreeMap::new();
 
 impl State {
     /// A fresh state for a relist: everything is read again from the
@@ -98,6 +118,8 @@ impl State {
     pub fn relist(self) -> Self {
         Self {
             written: self.written,
+            runs: self.runs,
+            rollout_due: true,
             dirty: Dirty {
                 all: true,
                 agents: BTreeSet::new(),
@@ -134,7 +156,24 @@ impl State {
 
     /// Records one watched entry; true when the render may change.
     pub fn apply_entry(&mut self, entry: &Entry) -> bool {
-        self.apply(&entry.key, entry.revision, entry.operation, &entry.value)
+        let changed = self.apply(&entry.key, entry.revision, entry.operation, &entry.value);
+        if let Some(Key::Deployment(name)) = Key::parse(&entry.key)
+            && let Some(d) = self.deployments.get_mut(&name)
+            && d.revision == entry.revision
+        {
+            d.applied_at = Some(SystemTime::from(entry.created));
+        }
+        changed
+    }
+
+    /// Whether a rollout is still to be judged (not Complete or RolledBack).
+    pub fn rolling(&self) -> bool {
+        self.runs.values().any(|r| !r.status.phase.is_final())
+    }
+
+    /// The rollout policy of `d`: its own, else the fleet's default.
+    pub fn policy<'a>(&'a self, d: &'a Deployment) -> Option<&'a RolloutPolicy> {
+        d.rollout.as_ref().or(self.default_rollout.as_ref())
     }
 
     /// Records one value (or DEL/PURGE marker) of `key` at `revision`; true
@@ -148,6 +187,20 @@ impl State {
         let put = operation == Operation::Put;
         if key == keys::HEARTBEAT_SETTINGS {
             return self.apply_heartbeat_settings(entry, put);
+        }
+        if key == keys::ROLLOUT_SETTINGS {
+            let policy = put
+                .then(|| serde_json::from_slice::<RolloutPolicy>(value))
+                .transpose()
+                .unwrap_or_else(|error| {
+                    tracing::warn!(%error, "{key} does not parse; no fleet default rollout policy");
+                    None
+                })
+                .filter(|p| p.validate().is_ok());
+            let changed = self.default_rollout != policy;
+            self.default_rollout = policy;
+            self.dirty.all |= changed;
+            return changed;
         }
         match Key::parse(key) {
             Some(Key::Deployment(name)) => {
@@ -201,6 +254,7 @@ impl State {
                 )
             }
             Some(Key::ActualState(agent)) => {
+                self.rollout_due |= self.rolling();
                 let reported = if put {
                     publish::reported_floor(entry.value)
                 } else {
@@ -214,6 +268,38 @@ impl State {
                 self.dirty.agent(changed, agent)
             }
             Some(Key::Heartbeat(_)) => false,
+            Some(Key::Revision(name, revision)) => {
+                let doc = put
+                    .then(|| serde_json::from_slice::<RevisionRecord>(value).ok())
+                    .flatten()
+                    .and_then(|r| Deployment::from_value(r.deployment).ok())
+                    .filter(|d| d.name == name);
+                if put {
+                    self.recorded
+                        .entry(name.clone())
+                        .or_default()
+                        .insert(revision);
+                } else if let Some(r) = self.recorded.get_mut(&name) {
+                    r.remove(&revision);
+                }
+                let history = self.history.entry(name.clone()).or_default();
+                let changed = match doc {
+                    Some(d) => history.insert(revision, d).is_none(),
+                    None => history.remove(&revision).is_some(),
+                };
+                // Only a rollout in progress renders from the history.
+                let matters = changed && self.runs.contains_key(&name);
+                self.dirty.all |= matters;
+                matters
+            }
+            Some(Key::Rollout(name)) => {
+                let paused = put
+                    && serde_json::from_slice::<RolloutControl>(value)
+                        .is_ok_and(|c| c.name == name && c.paused);
+                self.controls.insert(name, Control { revision, paused });
+                self.rollout_due = true;
+                false
+            }
             None => {
                 tracing::debug!(key, "ignoring a key that is not Flotilla's");
                 false
@@ -254,6 +340,7 @@ impl State {
             Some(old) => (old.first_seen, old.created_revision),
             None => (entry.revision, None),
         };
+        let applied_at = self.deployments.get(&name).and_then(|d| d.applied_at);
         self.deployments.insert(
             name,
             DeploymentRecord {
@@ -261,6 +348,7 @@ impl State {
                 document,
                 first_seen,
                 created_revision,
+                applied_at,
             },
         );
         true
@@ -365,6 +453,14 @@ impl State {
                 document: d.document.as_ref().map_err(String::as_str),
                 revision: d.revision,
                 created_revision: d.created_revision.unwrap_or(d.first_seen),
+                rollout: self
+                    .runs
+                    .get(name)
+                    .filter(|r| r.status.revision == d.revision)
+                    .map(|run| Staged {
+                        run,
+                        history: self.history.get(name).unwrap_or(&NO_HISTORY),
+                    }),
             })
             .collect()
     }

@@ -21,6 +21,12 @@
 //!   was last rendered (from its previous manifest, at their old revision),
 //!   and the failure is reported as a [`RenderFailure`]; every other agent
 //!   gets the new revision. Never a half-rendered spec.
+//! - A deployment under a staged rollout (docs/adr/0016) renders each agent
+//!   it selects at the revision [`crate::rollout::revision_for`] gives it:
+//!   the new one once its wave is released, else the one it runs, from that
+//!   revision's document in the history; the agents kept on another
+//!   revision are reported in [`DeploymentRender::held_back`]. Agents that
+//!   only an earlier revision selected are not targets and get nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -29,6 +35,8 @@ use manifest_types::{
     AgentId, AgentManifest, Conflict, Deployment, DeploymentName, ManagedResource, RenderFailure,
     ResourceId,
 };
+
+use crate::rollout::{self, Run};
 
 /// Labels an agent reports in its inventory (`agents.<id>`).
 pub type Labels = BTreeMap<String, String>;
@@ -56,6 +64,16 @@ pub struct DeploymentInput<'a> {
     /// Revision at which the control plane first saw the deployment; orders
     /// deployments for conflict resolution.
     pub created_revision: u64,
+    /// The staged rollout of `revision`, if one is in progress.
+    pub rollout: Option<Staged<'a>>,
+}
+
+/// A rollout in progress and the documents of earlier revisions.
+#[derive(Debug, Clone, Copy)]
+pub struct Staged<'a> {
+    pub run: &'a Run,
+    /// Earlier revisions' documents (`revisions.<name>.<revision>`).
+    pub history: &'a BTreeMap<u64, Deployment>,
 }
 
 /// The render of one deployment.
@@ -69,6 +87,8 @@ pub struct DeploymentRender {
     pub render_failures: Vec<RenderFailure>,
     /// Set when nothing could be rendered from the document.
     pub error: Option<String>,
+    /// Targets a rollout keeps on another revision (None: on none of it).
+    pub held_back: BTreeMap<AgentId, Option<u64>>,
 }
 
 /// The render of the whole fleet.
@@ -105,6 +125,11 @@ impl Rendered {
                     .into_iter()
                     .filter(|f| !agents.contains(&f.agent)),
             );
+            d.held_back.extend(
+                old.held_back
+                    .into_iter()
+                    .filter(|(a, _)| !agents.contains(a)),
+            );
             d.conflicts.sort();
             d.render_failures.sort();
         }
@@ -119,6 +144,19 @@ struct Prepared<'a> {
     revision: u64,
     /// Rendered once for every agent (templated ones: per agent instead).
     resources: Vec<ManagedResource>,
+    rollout: Option<Staged<'a>>,
+    /// Earlier revisions rendered once (untemplated ones), as agents need them.
+    earlier: std::cell::RefCell<BTreeMap<u64, Option<Vec<ManagedResource>>>>,
+}
+
+/// The revision of `deployment` an agent's previous manifest carries.
+fn current_revision(previous: Option<&AgentManifest>, deployment: &DeploymentName) -> Option<u64> {
+    previous?
+        .resources
+        .iter()
+        .filter_map(|r| r.source.as_ref())
+        .find(|s| &s.deployment == deployment)
+        .map(|s| s.revision)
 }
 
 /// The resources of `deployment` in an agent's previous manifest.
@@ -164,6 +202,8 @@ pub fn render<'a>(
                     deployment,
                     revision: d.revision,
                     resources,
+                    rollout: d.rollout,
+                    earlier: Default::default(),
                 }),
                 Err(e) => status.error = Some(e.to_string()),
             },
@@ -183,27 +223,47 @@ pub fn render<'a>(
                 .get_mut(p.name)
                 .expect("every prepared deployment has a status");
             status.targets.insert(agent.clone());
-            let own;
-            let candidates: &[ManagedResource] = if p.deployment.is_templated() {
-                let ctx = Context {
+            let ctx = Context {
+                agent,
+                labels: input.labels,
+                values: input.values,
+            };
+            // The revision this agent is rendered at (a rollout may hold it
+            // on another one).
+            let planned = match &p.rollout {
+                None => Some(p.revision),
+                Some(st) => rollout::revision_for(
+                    st.run,
                     agent,
-                    labels: input.labels,
-                    values: input.values,
-                };
-                own = match p.deployment.render_for(p.revision, &ctx) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        status.render_failures.push(RenderFailure {
-                            agent: agent.clone(),
-                            resource: e.resource,
-                            message: e.message,
-                        });
-                        kept_from(input.previous, p.name)
-                    }
-                };
-                &own
-            } else {
-                &p.resources
+                    current_revision(input.previous, p.name),
+                    |r| st.history.contains_key(&r),
+                ),
+            };
+            if planned != Some(p.revision) {
+                status.held_back.insert(agent.clone(), planned);
+            }
+            let own;
+            let candidates: &[ManagedResource] = match planned {
+                None => &[],
+                Some(r) if r != p.revision => {
+                    own = p.render_earlier(r, &ctx, input.previous);
+                    &own
+                }
+                Some(_) if p.deployment.is_templated() => {
+                    own = match p.deployment.render_for(p.revision, &ctx) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            status.render_failures.push(RenderFailure {
+                                agent: agent.clone(),
+                                resource: e.resource,
+                                message: e.message,
+                            });
+                            kept_from(input.previous, p.name)
+                        }
+                    };
+                    &own
+                }
+                Some(_) => &p.resources,
             };
             let mut left_out: BTreeSet<&ResourceId> = BTreeSet::new();
             let first_kept = resources.len();
@@ -236,6 +296,32 @@ pub fn render<'a>(
         status.render_failures.sort();
     }
     out
+}
+
+impl Prepared<'_> {
+    /// The resources of earlier revision `revision` for one agent; what it
+    /// has of this deployment when that revision cannot be rendered for it
+    /// (or its document is no longer in the history).
+    fn render_earlier(
+        &self,
+        revision: u64,
+        ctx: &Context<'_>,
+        previous: Option<&AgentManifest>,
+    ) -> Vec<ManagedResource> {
+        let Some(doc) = self.rollout.and_then(|st| st.history.get(&revision)) else {
+            return kept_from(previous, self.name);
+        };
+        let rendered = if doc.is_templated() {
+            doc.render_for(revision, ctx).ok()
+        } else {
+            self.earlier
+                .borrow_mut()
+                .entry(revision)
+                .or_insert_with(|| doc.render_resources(revision).ok())
+                .clone()
+        };
+        rendered.unwrap_or_else(|| kept_from(previous, self.name))
+    }
 }
 
 #[cfg(test)]

@@ -96,6 +96,7 @@ impl Fleet {
                 document: d.as_ref().map_err(String::as_str),
                 revision: *rev,
                 created_revision: *created,
+                rollout: None,
             })
             .collect();
         let none = Labels::new();

@@ -657,6 +657,8 @@ fn progress_assesses_every_target_and_skips_conflicted_resources() {
         }],
         render_failures: vec![],
         error: None,
+        rollout: None,
+        held_back: Default::default(),
     };
     let resources = [rid("web/motd"), rid("web/conf")];
     let a = status(
@@ -703,6 +705,26 @@ fn progress_assesses_every_target_and_skips_conflicted_resources() {
     assert_eq!(p.not_converged().count(), 2);
     assert_eq!(p.line(&web(), 7), "web: 2/4 agents converged on revision 7");
     assert!(Progress::default().is_done());
+
+    // A rollout holds a back on revision 5: converged there, not on 7.
+    let held = DeploymentStatus {
+        held_back: [(id("a"), Some(5))].into(),
+        ..ds
+    };
+    let p = Progress::of(
+        &held,
+        &resources,
+        |agent| AgentReport {
+            status: statuses.get(agent),
+            heartbeat_age: FRESH,
+            ..Default::default()
+        },
+        &Thresholds::default(),
+    );
+    let a = &p.targets[&id("a")];
+    assert_eq!(a.state, State::Progressing);
+    assert_eq!(a.reason, Some(Reason::HeldBack { revision: Some(5) }));
+    assert_eq!(a.detail(), "held at revision 5 by the rollout");
 }
 
 #[test]

@@ -1,0 +1,309 @@
+//! The daemon's side of staged rollouts (docs/adr/0016): starting a
+//! rollout when a deployment with a policy gets a new revision
+//! ([`prepare`]), judging rollouts on a fresh read of every agent's status
+//! and heartbeat ([`judge`], the decisions being the pure
+//! [`crate::rollout`]), and keeping each deployment's history
+//! (`revisions.<name>.<revision>`, [`record_history`]).
+
+use std::collections::BTreeMap;
+
+use async_nats::jetstream::kv::{self, Store};
+use manifest_types::convergence::{self, AgentReport, Target, Thresholds, Verdict};
+use manifest_types::rollout::RevisionRecord;
+use manifest_types::{AgentId, ApiVersion, DeploymentName, ResourceId, keys};
+
+use super::state::State;
+use crate::rollout::{self, Judge, Run};
+
+static NO_LABELS: crate::render::Labels = crate::render::Labels::new();
+
+/// Starts a rollout for every deployment whose policy applies and whose
+/// revision has none yet, continuing a stored one after a restart; drops
+/// the rollouts of deployments gone or without a policy.
+pub(crate) fn prepare(state: &mut State) {
+    let mut runs = std::mem::take(&mut state.runs);
+    runs.retain(|name, _| state.deployments.contains_key(name));
+    for (name, d) in &state.deployments {
+        let Ok(doc) = &d.document else { continue };
+        if state.policy(doc).is_none() {
+            runs.remove(name);
+            continue;
+        }
+        if runs
+            .get(name)
+            .is_some_and(|r| r.status.revision == d.revision)
+        {
+            continue;
+        }
+        let stored = state.statuses.get(name).and_then(|w| w.value.as_ref());
+        let stored_rollout = stored.and_then(|s| s.rollout.as_ref());
+        state.rollout_due = true;
+        // A restarted control plane continues where the last one stopped.
+        if let Some(r) = stored_rollout.filter(|r| r.revision == d.revision) {
+            tracing::info!(deployment = %name, revision = d.revision, phase = %r.phase, wave = r.wave, "continuing a rollout");
+            runs.insert(
+                name.clone(),
+                Run {
+                    status: r.clone(),
+                    moving: Default::default(),
+                },
+            );
+            continue;
+        }
+        let rendered = stored
+            .filter(|s| s.rollout.is_none())
+            .map(|s| s.observed_revision);
+        let previous = runs.get(name).map(|r| &r.status).or(stored_rollout);
+        if previous.is_none() && rendered == Some(d.revision) {
+            // Already rendered to every target at once.
+            continue;
+        }
+        let control = state.controls.get(name).copied().unwrap_or_default();
+        let run = rollout::start(d.revision, previous, rendered, control);
+        tracing::info!(deployment = %name, revision = d.revision, from = ?run.status.from, "starting a rollout");
+        runs.insert(name.clone(), run);
+    }
+    state.runs = runs;
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub(crate) struct JudgeError(#[from] flotilla_nats::ReadError);
+
+/// Judges every rollout in progress on one fresh read of the agents'
+/// statuses and heartbeats (server time). True when a rollout moved on,
+/// so the fleet must be rendered again.
+pub(crate) async fn judge(
+    state: &mut State,
+    store: &Store,
+    heartbeats: &Store,
+    thresholds: &Thresholds,
+) -> Result<bool, JudgeError> {
+    state.rollout_due = false;
+    let Some(rendered) = &state.rendered else {
+        return Ok(false);
+    };
+    let statuses = flotilla_nats::read_family(store, keys::ACTUAL_STATE).await?;
+    let beats = flotilla_nats::read_family(heartbeats, keys::HEARTBEAT).await?;
+    let snapshot = statuses.merge(beats);
+    let now = snapshot.server_time;
+    let reports = flotilla_nats::AgentReports::from_snapshot(&snapshot);
+    let mut changed = false;
+    let mut runs = std::mem::take(&mut state.runs);
+    for (name, run) in &mut runs {
+        if run.status.phase.is_final() {
+            continue;
+        }
+        let Some(record) = state.deployments.get(name) else {
+            continue;
+        };
+        let (Ok(doc), Some(render)) = (&record.document, rendered.deployments.get(name)) else {
+            continue;
+        };
+        let Some(policy) = state.policy(doc) else {
+            continue;
+        };
+        let history = state.history.get(name);
+        // Resource ids per revision, as each agent's manifest carries them.
+        let mut ids: BTreeMap<u64, Vec<ResourceId>> = BTreeMap::new();
+        ids.insert(record.revision, convergence::deployment_resources(doc));
+        for (r, d) in history.into_iter().flatten() {
+            ids.entry(*r)
+                .or_insert_with(|| convergence::deployment_resources(d));
+        }
+        let current: BTreeMap<&AgentId, Option<u64>> = render
+            .targets
+            .iter()
+            .map(|a| (a, current_revision(state, a, name)))
+            .collect();
+        let targets: Vec<rollout::Target<'_>> = render
+            .targets
+            .iter()
+            .map(|a| rollout::Target {
+                agent: a,
+                labels: state.registered.get(a).unwrap_or(&NO_LABELS),
+                current: current[a],
+            })
+            .collect();
+        let verdict = |agent: &AgentId, revision: Option<u64>| -> Verdict {
+            let report: AgentReport<'_> = reports.report(agent);
+            let Some(revision) = revision else {
+                return convergence::assess(
+                    &report,
+                    Target::Agent {
+                        generation: u64::MAX,
+                    },
+                    thresholds,
+                );
+            };
+            let expected: Vec<ResourceId> = ids
+                .get(&revision)
+                .into_iter()
+                .flatten()
+                .filter(|id| {
+                    !render
+                        .conflicts
+                        .iter()
+                        .any(|c| &c.agent == agent && &c.resource == *id)
+                })
+                .cloned()
+                .collect();
+            // The generation carrying the revision, once written.
+            let generation = match state.desired.get(agent).and_then(|w| w.value.as_ref()) {
+                Some(m) if current.get(agent) == Some(&Some(revision)) || expected.is_empty() => {
+                    m.generation
+                }
+                _ => u64::MAX,
+            };
+            convergence::assess(
+                &report,
+                Target::Deployment {
+                    name,
+                    revision,
+                    generation,
+                    resources: &expected,
+                },
+                thresholds,
+            )
+        };
+        let judge = Judge {
+            name,
+            policy,
+            control: state.controls.get(name).copied().unwrap_or_default(),
+            targets: &targets,
+            history: |r: u64| history.is_some_and(|h| h.contains_key(&r)),
+            verdict,
+            now,
+        };
+        let next = judge.step(run.clone());
+        if next != *run {
+            if next.status.phase != run.status.phase || next.status.wave != run.status.wave {
+                tracing::info!(deployment = %name, revision = next.status.revision, phase = %next.status.phase,
+                    wave = next.status.wave, waves = next.status.waves, message = next.status.message.as_deref().unwrap_or_default(),
+                    "rollout moved on");
+            }
+            changed = true;
+            *run = next;
+        }
+    }
+    state.runs = runs;
+    if changed {
+        state.dirty.all = true;
+    }
+    Ok(changed)
+}
+
+/// The revision of `deployment` the agent's stored manifest carries.
+fn current_revision(state: &State, agent: &AgentId, deployment: &DeploymentName) -> Option<u64> {
+    state
+        .desired
+        .get(agent)?
+        .value
+        .as_ref()?
+        .resources
+        .iter()
+        .filter_map(|r| r.source.as_ref())
+        .find(|s| &s.deployment == deployment)
+        .map(|s| s.revision)
+}
+
+/// How many revisions of each deployment the history keeps (besides the
+/// ones a rollout in progress renders from).
+pub const HISTORY_LIMIT: usize = 10;
+
+/// Records every deployment revision not yet in its history, with a
+/// one-line summary of the change from the revision before, and trims the
+/// history to [`HISTORY_LIMIT`] (never a revision a rollout renders from);
+/// a deleted deployment's history goes with it. Returns the failures.
+pub(crate) async fn record_history(state: &mut State, store: &Store) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (name, d) in &state.deployments {
+        let Ok(doc) = &d.document else { continue };
+        if state
+            .recorded
+            .get(name)
+            .is_some_and(|r| r.contains(&d.revision))
+        {
+            continue;
+        }
+        let before = state
+            .history
+            .get(name)
+            .and_then(|h| h.range(..d.revision).next_back())
+            .map(|(_, d)| d);
+        let record = RevisionRecord {
+            api_version: ApiVersion,
+            name: name.clone(),
+            revision: d.revision,
+            applied_at: d.applied_at.map(rollout::rfc3339).unwrap_or_default(),
+            summary: match doc.change.as_ref().and_then(|c| c.cause.as_deref()) {
+                Some(cause) => format!(
+                    "{} ({cause})",
+                    manifest_types::diff::diff(before, doc).summary()
+                ),
+                None => manifest_types::diff::diff(before, doc).summary(),
+            },
+            deployment: serde_json::from_slice(&doc.to_json()).expect("a document is JSON"),
+        };
+        let key = keys::revision(name, d.revision);
+        let bytes = serde_json::to_vec(&record).expect("records serialise");
+        match store.create(&key, bytes.into()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => {
+                failures.push(format!("cannot record {key}: {e}"));
+                continue;
+            }
+        }
+        state
+            .recorded
+            .entry(name.clone())
+            .or_default()
+            .insert(d.revision);
+        state
+            .history
+            .entry(name.clone())
+            .or_default()
+            .insert(d.revision, doc.clone());
+    }
+    // Trim: the newest HISTORY_LIMIT, and whatever a rollout renders from.
+    let mut drop: Vec<(DeploymentName, u64)> = Vec::new();
+    for (name, revisions) in &state.recorded {
+        let in_use: Vec<u64> = state
+            .runs
+            .get(name)
+            .map(|r| [Some(r.status.revision), r.status.from])
+            .into_iter()
+            .flatten()
+            .flatten()
+            .collect();
+        let keep = if state.deployments.contains_key(name) {
+            HISTORY_LIMIT
+        } else {
+            0
+        };
+        let excess = revisions.len().saturating_sub(keep);
+        drop.extend(
+            revisions
+                .iter()
+                .take(excess)
+                .filter(|r| !in_use.contains(r))
+                .map(|r| (name.clone(), *r)),
+        );
+    }
+    for (name, revision) in drop {
+        let key = keys::revision(&name, revision);
+        match store.purge(&key).await {
+            Ok(()) => {
+                if let Some(r) = state.recorded.get_mut(&name) {
+                    r.remove(&revision);
+                }
+                if let Some(h) = state.history.get_mut(&name) {
+                    h.remove(&revision);
+                }
+            }
+            Err(e) => failures.push(format!("cannot trim {key}: {e}")),
+        }
+    }
+    failures
+}

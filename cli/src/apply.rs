@@ -9,7 +9,7 @@ use std::io::Read;
 use std::path::Path;
 
 use async_nats::jetstream::kv;
-use manifest_types::{Deployment, keys};
+use manifest_types::{ChangeNote, Deployment, keys};
 use serde::Serialize;
 
 use crate::args::{ApplyArgs, Format, GlobalArgs};
@@ -46,7 +46,11 @@ struct ApplyDoc<'a> {
 }
 
 pub async fn run(g: &GlobalArgs, args: &ApplyArgs) -> Result<(), CliError> {
-    let deployment = load(&args.file)?;
+    let mut deployment = load(&args.file)?;
+    deployment.change = Some(ChangeNote {
+        by: Some(who()),
+        cause: args.cause.clone(),
+    });
     let fleet = Fleet::open_or_create(g).await?;
     let (outcome, revision) = write(&fleet, &deployment, args.expect_revision).await?;
     match g.output {
@@ -82,6 +86,27 @@ pub async fn run(g: &GlobalArgs, args: &ApplyArgs) -> Result<(), CliError> {
         .await?;
     }
     Ok(())
+}
+
+/// Who makes a change, for the deployment's history: `FLOTILLA_USER`, else
+/// `<user>@<host>` from the environment and `/etc/hostname`.
+pub fn who() -> String {
+    if let Ok(u) = std::env::var("FLOTILLA_USER")
+        && !u.is_empty()
+    {
+        return u;
+    }
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    if host.is_empty() {
+        user
+    } else {
+        format!("{user}@{host}")
+    }
 }
 
 /// Reads and validates the document at `path` (`-`: stdin).
@@ -143,7 +168,7 @@ pub async fn write(
     let live = fleet.entry(&key).await?;
     if let Some(e) = &live
         && expect.is_none_or(|x| x == e.revision)
-        && Deployment::from_json(&e.value).is_ok_and(|stored| &stored == d)
+        && Deployment::from_json(&e.value).is_ok_and(|stored| stored.same_intent(d))
     {
         return Ok((Outcome::Unchanged, e.revision));
     }

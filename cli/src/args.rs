@@ -129,9 +129,49 @@ pub enum Command {
     /// Print one line per change of agent status, inventory, deployments and
     /// deployment status, until Ctrl-C.
     Watch,
+    /// Show what applying a file would change: resources added, changed
+    /// (field by field) and removed, and how many agents each reaches.
+    Diff(DiffArgs),
+    /// A deployment's staged rollout and revision history (docs/adr/0016).
+    Rollout(RolloutArgs),
     /// Show or change one agent's per-device values (`values.<id>`), which
     /// deployments reference as `${values.<key>}` (docs/adr/0014).
     Values(ValuesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The deployment document (YAML or JSON); `-` reads stdin.
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RolloutArgs {
+    #[command(subcommand)]
+    pub action: RolloutAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutAction {
+    /// Phase, wave and per-revision counts (exit 8: halted, 9: rolled back).
+    Status { name: DeploymentName },
+    /// Release no further agents until `resume`.
+    Pause { name: DeploymentName },
+    /// Continue a paused rollout; a halted one is judged again.
+    Resume { name: DeploymentName },
+    /// The revisions kept: when, by whom, and what changed.
+    History { name: DeploymentName },
+    /// Restore an earlier revision (default: the one before the current)
+    /// as a new revision.
+    Undo {
+        name: DeploymentName,
+        #[arg(long, value_name = "N")]
+        to_revision: Option<u64>,
+        /// Why, for the history (default: "undo to revision N").
+        #[arg(long)]
+        cause: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -181,6 +221,9 @@ pub struct ApplyArgs {
     /// Write only if `deployments.<name>` is at this KV revision (0: only if it does not exist).
     #[arg(long, value_name = "N")]
     pub expect_revision: Option<u64>,
+    /// Why, for the deployment's history (`flotilla rollout history`).
+    #[arg(long)]
+    pub cause: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -10,6 +10,8 @@
 //! | 5 | timeout (`--wait`) |
 //! | 6 | not found |
 //! | 7 | offline: every target converged except some that are Offline (`--wait`); they converge when they return |
+//! | 8 | halted: the deployment's staged rollout halted on failures (`--wait`, `rollout status`) |
+//! | 9 | rolled back: the deployment's staged rollout failed and rolled back (`--wait`, `rollout status`) |
 
 use std::time::Duration;
 
@@ -30,6 +32,10 @@ pub const NOT_FOUND: u8 = 6;
 /// Exit code for a wait that ended with every live target converged and
 /// some targets Offline.
 pub const OFFLINE: u8 = 7;
+/// Exit code for a staged rollout that halted on failures.
+pub const HALTED: u8 = 8;
+/// Exit code for a staged rollout that failed and rolled back.
+pub const ROLLED_BACK: u8 = 9;
 
 /// Everything a command can fail with. `Display` is the one-line message
 /// printed to stderr; [`CliError::exit_code`] is the process exit code.
@@ -84,6 +90,14 @@ pub enum CliError {
     /// Every target converged but these, which are Offline.
     #[error("{0}")]
     Offline(String),
+
+    /// The rollout halted on failures.
+    #[error("{0}")]
+    Halted(String),
+
+    /// The rollout failed and returned its agents to the previous revision.
+    #[error("{0}")]
+    RolledBack(String),
 }
 
 impl CliError {
@@ -98,6 +112,8 @@ impl CliError {
             Self::Timeout { .. } => TIMEOUT,
             Self::NotFound(_) => NOT_FOUND,
             Self::Offline(_) => OFFLINE,
+            Self::Halted(_) => HALTED,
+            Self::RolledBack(_) => ROLLED_BACK,
         }
     }
 
@@ -151,6 +167,8 @@ mod tests {
         );
         assert_eq!(CliError::NotFound("x".into()).exit_code(), 6);
         assert_eq!(CliError::Offline("x".into()).exit_code(), 7);
+        assert_eq!(CliError::Halted("x".into()).exit_code(), 8);
+        assert_eq!(CliError::RolledBack("x".into()).exit_code(), 9);
         let no_bucket = CliError::NoBucket {
             bucket: "fleet".into(),
             url: "nats://h:4222".into(),

@@ -44,11 +44,13 @@ pub mod apply;
 pub mod args;
 pub mod delete;
 pub mod describe;
+pub mod diff;
 pub mod exit;
 pub mod fleet;
 pub mod get;
 pub mod kv;
 pub mod output;
+pub mod rollout;
 pub mod values;
 pub mod wait;
 pub mod watch;
@@ -67,5 +69,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Delete { what } => delete::run(g, what).await,
         Command::Watch => watch::run(g).await,
         Command::Values(v) => values::run(g, &v.action).await,
+        Command::Diff(d) => diff::run(g, d).await,
+        Command::Rollout(r) => rollout::run(g, &r.action).await,
     }
 }

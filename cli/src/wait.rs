@@ -12,6 +12,12 @@
 //!    the status key disappears (the deployment was deleted by someone else)
 //!    the wait ends as a conflict.
 //!
+//! 3. Under a staged rollout (docs/adr/0016), print the rollout's line
+//!    (wave k/n; updated / healthy / failed / offline) whenever it changes;
+//!    targets held on another revision are not converged yet. A rollout
+//!    that halts ends the wait with [`CliError::Halted`], one that rolls
+//!    back with [`CliError::RolledBack`].
+//!
 //! Polling rather than watching: a `actual-state.>` watch would replay the
 //! whole fleet's statuses to wait on a handful of agents.
 
@@ -20,6 +26,7 @@ use std::time::{Duration, SystemTime};
 
 use flotilla_nats::AgentReports;
 use manifest_types::convergence::{self, Progress, State, Thresholds, rejection_line};
+use manifest_types::rollout::Phase;
 use manifest_types::{AgentId, Deployment, DeploymentName, DeploymentStatus, keys};
 use tokio::time::Instant;
 
@@ -93,6 +100,7 @@ pub async fn wait(
 
     // 2. Converged?
     let mut last_line: Option<(usize, usize, u64)> = None;
+    let mut last_rollout: Option<String> = None;
     let mut following = revision;
     loop {
         if let Some(error) = &status.error {
@@ -107,6 +115,38 @@ pub async fn wait(
                 status.observed_revision
             ));
             following = status.observed_revision;
+        }
+        if let Some(r) = status
+            .rollout
+            .as_ref()
+            .filter(|r| r.revision == status.observed_revision)
+        {
+            let line = format!(
+                "{name}: rollout of revision {} {}: {}",
+                r.revision,
+                r.phase,
+                r.line()
+            );
+            if last_rollout.as_deref() != Some(line.as_str()) {
+                out.line(&line);
+                last_rollout = Some(line);
+            }
+            let why = r.message.clone().unwrap_or_default();
+            match r.phase {
+                Phase::Halted => {
+                    return Err(CliError::Halted(format!(
+                        "{name}: the rollout of revision {} halted at wave {}/{}: {why}.                          Fix and `flotilla rollout resume {name}`, or `flotilla rollout undo {name}`.",
+                        r.revision, r.wave, r.waves
+                    )));
+                }
+                Phase::RolledBack => {
+                    return Err(CliError::RolledBack(format!(
+                        "{name}: the rollout of revision {} failed and rolled back: {why}",
+                        r.revision
+                    )));
+                }
+                _ => {}
+            }
         }
         if status.targets.is_empty() {
             out.line(&format!(
@@ -123,7 +163,9 @@ pub async fn wait(
         let reports = AgentReports::from_snapshot(&snap);
         let progress = Progress::of(&status, &resources, |a| reports.report(a), thresholds);
         let rejected: Vec<_> = progress.rejected().collect();
-        if !rejected.is_empty() {
+        // Under a rollout, a rejection is a failure the rollout judges
+        // (halt or roll back, within its threshold).
+        if !rejected.is_empty() && status.rollout.is_none() {
             for (agent, r) in &rejected {
                 out.line(&format!("  {agent} rejected it: {}", rejection_line(r)));
             }
@@ -172,13 +214,21 @@ pub async fn wait(
             out.line(&line);
             last_line = Some(now);
         }
-        if progress.is_done() {
+        // Under a rollout, done once it is Complete (the last wave soaked).
+        let complete = status
+            .rollout
+            .as_ref()
+            .is_none_or(|r| r.phase == Phase::Complete);
+        if progress.is_done() && complete {
             return Ok(());
         }
         // Offline targets (heard of, then silent past the Offline limit) are
         // reported, not waited on: they converge on their own when they come
         // back. A target never heard of yet is Pending and waited for.
-        if !offline.is_empty() && progress.converged() + offline.len() == progress.total() {
+        if !offline.is_empty()
+            && complete
+            && progress.converged() + offline.len() == progress.total()
+        {
             for (agent, v) in &offline {
                 out.line(&format!(
                     "  {agent} is Offline ({}); it converges when it returns",

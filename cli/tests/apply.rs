@@ -23,7 +23,15 @@ async fn apply_creates_the_typed_document_and_the_bucket() {
         &flotilla_cli::apply::load(&file).unwrap(),
     ))
     .unwrap();
-    assert_eq!(stored, expected);
+    assert!(stored.same_intent(&expected), "{stored:?}");
+    let change = stored
+        .change
+        .as_ref()
+        .expect("apply records who changed it");
+    assert!(
+        change.by.as_deref().is_some_and(|b| !b.is_empty()),
+        "{change:?}"
+    );
     assert_eq!(stored.resources.len(), 2);
     assert!(run.stdout.contains(&format!("(revision {revision})")));
 
@@ -33,7 +41,9 @@ async fn apply_creates_the_typed_document_and_the_bucket() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(raw.as_ref(), expected.to_json().as_slice());
+    assert_eq!(raw.as_ref(), stored.to_json().as_slice());
+    let wire: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    assert!(wire["change"]["by"].is_string(), "{wire}");
 }
 
 #[tokio::test]
@@ -182,9 +192,8 @@ async fn concurrent_applies_at_the_same_revision_one_wins_one_conflicts() {
         );
         assert!(loser_err.contains("nothing was written"), "{loser_err}");
         let (stored, new_revision) = stored_deployment(&store, "race").await.unwrap();
-        assert_eq!(
-            stored,
-            flotilla_cli::apply::load(winner).unwrap(),
+        assert!(
+            stored.same_intent(&flotilla_cli::apply::load(winner).unwrap()),
             "no lost update"
         );
         assert_eq!(new_revision, revision + 1, "exactly one write");
@@ -227,7 +236,7 @@ async fn expect_revision_guards_against_stale_reads() {
         "{stale:?}"
     );
     let (stored, _) = stored_deployment(&store, "guarded").await.unwrap();
-    assert_eq!(stored, flotilla_cli::apply::load(&v1).unwrap());
+    assert!(stored.same_intent(&flotilla_cli::apply::load(&v1).unwrap()));
 
     let ok = env.run(&[
         "apply",
@@ -238,7 +247,7 @@ async fn expect_revision_guards_against_stale_reads() {
     ]);
     assert_eq!(ok.code, 0, "{ok:?}");
     let (stored, _) = stored_deployment(&store, "guarded").await.unwrap();
-    assert_eq!(stored, flotilla_cli::apply::load(&v2).unwrap());
+    assert!(stored.same_intent(&flotilla_cli::apply::load(&v2).unwrap()));
 }
 
 #[tokio::test]
@@ -321,5 +330,11 @@ async fn apply_reads_stdin() {
     assert_eq!(doc["result"], "created");
     assert_eq!(doc["name"], "hello");
     let store = env.store().await;
-    assert_eq!(stored_deployment(&store, "hello").await.unwrap().0, d);
+    assert!(
+        stored_deployment(&store, "hello")
+            .await
+            .unwrap()
+            .0
+            .same_intent(&d)
+    );
 }

@@ -1,0 +1,198 @@
+//! The fleet harness shared by the fleet-level tests: a real nats-server,
+//! `flotilla-control`, `flotilla-agent` processes sharing one file root
+//! (each writes its own paths, via `${agent.id}`) and the `flotilla` CLI.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use manifest_types::BucketName;
+use serde_json::Value;
+use testbed::{NatsServer, Process, binary};
+
+pub struct Fleet {
+    pub server: NatsServer,
+    pub dir: tempfile::TempDir,
+    pub control: Option<Process>,
+    pub agents: BTreeMap<String, Process>,
+}
+
+impl Fleet {
+    pub fn start(control_args: &[&str]) -> Self {
+        let mut fleet = Self {
+            server: NatsServer::start(),
+            dir: tempfile::tempdir().unwrap(),
+            control: None,
+            agents: BTreeMap::new(),
+        };
+        std::fs::create_dir_all(fleet.root()).unwrap();
+        fleet.start_control(control_args);
+        fleet
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("files")
+    }
+
+    pub fn start_control(&mut self, args: &[&str]) {
+        let mut cmd = Command::new(binary("flotilla-control"));
+        cmd.args(["--nats-url", &self.server.url()]).args(args);
+        self.control = Some(Process::spawn(cmd, &self.dir.path().join("control.log")));
+    }
+
+    pub fn restart_control(&mut self, args: &[&str]) {
+        let status = self.control.take().unwrap().terminate();
+        assert!(status.success(), "control stops cleanly: {status:?}");
+        self.start_control(args);
+    }
+
+    pub fn start_agent(&mut self, id: &str, labels: &[&str], interval: &str) {
+        let mut cmd = Command::new(binary("flotilla-agent"));
+        cmd.args(["--nats-url", &self.server.url(), "--id", id])
+            .arg("--state-dir")
+            .arg(self.dir.path().join(id).join("state"))
+            .arg("--file-root")
+            .arg(self.root())
+            .args(["--resync-interval", "1s", "--heartbeat-interval", interval]);
+        for l in labels {
+            cmd.args(["--label", l]);
+        }
+        let log = self.dir.path().join(format!("{id}.log"));
+        self.agents.insert(id.to_owned(), Process::spawn(cmd, &log));
+    }
+
+    pub fn kill_agent(&mut self, id: &str) {
+        self.agents.remove(id).expect("agent runs").kill();
+    }
+
+    pub fn flotilla(&self, args: &[&str]) -> Output {
+        Command::new(binary("flotilla"))
+            .args(["--nats-url", &self.server.url()])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// `get agents -o json`, by agent id.
+    pub fn agents_json(&self) -> BTreeMap<String, Value> {
+        let out = self.flotilla(&["get", "agents", "-o", "json"]);
+        if String::from_utf8_lossy(&out.stderr).contains("no fleet bucket") {
+            // flotilla-control has not created it yet.
+            return BTreeMap::new();
+        }
+        assert!(out.status.success(), "{}", self.report(&out));
+        let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        rows.into_iter()
+            .map(|r| (r["agentId"].as_str().unwrap().to_owned(), r))
+            .collect()
+    }
+
+    pub fn apply(&self, yaml: &str, args: &[&str]) -> Output {
+        let file = self.dir.path().join("deployment.yaml");
+        std::fs::write(&file, yaml.replace("$ROOT", self.root().to_str().unwrap())).unwrap();
+        let mut all = vec!["apply", "-f", file.to_str().unwrap()];
+        all.extend_from_slice(args);
+        self.flotilla(&all)
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for entry in std::fs::read_dir(self.dir.path()).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_some_and(|e| e == "log") {
+                s += &format!(
+                    "--- {}\n{}\n",
+                    p.display(),
+                    std::fs::read_to_string(&p).unwrap_or_default()
+                );
+            }
+        }
+        s
+    }
+
+    pub fn report(&self, out: &Output) -> String {
+        format!(
+            "exit {:?}\nstdout: {}\nstderr: {}\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        )
+    }
+
+    /// Polls `check` until it yields a value, for at most `limit`.
+    pub async fn wait<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut check: impl FnMut() -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(v) = check() {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every agent in `ids` has registered (`agents.<id>`) and
+    /// is Online.
+    pub async fn registered(&self, ids: &[&str]) {
+        self.wait(
+            &format!("{ids:?} registered and Online"),
+            Duration::from_secs(30),
+            || {
+                let a = self.agents_json();
+                ids.iter()
+                    .all(|id| {
+                        field(&a, id, "inventory").is_object()
+                            && field(&a, id, "liveness") == "Online"
+                    })
+                    .then_some(())
+            },
+        )
+        .await
+    }
+
+    pub async fn fleet_kv(&self) -> async_nats::jetstream::kv::Store {
+        let js = async_nats::jetstream::new(self.server.client().await);
+        js.get_key_value(BucketName::default().as_str())
+            .await
+            .unwrap()
+    }
+}
+
+pub fn field<'a>(agents: &'a BTreeMap<String, Value>, id: &str, f: &str) -> &'a Value {
+    agents.get(id).map_or(&Value::Null, |a| &a[f])
+}
+
+/// `flotilla watch`'s stdout, line by line.
+pub fn watch(fleet: &Fleet) -> (std::process::Child, mpsc::Receiver<String>) {
+    let mut child = Command::new(binary("flotilla"))
+        .args(["--nats-url", &fleet.server.url(), "watch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (child, rx)
+}

@@ -111,6 +111,23 @@ pub fn who() -> String {
 
 /// Reads and validates the document at `path` (`-`: stdin).
 pub fn load(path: &Path) -> Result<Deployment, CliError> {
+    let (origin, value) = load_value(path)?;
+    if !value.is_object() {
+        return Err(CliError::InvalidDocument {
+            origin,
+            message: "expected a mapping with apiVersion, kind, name, selector and resources"
+                .into(),
+        });
+    }
+    Deployment::from_value(value).map_err(|e| CliError::InvalidDocument {
+        origin,
+        message: e.to_string(),
+    })
+}
+
+/// Reads the YAML or JSON document at `path` (`-`: stdin) into a JSON
+/// value, with the name it came from.
+pub fn load_value(path: &Path) -> Result<(String, serde_json::Value), CliError> {
     let origin = path.display().to_string();
     let mut text = String::new();
     let read = if origin == "-" {
@@ -123,12 +140,28 @@ pub fn load(path: &Path) -> Result<Deployment, CliError> {
         source: e,
     })?;
     let json = path.extension().is_some_and(|e| e == "json");
-    parse(&origin, &text, json)
+    let value = parse_value(&origin, &text, json)?;
+    Ok((origin, value))
 }
 
 /// Parses YAML (or JSON) into a JSON value, then validates it with
 /// [`Deployment::from_value`] so every error is the contract's own.
 pub fn parse(origin: &str, text: &str, json: bool) -> Result<Deployment, CliError> {
+    let invalid = |message: String| CliError::InvalidDocument {
+        origin: origin.to_owned(),
+        message,
+    };
+    let value = parse_value(origin, text, json)?;
+    if !value.is_object() {
+        return Err(invalid(
+            "expected a mapping with apiVersion, kind, name, selector and resources".into(),
+        ));
+    }
+    Deployment::from_value(value).map_err(|e| invalid(e.to_string()))
+}
+
+/// YAML 1.2 (or JSON) text into a JSON value.
+pub fn parse_value(origin: &str, text: &str, json: bool) -> Result<serde_json::Value, CliError> {
     let invalid = |message: String| CliError::InvalidDocument {
         origin: origin.to_owned(),
         message,
@@ -148,12 +181,7 @@ pub fn parse(origin: &str, text: &str, json: bool) -> Result<Deployment, CliErro
         serde_saphyr::from_str_with_options(text, options)
             .map_err(|e| invalid(format!("not valid YAML: {e}")))?
     };
-    if !value.is_object() {
-        return Err(invalid(
-            "expected a mapping with apiVersion, kind, name, selector and resources".into(),
-        ));
-    }
-    Deployment::from_value(value).map_err(|e| invalid(e.to_string()))
+    Ok(value)
 }
 
 /// Writes `d` to `deployments.<name>` with compare-and-swap: create when

@@ -162,6 +162,15 @@ pub enum RolloutAction {
     Resume { name: DeploymentName },
     /// The revisions kept: when, by whom, and what changed.
     History { name: DeploymentName },
+    /// The fleet's default rollout policy (`settings.rollout`), for
+    /// deployments without their own: print it, `--set FILE`, or `--clear`.
+    Default {
+        /// A YAML or JSON policy, the shape of a deployment's `rollout:`.
+        #[arg(long, value_name = "FILE", conflicts_with = "clear")]
+        set: Option<PathBuf>,
+        #[arg(long)]
+        clear: bool,
+    },
     /// Restore an earlier revision (default: the one before the current)
     /// as a new revision.
     Undo {

@@ -9,10 +9,12 @@
 //!   every resume is a new revision of it, which also resumes a halted
 //!   rollout (judged again from scratch).
 //! - `history` lists the revisions kept in `revisions.<name>.<revision>`.
+//! - `default [--set FILE | --clear]` shows or changes the fleet's default
+//!   policy (`settings.rollout`) for deployments that carry none.
 //! - `undo` writes an earlier revision's document as a new revision
 //!   (compare-and-swap against the current one): history is never rewritten.
 
-use manifest_types::rollout::{Phase, RevisionRecord, RolloutControl};
+use manifest_types::rollout::{Phase, RevisionRecord, RolloutControl, RolloutPolicy};
 use manifest_types::{ApiVersion, ChangeNote, Deployment, DeploymentName, DeploymentStatus, keys};
 use serde::Serialize;
 
@@ -27,6 +29,7 @@ pub async fn run(g: &GlobalArgs, action: &RolloutAction) -> Result<(), CliError>
         RolloutAction::Pause { name } => switch(g, name, true).await,
         RolloutAction::Resume { name } => switch(g, name, false).await,
         RolloutAction::History { name } => history(g, name).await,
+        RolloutAction::Default { set, clear } => default(g, set.as_deref(), *clear).await,
         RolloutAction::Undo {
             name,
             to_revision,
@@ -114,6 +117,60 @@ async fn status(g: &GlobalArgs, name: &DeploymentName) -> Result<(), CliError> {
         ))),
         _ => Ok(()),
     }
+}
+
+async fn default(
+    g: &GlobalArgs,
+    set: Option<&std::path::Path>,
+    clear: bool,
+) -> Result<(), CliError> {
+    let key = keys::ROLLOUT_SETTINGS;
+    if let Some(path) = set {
+        let (origin, value) = crate::apply::load_value(path)?;
+        let invalid = |message: String| CliError::InvalidDocument {
+            origin: origin.clone(),
+            message,
+        };
+        let policy: RolloutPolicy =
+            serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
+        policy.validate().map_err(invalid)?;
+        let fleet = Fleet::open_or_create(g).await?;
+        let bytes = serde_json::to_vec(&policy).expect("serialises");
+        fleet
+            .store
+            .put(key, bytes.into())
+            .await
+            .map_err(|e| CliError::nats(format!("cannot write {key}"), e))?;
+        println!("fleet default rollout policy set");
+        return Ok(());
+    }
+    let fleet = Fleet::open(g).await?;
+    if clear {
+        fleet
+            .store
+            .delete(key)
+            .await
+            .map_err(|e| CliError::nats(format!("cannot delete {key}"), e))?;
+        println!("fleet default rollout policy cleared: revisions go to every target at once");
+        return Ok(());
+    }
+    let policy = match fleet.entry(key).await? {
+        Some(e) => Some(
+            serde_json::from_slice::<RolloutPolicy>(&e.value).map_err(|e| {
+                CliError::InvalidDocument {
+                    origin: key.into(),
+                    message: e.to_string(),
+                }
+            })?,
+        ),
+        None => None,
+    };
+    match (g.output, policy) {
+        (Format::Table, None) => println!("no fleet default rollout policy"),
+        (Format::Table, Some(p)) => print!("{}", output::document(Format::Yaml, &p)?),
+        (f, p) => print!("{}", output::document(f, &p)?),
+    }
+    Ok(())
 }
 
 fn join(agents: &[manifest_types::AgentId]) -> String {

@@ -210,8 +210,9 @@ async fn waves_follow_the_canary_once_it_is_healthy_and_undo_restores_a_revision
 
 /// A revision that fails on the canary halts the rollout (`apply --wait`
 /// exits 8) with nobody else moved; `resume` while it still fails halts it
-/// again. With `onFailure: rollback` the canary returns to the last good
-/// revision (exit 9) while nobody else ever left it.
+/// again. Under the fleet's default policy with `onFailure: rollback` the
+/// canary returns to the last good revision (exit 9) while nobody else ever
+/// left it.
 #[tokio::test]
 async fn a_failing_canary_halts_or_rolls_back_while_nobody_else_moves() {
     let fleet = fleet_of(&AGENTS).await;
@@ -257,10 +258,17 @@ async fn a_failing_canary_halts_or_rolls_back_while_nobody_else_moves() {
         "{on:?}"
     );
 
-    let out = fleet.apply(
-        &hello("BROKEN", "rollout: {canary: 1, onFailure: rollback}"),
-        &["--wait", "--timeout", "60s"],
+    // The fleet's default policy, for a revision that carries none.
+    let policy = fleet.dir.path().join("policy.yaml");
+    std::fs::write(&policy, "canary: 1\nonFailure: rollback\n").unwrap();
+    ok(
+        &fleet,
+        &fleet.flotilla(&["rollout", "default", "--set", policy.to_str().unwrap()]),
     );
+    let shown = fleet.flotilla(&["rollout", "default", "-o", "json"]);
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["onFailure"], "rollback", "{shown}");
+    let out = fleet.apply(&hello("BROKEN", ""), &["--wait", "--timeout", "60s"]);
     assert_eq!(out.status.code(), Some(9), "{}", fleet.report(&out));
     let r = rollout(&fleet);
     assert_eq!(r["phase"], "RolledBack", "{r}");

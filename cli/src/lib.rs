@@ -9,7 +9,8 @@
 //! - `apply -f FILE [--wait [--timeout 60s]] [--expect-revision N]` ([`apply`],
 //!   [`wait`]): YAML/JSON → [`manifest_types::Deployment`] → compare-and-swap
 //!   into `deployments.<name>`; `--wait` follows `deployment-status.<name>`
-//!   and each target's `actual-state.<agent>` and `heartbeat.<agent>`.
+//!   (and its rollout, wave by wave) and each target's `actual-state.<agent>`
+//!   and `heartbeat.<agent>`.
 //! - `get agents|deployments` ([`get`]), `describe agent|deployment` ([`describe`]):
 //!   views assembled in [`fleet`] from one whole-family read (one ordered
 //!   consumer, `flotilla_nats::family`); ages are server time against server
@@ -21,6 +22,11 @@
 //! - `delete deployment NAME` ([`delete`]), `watch` ([`watch`]).
 //! - `values get|set|unset AGENT` ([`values`]): the operator's per-agent
 //!   values (`values.<id>`) that deployments reference as `${values.k}`.
+//! - `diff -f FILE` ([`diff`]): what an apply would change, field by field,
+//!   and how many registered agents each change reaches.
+//! - `rollout status|pause|resume|history|undo|default` ([`rollout`]): a
+//!   deployment's staged rollout, its revision history and the fleet's
+//!   default policy (ADR 0016); `apply --cause` records why.
 //! - Global: `-o table|json|yaml` ([`output`]), `--nats-url`
 //!   (`FLOTILLA_NATS_URL`, a comma-separated list), `--bucket`
 //!   (`FLOTILLA_BUCKET`), and one authentication with the precedence of
@@ -39,6 +45,8 @@
 //! | 5 | timeout (`apply --wait`) |
 //! | 6 | not found |
 //! | 7 | offline: every target converged except some that are Offline (`apply --wait`) |
+//! | 8 | halted: the deployment's staged rollout halted on failures (`apply --wait`, `rollout status`) |
+//! | 9 | rolled back: the staged rollout failed and rolled back (`apply --wait`, `rollout status`) |
 
 pub mod apply;
 pub mod args;

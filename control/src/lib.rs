@@ -31,6 +31,15 @@
 //!   [`publish::Floor`]; new generations above it and the stored one; bounded
 //!   retry on lost races), [`publish::publish_manifest_over`] (one CAS
 //!   against the watched copy, no read) and the deployment-status writes.
+//! - [`rollout`] — pure: staged rollouts (ADR 0016) — waves in a stable
+//!   hash order, the revision each target is rendered at, and
+//!   [`rollout::Judge::step`]: releases within the budget, the health gate
+//!   (the one convergence rule) and soak, halt or rollback past the failure
+//!   threshold. The daemon starts a rollout for each new revision of a
+//!   deployment with a policy (its own or `settings.rollout`), judges it on
+//!   fresh reads of every status and heartbeat, keeps its state in
+//!   `deployment-status.<name>` and each deployment's history in
+//!   `revisions.<name>.<revision>`.
 //! - [`heartbeat`] — pure: the fleet's heartbeat interval, sized to keep the
 //!   fleet under a heartbeat-rate cap; the daemon publishes it in
 //!   `settings.heartbeat` (ADR 0015).
@@ -45,7 +54,7 @@
 //! The binary `flotilla-control` (`src/main.rs`) only parses flags, sets up
 //! logging and signals, and calls [`daemon::run`].
 //!
-//! Decisions: docs/adr/ (0014 for per-device values, 0015 for heartbeats and
+//! Decisions: docs/adr/ (0016 for revisions and staged rollouts, 0014 for per-device values, 0015 for heartbeats and
 //! liveness, 0002 for the KV layout and RePublish watch, 0003
 //! for generations and CAS, 0012 for owning desired-state and recovering a
 //! recreated bucket).

@@ -1,6 +1,6 @@
 //! Staged rollouts, as pure decisions (docs/adr/0016): which agents are in
 //! which wave ([`waves`]), which revision each target is rendered at
-//! ([`revision_for`]), and how a rollout moves on ([`start`], [`step`]):
+//! ([`revision_for`]), and how a rollout moves on ([`start`], [`Judge::step`]):
 //! releasing agents within the `maxUnavailable` budget, judging a wave
 //! healthy (every live agent of the released waves converged on the new
 //! revision, by the one convergence rule) and soaked, and halting or rolling

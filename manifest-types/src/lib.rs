@@ -21,6 +21,13 @@
 //! - [`inventory`]: [`AgentInventory`] (`agents.<id>`) and [`Heartbeat`].
 //! - [`deployment`]: [`Deployment`] (`deployments.<name>`) and
 //!   [`DeploymentStatus`] (`deployment-status.<name>`).
+//! - [`rollout`]: staged rollouts (ADR 0016) — the operator's
+//!   [`rollout::RolloutPolicy`] (in a deployment, or `settings.rollout`),
+//!   the pause switch [`rollout::RolloutControl`] (`rollouts.<name>`), the
+//!   control plane's [`rollout::RolloutStatus`] and the history records
+//!   [`rollout::RevisionRecord`] (`revisions.<name>.<revision>`).
+//! - [`diff`]: what one revision of a deployment changes from another,
+//!   field by field (`flotilla diff`, history summaries).
 //! - [`template`]: per-device references in deployment specs
 //!   (`${agent.id}`, `${labels.k}`, `${values.k}`) and their expansion;
 //!   [`AgentValues`] (`values.<id>`) holds an agent's operator-set values.

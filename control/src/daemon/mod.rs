@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! KV watch (deployments.>, agents.>, values.>, desired-state.>,
-//!           deployment-status.>, actual-state.>, settings.heartbeat)
+//!           deployment-status.>, actual-state.>, revisions.>, rollouts.>,
+//!           settings.heartbeat, settings.rollout)
 //!        │ entries, drained in bursts
 //!        ▼
 //!   State::apply ──(render may change?)──▶ reconcile::reconcile
@@ -24,7 +25,13 @@
 //!   DEL/PURGE) is replaced in the next pass above the key's generation and
 //!   what the agent reports (docs/adr/0012-the-control-plane-owns-desired-state.md).
 //! - Each pass also keeps `settings.heartbeat` sized to the registered
-//!   agents ([`crate::heartbeat`], docs/adr/0015).
+//!   agents ([`crate::heartbeat`], docs/adr/0015), and records each new
+//!   deployment revision in its history (`revisions.<name>.<revision>`).
+//! - Staged rollouts (docs/adr/0016): a pass starts a rollout for each new
+//!   revision under a policy; rollouts are judged ([`crate::rollout`]) on a
+//!   fresh read of every status and heartbeat after agents report (at most
+//!   every 50 ms) and every [`Config::rollout_recheck`]; a judgement that
+//!   moves a rollout on asks for a full render.
 //! - A failed write is retried after [`Config::retry_after`] by a pass that
 //!   renders the agents whose writes failed again.
 //! - A watch survives server restarts (its ordered consumer is recreated);

@@ -365,14 +365,14 @@ fn converged_revision(bytes: &[u8]) -> Option<u64> {
 
 /// Each agent's newest deployment revision seen in one key family, from one
 /// watch: converged in `actual-state.>`, written in `desired-state.>`.
-struct Converged {
+pub(crate) struct Converged {
     newest: Arc<Mutex<HashMap<String, u64>>>,
     changed: watch::Receiver<u64>,
 }
 
 impl Converged {
     /// Agents' statuses: the revision every resource is Ready at.
-    async fn watch(store: &Store) -> anyhow::Result<Self> {
+    pub(crate) async fn watch(store: &Store) -> anyhow::Result<Self> {
         Self::track(store, keys::ACTUAL_STATE, converged_revision).await
     }
 
@@ -421,7 +421,7 @@ impl Converged {
     }
 
     /// Waits until `n` agents report `revision` (or a newer one) converged.
-    async fn wait(&self, n: usize, revision: u64, limit: Duration) -> anyhow::Result<()> {
+    pub(crate) async fn wait(&self, n: usize, revision: u64, limit: Duration) -> anyhow::Result<()> {
         let mut changed = self.changed.clone();
         let done = |m: &HashMap<String, u64>| m.values().filter(|&&r| r >= revision).count();
         tokio::time::timeout(limit, async {
@@ -443,10 +443,10 @@ impl Converged {
     }
 }
 
-struct ControlPlane(Child);
+pub(crate) struct ControlPlane(Child);
 
 impl ControlPlane {
-    fn start(server: &NatsServer, dir: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn start(server: &NatsServer, dir: &Path) -> anyhow::Result<Self> {
         let log = std::fs::File::create(dir.join("control.log"))?;
         let child = Command::new(release_binary("flotilla-control")?)
             .args(["--nats-url", &server.url()])
@@ -458,7 +458,7 @@ impl ControlPlane {
         Ok(Self(child))
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.0.id()
     }
 }
@@ -485,7 +485,7 @@ fn release_binary(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// CPU seconds (user + system) a process has used so far.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces), from field 3.
     let rest = stat.rsplit_once(')').context("/proc/<pid>/stat")?.1;
@@ -504,7 +504,7 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .context("VmRSS in /proc/<pid>/status")
 }
 
-fn start_agent(
+pub(crate) fn start_agent(
     server: &NatsServer,
     dir: &Path,
     files: &Path,
@@ -540,7 +540,7 @@ fn deployment(files: &Path, i: usize) -> Bytes {
     )
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 

@@ -16,9 +16,11 @@
 //!    time until all report converged, repeated a few rounds.
 //!
 //! `flotilla-bench fleet …` measures the control plane at fleet scale
-//! instead (see `fleet.rs`).
+//! instead (see `fleet.rs`), and `flotilla-bench rollout …` a staged rollout
+//! against an all-at-once update (see `rollout.rs`).
 
 mod fleet;
+mod rollout;
 
 use std::time::{Duration, Instant};
 
@@ -34,8 +36,10 @@ use tokio::sync::oneshot;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    if std::env::args().nth(1).as_deref() == Some("fleet") {
-        return fleet::run().await;
+    match std::env::args().nth(1).as_deref() {
+        Some("fleet") => return fleet::run().await,
+        Some("rollout") => return rollout::run().await,
+        _ => {}
     }
     let applies = testbed::bench_arg("--applies", 200);
     let fleet = testbed::bench_arg("--fleet", 100);

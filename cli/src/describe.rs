@@ -351,6 +351,19 @@ pub fn render_deployment(d: &DeploymentView, progress: Option<&Progress>) -> Str
     if let Some(e) = d.current_status().and_then(|s| s.error.as_ref()) {
         field(&mut out, "Error", e);
     }
+    if let Some(r) = d.current_status().and_then(|s| s.rollout.as_ref()) {
+        let from = r
+            .from
+            .map_or_else(|| "nothing".to_owned(), |f| format!("revision {f}"));
+        field(
+            &mut out,
+            "Rollout",
+            format!("{} from {from}; {}", r.phase, r.line()),
+        );
+        if let Some(m) = &r.message {
+            field(&mut out, "Rollout note", m);
+        }
+    }
     if let Some(v) = &d.deployment {
         let mut t = Table::new(["ID", "KIND", "TARGET", "RESTART ON"]);
         for r in &v.value.resources {

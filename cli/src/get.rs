@@ -86,9 +86,21 @@ pub fn render_deployments(
     if rows.is_empty() {
         return Ok("no deployments\n".into());
     }
-    let mut t = Table::new(["NAME", "REVISION", "TARGETS", "CONVERGED", "CONFLICTS"]);
+    let mut t = Table::new([
+        "NAME",
+        "REVISION",
+        "TARGETS",
+        "CONVERGED",
+        "CONFLICTS",
+        "ROLLOUT",
+    ]);
     for (d, p) in rows {
         let status = d.current_status();
+        let rollout = status
+            .and_then(|s| s.rollout.as_ref())
+            .map_or("-".into(), |r| {
+                format!("{} {}/{}", r.phase, r.wave, r.waves)
+            });
         t.row([
             d.name.to_string(),
             d.revision()
@@ -96,6 +108,7 @@ pub fn render_deployments(
             status.map_or("-".into(), |s| s.targets.len().to_string()),
             d.converged_column(p.as_ref()),
             status.map_or("-".into(), |s| s.conflicts.len().to_string()),
+            rollout,
         ]);
     }
     Ok(t.render())

@@ -177,11 +177,18 @@ async fn get_deployments_counts_converged_targets() {
         .collect();
     assert_eq!(
         lines[0],
-        ["NAME", "REVISION", "TARGETS", "CONVERGED", "CONFLICTS"]
+        [
+            "NAME",
+            "REVISION",
+            "TARGETS",
+            "CONVERGED",
+            "CONFLICTS",
+            "ROLLOUT"
+        ]
     );
     let rev = s.revision.to_string();
-    assert_eq!(lines[1], ["hello", rev.as_str(), "2", "1/2", "1"]);
-    assert_eq!(lines[2], ["old", "deleted", "0", "0/0", "0"]);
+    assert_eq!(lines[1], ["hello", rev.as_str(), "2", "1/2", "1", "-"]);
+    assert_eq!(lines[2], ["old", "deleted", "0", "0/0", "0", "-"]);
 }
 
 #[tokio::test]

@@ -113,6 +113,15 @@ async fn waves_follow_the_canary_once_it_is_healthy_and_undo_restores_a_revision
     let r = rollout(&fleet);
     assert_eq!(r["phase"], "Complete", "{r}");
     assert_eq!(r["waves"], 3);
+    let listed = fleet.flotilla(&["get", "deployments"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.contains("Complete 3/3"), "{listed}");
+    let described = fleet.flotilla(&["describe", "deployment", "hello"]);
+    let described = String::from_utf8_lossy(&described.stdout);
+    assert!(
+        described.contains("Rollout:      Complete from nothing; wave 3/3; 4 updated / 4 healthy"),
+        "{described}"
+    );
 
     // The update: while the canary soaks, exactly one agent runs v2.
     let out = fleet.apply(&hello("v2", policy), &[]);

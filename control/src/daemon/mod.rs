@@ -30,8 +30,9 @@
 //! - Staged rollouts (docs/adr/0016): a pass starts a rollout for each new
 //!   revision under a policy; rollouts are judged ([`crate::rollout`]) on a
 //!   fresh read of every status and heartbeat after agents report (at most
-//!   every 50 ms) and every [`Config::rollout_recheck`]; a judgement that
-//!   moves a rollout on asks for a full render.
+//!   every 50 ms, or twice as long as the last judgement took) and every
+//!   [`Config::rollout_recheck`]; a judgement that moves a rollout on asks
+//!   for a full render.
 //! - A failed write is retried after [`Config::retry_after`] by a pass that
 //!   renders the agents whose writes failed again.
 //! - A watch survives server restarts (its ordered consumer is recreated);
@@ -208,9 +209,13 @@ pub async fn run_with_store(
         let mut replayed = false;
         let mut dirty = false;
         let mut retry_at: Option<Instant> = None;
-        // When rollouts are judged next (never more often than MIN_JUDGE_GAP).
+        // When rollouts are judged next; never sooner than `gap` after the
+        // last judgement: MIN_JUDGE_GAP, or twice what the last one took
+        // (each reads every agent), so judging takes at most a third of
+        // the control plane's time however large the fleet.
         let mut judge_at: Option<Instant> = None;
         let mut judged_at = Instant::now() - MIN_JUDGE_GAP;
+        let mut gap = MIN_JUDGE_GAP;
         let mut check_at = Instant::now() + config.bucket_check_interval;
         let mut seen = 0u64;
         loop {
@@ -271,7 +276,7 @@ pub async fn run_with_store(
                 }
             }
             if replayed && state.rollout_due && state.rolling() && state.rendered.is_some() {
-                let due = judged_at + MIN_JUDGE_GAP;
+                let due = judged_at + gap;
                 if Instant::now() < due {
                     judge_at = Some(judge_at.map_or(due, |at| at.min(due)));
                 } else {
@@ -283,6 +288,7 @@ pub async fn run_with_store(
                             tracing::warn!(error = %reconcile::error_chain(&error), "cannot read the fleet to judge rollouts; retrying")
                         }
                     }
+                    gap = (judged_at.elapsed() * 2).max(MIN_JUDGE_GAP);
                     judge_at = Some(Instant::now() + config.rollout_recheck);
                 }
             }
@@ -315,7 +321,7 @@ pub async fn run_with_store(
             }
             if replayed && state.rolling() && state.rollout_due {
                 // A pass started a rollout: judge it at once.
-                judge_at = Some(judged_at + MIN_JUDGE_GAP);
+                judge_at = Some(judged_at + gap);
             }
             if replayed {
                 metrics.settled(seen);
@@ -325,7 +331,7 @@ pub async fn run_with_store(
 }
 
 /// The least time between two judgements of the rollouts (each reads every
-/// agent's status and heartbeat).
+/// agent's status and heartbeat; larger fleets wait longer, see `gap`).
 const MIN_JUDGE_GAP: Duration = Duration::from_millis(50);
 
 /// The next stream-deleted advisory, or never without a subscription.

@@ -421,7 +421,12 @@ impl Converged {
     }
 
     /// Waits until `n` agents report `revision` (or a newer one) converged.
-    pub(crate) async fn wait(&self, n: usize, revision: u64, limit: Duration) -> anyhow::Result<()> {
+    pub(crate) async fn wait(
+        &self,
+        n: usize,
+        revision: u64,
+        limit: Duration,
+    ) -> anyhow::Result<()> {
         let mut changed = self.changed.clone();
         let done = |m: &HashMap<String, u64>| m.values().filter(|&&r| r >= revision).count();
         tokio::time::timeout(limit, async {

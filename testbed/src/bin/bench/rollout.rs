@@ -57,7 +57,12 @@ pub async fn run() -> anyhow::Result<()> {
     let converged = Converged::watch(&store).await?;
     let mut agents = Vec::with_capacity(n);
     for i in 0..n {
-        agents.push(start_agent(&server, dir.path(), &files, &format!("a{i:05}"))?);
+        agents.push(start_agent(
+            &server,
+            dir.path(),
+            &files,
+            &format!("a{i:05}"),
+        )?);
     }
     converged
         .wait(n, 0, Duration::from_secs(300))
@@ -67,25 +72,29 @@ pub async fn run() -> anyhow::Result<()> {
 
     // Every publish into the fleet bucket, by key family.
     let bytes: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
-    let mut sub = client.subscribe(format!("$KV.{}.>", BucketName::default())).await?;
+    let mut sub = client
+        .subscribe(format!("$KV.{}.>", BucketName::default()))
+        .await?;
     let tally = bytes.clone();
     tokio::spawn(async move {
         while let Some(m) = sub.next().await {
-            let family = m
-                .subject
-                .split('.')
-                .nth(2)
-                .unwrap_or_default()
-                .to_owned();
-            *tally.lock().expect("not poisoned").entry(family).or_default() +=
-                m.payload.len() as u64;
+            let family = m.subject.split('.').nth(2).unwrap_or_default().to_owned();
+            *tally
+                .lock()
+                .expect("not poisoned")
+                .entry(family)
+                .or_default() += m.payload.len() as u64;
         }
     });
 
     // A first revision everywhere, so both modes start from the same place.
     let mut step = 0usize;
-    let revision = store.put("deployments.bench", doc(&files, step, None)).await?;
-    converged.wait(n, revision, Duration::from_secs(300)).await?;
+    let revision = store
+        .put("deployments.bench", doc(&files, step, None))
+        .await?;
+    converged
+        .wait(n, revision, Duration::from_secs(300))
+        .await?;
 
     let share = 100usize.div_ceil(waves);
     let policy = json!({"waves": format!("{share}%")});
@@ -100,7 +109,9 @@ pub async fn run() -> anyhow::Result<()> {
             let revision = store
                 .put("deployments.bench", doc(&files, step, policy))
                 .await?;
-            converged.wait(n, revision, Duration::from_secs(600)).await?;
+            converged
+                .wait(n, revision, Duration::from_secs(600))
+                .await?;
             if staged {
                 complete(&store, revision).await?;
             }
@@ -128,13 +139,8 @@ pub async fn run() -> anyhow::Result<()> {
         let r = &rows[mode];
         let took = median(r.iter().map(|r| r.0).collect());
         let cpu = median_f(r.iter().map(|r| r.1).collect());
-        let family = |f: &str| {
-            median_u(
-                r.iter()
-                    .map(|r| r.2.get(f).copied().unwrap_or(0))
-                    .collect(),
-            )
-        };
+        let family =
+            |f: &str| median_u(r.iter().map(|r| r.2.get(f).copied().unwrap_or(0)).collect());
         println!(
             "| {label} | {} | {:.2}x | {cpu:.2} s | {:.0} ms | {} / {} / {} / {} |",
             ms(took),
@@ -165,7 +171,10 @@ async fn complete(store: &Store, revision: u64) -> anyhow::Result<()> {
         {
             return Ok(());
         }
-        anyhow::ensure!(Instant::now() < deadline, "rollout of {revision} not complete");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "rollout of {revision} not complete"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

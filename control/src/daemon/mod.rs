@@ -30,7 +30,7 @@
 //! - Staged rollouts (docs/adr/0016): a pass starts a rollout for each new
 //!   revision under a policy; rollouts are judged ([`crate::rollout`]) on a
 //!   fresh read of every status and heartbeat after agents report (at most
-//!   every 50 ms, or twice as long as the last judgement took) and every
+//!   every 10 ms, or twice as long as the last judgement took) and every
 //!   [`Config::rollout_recheck`]; a judgement that moves a rollout on asks
 //!   for a full render.
 //! - A failed write is retried after [`Config::retry_after`] by a pass that
@@ -332,7 +332,7 @@ pub async fn run_with_store(
 
 /// The least time between two judgements of the rollouts (each reads every
 /// agent's status and heartbeat; larger fleets wait longer, see `gap`).
-const MIN_JUDGE_GAP: Duration = Duration::from_millis(50);
+const MIN_JUDGE_GAP: Duration = Duration::from_millis(10);
 
 /// The next stream-deleted advisory, or never without a subscription.
 async fn next_advisory(advisories: &mut Option<async_nats::Subscriber>) -> Option<()> {

@@ -12,7 +12,7 @@ use manifest_types::convergence::{self, AgentReport, Target, Thresholds, Verdict
 use manifest_types::rollout::RevisionRecord;
 use manifest_types::{AgentId, ApiVersion, DeploymentName, ResourceId, keys};
 
-use super::state::State;
+use super::state::{State, Tracked};
 use crate::rollout::{self, Judge, Run};
 
 static NO_LABELS: crate::render::Labels = crate::render::Labels::new();
@@ -70,9 +70,11 @@ pub(crate) fn prepare(state: &mut State) {
 #[error(transparent)]
 pub(crate) struct JudgeError(#[from] flotilla_nats::ReadError);
 
-/// Judges every rollout in progress on one fresh read of the agents'
-/// statuses and heartbeats (server time). True when a rollout moved on,
-/// so the fleet must be rendered again.
+/// Judges every rollout in progress on the agents' statuses (held by the
+/// watch while rollouts are in progress, seeded by one read) and one fresh
+/// read of their heartbeats (server time). True when a rollout moved on, so
+/// the deployment statuses must be written again (and, when an agent was
+/// released or the phase or wave changed, the fleet rendered again).
 pub(crate) async fn judge(
     state: &mut State,
     store: &Store,
@@ -83,11 +85,44 @@ pub(crate) async fn judge(
     let Some(rendered) = &state.rendered else {
         return Ok(false);
     };
-    let statuses = flotilla_nats::read_family(store, keys::ACTUAL_STATE).await?;
-    let beats = flotilla_nats::read_family(heartbeats, keys::HEARTBEAT).await?;
-    let snapshot = statuses.merge(beats);
-    let now = snapshot.server_time;
-    let reports = flotilla_nats::AgentReports::from_snapshot(&snapshot);
+    if state.tracked.is_none() {
+        // Seed: every status once; the watch keeps them current from here.
+        let snapshot = flotilla_nats::read_family(store, keys::ACTUAL_STATE).await?;
+        let mut tracked = BTreeMap::new();
+        for (id, entry) in snapshot.family(keys::ACTUAL_STATE) {
+            if let Ok(agent) = AgentId::new(id) {
+                Tracked::record(&mut tracked, agent, entry);
+            }
+        }
+        state.tracked = Some(tracked);
+    }
+    // Heartbeats: read at most every BEATS_REFRESH (liveness moves in
+    // heartbeat intervals, not milliseconds); between reads, the server's
+    // clock and every age are carried forward by the monotonic clock, so no
+    // age looks younger than it is.
+    let fresh = state
+        .beats
+        .as_ref()
+        .is_some_and(|(at, _)| at.elapsed() < BEATS_REFRESH);
+    if !fresh {
+        let snapshot = flotilla_nats::read_family(heartbeats, keys::HEARTBEAT).await?;
+        state.beats = Some((tokio::time::Instant::now(), snapshot));
+    }
+    let (read_at, snapshot) = state.beats.as_ref().expect("read above");
+    let since = read_at.elapsed();
+    let now = snapshot.server_time + since;
+    let beats = flotilla_nats::AgentReports::from_snapshot(snapshot);
+    let tracked = state.tracked.as_ref().expect("seeded above");
+    let report = |agent: &AgentId| -> AgentReport<'_> {
+        let heard = beats.report(agent);
+        let held = tracked.get(agent);
+        AgentReport {
+            status: held.and_then(|t| t.status.as_ref()),
+            status_age: held.map(|t| now.duration_since(t.created).unwrap_or_default()),
+            heartbeat_age: heard.heartbeat_age.map(|age| age + since),
+            ..heard
+        }
+    };
     let mut changed = false;
     let mut runs = std::mem::take(&mut state.runs);
     for (name, run) in &mut runs {
@@ -126,7 +161,7 @@ pub(crate) async fn judge(
             })
             .collect();
         let verdict = |agent: &AgentId, revision: Option<u64>| -> Verdict {
-            let report: AgentReport<'_> = reports.report(agent);
+            let report: AgentReport<'_> = report(agent);
             let Some(revision) = revision else {
                 return convergence::assess(
                     &report,
@@ -176,6 +211,9 @@ pub(crate) async fn judge(
             now,
         };
         let next = judge.step(run.clone());
+        if renders_differently(&next, run) {
+            state.dirty.all = true;
+        }
         if next != *run {
             if next.status.phase != run.status.phase || next.status.wave != run.status.wave {
                 tracing::info!(deployment = %name, revision = next.status.revision, phase = %next.status.phase,
@@ -187,10 +225,22 @@ pub(crate) async fn judge(
         }
     }
     state.runs = runs;
-    if changed {
-        state.dirty.all = true;
+    if !state.rolling() {
+        // Nothing left to judge: stop holding statuses.
+        state.tracked = None;
+        state.beats = None;
     }
     Ok(changed)
+}
+
+/// Whether the fleet must be rendered again: an agent released, a phase or
+/// wave changed. New counts only change the deployment status, which a
+/// pass writes without rendering anyone.
+fn renders_differently(a: &Run, b: &Run) -> bool {
+    a.moving != b.moving
+        || a.status.phase != b.status.phase
+        || a.status.wave != b.status.wave
+        || a.status.from != b.status.from
 }
 
 /// The revision of `deployment` the agent's stored manifest carries.
@@ -206,6 +256,9 @@ fn current_revision(state: &State, agent: &AgentId, deployment: &DeploymentName)
         .find(|s| &s.deployment == deployment)
         .map(|s| s.revision)
 }
+
+/// How old a heartbeat read may be when a rollout is judged.
+const BEATS_REFRESH: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// How many revisions of each deployment the history keeps (besides the
 /// ones a rollout in progress renders from).

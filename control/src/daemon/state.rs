@@ -88,6 +88,45 @@ pub(crate) struct State {
     /// Something a rollout's judgement depends on changed (an agent's
     /// status, a switch, a new rollout).
     pub rollout_due: bool,
+    /// While a rollout is in progress: every agent's status as last seen
+    /// (seeded by one read, then kept current by the watch), so a
+    /// judgement reads only heartbeats. None otherwise (no memory spent).
+    pub tracked: Option<BTreeMap<AgentId, Tracked>>,
+    /// The last heartbeat read for judging rollouts, and when (monotonic).
+    pub beats: Option<(tokio::time::Instant, flotilla_nats::Snapshot)>,
+}
+
+/// An agent's status as the watch last delivered it.
+#[derive(Debug)]
+pub(crate) struct Tracked {
+    pub revision: u64,
+    /// Server time of the write.
+    pub created: SystemTime,
+    /// None: deleted or unreadable.
+    pub status: Option<manifest_types::AgentStatus>,
+}
+
+impl Tracked {
+    /// Records `entry` unless a newer value is already held.
+    pub fn record(map: &mut BTreeMap<AgentId, Tracked>, agent: AgentId, entry: &Entry) {
+        if map
+            .get(&agent)
+            .is_some_and(|t| t.revision >= entry.revision)
+        {
+            return;
+        }
+        let status = (entry.operation == Operation::Put)
+            .then(|| serde_json::from_slice(&entry.value).ok())
+            .flatten();
+        map.insert(
+            agent,
+            Tracked {
+                revision: entry.revision,
+                created: SystemTime::from(entry.created),
+                status,
+            },
+        );
+    }
 }
 
 /// What changed since the last pass, so a pass renders only that: every
@@ -157,11 +196,20 @@ impl State {
     /// Records one watched entry; true when the render may change.
     pub fn apply_entry(&mut self, entry: &Entry) -> bool {
         let changed = self.apply(&entry.key, entry.revision, entry.operation, &entry.value);
-        if let Some(Key::Deployment(name)) = Key::parse(&entry.key)
-            && let Some(d) = self.deployments.get_mut(&name)
-            && d.revision == entry.revision
-        {
-            d.applied_at = Some(SystemTime::from(entry.created));
+        match Key::parse(&entry.key) {
+            Some(Key::Deployment(name)) => {
+                if let Some(d) = self.deployments.get_mut(&name)
+                    && d.revision == entry.revision
+                {
+                    d.applied_at = Some(SystemTime::from(entry.created));
+                }
+            }
+            Some(Key::ActualState(agent)) => {
+                if let Some(tracked) = &mut self.tracked {
+                    Tracked::record(tracked, agent, entry);
+                }
+            }
+            _ => {}
         }
         changed
     }

@@ -210,5 +210,5 @@ fn median_u(mut v: Vec<u64>) -> u64 {
 }
 
 fn kb(b: u64) -> String {
-    format!("{:.0} KB", b as f64 / 1000.0)
+    format!("{:.1} KB", b as f64 / 1000.0)
 }

@@ -37,7 +37,8 @@
 //!   (the one convergence rule) and soak, halt or rollback past the failure
 //!   threshold. The daemon starts a rollout for each new revision of a
 //!   deployment with a policy (its own or `settings.rollout`), judges it on
-//!   fresh reads of every status and heartbeat, keeps its state in
+//!   the statuses its watch delivers and fresh heartbeat reads, keeps its
+//!   state in
 //!   `deployment-status.<name>` and each deployment's history in
 //!   `revisions.<name>.<revision>`.
 //! - [`heartbeat`] — pure: the fleet's heartbeat interval, sized to keep the

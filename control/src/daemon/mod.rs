@@ -28,11 +28,12 @@
 //!   agents ([`crate::heartbeat`], docs/adr/0015), and records each new
 //!   deployment revision in its history (`revisions.<name>.<revision>`).
 //! - Staged rollouts (docs/adr/0016): a pass starts a rollout for each new
-//!   revision under a policy; rollouts are judged ([`crate::rollout`]) on a
-//!   fresh read of every status and heartbeat after agents report (at most
-//!   every 10 ms, or twice as long as the last judgement took) and every
-//!   [`Config::rollout_recheck`]; a judgement that moves a rollout on asks
-//!   for a full render.
+//!   revision under a policy; rollouts are judged ([`crate::rollout`]) on
+//!   every agent's status, held from this watch while a rollout is in
+//!   progress, and heartbeats read at most every 250 ms — after agents
+//!   report (at most every 10 ms, or twice as long as the last judgement
+//!   took) and every [`Config::rollout_recheck`]; a judgement that releases
+//!   agents or moves the phase or wave asks for a full render.
 //! - A failed write is retried after [`Config::retry_after`] by a pass that
 //!   renders the agents whose writes failed again.
 //! - A watch survives server restarts (its ordered consumer is recreated);

@@ -1,7 +1,7 @@
 //! The daemon's side of staged rollouts (docs/adr/0016): starting a
 //! rollout when a deployment with a policy gets a new revision
-//! ([`prepare`]), judging rollouts on a fresh read of every agent's status
-//! and heartbeat ([`judge`], the decisions being the pure
+//! ([`prepare`]), judging rollouts on every agent's status and heartbeat
+//! ([`judge`], the decisions being the pure
 //! [`crate::rollout`]), and keeping each deployment's history
 //! (`revisions.<name>.<revision>`, [`record_history`]).
 

@@ -60,13 +60,27 @@ fn count(files: &BTreeMap<String, Option<String>>, content: &str) -> usize {
 
 /// `flotilla rollout status hello -o json` (printed whatever the exit code).
 fn rollout(fleet: &Fleet) -> Value {
-    let out = fleet.flotilla(&["rollout", "status", "hello", "-o", "json"]);
+    rollout_of(fleet, "hello")
+}
+
+fn rollout_of(fleet: &Fleet, name: &str) -> Value {
+    let out = fleet.flotilla(&["rollout", "status", name, "-o", "json"]);
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
 /// The revision of `hello` each agent's manifest carries, and whether the
 /// agent reports it Ready at that revision.
 async fn revisions(fleet: &Fleet, ids: &[&str]) -> BTreeMap<String, (u64, bool)> {
+    revisions_of(fleet, ids, "hello/motd").await
+}
+
+/// The revision of `resource`'s deployment each agent's manifest carries,
+/// and whether the agent reports `resource` Ready at that revision.
+async fn revisions_of(
+    fleet: &Fleet,
+    ids: &[&str],
+    resource: &str,
+) -> BTreeMap<String, (u64, bool)> {
     let kv = fleet.fleet_kv().await;
     let mut out = BTreeMap::new();
     for id in ids {
@@ -85,7 +99,7 @@ async fn revisions(fleet: &Fleet, ids: &[&str]) -> BTreeMap<String, (u64, bool)>
             .as_u64()
             .unwrap_or(0);
         let s = json(format!("actual-state.{id}")).await;
-        let r = &s["resources"]["hello/motd"];
+        let r = &s["resources"][resource];
         let ready = r["state"] == "ready" && r["source"]["revision"].as_u64() == Some(rev);
         out.insert(id.to_string(), (rev, ready));
     }
@@ -363,4 +377,71 @@ async fn pause_survives_a_restart_offline_agents_are_counted_and_catch_up() {
             (files(&fleet)["pi-4"].as_deref() == Some("v2")).then_some(())
         })
         .await;
+}
+
+/// A container that crash-loops on the canary: the agent puts its previous
+/// container back (ReplaceFailed), the rollout sees the canary Degraded and
+/// rolls back (`apply --wait` exits 9); the canary returns to the good
+/// revision and every device runs exactly one container of it, while
+/// nobody else ever left it.
+#[tokio::test]
+async fn a_container_crash_looping_on_the_canary_rolls_the_rollout_back() {
+    testbed::docker::require_engine();
+    let ids: Vec<String> = (0..3)
+        .map(|_| testbed::docker::unique_agent("ro"))
+        .collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let _cleanup = testbed::docker::Cleanup::new(&ids);
+    let fleet = fleet_of(&ids).await;
+    let app = |command: &str, policy: &str| {
+        format!(
+            "apiVersion: flotilla.dev/v1\nkind: Deployment\nname: app\n\
+             selector:\n  matchLabels: {{role: kiosk}}\n\
+             resources:\n  - id: web\n    kind: Container\n    \
+             spec: {{image: \"{}\", command: [sh, -c, \"{command}\"]}}\n{policy}\n",
+            testbed::docker::TEST_IMAGE
+        )
+    };
+    let sleeper = "trap 'exit 0' TERM; sleep 3600 & wait";
+    ok(
+        &fleet,
+        &fleet.apply(&app(sleeper, ""), &["--wait", "--timeout", "60s"]),
+    );
+    let good = revisions_of(&fleet, &ids, "app/web").await[ids[0]].0;
+    let before: BTreeMap<&str, Vec<testbed::docker::Container>> = ids
+        .iter()
+        .map(|id| (*id, testbed::docker::containers_of(id)))
+        .collect();
+
+    let out = fleet.apply(
+        &app("exit 3", "rollout: {canary: 1, onFailure: rollback}"),
+        &["--wait", "--timeout", "90s"],
+    );
+    assert_eq!(out.status.code(), Some(9), "{}", fleet.report(&out));
+    let r = rollout_of(&fleet, "app");
+    assert_eq!(r["phase"], "RolledBack", "{r}");
+    assert_eq!(r["failed"].as_array().map(Vec::len), Some(1), "{r}");
+    assert_eq!(
+        r["counts"][good.to_string()]["desired"],
+        3,
+        "all back on {good}: {r}"
+    );
+    let canary = r["failed"][0].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let on = revisions_of(&fleet, &ids, "app/web").await;
+        if on.values().all(|&(rev, ready)| rev == good && ready) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{on:?}\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for id in &ids {
+        let now = testbed::docker::containers_of(id);
+        let running: Vec<_> = now.iter().filter(|c| c.state == "running").collect();
+        assert_eq!(running.len(), 1, "{id}: {now:?}");
+        if *id != canary {
+            assert_eq!(now, before[id], "{id} never left the good revision");
+        }
+    }
 }

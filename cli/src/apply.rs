@@ -284,6 +284,11 @@ mod tests {
                 include_str!("../../examples/per-device.yaml"),
                 vec!["File"],
             ),
+            (
+                "staged.yaml",
+                include_str!("../../examples/staged.yaml"),
+                vec!["File"],
+            ),
         ] {
             let d = parse(name, doc, false).unwrap_or_else(|e| panic!("{name}: {e}"));
             let got: Vec<&str> = d.resources.iter().map(|r| r.spec.kind_str()).collect();

@@ -26,6 +26,10 @@
 //!   the pause switch [`rollout::RolloutControl`] (`rollouts.<name>`), the
 //!   control plane's [`rollout::RolloutStatus`] and the history records
 //!   [`rollout::RevisionRecord`] (`revisions.<name>.<revision>`).
+//! - [`signing`]: ed25519 (nkeys) signatures over a manifest's canonical
+//!   form — [`signing::Signer`] and [`signing::verify`] with typed
+//!   rejection reasons (ADR 0004); not yet wired into the control plane or
+//!   the agent.
 //! - [`diff`]: what one revision of a deployment changes from another,
 //!   field by field (`flotilla diff`, history summaries).
 //! - [`template`]: per-device references in deployment specs
@@ -46,6 +50,7 @@ pub mod keys;
 pub mod manifest;
 pub mod reason;
 pub mod rollout;
+pub mod signing;
 pub mod spec;
 pub mod status;
 pub mod template;

@@ -135,7 +135,7 @@ pub async fn wait(
             match r.phase {
                 Phase::Halted => {
                     return Err(CliError::Halted(format!(
-                        "{name}: the rollout of revision {} halted at wave {}/{}: {why}.                          Fix and `flotilla rollout resume {name}`, or `flotilla rollout undo {name}`.",
+                        "{name}: the rollout of revision {} halted at wave {}/{}: {why}. Fix and `flotilla rollout resume {name}`, or `flotilla rollout undo {name}`.",
                         r.revision, r.wave, r.waves
                     )));
                 }

@@ -119,14 +119,17 @@ pub fn revision_for(
     history: impl Fn(u64) -> bool,
 ) -> Option<u64> {
     let s = &run.status;
+    let kept = || match current {
+        Some(r) if r != s.revision && history(r) => Some(r),
+        _ => s.from,
+    };
     match s.phase {
         Phase::Complete => Some(s.revision),
-        Phase::RolledBack => s.from,
+        // Rolled back: agents on the new revision return to `from`; the
+        // others keep what they run.
+        Phase::RolledBack => kept(),
         _ if current == Some(s.revision) || run.moving.contains(agent) => Some(s.revision),
-        _ => match current {
-            Some(r) if history(r) => Some(r),
-            _ => s.from,
-        },
+        _ => kept(),
     }
 }
 
@@ -136,6 +139,7 @@ pub fn revision_for(
 /// revision rolled out completely until their wave is released.
 pub fn start(
     to: u64,
+    policy: &RolloutPolicy,
     previous: Option<&RolloutStatus>,
     rendered: Option<u64>,
     control: Control,
@@ -154,6 +158,8 @@ pub fn start(
             } else {
                 Phase::Progressing
             },
+            policy: policy.clone(),
+            targets: 0,
             wave: 1,
             waves: 1,
             healthy_since: None,
@@ -167,11 +173,11 @@ pub fn start(
     }
 }
 
-/// What one judgement of a rollout reads.
+/// What one judgement of a rollout reads (the policy is the run's own,
+/// fixed when it started).
 #[derive(Debug)]
 pub struct Judge<'a, H, V> {
     pub name: &'a DeploymentName,
-    pub policy: &'a RolloutPolicy,
     pub control: Control,
     pub targets: &'a [Target<'a>],
     /// Whether a revision's document is in the history.
@@ -192,9 +198,9 @@ where
     /// agents released within the budget, the next wave released once the
     /// released ones have been healthy for the soak time, counts refreshed.
     pub fn step(&self, mut run: Run) -> Run {
-        let (name, policy, control, targets, history, verdict, now) = (
+        let policy = &run.status.policy.clone();
+        let (name, control, targets, history, verdict, now) = (
             self.name,
-            self.policy,
             self.control,
             self.targets,
             &self.history,
@@ -205,6 +211,7 @@ where
         let total = targets.len();
         {
             let s = &mut run.status;
+            s.targets = total;
             s.waves = plan.len().max(1);
             s.wave = s.wave.clamp(1, s.waves);
             // The operator's switch: pause, resume (also a halted rollout,
@@ -243,7 +250,10 @@ where
             .filter(|(_, v)| matches!(v.state, State::Degraded | State::Rejected))
             .map(|(a, _)| *a)
             .collect();
-        let live = |v: &Verdict| v.liveness != Liveness::Offline;
+        // Offline agents, and agents another installation writes as, are
+        // not waited for: counted and reported, never blocking.
+        let live =
+            |v: &Verdict| v.liveness != Liveness::Offline && v.state != State::IdentityConflict;
         run.status.failed = failed
             .iter()
             .take(LISTED_AGENTS)
@@ -267,15 +277,36 @@ where
                     s.phase = Phase::Halted;
                     s.message = Some(message);
                 }
-                OnFailure::Rollback => {
-                    s.phase = Phase::RolledBack;
-                    s.message = Some(match s.from {
-                        Some(f) => format!("{message}; rolled back to revision {f}"),
-                        None => format!("{message}; rolled back (no earlier revision: removed)"),
-                    });
-                    run.moving.clear();
-                }
+                OnFailure::Rollback => match s.from {
+                    // Rolling back renders `from` from the history: without
+                    // its document, moved agents would keep the new revision
+                    // while the status said otherwise. Halt and say why.
+                    Some(f) if !history(f) => {
+                        s.phase = Phase::Halted;
+                        s.message = Some(format!(
+                            "{message}; cannot roll back: revision {f} is not in the history, halted instead"
+                        ));
+                    }
+                    Some(f) => {
+                        s.phase = Phase::RolledBack;
+                        s.message = Some(format!("{message}; rolled back to revision {f}"));
+                        run.moving.clear();
+                    }
+                    None => {
+                        s.phase = Phase::RolledBack;
+                        s.message = Some(format!(
+                            "{message}; rolled back (no earlier revision: removed from the agents it reached)"
+                        ));
+                        run.moving.clear();
+                    }
+                },
             }
+        }
+        if matches!(run.status.phase, Phase::Halted | Phase::Paused) {
+            // Stopped: agents released but not yet written stay where they
+            // are, and health seen before a pause does not count after it.
+            run.moving.retain(|a| current.get(a) == Some(&Some(to)));
+            run.status.healthy_since = None;
         }
 
         if run.status.phase == Phase::Progressing {
@@ -293,7 +324,7 @@ where
                 if moved(&run, a) {
                     continue;
                 }
-                let offline = verdict(a, Some(to)).liveness == Liveness::Offline;
+                let offline = !live(&verdict(a, Some(to)));
                 if offline || budget > 0 {
                     if !offline {
                         budget -= 1;

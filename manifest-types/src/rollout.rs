@@ -330,6 +330,14 @@ pub struct RolloutStatus {
     /// they keep nothing of this deployment.
     pub from: Option<u64>,
     pub phase: Phase,
+    /// The policy this rollout follows, fixed when it started: changing the
+    /// deployment's or the fleet's policy applies to the next revision, never
+    /// halfway through this one.
+    #[serde(default)]
+    pub policy: RolloutPolicy,
+    /// Targets of the revision.
+    #[serde(default)]
+    pub targets: usize,
     /// Waves released so far (1 = the first).
     pub wave: usize,
     /// Waves in all, for the targets as they are now.
@@ -366,10 +374,9 @@ impl RolloutStatus {
     /// `wave 2/5; 40 updated / 38 healthy / 1 failed / 1 offline of 100`
     pub fn line(&self) -> String {
         let c = self.target_counts();
-        let total: usize = self.counts.values().map(|c| c.desired).sum();
         format!(
-            "wave {}/{}; {} updated / {} healthy / {} failed / {} offline of {total}",
-            self.wave, self.waves, c.updated, c.converged, c.failed, c.offline
+            "wave {}/{}; {} updated / {} healthy / {} failed / {} offline of {}",
+            self.wave, self.waves, c.updated, c.converged, c.failed, c.offline, self.targets
         )
     }
 }

@@ -445,3 +445,32 @@ async fn a_container_crash_looping_on_the_canary_rolls_the_rollout_back() {
         }
     }
 }
+
+/// A released agent the new revision cannot be rendered for (a value it
+/// lacks) is a failure the rollout sees, as every reader does: the rollout
+/// halts instead of waiting for it forever, and nobody else moves.
+#[tokio::test]
+async fn a_canary_that_cannot_be_rendered_halts_the_rollout() {
+    let fleet = fleet_of(&AGENTS[..2]).await;
+    ok(
+        &fleet,
+        &fleet.apply(&hello("v1", ""), &["--wait", "--timeout", "60s"]),
+    );
+    let templated = hello("site ${values.site}", "rollout: {canary: 1}");
+    let out = fleet.apply(&templated, &[]);
+    ok(&fleet, &out);
+    let r = fleet
+        .wait("the rollout halted", Duration::from_secs(30), || {
+            let r = rollout(&fleet);
+            (r["phase"] == "Halted").then_some(r)
+        })
+        .await;
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap()
+            .contains("failed on revision"),
+        "{r}"
+    );
+    assert_eq!(count(&files(&fleet), "v1"), 2, "nobody else moved");
+}

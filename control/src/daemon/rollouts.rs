@@ -19,25 +19,36 @@ static NO_LABELS: crate::render::Labels = crate::render::Labels::new();
 
 /// Starts a rollout for every deployment whose policy applies and whose
 /// revision has none yet, continuing a stored one after a restart; drops
-/// the rollouts of deployments gone or without a policy.
+/// the rollouts of deployments gone, and of new revisions without a policy
+/// (a rollout in progress keeps the policy it started with).
 pub(crate) fn prepare(state: &mut State) {
     let mut runs = std::mem::take(&mut state.runs);
+    let mut due = false;
     runs.retain(|name, _| state.deployments.contains_key(name));
     for (name, d) in &state.deployments {
         let Ok(doc) = &d.document else { continue };
-        if state.policy(doc).is_none() {
-            runs.remove(name);
-            continue;
-        }
+        // A rollout keeps the policy it started with, whatever happens to
+        // the deployment's or the fleet's policy meanwhile.
         if runs
             .get(name)
             .is_some_and(|r| r.status.revision == d.revision)
         {
             continue;
         }
-        let stored = state.statuses.get(name).and_then(|w| w.value.as_ref());
+        // Its own policy, else the fleet's default.
+        let Some(policy) = doc.rollout.as_ref().or(state.default_rollout.as_ref()) else {
+            runs.remove(name);
+            continue;
+        };
+        // A stored status of a deployment deleted and created again is
+        // another deployment's: not continued, not a base.
+        let stored = state
+            .statuses
+            .get(name)
+            .and_then(|w| w.value.as_ref())
+            .filter(|s| d.created_revision.is_none_or(|c| c == s.created_revision));
         let stored_rollout = stored.and_then(|s| s.rollout.as_ref());
-        state.rollout_due = true;
+        due = true;
         // A restarted control plane continues where the last one stopped.
         if let Some(r) = stored_rollout.filter(|r| r.revision == d.revision) {
             tracing::info!(deployment = %name, revision = d.revision, phase = %r.phase, wave = r.wave, "continuing a rollout");
@@ -59,11 +70,12 @@ pub(crate) fn prepare(state: &mut State) {
             continue;
         }
         let control = state.controls.get(name).copied().unwrap_or_default();
-        let run = rollout::start(d.revision, previous, rendered, control);
+        let run = rollout::start(d.revision, policy, previous, rendered, control);
         tracing::info!(deployment = %name, revision = d.revision, from = ?run.status.from, "starting a rollout");
         runs.insert(name.clone(), run);
     }
     state.runs = runs;
+    state.rollout_due |= due;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,9 +147,10 @@ pub(crate) async fn judge(
         let (Ok(doc), Some(render)) = (&record.document, rendered.deployments.get(name)) else {
             continue;
         };
-        let Some(policy) = state.policy(doc) else {
+        // Judged only once the pass has started the rollout of this revision.
+        if record.revision != run.status.revision {
             continue;
-        };
+        }
         let history = state.history.get(name);
         // Resource ids per revision, as each agent's manifest carries them.
         let mut ids: BTreeMap<u64, Vec<ResourceId>> = BTreeMap::new();
@@ -162,6 +175,32 @@ pub(crate) async fn judge(
             .collect();
         let verdict = |agent: &AgentId, revision: Option<u64>| -> Verdict {
             let report: AgentReport<'_> = report(agent);
+            // Not rendered for this agent (a value it lacks): it cannot
+            // converge on the revision, and says so as every reader does.
+            if revision == Some(record.revision)
+                && let Some(f) = render.render_failures.iter().find(|f| &f.agent == agent)
+            {
+                let mut v = convergence::assess(
+                    &report,
+                    Target::Agent {
+                        generation: u64::MAX,
+                    },
+                    thresholds,
+                );
+                if !matches!(
+                    v.state,
+                    convergence::State::Offline
+                        | convergence::State::Stale
+                        | convergence::State::IdentityConflict
+                ) {
+                    v.state = convergence::State::Degraded;
+                    v.reason = Some(convergence::Reason::RenderFailed {
+                        resource: f.resource.clone(),
+                        message: f.message.clone(),
+                    });
+                }
+                return v;
+            }
             let Some(revision) = revision else {
                 return convergence::assess(
                     &report,
@@ -203,7 +242,6 @@ pub(crate) async fn judge(
         };
         let judge = Judge {
             name,
-            policy,
             control: state.controls.get(name).copied().unwrap_or_default(),
             targets: &targets,
             history: |r: u64| history.is_some_and(|h| h.contains_key(&r)),
@@ -319,10 +357,20 @@ pub(crate) async fn record_history(state: &mut State, store: &Store) -> Vec<Stri
             .or_default()
             .insert(d.revision, doc.clone());
     }
-    // Trim: the newest HISTORY_LIMIT, and whatever a rollout renders from.
+    // Trim: the newest HISTORY_LIMIT, and whatever a rollout renders from —
+    // its own revisions and every revision an agent still runs.
     let mut drop: Vec<(DeploymentName, u64)> = Vec::new();
     for (name, revisions) in &state.recorded {
-        let in_use: Vec<u64> = state
+        let keep = if state.deployments.contains_key(name) {
+            HISTORY_LIMIT
+        } else {
+            0
+        };
+        let excess = revisions.len().saturating_sub(keep);
+        if excess == 0 {
+            continue;
+        }
+        let mut in_use: std::collections::BTreeSet<u64> = state
             .runs
             .get(name)
             .map(|r| [Some(r.status.revision), r.status.from])
@@ -330,12 +378,14 @@ pub(crate) async fn record_history(state: &mut State, store: &Store) -> Vec<Stri
             .flatten()
             .flatten()
             .collect();
-        let keep = if state.deployments.contains_key(name) {
-            HISTORY_LIMIT
-        } else {
-            0
-        };
-        let excess = revisions.len().saturating_sub(keep);
+        if keep > 0 && state.runs.contains_key(name) {
+            in_use.extend(
+                state
+                    .desired
+                    .keys()
+                    .filter_map(|a| current_revision(state, a, name)),
+            );
+        }
         drop.extend(
             revisions
                 .iter()

@@ -219,11 +219,6 @@ impl State {
         self.runs.values().any(|r| !r.status.phase.is_final())
     }
 
-    /// The rollout policy of `d`: its own, else the fleet's default.
-    pub fn policy<'a>(&'a self, d: &'a Deployment) -> Option<&'a RolloutPolicy> {
-        d.rollout.as_ref().or(self.default_rollout.as_ref())
-    }
-
     /// Records one value (or DEL/PURGE marker) of `key` at `revision`; true
     /// when the render may change.
     pub fn apply(&mut self, key: &str, revision: u64, operation: Operation, value: &[u8]) -> bool {
@@ -244,7 +239,13 @@ impl State {
                     tracing::warn!(%error, "{key} does not parse; no fleet default rollout policy");
                     None
                 })
-                .filter(|p| p.validate().is_ok());
+                .filter(|p| match p.validate() {
+                    Ok(()) => true,
+                    Err(error) => {
+                        tracing::warn!(%error, "{key} is not a usable policy; no fleet default rollout policy");
+                        false
+                    }
+                });
             let changed = self.default_rollout != policy;
             self.default_rollout = policy;
             self.dirty.all |= changed;
@@ -341,10 +342,30 @@ impl State {
                 matters
             }
             Some(Key::Rollout(name)) => {
-                let paused = put
-                    && serde_json::from_slice::<RolloutControl>(value)
-                        .is_ok_and(|c| c.name == name && c.paused);
-                self.controls.insert(name, Control { revision, paused });
+                // Only a readable switch acts: `rollout resume` writes one.
+                // A deleted one is "not paused" but resumes nothing (the
+                // revision a resume is told by stays).
+                let control = if put {
+                    match serde_json::from_slice::<RolloutControl>(value) {
+                        Ok(c) if c.name == name => Control {
+                            revision,
+                            paused: c.paused,
+                        },
+                        _ => {
+                            tracing::warn!(
+                                key,
+                                "not a rollout switch for this deployment; ignored"
+                            );
+                            return false;
+                        }
+                    }
+                } else {
+                    Control {
+                        revision: self.controls.get(&name).map_or(0, |c| c.revision),
+                        paused: false,
+                    }
+                };
+                self.controls.insert(name, control);
                 self.rollout_due = true;
                 false
             }
@@ -358,6 +379,8 @@ impl State {
     fn apply_deployment(&mut self, name: DeploymentName, entry: Seen<'_>, put: bool) -> bool {
         if !put {
             let removed = self.deployments.remove(&name).is_some();
+            // A deployment that comes back is a new one, with rollouts of its own.
+            self.runs.remove(&name);
             self.deleted.insert(name);
             return removed;
         }

@@ -61,11 +61,11 @@ impl Fleet {
         }
     }
 
-    fn step(&self, policy: &RolloutPolicy, run: Run, control: Control) -> Run {
+    fn step(&self, policy: &RolloutPolicy, mut run: Run, control: Control) -> Run {
+        run.status.policy = policy.clone();
         let targets = targets(&self.ids, &self.current);
         let judge = Judge {
             name: &name(),
-            policy,
             control,
             targets: &targets,
             history: |r: u64| r == FROM,
@@ -101,7 +101,13 @@ impl Fleet {
 }
 
 fn started() -> Run {
-    start(TO, None, Some(FROM), Control::default())
+    start(
+        TO,
+        &RolloutPolicy::default(),
+        None,
+        Some(FROM),
+        Control::default(),
+    )
 }
 
 #[test]
@@ -406,24 +412,52 @@ fn a_new_rollout_keeps_the_last_complete_revision_as_its_base() {
         moving: Default::default(),
     };
     assert_eq!(
-        start(12, Some(&complete.status), None, Control::default())
-            .status
-            .from,
+        start(
+            12,
+            &RolloutPolicy::default(),
+            Some(&complete.status),
+            None,
+            Control::default()
+        )
+        .status
+        .from,
         Some(TO)
     );
     // Superseded mid-way: the base stays the last complete one.
     assert_eq!(
-        start(12, Some(&started().status), None, Control::default())
-            .status
-            .from,
+        start(
+            12,
+            &RolloutPolicy::default(),
+            Some(&started().status),
+            None,
+            Control::default()
+        )
+        .status
+        .from,
         Some(FROM)
     );
-    assert_eq!(start(12, None, None, Control::default()).status.from, None);
+    assert_eq!(
+        start(
+            12,
+            &RolloutPolicy::default(),
+            None,
+            None,
+            Control::default()
+        )
+        .status
+        .from,
+        None
+    );
     let paused = Control {
         revision: 3,
         paused: true,
     };
-    assert_eq!(start(12, None, None, paused).status.phase, Phase::Paused);
+    assert_eq!(
+        start(12, &RolloutPolicy::default(), None, None, paused)
+            .status
+            .phase,
+        Phase::Paused
+    );
 }
 
 #[test]
@@ -447,4 +481,114 @@ fn held_agents_keep_the_revision_they_run_or_get_the_base() {
         Some(TO),
         "moved stay moved"
     );
+}
+
+#[test]
+fn a_rollback_returns_only_the_moved_agents_and_needs_the_base_in_history() {
+    let policy = RolloutPolicy {
+        canary: Some(Amount::Count(1)),
+        on_failure: OnFailure::Rollback,
+        ..Default::default()
+    };
+    let mut f = Fleet::new(3);
+    let run = f.step(&policy, started(), Control::default());
+    f.converge_moved(&run);
+    let canary = f.ids.iter().find(|a| f.current[*a] == TO).unwrap().clone();
+    f.on_new
+        .insert(canary.clone(), verdict(State::Degraded, Liveness::Online));
+    // Another agent still runs an older revision (7) than the base.
+    let other = f.ids.iter().find(|a| **a != canary).unwrap().clone();
+    f.current.insert(other.clone(), 7);
+    let run = f.step(&policy, run, Control::default());
+    assert_eq!(run.status.phase, Phase::RolledBack);
+    let known = |r: u64| r == FROM || r == 7;
+    assert_eq!(revision_for(&run, &canary, Some(TO), known), Some(FROM));
+    assert_eq!(
+        revision_for(&run, &other, Some(7), known),
+        Some(7),
+        "never moved: keeps what it runs"
+    );
+
+    // Without the base's document, rolling back would leave the canary on
+    // the bad revision while saying otherwise: halt instead, and say why.
+    let targets = targets(&f.ids, &f.current);
+    let mut fresh = started();
+    fresh.status.policy = policy.clone();
+    fresh.moving.insert(canary.clone());
+    let judge = Judge {
+        name: &name(),
+        control: Control::default(),
+        targets: &targets,
+        history: |_: u64| false,
+        verdict: |a: &AgentId, r: Option<u64>| match (a == &canary, r) {
+            (true, Some(TO)) => verdict(State::Degraded, Liveness::Online),
+            _ => verdict(State::Converged, Liveness::Online),
+        },
+        now: f.now,
+    };
+    let halted = judge.step(fresh);
+    assert_eq!(halted.status.phase, Phase::Halted);
+    assert!(halted.status.message.unwrap().contains("cannot roll back"));
+}
+
+#[test]
+fn a_pause_keeps_unwritten_releases_back_and_forgets_earlier_health() {
+    let policy = RolloutPolicy {
+        canary: Some(Amount::Count(1)),
+        soak: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let mut f = Fleet::new(3);
+    let run = f.step(&policy, started(), Control::default());
+    assert_eq!(run.moving.len(), 1, "released, not yet written");
+    let paused = Control {
+        revision: 5,
+        paused: true,
+    };
+    let run = f.step(&policy, run, paused);
+    assert_eq!(run.status.phase, Phase::Paused);
+    assert!(
+        run.moving.is_empty(),
+        "a pause stops releases not yet written"
+    );
+    // Resumed: released again; once healthy, the soak starts then, not before.
+    let resumed = Control {
+        revision: 6,
+        paused: false,
+    };
+    let run = f.step(&policy, run, resumed);
+    f.converge_moved(&run);
+    let run = f.step(&policy, run, resumed);
+    assert!(run.status.healthy_since.is_some());
+    let run = f.step(
+        &policy,
+        run,
+        Control {
+            revision: 7,
+            paused: true,
+        },
+    );
+    assert!(
+        run.status.healthy_since.is_none(),
+        "paused: health does not carry over"
+    );
+}
+
+#[test]
+fn an_identity_conflict_is_reported_but_never_blocks() {
+    let policy = RolloutPolicy {
+        canary: Some(Amount::Count(1)),
+        ..Default::default()
+    };
+    let mut f = Fleet::new(2);
+    let t = targets(&f.ids, &f.current);
+    let canary = waves(&name(), &policy, &t)[0][0].clone();
+    f.on_new
+        .insert(canary, verdict(State::IdentityConflict, Liveness::Online));
+    let run = f.step(&policy, started(), Control::default());
+    assert_eq!(
+        run.status.wave, 2,
+        "the conflicted canary does not hold the rollout"
+    );
+    assert_eq!(run.status.targets, 2);
 }

@@ -15,8 +15,9 @@
 //!   look ([`Outcome`]'s `recheck_after`).
 //! - Removal is part of convergence: once every resource of a generation
 //!   has been reconciled, a sweep removes what the manifest no longer lists
-//!   — after any interrupted reconcile of a dropped resource has ended, so
-//!   the two never race over one unit, container or file.
+//!   — after any interrupted reconcile of a dropped resource has ended, and
+//!   a resource that comes back meanwhile is reconciled only after the
+//!   sweep, so the two never race over one unit, container or file.
 //!   Removals that fail stay in the status (`removing`), keep Ready false and
 //!   are retried with backoff.
 //! - The status names a generation (`manifestGeneration`) only when every
@@ -99,6 +100,9 @@ struct Removal {
     dropped: BTreeMap<ResourceId, ResourceKind>,
     /// Whether a sweep is in flight.
     running: bool,
+    /// The resources the sweep in flight may remove (absent from the
+    /// manifest it sweeps for): none of them is reconciled until it ends.
+    sweeping: BTreeSet<ResourceId>,
     /// The generation the last finished sweep ran for.
     swept: u64,
     attempts: u32,
@@ -310,7 +314,7 @@ impl Worker {
         };
         let levels: BTreeMap<&ResourceId, String> =
             m.resources.iter().map(|r| (&r.id, level(r, &m))).collect();
-        let picked = starts(
+        let mut picked = starts(
             &m,
             &levels,
             &self.records,
@@ -318,6 +322,10 @@ impl Worker {
             now,
             self.concurrency,
         );
+        // A resource back in the manifest while a sweep that may remove it
+        // is in flight waits for the sweep: written first, it would be
+        // deleted after (and reported Ready). It starts when the sweep ends.
+        picked.retain(|id| !self.removal.sweeping.contains(id));
         for r in m.resources.iter().filter(|r| picked.contains(&r.id)) {
             let lvl = levels[&r.id].clone();
             let (interrupt_tx, interrupt) = Interrupt::new();
@@ -356,6 +364,14 @@ impl Worker {
         ) {
             self.removal.running = true;
             self.removal.drift = false;
+            self.removal.sweeping = self
+                .records
+                .keys()
+                .chain(self.in_flight.keys())
+                .chain(self.removal.dropped.keys())
+                .filter(|id| m.resource(id).is_none())
+                .cloned()
+                .collect();
             let dropped: Vec<_> = self
                 .removal
                 .dropped
@@ -400,6 +416,7 @@ impl Worker {
                 removals,
             } => {
                 self.removal.running = false;
+                self.removal.sweeping.clear();
                 self.removal.swept = generation;
                 let failed: BTreeSet<&ResourceId> =
                     removals.failed.iter().map(|(id, _, _)| id).collect();

@@ -283,16 +283,8 @@ fn renders_differently(a: &Run, b: &Run) -> bool {
 
 /// The revision of `deployment` the agent's stored manifest carries.
 fn current_revision(state: &State, agent: &AgentId, deployment: &DeploymentName) -> Option<u64> {
-    state
-        .desired
-        .get(agent)?
-        .value
-        .as_ref()?
-        .resources
-        .iter()
-        .filter_map(|r| r.source.as_ref())
-        .find(|s| &s.deployment == deployment)
-        .map(|s| s.revision)
+    let stored = state.desired.get(agent).and_then(|w| w.value.as_ref());
+    crate::render::current_revision(stored, deployment)
 }
 
 /// How old a heartbeat read may be when a rollout is judged.

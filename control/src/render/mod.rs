@@ -150,7 +150,10 @@ struct Prepared<'a> {
 }
 
 /// The revision of `deployment` an agent's previous manifest carries.
-fn current_revision(previous: Option<&AgentManifest>, deployment: &DeploymentName) -> Option<u64> {
+pub(crate) fn current_revision(
+    previous: Option<&AgentManifest>,
+    deployment: &DeploymentName,
+) -> Option<u64> {
     previous?
         .resources
         .iter()

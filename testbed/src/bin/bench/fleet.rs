@@ -118,48 +118,91 @@ struct Row {
     server_rss: u64,
 }
 
+/// A nats-server, the release control plane and the simulated devices'
+/// storage, before any agent runs.
+pub(crate) struct Bench {
+    pub server: NatsServer,
+    pub js: async_nats::jetstream::Context,
+    pub dir: tempfile::TempDir,
+    /// The file root every agent shares (each writes its own paths).
+    pub files: PathBuf,
+    pub control: ControlPlane,
+    pub store: Store,
+    /// Every agent's converged revision, from a watch started before them.
+    pub converged: Converged,
+}
+
+impl Bench {
+    pub(crate) async fn start() -> anyhow::Result<Self> {
+        let server = NatsServer::start();
+        let js = async_nats::jetstream::new(server.client().await);
+        // Ten thousand devices do not share one disk: each simulated device's
+        // state and files live on tmpfs (when there is one), so the benchmark
+        // measures the mesh, not this VM's one disk under 40,000 fsyncs.
+        let dir = match Path::new(DEVICE_STORAGE).is_dir() {
+            true => tempfile::tempdir_in(DEVICE_STORAGE)?,
+            false => tempfile::tempdir()?,
+        };
+        let files = dir.path().join("files");
+        std::fs::create_dir_all(&files)?;
+        let files = files.canonicalize()?;
+        let control = ControlPlane::start(&server, dir.path())?;
+        // The control plane creates the bucket; wait for it.
+        let store = loop {
+            if let Ok(s) = js.get_key_value(BucketName::default().as_str()).await {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let converged = Converged::watch(&store).await?;
+        Ok(Self {
+            server,
+            js,
+            dir,
+            files,
+            control,
+            store,
+            converged,
+        })
+    }
+
+    /// Starts `n` agents and waits until every one has reported a status
+    /// on its first manifest; dropping the result stops them.
+    pub(crate) async fn agents(&self, n: usize) -> anyhow::Result<Vec<oneshot::Sender<()>>> {
+        let mut agents = Vec::with_capacity(n);
+        for i in 0..n {
+            agents.push(start_agent(
+                &self.server,
+                self.dir.path(),
+                &self.files,
+                &format!("a{i:05}"),
+            )?);
+        }
+        self.converged
+            .wait(n, 0, Duration::from_secs(300))
+            .await
+            .context("agents did not register")?;
+        Ok(agents)
+    }
+}
+
 async fn one_fleet(n: usize, updates: usize) -> anyhow::Result<Row> {
     eprintln!("fleet of {n}: starting");
-    let server = NatsServer::start();
-    let js = async_nats::jetstream::new(server.client().await);
-    // Ten thousand devices do not share one disk: each simulated device's
-    // state and files live on tmpfs (when there is one), so the benchmark
-    // measures the mesh, not this VM's one disk under 40,000 fsyncs.
-    let dir = match Path::new(DEVICE_STORAGE).is_dir() {
-        true => tempfile::tempdir_in(DEVICE_STORAGE)?,
-        false => tempfile::tempdir()?,
-    };
-    let files = dir.path().join("files");
-    std::fs::create_dir_all(&files)?;
-    let files = files.canonicalize()?;
-    let control = ControlPlane::start(&server, dir.path())?;
-    // The control plane creates the bucket; wait for it.
-    let store = loop {
-        if let Ok(s) = js.get_key_value(BucketName::default().as_str()).await {
-            break s;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let bench = Bench::start().await?;
+    let Bench {
+        server,
+        js,
+        files,
+        control,
+        store,
+        converged,
+        ..
+    } = &bench;
     let control_idle = rss_kib(control.pid())?;
-    let converged = Converged::watch(&store).await?;
-
-    let mut agents = Vec::with_capacity(n);
-    for i in 0..n {
-        agents.push(start_agent(
-            &server,
-            dir.path(),
-            &files,
-            &format!("a{i:05}"),
-        )?);
-    }
-    // Registered: every agent has reported a status on its first manifest.
-    converged
-        .wait(n, 0, Duration::from_secs(300))
-        .await
-        .context("agents did not register")?;
+    let agents = bench.agents(n).await?;
     eprintln!("fleet of {n}: registered");
 
-    let written = Converged::written(&store).await?;
+    let written = Converged::written(store).await?;
     let server_pid = server.pid().context("nats-server runs")?;
     let cpu = || -> anyhow::Result<[f64; 3]> {
         Ok([
@@ -170,9 +213,7 @@ async fn one_fleet(n: usize, updates: usize) -> anyhow::Result<Row> {
     };
     let cpu_before = cpu()?;
     let t = Instant::now();
-    let revision = store
-        .put("deployments.bench", deployment(&files, 0))
-        .await?;
+    let revision = store.put("deployments.bench", deployment(files, 0)).await?;
     written
         .wait(n, revision, Duration::from_secs(300))
         .await
@@ -191,9 +232,7 @@ async fn one_fleet(n: usize, updates: usize) -> anyhow::Result<Row> {
     let mut written_times = Vec::new();
     for i in 1..=updates {
         let t = Instant::now();
-        let revision = store
-            .put("deployments.bench", deployment(&files, i))
-            .await?;
+        let revision = store.put("deployments.bench", deployment(files, i)).await?;
         written
             .wait(n, revision, Duration::from_secs(300))
             .await
@@ -225,11 +264,11 @@ async fn one_fleet(n: usize, updates: usize) -> anyhow::Result<Row> {
 
     // Over two published intervals (at least 10 s), once every agent has
     // had time to read the setting.
-    let interval = published_interval(&store).await?;
-    let heartbeats_per_s = heartbeat_rate(&js, (interval * 2).max(Duration::from_secs(10))).await?;
+    let interval = published_interval(store).await?;
+    let heartbeats_per_s = heartbeat_rate(js, (interval * 2).max(Duration::from_secs(10))).await?;
     let server_rss = rss_kib(server.pid().context("nats-server runs")?)?;
     drop(agents);
-    drop(control);
+    drop(bench);
     Ok(Row {
         agents: n,
         first_cpu,
@@ -531,18 +570,20 @@ pub(crate) fn start_agent(
 /// The benchmark's Deployment: every `bench=fleet` agent, one File per agent
 /// at a path of its own.
 fn deployment(files: &Path, i: usize) -> Bytes {
-    Bytes::from(
-        json!({
-            "apiVersion": "flotilla.dev/v1", "kind": "Deployment", "name": "bench",
-            "selector": {"matchLabels": {"bench": "fleet"}},
-            "resources": [
-                {"id": "config", "kind": "File", "spec": {
-                    "path": format!("{}/${{agent.id}}.conf", files.display()),
-                    "content": format!("update = {i}\n")}}
-            ]
-        })
-        .to_string(),
-    )
+    Bytes::from(deployment_value(files, i).to_string())
+}
+
+/// [`deployment`] as a JSON value, to add to.
+pub(crate) fn deployment_value(files: &Path, i: usize) -> serde_json::Value {
+    json!({
+        "apiVersion": "flotilla.dev/v1", "kind": "Deployment", "name": "bench",
+        "selector": {"matchLabels": {"bench": "fleet"}},
+        "resources": [
+            {"id": "config", "kind": "File", "spec": {
+                "path": format!("{}/${{agent.id}}.conf", files.display()),
+                "content": format!("update = {i}\n")}}
+        ]
+    })
 }
 
 pub(crate) fn ms(d: Duration) -> String {

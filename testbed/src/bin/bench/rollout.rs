@@ -22,52 +22,30 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use async_nats::jetstream::kv::Store;
 use bytes::Bytes;
 use futures::StreamExt;
 use manifest_types::{BucketName, DeploymentStatus, keys};
 use serde_json::json;
-use testbed::NatsServer;
 
-use crate::fleet::{ControlPlane, Converged, cpu_seconds, ms, start_agent};
+use crate::fleet::{Bench, cpu_seconds, deployment_value, ms};
 
 pub async fn run() -> anyhow::Result<()> {
     let n = testbed::bench_arg("--agents", 1000);
     let waves = testbed::bench_arg("--waves", 10).max(1);
     let runs = testbed::bench_arg("--runs", 3).max(1);
     println!("{} cores", std::thread::available_parallelism()?);
-    let server = NatsServer::start();
+    let bench = Bench::start().await?;
+    let Bench {
+        server,
+        files,
+        control,
+        store,
+        converged,
+        ..
+    } = &bench;
     let client = server.client().await;
-    let js = async_nats::jetstream::new(client.clone());
-    let dir = match std::path::Path::new("/dev/shm").is_dir() {
-        true => tempfile::tempdir_in("/dev/shm")?,
-        false => tempfile::tempdir()?,
-    };
-    let files = dir.path().join("files");
-    std::fs::create_dir_all(&files)?;
-    let files = files.canonicalize()?;
-    let control = ControlPlane::start(&server, dir.path())?;
-    let store = loop {
-        if let Ok(s) = js.get_key_value(BucketName::default().as_str()).await {
-            break s;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let converged = Converged::watch(&store).await?;
-    let mut agents = Vec::with_capacity(n);
-    for i in 0..n {
-        agents.push(start_agent(
-            &server,
-            dir.path(),
-            &files,
-            &format!("a{i:05}"),
-        )?);
-    }
-    converged
-        .wait(n, 0, Duration::from_secs(300))
-        .await
-        .context("agents did not register")?;
+    let agents = bench.agents(n).await?;
     eprintln!("{n} agents registered");
 
     // Every publish into the fleet bucket, by key family.
@@ -90,7 +68,7 @@ pub async fn run() -> anyhow::Result<()> {
     // A first revision everywhere, so both modes start from the same place.
     let mut step = 0usize;
     let revision = store
-        .put("deployments.bench", doc(&files, step, None))
+        .put("deployments.bench", doc(files, step, None))
         .await?;
     converged
         .wait(n, revision, Duration::from_secs(300))
@@ -107,13 +85,13 @@ pub async fn run() -> anyhow::Result<()> {
             let cpu = cpu_seconds(control.pid())?;
             let t = Instant::now();
             let revision = store
-                .put("deployments.bench", doc(&files, step, policy))
+                .put("deployments.bench", doc(files, step, policy))
                 .await?;
             converged
                 .wait(n, revision, Duration::from_secs(600))
                 .await?;
             if staged {
-                complete(&store, revision).await?;
+                complete(store, revision).await?;
             }
             let took = t.elapsed();
             let cpu = cpu_seconds(control.pid())? - cpu;
@@ -180,15 +158,7 @@ async fn complete(store: &Store, revision: u64) -> anyhow::Result<()> {
 }
 
 fn doc(files: &std::path::Path, i: usize, policy: Option<&serde_json::Value>) -> Bytes {
-    let mut d = json!({
-        "apiVersion": "flotilla.dev/v1", "kind": "Deployment", "name": "bench",
-        "selector": {"matchLabels": {"bench": "fleet"}},
-        "resources": [
-            {"id": "config", "kind": "File", "spec": {
-                "path": format!("{}/${{agent.id}}.conf", files.display()),
-                "content": format!("update = {i}\n")}}
-        ]
-    });
+    let mut d = deployment_value(files, i);
     if let Some(p) = policy {
         d["rollout"] = p.clone();
     }

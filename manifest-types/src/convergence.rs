@@ -646,9 +646,13 @@ impl Progress {
                     status.held_back.get(agent),
                     status.render_failures.iter().find(|f| &f.agent == agent),
                 ) {
-                    (Some(&revision), _) => {
+                    // Held back, but failing where it is held: the failure shows.
+                    (Some(&revision), _)
+                        if matches!(verdict.state, State::Progressing | State::Converged) =>
+                    {
                         Some((State::Progressing, Reason::HeldBack { revision }))
                     }
+                    (Some(_), _) => None,
                     (None, Some(f)) => Some((
                         State::Degraded,
                         Reason::RenderFailed {

@@ -725,6 +725,19 @@ fn progress_assesses_every_target_and_skips_conflicted_resources() {
     assert_eq!(a.state, State::Progressing);
     assert_eq!(a.reason, Some(Reason::HeldBack { revision: Some(5) }));
     assert_eq!(a.detail(), "held at revision 5 by the rollout");
+    // Held back on a revision it fails on: Degraded, never merely "held".
+    let failing = status(4, false, &[("web/motd", 5, failed())]);
+    let p = Progress::of(
+        &held,
+        &resources,
+        |_| AgentReport {
+            status: Some(&failing),
+            heartbeat_age: FRESH,
+            ..Default::default()
+        },
+        &Thresholds::default(),
+    );
+    assert_eq!(p.targets[&id("a")].state, State::Degraded);
 }
 
 #[test]

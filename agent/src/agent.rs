@@ -54,6 +54,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let instance_id = state.instance_id()?;
     let gate = Gate {
         agent_id: config.agent_id.clone(),
+        trust: config.trust.clone(),
         roots: config.file_roots.clone(),
         containers: config.container_policy.clone(),
     };
@@ -76,8 +77,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 desired_tx.send_replace(Some(Arc::new(a.manifest.clone())));
                 current = Some(*a);
             }
+            // Tampered with on disk, or no longer trusted: not run, and said.
             Decision::Reject(r) => {
-                tracing::warn!(reason = %r.reason, message = %r.message, "cached manifest no longer valid; ignoring it")
+                tracing::warn!(reason = %r.reason, message = %r.message, "cached manifest rejected; not converging from it");
+                board.rejected(r);
             }
             Decision::Unchanged => {}
         }

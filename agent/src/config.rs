@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
+use manifest_types::signing::Trust;
 use manifest_types::{AgentId, BucketName};
 use serde::Deserialize;
 
@@ -37,6 +38,9 @@ pub struct Config {
     pub unit_job_timeout: Duration,
     /// Reconciles in flight at once (at least 1).
     pub reconcile_concurrency: usize,
+    /// Which manifests the agent converges to: signed by one of these keys,
+    /// or (development only) unsigned.
+    pub trust: Trust,
 }
 
 /// The device owner's limits on containers. Bind mounts are always limited
@@ -83,6 +87,12 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "no trusted signing key: give --trusted-key (the control plane's public key, from `flotilla keys generate`), or --allow-unsigned for a development fleet"
+    )]
+    NoTrust,
+    #[error("trusted key: {0}")]
+    TrustedKey(#[from] manifest_types::signing::KeyError),
     #[error("invalid duration {value:?} for {what}: {source}")]
     Duration {
         what: &'static str,
@@ -170,6 +180,18 @@ pub struct Args {
     /// occupies one of them, never the others.
     #[arg(long, env = "FLOTILLA_RECONCILE_CONCURRENCY")]
     pub reconcile_concurrency: Option<usize>,
+    /// Public key of the control plane whose signed manifests this agent
+    /// converges to (repeatable: old and new key while one is rotated).
+    #[arg(
+        long = "trusted-key",
+        env = "FLOTILLA_TRUSTED_KEYS",
+        value_delimiter = ','
+    )]
+    pub trusted_keys: Vec<String>,
+    /// Accept unsigned manifests (a development fleet). Without trusted keys,
+    /// signatures are then not checked at all.
+    #[arg(long, env = "FLOTILLA_ALLOW_UNSIGNED")]
+    pub allow_unsigned: bool,
 }
 
 /// The config file's shape (every key optional).
@@ -202,6 +224,10 @@ pub struct FileConfig {
     pub systemd_bus: Option<String>,
     pub unit_job_timeout: Option<String>,
     pub reconcile_concurrency: Option<usize>,
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+    #[serde(default)]
+    pub allow_unsigned: bool,
 }
 
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -235,13 +261,27 @@ impl Config {
         } else {
             args.file_roots
         };
+        let trust = Trust {
+            keys: if args.trusted_keys.is_empty() {
+                file.trusted_keys
+            } else {
+                args.trusted_keys
+            }
+            .into_iter()
+            .map(|k| k.trim().to_owned())
+            .collect(),
+            allow_unsigned: args.allow_unsigned || file.allow_unsigned,
+        };
+        for key in &trust.keys {
+            manifest_types::signing::check_public_key(key)?;
+        }
         let auth = NatsAuth::pick(
             args.creds.or(file.creds),
             args.nkey_seed_file.or(file.nkey_seed_file),
             args.nats_user.or(file.nats_user),
             args.nats_password.or(file.nats_password),
         )?;
-        Ok(Self {
+        let config = Self {
             nats_url: args
                 .nats_url
                 .or(file.nats_url)
@@ -301,10 +341,17 @@ impl Config {
                 .or(file.reconcile_concurrency)
                 .unwrap_or(crate::worker::DEFAULT_CONCURRENCY)
                 .max(1),
-        })
+            trust,
+        };
+        if config.trust.keys.is_empty() && !config.trust.allow_unsigned {
+            return Err(ConfigError::NoTrust);
+        }
+        Ok(config)
     }
 
-    /// A config for tests and embedding: defaults plus the given essentials.
+    /// A config for tests and embedding: defaults plus the given essentials,
+    /// accepting unsigned manifests (set [`Config::trust`] to require
+    /// signatures, as the binary does).
     pub fn new(
         nats_url: impl Into<String>,
         agent_id: AgentId,
@@ -327,6 +374,10 @@ impl Config {
             systemd_bus: None,
             unit_job_timeout: DEFAULT_UNIT_JOB_TIMEOUT,
             reconcile_concurrency: crate::worker::DEFAULT_CONCURRENCY,
+            trust: Trust {
+                keys: Vec::new(),
+                allow_unsigned: true,
+            },
         }
     }
 
@@ -422,6 +473,7 @@ mod tests {
             "pi-9",
             "--label",
             "site=a",
+            "--allow-unsigned",
         ]))
         .unwrap();
         assert_eq!(c.agent_id.as_str(), "pi-9");
@@ -438,6 +490,7 @@ mod tests {
             file.to_str().unwrap(),
             "--reconcile-concurrency",
             "0",
+            "--allow-unsigned",
         ]))
         .unwrap();
         assert_eq!(c.reconcile_concurrency, 1, "at least one");
@@ -462,8 +515,27 @@ mod tests {
             Err(ConfigError::FileRoot { .. })
         ));
         assert!(matches!(
-            Config::from_args(args(&["--id", "a", "--resync-interval", "soon"])),
+            Config::from_args(args(&[
+                "--id",
+                "a",
+                "--allow-unsigned",
+                "--resync-interval",
+                "soon"
+            ])),
             Err(ConfigError::Duration { .. })
         ));
+        // Signed manifests only, unless explicitly a development agent.
+        assert!(matches!(
+            Config::from_args(args(&["--id", "a"])),
+            Err(ConfigError::NoTrust)
+        ));
+        assert!(matches!(
+            Config::from_args(args(&["--id", "a", "--trusted-key", "OBOGUS"])),
+            Err(ConfigError::TrustedKey(_))
+        ));
+        let (_, public) = manifest_types::signing::Signer::generate();
+        let c = Config::from_args(args(&["--id", "a", "--trusted-key", &public])).unwrap();
+        assert_eq!(c.trust.keys, vec![public]);
+        assert!(!c.trust.allow_unsigned);
     }
 }

@@ -4,13 +4,17 @@
 //! Rejections keep the last good manifest running; each has a stable reason
 //! code (docs/adr/0003-generations-cas-and-convergence.md):
 //! the [`ManifestError`](manifest_types::ManifestError) classes, plus
-//! `WrongAgent`, `ReplayedGeneration`, `PathOutsideRoots` (a File or a
+//! the [`SignatureError`](manifest_types::signing::SignatureError) reasons
+//! `Unsigned`, `UntrustedKey` and `BadSignature` (checked first, against the
+//! configured [`Trust`]), `WrongAgent`, `ReplayedGeneration`,
+//! `PathOutsideRoots` (a File or a
 //! container bind mount outside the file roots), `PrivilegeNotAllowed` (a
 //! container asking for more than the device owner's [`ContainerPolicy`])
 //! and `DesiredStateDeleted`.
 
 use std::path::{Path, PathBuf};
 
+use manifest_types::signing::Trust;
 use manifest_types::spec::NetworkMode;
 use manifest_types::{AgentId, AgentManifest, Rejection, ResourceSpec};
 
@@ -36,6 +40,7 @@ pub enum Decision {
 #[derive(Debug, Clone)]
 pub struct Gate {
     pub agent_id: AgentId,
+    pub trust: Trust,
     pub roots: Vec<PathBuf>,
     pub containers: ContainerPolicy,
 }
@@ -56,6 +61,11 @@ impl Gate {
             Err(e) => return reject(e.reason(), e.to_string(), sniff_generation(bytes)),
         };
         let generation = Some(manifest.generation);
+        // Signatures first: nothing an untrusted writer put there (its agent
+        // id, its generation) is believed.
+        if let Err(e) = self.trust.admit(bytes) {
+            return reject(e.reason(), e.to_string(), None);
+        }
         if manifest.agent_id != self.agent_id {
             return reject(
                 "WrongAgent",
@@ -192,11 +202,16 @@ fn sniff_generation(bytes: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use manifest_types::signing::Signer;
     use serde_json::json;
 
     fn gate() -> Gate {
         Gate {
             agent_id: "pi-1".parse().unwrap(),
+            trust: Trust {
+                keys: vec![],
+                allow_unsigned: true,
+            },
             roots: vec!["/srv/flotilla".into()],
             containers: ContainerPolicy::default(),
         }
@@ -279,5 +294,55 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn signatures_are_checked_first_and_their_rejections_believe_nothing() {
+        let (seed, public) = Signer::generate();
+        let signer = Signer::from_seed(&seed).unwrap();
+        let strict = Gate {
+            trust: Trust {
+                keys: vec![public],
+                allow_unsigned: false,
+            },
+            ..gate()
+        };
+        let signed = |agent: &str, generation: u64| {
+            let mut m =
+                AgentManifest::from_json(&doc(agent, generation, "/srv/flotilla/a")).unwrap();
+            signer.sign(&mut m);
+            m.to_json()
+        };
+        let good = match strict.decide(&signed("pi-1", 2), 1, None) {
+            Decision::Accept(a) => *a,
+            other => panic!("{other:?}"),
+        };
+        // An unsigned manifest with an absurd generation: rejected, and its
+        // generation is not reported (it would raise the control plane's floor).
+        match strict.decide(&doc("pi-1", 1 << 50, "/srv/flotilla/b"), 2, Some(&good)) {
+            Decision::Reject(r) => {
+                assert_eq!(r.reason, "Unsigned");
+                assert_eq!(r.generation, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut forged: serde_json::Value = serde_json::from_slice(&signed("pi-1", 3)).unwrap();
+        forged["resources"][0]["spec"]["content"] = "evil".into();
+        assert_eq!(
+            reason(strict.decide(forged.to_string().as_bytes(), 3, Some(&good))),
+            "BadSignature"
+        );
+        let other = Signer::from_seed(&Signer::generate().0).unwrap();
+        let mut m = AgentManifest::from_json(&doc("pi-1", 4, "/srv/flotilla/a")).unwrap();
+        other.sign(&mut m);
+        assert_eq!(
+            reason(strict.decide(&m.to_json(), 4, Some(&good))),
+            "UntrustedKey"
+        );
+        // A validly signed manifest for another agent is still WrongAgent.
+        assert_eq!(
+            reason(strict.decide(&signed("pi-2", 5), 5, Some(&good))),
+            "WrongAgent"
+        );
     }
 }

@@ -497,6 +497,7 @@ async fn an_agent_killed_right_after_create_ends_with_one_container() {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_flotilla-agent"));
         cmd.env("FLOTILLA_NATS_URL", h.server.url())
             .env("FLOTILLA_ID", &agent)
+            .env("FLOTILLA_ALLOW_UNSIGNED", "true")
             .env("FLOTILLA_STATE_DIR", h.dir.path().join("state"))
             .env("FLOTILLA_RESYNC_INTERVAL", "500ms")
             .env("FLOTILLA_CONTAINER_STOP_TIMEOUT", "2s");

@@ -74,7 +74,7 @@ fn write_config(device: &Device, nats_url: &str) {
         device.share_dir().join("agent.toml"),
         format!(
             "id = \"pi-svc\"\nnats-url = \"{nats_url}\"\nfile-roots = [\"/etc/flotilla-app\"]\n\
-             resync-interval = \"1s\"\nheartbeat-interval = \"1s\"\nunit-job-timeout = \"8s\"\n[labels]\nrole = \"sensor\"\n"
+             allow-unsigned = true\nresync-interval = \"1s\"\nheartbeat-interval = \"1s\"\nunit-job-timeout = \"8s\"\n[labels]\nrole = \"sensor\"\n"
         ),
     )
     .unwrap();

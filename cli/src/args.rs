@@ -137,6 +137,37 @@ pub enum Command {
     /// Show or change one agent's per-device values (`values.<id>`), which
     /// deployments reference as `${values.<key>}` (docs/adr/0014).
     Values(ValuesArgs),
+    /// The control plane's manifest signing keys (docs/adr/0017). Works
+    /// offline: no NATS connection.
+    Keys(KeysArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    #[command(subcommand)]
+    pub action: KeysAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysAction {
+    /// Create a signing key: the seed goes to FILE (mode 0600, never
+    /// overwritten), the public key agents trust is printed.
+    Generate {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Print the public key of a seed file.
+    Public { file: PathBuf },
+    /// Create the key that replaces CURRENT and print the steps that move
+    /// the fleet to it with no downtime.
+    Rotate {
+        /// The seed file flotilla-control signs with now.
+        #[arg(long, value_name = "FILE")]
+        current: PathBuf,
+        /// Where the new seed goes (mode 0600, never overwritten).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]

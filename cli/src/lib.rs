@@ -56,6 +56,7 @@ pub mod diff;
 pub mod exit;
 pub mod fleet;
 pub mod get;
+pub mod keys;
 pub mod kv;
 pub mod output;
 pub mod rollout;
@@ -78,6 +79,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Watch => watch::run(g).await,
         Command::Values(v) => values::run(g, &v.action).await,
         Command::Diff(d) => diff::run(g, d).await,
+        Command::Keys(k) => keys::run(g, &k.action),
         Command::Rollout(r) => rollout::run(g, &r.action).await,
     }
 }

@@ -3,10 +3,12 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Parser;
 use flotilla_control::daemon::{self, Config};
 use flotilla_nats::Auth;
 use manifest_types::BucketName;
+use manifest_types::signing::{Signer, SigningKeys};
 use tracing_subscriber::EnvFilter;
 
 /// Flotilla's control plane: renders deployments into per-agent manifests.
@@ -54,6 +56,39 @@ struct Args {
     /// While a rollout is in progress, judge it at least this often.
     #[arg(long, env = "FLOTILLA_ROLLOUT_RECHECK", value_parser = humantime::parse_duration, default_value = "1s")]
     rollout_recheck: std::time::Duration,
+    /// File holding the nkey seed manifests are signed with (`flotilla keys
+    /// generate`). Repeat it while rotating: every manifest then carries a
+    /// signature by each key. None: manifests are unsigned, and only agents
+    /// run with --allow-unsigned accept them.
+    #[arg(
+        long = "signing-key-file",
+        env = "FLOTILLA_SIGNING_KEY_FILES",
+        value_delimiter = ',',
+        value_name = "FILE"
+    )]
+    signing_key_files: Vec<PathBuf>,
+}
+
+/// The signing keys from their seed files; the seed itself never reaches a
+/// log or an error message.
+fn signing_keys(files: &[PathBuf]) -> anyhow::Result<SigningKeys> {
+    let mut signers = Vec::new();
+    for file in files {
+        let seed = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read the signing key file {}", file.display()))?;
+        let signer = Signer::from_seed(&seed)
+            .with_context(|| format!("{} does not hold an nkey seed", file.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(file)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(file = %file.display(), mode = format!("{:o}", mode & 0o777), "the signing key file is readable by others than its owner; chmod 600 it");
+            }
+        }
+        signers.push(signer);
+    }
+    Ok(SigningKeys::new(signers))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,7 +117,13 @@ fn main() -> anyhow::Result<()> {
         args.nats_user,
         args.nats_password,
     )?;
-    tracing::info!(nats = %config.nats_url, bucket = %config.bucket, auth = config.auth.method(), "starting flotilla-control");
+    config.signing = std::sync::Arc::new(signing_keys(&args.signing_key_files)?);
+    if config.signing.is_empty() {
+        tracing::warn!(
+            "no --signing-key-file: manifests are written unsigned, and only agents run with --allow-unsigned accept them"
+        );
+    }
+    tracing::info!(nats = %config.nats_url, bucket = %config.bucket, auth = config.auth.method(), signing_keys = ?config.signing.key_ids(), "starting flotilla-control");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -21,6 +21,7 @@
 
 use async_nats::jetstream::kv::{self, Operation, Store, UpdateErrorKind};
 use bytes::Bytes;
+use manifest_types::signing::SigningKeys;
 use manifest_types::{AgentId, AgentManifest, DeploymentStatus, ManagedResource, keys};
 
 /// How many times a write is tried before a lost CAS race is an error.
@@ -48,17 +49,21 @@ impl Floor {
     }
 
     /// Whether `stored` (at `revision`, addressed to the agent) is the
-    /// control plane's own rendering of `resources` that the agent can
-    /// accept, so it stands and nothing is written.
+    /// control plane's own rendering of `resources`, signed by exactly
+    /// `signing`'s keys, that the agent can accept, so it stands and nothing
+    /// is written. A key added or retired is thus a rewrite of every
+    /// manifest. `stored`'s signatures must have been checked
+    /// ([`SigningKeys::keep_verified`]) when it was read.
     pub fn stands(
         &self,
         stored: &AgentManifest,
         revision: u64,
         resources: &[ManagedResource],
+        signing: &SigningKeys,
     ) -> bool {
         self.admits(stored.generation, revision)
             && stored.resources == resources
-            && stored.signatures.is_empty()
+            && signing.carries(stored)
     }
 }
 
@@ -117,23 +122,32 @@ pub enum PublishError {
     },
 }
 
-/// Publishes `resources` as the manifest of `agent`, knowing of the agent
-/// only what the key and its status say; see the module docs.
+/// Publishes `resources` as the (unsigned) manifest of `agent`, knowing of
+/// the agent only what the key and its status say; see the module docs.
 pub async fn publish_manifest(
     store: &Store,
     agent: &AgentId,
     resources: Vec<ManagedResource>,
 ) -> Result<PublishOutcome, PublishError> {
-    publish_manifest_above(store, agent, resources, Floor::default()).await
+    publish_manifest_above(
+        store,
+        agent,
+        resources,
+        Floor::default(),
+        &SigningKeys::default(),
+    )
+    .await
 }
 
-/// Publishes `resources` as the manifest of `agent`: the stored value stands
-/// only if it reaches `floor`, and a new one is written above it.
+/// Publishes `resources` as the manifest of `agent`, signed with `signing`:
+/// the stored value stands only if it reaches `floor`, and a new one is
+/// written above it.
 pub async fn publish_manifest_above(
     store: &Store,
     agent: &AgentId,
     resources: Vec<ManagedResource>,
     floor: Floor,
+    signing: &SigningKeys,
 ) -> Result<PublishOutcome, PublishError> {
     let key = keys::desired_state(agent);
     let mut manifest = checked(agent, resources)?;
@@ -142,8 +156,9 @@ pub async fn publish_manifest_above(
         let (generation, expected_revision) = match &current {
             Some(entry) if entry.operation == Operation::Put => {
                 match AgentManifest::from_json(&entry.value) {
-                    Ok(stored) if stored.agent_id == *agent => {
-                        if floor.stands(&stored, entry.revision, &manifest.resources) {
+                    Ok(mut stored) if stored.agent_id == *agent => {
+                        signing.keep_verified(&entry.value, &mut stored);
+                        if floor.stands(&stored, entry.revision, &manifest.resources, signing) {
                             return Ok(PublishOutcome::Unchanged {
                                 generation: stored.generation,
                                 revision: entry.revision,
@@ -181,6 +196,7 @@ pub async fn publish_manifest_above(
             ),
         };
         manifest.generation = generation;
+        signing.sign(&mut manifest);
         match store
             .update(&key, Bytes::from(manifest.to_json()), expected_revision)
             .await
@@ -213,11 +229,13 @@ pub async fn publish_manifest_over(
     resources: Vec<ManagedResource>,
     floor: Floor,
     known: Known,
+    signing: &SigningKeys,
 ) -> Result<PublishOutcome, PublishError> {
     let key = keys::desired_state(agent);
     let mut manifest = checked(agent, resources)?;
     let generation = known.generation.max(floor.generation) + 1;
     manifest.generation = generation;
+    signing.sign(&mut manifest);
     match store
         .update(&key, Bytes::from(manifest.to_json()), known.revision)
         .await
@@ -227,7 +245,7 @@ pub async fn publish_manifest_over(
             revision,
         }),
         Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
-            publish_manifest_above(store, agent, manifest.resources, floor).await
+            publish_manifest_above(store, agent, manifest.resources, floor, signing).await
         }
         Err(source) => Err(PublishError::Write { key, source }),
     }

@@ -9,6 +9,7 @@ use flotilla_control::publish::{
     Floor, PublishError, PublishOutcome, publish_manifest, publish_manifest_above,
 };
 use futures::StreamExt;
+use manifest_types::signing::SigningKeys;
 use manifest_types::{AgentManifest, Deployment, ManagedResource, keys};
 use serde_json::json;
 use testbed::NatsServer;
@@ -263,11 +264,15 @@ async fn a_stored_rendering_below_the_floor_or_rejected_as_replayed_is_rewritten
     let server = NatsServer::start();
     let store = store(&server).await;
     let pi = agent("pi-1");
-    let PublishOutcome::Written { revision, .. } =
-        publish_manifest_above(&store, &pi, resources("a", 1), Floor::default())
-            .await
-            .unwrap()
-    else {
+    let PublishOutcome::Written { revision, .. } = publish_manifest_above(
+        &store,
+        &pi,
+        resources("a", 1),
+        Floor::default(),
+        &SigningKeys::default(),
+    )
+    .await
+    .unwrap() else {
         panic!("first publish writes");
     };
     // Generation 1 is the rendering, but the agent has already seen 6 (an
@@ -276,9 +281,15 @@ async fn a_stored_rendering_below_the_floor_or_rejected_as_replayed_is_rewritten
         generation: 6,
         replayed_revision: None,
     };
-    let out = publish_manifest_above(&store, &pi, resources("a", 1), floor)
-        .await
-        .unwrap();
+    let out = publish_manifest_above(
+        &store,
+        &pi,
+        resources("a", 1),
+        floor,
+        &SigningKeys::default(),
+    )
+    .await
+    .unwrap();
     let PublishOutcome::Written {
         generation: 7,
         revision: r7,
@@ -295,7 +306,7 @@ async fn a_stored_rendering_below_the_floor_or_rejected_as_replayed_is_rewritten
         generation: 7,
         replayed_revision: None,
     };
-    let out = publish_manifest_above(&store, &pi, resources("a", 1), at)
+    let out = publish_manifest_above(&store, &pi, resources("a", 1), at, &SigningKeys::default())
         .await
         .unwrap();
     assert_eq!(
@@ -310,9 +321,15 @@ async fn a_stored_rendering_below_the_floor_or_rejected_as_replayed_is_rewritten
         generation: 7,
         replayed_revision: Some(r7),
     };
-    let out = publish_manifest_above(&store, &pi, resources("a", 1), rejected)
-        .await
-        .unwrap();
+    let out = publish_manifest_above(
+        &store,
+        &pi,
+        resources("a", 1),
+        rejected,
+        &SigningKeys::default(),
+    )
+    .await
+    .unwrap();
     assert!(
         matches!(out, PublishOutcome::Written { generation: 8, .. }),
         "{out:?}"

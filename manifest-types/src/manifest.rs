@@ -60,6 +60,12 @@ pub struct Signature {
     pub sig: String,
 }
 
+/// The largest generation a manifest may carry: 2^53 - 1, the largest
+/// integer every JSON reader (a browser's too) holds exactly. It also keeps
+/// a hostile writer from pushing a fleet's generations to where `+ 1`
+/// overflows.
+pub const MAX_GENERATION: u64 = (1 << 53) - 1;
+
 /// Why a manifest was not accepted. [`ManifestError::reason`] is the stable
 /// code written into status.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -74,6 +80,8 @@ pub enum ManifestError {
     InvalidSpec { resource: String, error: SpecError },
     #[error("resource id {id:?} appears more than once")]
     DuplicateResourceId { id: ResourceId },
+    #[error("generation {generation} is above the largest allowed, {MAX_GENERATION}")]
+    InvalidGeneration { generation: u64 },
     #[error(
         "resource {resource}: restartOn names {target:?}, which is not another resource of this manifest"
     )]
@@ -98,6 +106,7 @@ impl ManifestError {
             Self::InvalidDocument { .. } => "InvalidDocument",
             Self::InvalidSpec { error, .. } => error.reason(),
             Self::DuplicateResourceId { .. } => "DuplicateResourceId",
+            Self::InvalidGeneration { .. } => "InvalidGeneration",
             Self::InvalidRestartOn { .. } => "InvalidRestartOn",
             Self::DuplicateTarget { .. } => "DuplicateTarget",
         }
@@ -211,6 +220,11 @@ impl AgentManifest {
     /// Cross-resource rules: unique ids, restartOn targets that exist, no two
     /// resources managing the same file path, unit or container.
     pub fn validate(&self) -> Result<(), ManifestError> {
+        if self.generation > MAX_GENERATION {
+            return Err(ManifestError::InvalidGeneration {
+                generation: self.generation,
+            });
+        }
         let mut ids = BTreeSet::new();
         for r in &self.resources {
             if !ids.insert(&r.id) {
@@ -420,6 +434,11 @@ mod tests {
             (
                 br#"{"agentId":"a","generation":1}"#.to_vec(),
                 "InvalidDocument",
+            ),
+            (
+                br#"{"apiVersion":"flotilla.dev/v1","agentId":"a","generation":9007199254740992}"#
+                    .to_vec(),
+                "InvalidGeneration",
             ),
             (
                 br#"{"apiVersion":"flotilla.dev/v1","agentId":"A!","generation":1}"#.to_vec(),

@@ -54,6 +54,41 @@ impl SignatureError {
 #[error("not an nkey seed: {0}")]
 pub struct KeyError(String);
 
+/// Checks that `key` is a public nkey an agent can trust.
+pub fn check_public_key(key: &str) -> Result<(), KeyError> {
+    nkeys::KeyPair::from_public_key(key)
+        .map(drop)
+        .map_err(|e| KeyError(format!("{key:?} is not a public nkey: {e}")))
+}
+
+/// What an agent accepts: manifests signed by one of `keys` and, only when
+/// configured for development, unsigned ones (docs/adr/0017-trust-model.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Trust {
+    /// Public keys of the control plane (several while one is rotated).
+    pub keys: Vec<String>,
+    /// Accept unsigned manifests; with no `keys`, signatures are not checked
+    /// at all. For development fleets only.
+    pub allow_unsigned: bool,
+}
+
+impl Trust {
+    /// Whether `bytes` (a manifest as received) may be converged to; Ok: the
+    /// key that signed it, if one was checked.
+    pub fn admit(&self, bytes: &[u8]) -> Result<Option<String>, SignatureError> {
+        match verify(bytes, &self.keys) {
+            Ok(key) => Ok(Some(key)),
+            Err(SignatureError::Unsigned) if self.allow_unsigned => Ok(None),
+            Err(SignatureError::UntrustedKey { .. })
+                if self.allow_unsigned && self.keys.is_empty() =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// The control plane's signing key (an nkey seed, `SO…`).
 pub struct Signer {
     key: nkeys::KeyPair,
@@ -90,14 +125,71 @@ impl Signer {
     /// Replaces `manifest`'s signatures with this key's signature over
     /// [`AgentManifest::signing_input`].
     pub fn sign(&self, manifest: &mut AgentManifest) {
-        let sig = self
-            .key
-            .sign(&manifest.signing_input())
-            .expect("a seed key signs");
-        manifest.signatures = vec![Signature {
+        manifest.signatures = vec![self.signature(&manifest.signing_input())];
+    }
+
+    fn signature(&self, input: &[u8]) -> Signature {
+        let sig = self.key.sign(input).expect("a seed key signs");
+        Signature {
             key_id: self.public_key(),
             sig: URL_SAFE_NO_PAD.encode(sig),
-        }];
+        }
+    }
+}
+
+/// The keys the control plane signs with: usually one; two while a key is
+/// rotated (every manifest then carries both signatures, so agents trusting
+/// either accept it — docs/adr/0017-trust-model.md). Empty: manifests are
+/// written unsigned (development fleets whose agents run with
+/// `--allow-unsigned`).
+#[derive(Debug, Default)]
+pub struct SigningKeys {
+    signers: Vec<Signer>,
+}
+
+impl SigningKeys {
+    pub fn new(signers: Vec<Signer>) -> Self {
+        Self { signers }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.signers.is_empty()
+    }
+
+    /// The public keys, in signing order.
+    pub fn key_ids(&self) -> Vec<String> {
+        self.signers.iter().map(Signer::public_key).collect()
+    }
+
+    /// Replaces `manifest`'s signatures with one by each key (none without keys).
+    pub fn sign(&self, manifest: &mut AgentManifest) {
+        let input = manifest.signing_input();
+        manifest.signatures = self.signers.iter().map(|s| s.signature(&input)).collect();
+    }
+
+    /// Whether `manifest` carries exactly a signature by each of these keys
+    /// (by key id; [`Self::keep_verified`] has dropped forged ones).
+    pub fn carries(&self, manifest: &AgentManifest) -> bool {
+        manifest.signatures.len() == self.signers.len()
+            && self.signers.iter().all(|s| {
+                manifest
+                    .signatures
+                    .iter()
+                    .any(|g| g.key_id == s.public_key())
+            })
+    }
+
+    /// Drops `manifest`'s signatures (parsed from `bytes`) unless every one
+    /// of them is by one of these keys and verifies: a stored value whose
+    /// signatures are not all the control plane's own, valid, never stands.
+    pub fn keep_verified(&self, bytes: &[u8], manifest: &mut AgentManifest) {
+        let ours = self.key_ids();
+        let all_valid = manifest.signatures.iter().all(|s| {
+            ours.contains(&s.key_id) && verify(bytes, std::slice::from_ref(&s.key_id)).is_ok()
+        });
+        if !all_valid {
+            manifest.signatures.clear();
+        }
     }
 }
 
@@ -222,6 +314,82 @@ mod tests {
             tamper(&|v| v["signatures"] = 3.into()),
             Err(SignatureError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_key_set_signs_with_each_key_and_keeps_only_its_own_valid_signatures() {
+        let (old, new) = (signer(), signer());
+        let (old_id, new_id) = (old.public_key(), new.public_key());
+        let both = SigningKeys::new(vec![old, new]);
+        let mut m = manifest();
+        both.sign(&mut m);
+        let bytes = m.to_json();
+        assert!(both.carries(&m));
+        // Agents trusting either key accept it: rotation without downtime.
+        assert_eq!(
+            verify(&bytes, std::slice::from_ref(&old_id)),
+            Ok(old_id.clone())
+        );
+        assert_eq!(verify(&bytes, std::slice::from_ref(&new_id)), Ok(new_id));
+        let mut parsed = AgentManifest::from_json(&bytes).unwrap();
+        both.keep_verified(&bytes, &mut parsed);
+        assert!(both.carries(&parsed));
+        // A forged signature under our key id is dropped: the value never stands.
+        let mut forged: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        forged["signatures"][0]["sig"] = URL_SAFE_NO_PAD.encode([1u8; 64]).into();
+        let forged = forged.to_string().into_bytes();
+        let mut parsed = AgentManifest::from_json(&forged).unwrap();
+        both.keep_verified(&forged, &mut parsed);
+        assert!(parsed.signatures.is_empty() && !both.carries(&parsed));
+        // Unsigned keys: carries only unsigned manifests.
+        let none = SigningKeys::default();
+        assert!(!none.carries(&m));
+        none.sign(&mut m);
+        assert!(m.signatures.is_empty() && none.carries(&m));
+    }
+
+    #[test]
+    fn trust_rejects_unsigned_unless_configured_for_development() {
+        let s = signer();
+        let mut m = manifest();
+        s.sign(&mut m);
+        let (signed, plain) = (m.to_json(), manifest().to_json());
+        let strict = Trust {
+            keys: vec![s.public_key()],
+            allow_unsigned: false,
+        };
+        assert_eq!(strict.admit(&signed), Ok(Some(s.public_key())));
+        assert_eq!(strict.admit(&plain), Err(SignatureError::Unsigned));
+        let nobody = Trust::default();
+        assert!(matches!(
+            nobody.admit(&signed),
+            Err(SignatureError::UntrustedKey { .. })
+        ));
+        let transition = Trust {
+            allow_unsigned: true,
+            ..strict.clone()
+        };
+        assert_eq!(transition.admit(&plain), Ok(None));
+        assert!(matches!(
+            transition.admit(&signer().sign_copy(&manifest())),
+            Err(SignatureError::UntrustedKey { .. })
+        ));
+        let dev = Trust {
+            keys: vec![],
+            allow_unsigned: true,
+        };
+        assert_eq!(dev.admit(&plain), Ok(None));
+        assert_eq!(dev.admit(&signed), Ok(None));
+        assert!(check_public_key(&s.public_key()).is_ok());
+        assert!(check_public_key("OABC").is_err());
+    }
+
+    impl Signer {
+        fn sign_copy(&self, m: &AgentManifest) -> Vec<u8> {
+            let mut m = m.clone();
+            self.sign(&mut m);
+            m.to_json()
+        }
     }
 
     #[test]

@@ -332,6 +332,16 @@ pub fn manifest_json(agent: &str, generation: u64, resources: serde_json::Value)
     )
 }
 
+/// A fresh manifest signing key for a test fleet: the seed written to
+/// `dir/signing.nk` (for `flotilla-control --signing-key-file`) and the
+/// public key (for `flotilla-agent --trusted-key`).
+pub fn signing_key(dir: &Path) -> (PathBuf, String) {
+    let (seed, public) = manifest_types::signing::Signer::generate();
+    let file = dir.join("signing.nk");
+    std::fs::write(&file, seed).expect("write the signing key");
+    (file, public)
+}
+
 /// A benchmark's numeric option `--name N`, or `default`.
 pub fn bench_arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();

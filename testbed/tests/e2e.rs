@@ -13,6 +13,7 @@ use testbed::{NatsServer, Process, binary, in_private_mount};
 struct Fleet {
     server: NatsServer,
     dir: tempfile::TempDir,
+    signing_key: (PathBuf, String),
     mountpoint: PathBuf,
     control: Option<Process>,
     _agents: Vec<Process>,
@@ -24,6 +25,7 @@ impl Fleet {
         let dir = tempfile::tempdir().unwrap();
         let mountpoint = dir.path().join("device-etc");
         let mut fleet = Self {
+            signing_key: testbed::signing_key(dir.path()),
             server,
             dir,
             mountpoint,
@@ -41,6 +43,8 @@ impl Fleet {
                 id,
                 "--label",
                 &format!("role={role}"),
+                "--trusted-key",
+                &fleet.signing_key.1,
             ])
             .arg("--state-dir")
             .arg(fleet.dir.path().join(id).join("state"))
@@ -55,7 +59,9 @@ impl Fleet {
 
     fn start_control(&mut self) {
         let mut cmd = Command::new(binary("flotilla-control"));
-        cmd.args(["--nats-url", &self.server.url()]);
+        cmd.args(["--nats-url", &self.server.url()])
+            .arg("--signing-key-file")
+            .arg(&self.signing_key.0);
         self.control = Some(Process::spawn(cmd, &self.dir.path().join("control.log")));
     }
 

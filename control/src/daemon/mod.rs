@@ -55,6 +55,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv::Store};
 use futures::{FutureExt, StreamExt};
 use manifest_types::convergence::Thresholds;
+use manifest_types::signing::SigningKeys;
 use manifest_types::{BucketName, keys};
 use tokio::time::Instant;
 
@@ -91,12 +92,15 @@ pub struct Config {
     /// While a rollout is in progress, how often it is judged again even
     /// when no agent reports (agents going Offline, soak times ending).
     pub rollout_recheck: Duration,
+    /// The keys every manifest is signed with (docs/adr/0004, 0017); empty:
+    /// manifests are unsigned, for agents run with `--allow-unsigned`.
+    pub signing: Arc<SigningKeys>,
 }
 
 impl Config {
     /// Defaults for everything but the server URL: bucket `fleet`, no
     /// authentication, 64 writes in flight, retry after 1 s, bucket checked
-    /// every 5 s.
+    /// every 5 s, unsigned manifests.
     pub fn new(nats_url: impl Into<String>) -> Self {
         Self {
             nats_url: nats_url.into(),
@@ -109,6 +113,7 @@ impl Config {
             heartbeat: HeartbeatPolicy::default(),
             thresholds: Thresholds::default(),
             rollout_recheck: Duration::from_secs(1),
+            signing: Arc::default(),
         }
     }
 }
@@ -185,7 +190,10 @@ pub async fn run_with_store(
     };
     let mut store = store;
     let mut created = store.status().await.ok().map(|s| s.info.created);
-    let mut state = State::default();
+    let mut state = State {
+        signing: config.signing.clone(),
+        ..State::default()
+    };
     let mut first = true;
     'relist: loop {
         if !std::mem::take(&mut first) {

@@ -83,7 +83,7 @@ pub(crate) async fn reconcile(
             Some(Written {
                 revision,
                 value: Some(m),
-            }) if floor.stands(m, *revision, resources) => continue,
+            }) if floor.stands(m, *revision, resources, &state.signing) => continue,
             Some(Written {
                 revision,
                 value: Some(m),
@@ -95,16 +95,32 @@ pub(crate) async fn reconcile(
         };
         changed.push((agent, resources.clone(), floor, known));
     }
+    let keys = state.signing.clone();
+    let signing = &*keys;
     let results: Vec<_> = futures::stream::iter(changed)
         .map(|(agent, resources, floor, known)| async move {
             // A watched copy of the key saves the read before the write.
             let outcome = match known {
                 Some(known) => {
-                    publish::publish_manifest_over(store, &agent, resources.clone(), floor, known)
-                        .await
+                    publish::publish_manifest_over(
+                        store,
+                        &agent,
+                        resources.clone(),
+                        floor,
+                        known,
+                        signing,
+                    )
+                    .await
                 }
                 None => {
-                    publish::publish_manifest_above(store, &agent, resources.clone(), floor).await
+                    publish::publish_manifest_above(
+                        store,
+                        &agent,
+                        resources.clone(),
+                        floor,
+                        signing,
+                    )
+                    .await
                 }
             };
             (agent, resources, outcome)
@@ -118,6 +134,9 @@ pub(crate) async fn reconcile(
                 let generation = outcome.generation();
                 let mut manifest = AgentManifest::empty(agent.clone(), generation);
                 manifest.resources = resources;
+                // What was written or stands: signed by exactly these keys
+                // (ed25519 is deterministic, so these are the same signatures).
+                state.signing.sign(&mut manifest);
                 match outcome {
                     PublishOutcome::Written { revision, .. } => {
                         tracing::info!(%agent, generation, revision, resources = manifest.resources.len(), "manifest written");

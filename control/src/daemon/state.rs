@@ -6,11 +6,13 @@
 //! (docs/adr/0012-the-control-plane-owns-desired-state.md).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_nats::jetstream::kv::{Entry, Operation};
 use manifest_types::keys::{self, Key};
 use manifest_types::rollout::{RevisionRecord, RolloutControl, RolloutPolicy};
+use manifest_types::signing::SigningKeys;
 use manifest_types::{
     AgentId, AgentInventory, AgentManifest, AgentValues, Deployment, DeploymentName,
     DeploymentStatus, HeartbeatSettings,
@@ -58,6 +60,8 @@ pub(crate) struct State {
     /// The operator's per-agent values (`values.<id>`, docs/adr/0014).
     pub values: BTreeMap<AgentId, Labels>,
     pub desired: BTreeMap<AgentId, Written<AgentManifest>>,
+    /// The keys manifests are signed with (none: unsigned).
+    pub signing: Arc<SigningKeys>,
     pub statuses: BTreeMap<DeploymentName, Written<DeploymentStatus>>,
     /// Deployments deleted while this daemon watched: if one comes back it
     /// is a new deployment, whatever its old stored status says.
@@ -158,6 +162,7 @@ impl State {
         Self {
             written: self.written,
             runs: self.runs,
+            signing: self.signing,
             rollout_due: true,
             dirty: Dirty {
                 all: true,
@@ -273,7 +278,11 @@ impl State {
                 let value = put
                     .then(|| AgentManifest::from_json(entry.value).ok())
                     .flatten()
-                    .filter(|m| m.agent_id == agent);
+                    .filter(|m| m.agent_id == agent)
+                    .map(|mut m| {
+                        self.signing.keep_verified(entry.value, &mut m);
+                        m
+                    });
                 let changed = record(
                     &mut self.desired,
                     agent.clone(),

@@ -17,15 +17,23 @@ use testbed::{NatsServer, Process, binary};
 pub struct Fleet {
     pub server: NatsServer,
     pub dir: tempfile::TempDir,
+    /// The seed files flotilla-control signs with (at start: one fresh key).
+    pub control_keys: Vec<PathBuf>,
+    /// The public keys agents started from now on trust (at start: that key).
+    pub trusted_keys: Vec<String>,
     pub control: Option<Process>,
     pub agents: BTreeMap<String, Process>,
 }
 
 impl Fleet {
     pub fn start(control_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (seed_file, public) = testbed::signing_key(dir.path());
         let mut fleet = Self {
             server: NatsServer::start(),
-            dir: tempfile::tempdir().unwrap(),
+            control_keys: vec![seed_file],
+            trusted_keys: vec![public],
+            dir,
             control: None,
             agents: BTreeMap::new(),
         };
@@ -40,7 +48,11 @@ impl Fleet {
 
     pub fn start_control(&mut self, args: &[&str]) {
         let mut cmd = Command::new(binary("flotilla-control"));
-        cmd.args(["--nats-url", &self.server.url()]).args(args);
+        cmd.args(["--nats-url", &self.server.url()]);
+        for key in &self.control_keys {
+            cmd.arg("--signing-key-file").arg(key);
+        }
+        cmd.args(args);
         self.control = Some(Process::spawn(cmd, &self.dir.path().join("control.log")));
     }
 
@@ -60,6 +72,9 @@ impl Fleet {
             .args(["--resync-interval", "1s", "--heartbeat-interval", interval]);
         for l in labels {
             cmd.args(["--label", l]);
+        }
+        for key in &self.trusted_keys {
+            cmd.args(["--trusted-key", key]);
         }
         let log = self.dir.path().join(format!("{id}.log"));
         self.agents.insert(id.to_owned(), Process::spawn(cmd, &log));

@@ -63,7 +63,8 @@ impl Drop for Control {
 
 fn deployment(root: &std::path::Path, content: &str) -> Value {
     json!({"apiVersion": "flotilla.dev/v1", "kind": "Deployment", "name": "web",
-        "selector": {"matchLabels": {"role": "kiosk"}},
+        // The device's own label (these tests are about recovery, not trust).
+        "selector": {"matchLabels": {"role": "kiosk"}, "deviceLabels": true},
         "resources": [{"id": "motd", "kind": "File",
                        "spec": {"path": root.join("motd"), "content": content}}]})
 }

@@ -140,6 +140,43 @@ pub enum Command {
     /// The control plane's manifest signing keys (docs/adr/0017). Works
     /// offline: no NATS connection.
     Keys(KeysArgs),
+    /// Set or remove an agent's operator-owned labels, which deployment
+    /// selectors match (`values.<id>`; docs/adr/0017): `key=value` sets,
+    /// `key-` removes. Without changes: print them.
+    Label {
+        #[command(subcommand)]
+        what: LabelWhat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabelWhat {
+    Agent {
+        agent: AgentId,
+        #[arg(value_parser = parse_label_change, value_name = "KEY=VALUE|KEY-")]
+        changes: Vec<LabelChange>,
+    },
+}
+
+/// One change of `flotilla label agent`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LabelChange {
+    Set(String, String),
+    Remove(String),
+}
+
+fn parse_label_change(s: &str) -> Result<LabelChange, String> {
+    if let Some((k, v)) = s.split_once('=') {
+        manifest_types::inventory::validate_label(k, v)?;
+        return Ok(LabelChange::Set(k.to_owned(), v.to_owned()));
+    }
+    match s.strip_suffix('-') {
+        Some(k) => {
+            manifest_types::inventory::validate_label(k, "")?;
+            Ok(LabelChange::Remove(k.to_owned()))
+        }
+        None => Err(format!("{s:?}: expected key=value or key-")),
+    }
 }
 
 #[derive(Debug, Args)]

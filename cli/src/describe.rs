@@ -49,14 +49,10 @@ pub async fn read_agent(
             keys::actual_state(id),
             keys::heartbeat(id),
             keys::desired_state(id),
+            keys::values(id),
         ])
         .await?;
-    let entries = AgentEntries {
-        inventory: snap.get(&keys::inventory(id)),
-        status: snap.get(&keys::actual_state(id)),
-        heartbeat: snap.get(&keys::heartbeat(id)),
-        desired: snap.get(&keys::desired_state(id)),
-    };
+    let entries = AgentEntries::of(&snap, id);
     if entries.is_empty() {
         return Err(CliError::NotFound(format!(
             "no agent {id} in bucket {}: none of {}, {}, {}, {} exists",
@@ -153,6 +149,7 @@ pub fn render_agent(a: &AgentView) -> String {
             ),
         );
     }
+    field(&mut out, "Labels", output::labels(a.labels()));
     if let Some(inv) = &a.inventory {
         let i = &inv.value;
         field(&mut out, "Instance", &i.instance_id);
@@ -166,7 +163,7 @@ pub fn render_agent(a: &AgentView) -> String {
         }
         let kinds: Vec<&str> = i.reconcilers.iter().map(|k| k.as_str()).collect();
         field(&mut out, "Reconcilers", kinds.join(", "));
-        field(&mut out, "Labels", output::labels(&i.labels));
+        field(&mut out, "Reported labels", output::labels(&i.labels));
     } else {
         field(&mut out, "Inventory", "none reported");
     }

@@ -1,14 +1,12 @@
 //! `flotilla diff -f FILE`: what applying the file would change, before it
 //! is applied — resources added, changed (field by field) and removed, the
 //! selector and the rollout policy ([`manifest_types::diff`]) — and how many
-//! registered agents each change reaches (by their inventory labels, as the
+//! registered agents each change reaches (by the labels its selector sees, as the
 //! control plane selects them). Writes nothing; exits 0 whether or not
 //! anything differs.
 
-use std::collections::BTreeMap;
-
 use manifest_types::diff::{DeploymentDiff, diff};
-use manifest_types::{AgentId, AgentInventory, Deployment, keys};
+use manifest_types::{Deployment, keys};
 use serde::Serialize;
 
 use crate::args::{DiffArgs, Format, GlobalArgs};
@@ -50,21 +48,18 @@ pub async fn run(g: &GlobalArgs, args: &DiffArgs) -> Result<(), CliError> {
     };
     let old = stored.as_ref().map(|v| &v.value);
     let d = diff(old, &new);
-    let labels: BTreeMap<AgentId, BTreeMap<String, String>> = fleet
-        .snapshot(&[keys::AGENTS])
-        .await?
-        .family(keys::AGENTS)
-        .filter_map(|(id, e)| {
-            let agent = AgentId::new(id).ok()?;
-            let inv = serde_json::from_slice::<AgentInventory>(&e.value).ok()?;
-            Some((agent, inv.labels))
-        })
-        .collect();
+    let snap = fleet.snapshot(&[keys::AGENTS, keys::VALUES]).await?;
+    let agents = crate::fleet::agents(&snap, &g.thresholds());
     let reach = |dep: Option<&Deployment>| {
         dep.map_or(0, |dep| {
-            labels
+            agents
                 .iter()
-                .filter(|(a, l)| dep.selector.selects(a, l))
+                .filter(|a| {
+                    a.inventory.is_some()
+                        && dep
+                            .selector
+                            .selects_agent(&a.id, a.labels(), a.reported_labels())
+                })
                 .count()
         })
     };

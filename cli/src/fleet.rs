@@ -15,7 +15,7 @@ use flotilla_nats::AgentReports;
 use manifest_types::convergence::{self, AgentReport, Progress, Target, Thresholds, Verdict};
 use manifest_types::keys::{self, Key};
 use manifest_types::{
-    AgentId, AgentInventory, AgentManifest, AgentStatus, Deployment, DeploymentName,
+    AgentId, AgentInventory, AgentManifest, AgentStatus, AgentValues, Deployment, DeploymentName,
     DeploymentStatus, Heartbeat,
 };
 use serde::Serialize;
@@ -31,6 +31,8 @@ pub struct AgentView {
     pub status: Option<Versioned<AgentStatus>>,
     pub heartbeat: Option<Versioned<Heartbeat>>,
     pub desired: Option<Versioned<AgentManifest>>,
+    /// The operator's document (`values.<id>`): values and labels.
+    pub values: Option<Versioned<AgentValues>>,
     /// Server time of the newest heartbeat, else of the newest value the
     /// agent wrote (readable or not).
     pub last_seen: Option<SystemTime>,
@@ -51,14 +53,27 @@ pub struct AgentEntries<'a> {
     pub status: Option<&'a kv::Entry>,
     pub heartbeat: Option<&'a kv::Entry>,
     pub desired: Option<&'a kv::Entry>,
+    pub values: Option<&'a kv::Entry>,
 }
 
-impl AgentEntries<'_> {
+impl<'a> AgentEntries<'a> {
+    /// The entries of `id`'s keys in `snap`.
+    pub fn of(snap: &'a Snapshot, id: &AgentId) -> Self {
+        Self {
+            inventory: snap.entries.get(&keys::inventory(id)),
+            status: snap.entries.get(&keys::actual_state(id)),
+            heartbeat: snap.entries.get(&keys::heartbeat(id)),
+            desired: snap.entries.get(&keys::desired_state(id)),
+            values: snap.entries.get(&keys::values(id)),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.inventory.is_none()
             && self.status.is_none()
             && self.heartbeat.is_none()
             && self.desired.is_none()
+            && self.values.is_none()
     }
 }
 
@@ -94,6 +109,7 @@ impl AgentView {
         let status: Option<Versioned<AgentStatus>> = decode_into(e.status, &mut problems);
         let heartbeat: Option<Versioned<Heartbeat>> = decode_into(e.heartbeat, &mut problems);
         let desired: Option<Versioned<AgentManifest>> = decode_into(e.desired, &mut problems);
+        let values = decode_into(e.values, &mut problems);
         let verdict = convergence::assess(
             &AgentReport {
                 status: status.as_ref().map(|v| &v.value),
@@ -114,6 +130,7 @@ impl AgentView {
             status,
             heartbeat,
             desired,
+            values,
             id,
             last_seen,
             last_seen_age: last_seen.map(age),
@@ -155,8 +172,17 @@ impl AgentView {
             .map_or("never".into(), |a| format!("{} ago", output::age(a)))
     }
 
-    pub fn labels(&self) -> Option<&BTreeMap<String, String>> {
-        self.inventory.as_ref().map(|i| &i.value.labels)
+    /// The operator's labels, which selectors match.
+    pub fn labels(&self) -> &BTreeMap<String, String> {
+        static NONE: BTreeMap<String, String> = BTreeMap::new();
+        self.values.as_ref().map_or(&NONE, |v| &v.value.labels)
+    }
+
+    /// The labels the device reports about itself: hints, matched only by
+    /// selectors with `deviceLabels: true`.
+    pub fn reported_labels(&self) -> &BTreeMap<String, String> {
+        static NONE: BTreeMap<String, String> = BTreeMap::new();
+        self.inventory.as_ref().map_or(&NONE, |i| &i.value.labels)
     }
 
     /// The machine-readable form: typed documents as stored, plus the
@@ -176,6 +202,7 @@ impl AgentView {
             last_seen_seconds_ago: self.last_seen_age.map(|a| a.as_secs()),
             heartbeat_age_seconds: self.heartbeat_age.map(|a| a.as_secs()),
             desired_generation: self.desired_generation(),
+            labels: self.labels(),
             inventory: self.inventory.as_ref().map(|v| &v.value),
             status: self.status(),
             heartbeat: self.heartbeat.as_ref().map(|v| &v.value),
@@ -211,6 +238,9 @@ pub struct AgentDoc<'a> {
     pub heartbeat_age_seconds: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub desired_generation: Option<u64>,
+    /// The operator's labels (`values.<id>`), which selectors match; the
+    /// device's own are `inventory.labels`.
+    pub labels: &'a BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inventory: Option<&'a AgentInventory>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -228,7 +258,11 @@ pub fn agents(snap: &Snapshot, thresholds: &Thresholds) -> Vec<AgentView> {
     let mut ids = BTreeSet::new();
     for key in snap.entries.keys() {
         if let Some(
-            Key::Inventory(a) | Key::ActualState(a) | Key::Heartbeat(a) | Key::DesiredState(a),
+            Key::Inventory(a)
+            | Key::ActualState(a)
+            | Key::Heartbeat(a)
+            | Key::DesiredState(a)
+            | Key::Values(a),
         ) = Key::parse(key)
         {
             ids.insert(a);
@@ -236,23 +270,19 @@ pub fn agents(snap: &Snapshot, thresholds: &Thresholds) -> Vec<AgentView> {
     }
     ids.into_iter()
         .map(|id| {
-            let e = AgentEntries {
-                inventory: snap.entries.get(&keys::inventory(&id)),
-                status: snap.entries.get(&keys::actual_state(&id)),
-                heartbeat: snap.entries.get(&keys::heartbeat(&id)),
-                desired: snap.entries.get(&keys::desired_state(&id)),
-            };
+            let e = AgentEntries::of(snap, &id);
             AgentView::from_entries(id, e, snap.server_time, thresholds)
         })
         .collect()
 }
 
 /// The families `get agents` reads.
-pub const AGENT_FAMILIES: [&str; 4] = [
+pub const AGENT_FAMILIES: [&str; 5] = [
     keys::AGENTS,
     keys::ACTUAL_STATE,
     keys::HEARTBEAT,
     keys::DESIRED_STATE,
+    keys::VALUES,
 ];
 
 /// The families `get deployments` reads.

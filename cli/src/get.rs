@@ -69,7 +69,7 @@ pub fn render_agents(format: Format, agents: &[AgentView]) -> Result<String, Cli
             a.generation_column(),
             a.verdict.state.as_str().to_owned(),
             a.last_seen_column(),
-            a.labels().map_or("-".into(), output::labels),
+            output::labels(a.labels()),
         ]);
     }
     Ok(t.render())

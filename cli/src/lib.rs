@@ -80,6 +80,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Values(v) => values::run(g, &v.action).await,
         Command::Diff(d) => diff::run(g, d).await,
         Command::Keys(k) => keys::run(g, &k.action),
+        Command::Label {
+            what: args::LabelWhat::Agent { agent, changes },
+        } => values::label(g, agent, changes).await,
         Command::Rollout(r) => rollout::run(g, &r.action).await,
     }
 }

@@ -1,5 +1,7 @@
-//! `flotilla values get|set|unset <agent>`: the operator's per-agent values
-//! in `values.<id>` (docs/adr/0014-per-device-values.md). Changes are
+//! `flotilla values get|set|unset <agent>` and `flotilla label agent <agent>`:
+//! the operator's per-agent document `values.<id>` — values
+//! (docs/adr/0014-per-device-values.md) and the labels selectors match
+//! (docs/adr/0017-trust-model.md). Changes are
 //! compare-and-swap against the revision just read and retried on a lost race
 //! (each change is a merge of named keys, so a retry on fresh state is what
 //! the operator asked for). flotilla-control renders every deployment that
@@ -8,7 +10,7 @@
 use async_nats::jetstream::kv;
 use manifest_types::{AgentId, AgentValues, keys};
 
-use crate::args::{Format, GlobalArgs, ValuesAction};
+use crate::args::{Format, GlobalArgs, LabelChange, ValuesAction};
 use crate::exit::CliError;
 use crate::kv::{Fleet, Versioned};
 use crate::output;
@@ -45,6 +47,41 @@ pub async fn run(g: &GlobalArgs, action: &ValuesAction) -> Result<(), CliError> 
             Ok(())
         }
     }
+}
+
+/// `flotilla label agent <id> [k=v|k-]...`: changes the operator's labels
+/// in the same document and with the same compare-and-swap as values.
+pub async fn label(
+    g: &GlobalArgs,
+    agent: &AgentId,
+    changes: &[LabelChange],
+) -> Result<(), CliError> {
+    let values = if changes.is_empty() {
+        read(&Fleet::open(g).await?, agent).await?.0
+    } else {
+        let fleet = Fleet::open_or_create(g).await?;
+        change(&fleet, agent, |v| {
+            for c in changes {
+                match c {
+                    LabelChange::Set(k, val) => {
+                        v.labels.insert(k.clone(), val.clone());
+                    }
+                    LabelChange::Remove(k) => {
+                        v.labels.remove(k);
+                    }
+                }
+            }
+        })
+        .await?
+    };
+    if g.output != Format::Table {
+        print!("{}", output::document(g.output, &values)?);
+    } else if values.labels.is_empty() {
+        println!("{agent}: no labels");
+    } else {
+        println!("{agent}: {}", output::labels(&values.labels));
+    }
+    Ok(())
 }
 
 /// The stored values (empty when there are none) and the revision to

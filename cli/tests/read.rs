@@ -32,6 +32,13 @@ async fn seeded() -> Seeded {
             &inventory(id, &[("role", role)]),
         )
         .await;
+        // The operator's labels.
+        put_json(
+            &store,
+            &keys::values(&a),
+            &json!({"apiVersion": "flotilla.dev/v1", "agentId": id, "labels": {"role": role}}),
+        )
+        .await;
         put_json(&beats, &keys::heartbeat(&a), &heartbeat(id, 4)).await;
     }
     for id in ["pi-1", "pi-2"] {

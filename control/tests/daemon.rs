@@ -521,8 +521,8 @@ async fn a_pass_renders_only_the_agents_whose_inputs_changed() {
     // One agent's value: one agent rendered, its manifest written.
     let before = control.metrics.agents_rendered();
     let written = control.metrics.manifests_written();
-    let values =
-        json!({"apiVersion": "flotilla.dev/v1", "agentId": "pi-3", "values": {"site": "s3"}});
+    let values = json!({"apiVersion": "flotilla.dev/v1", "agentId": "pi-3",
+        "values": {"site": "s3"}, "labels": {"role": "kiosk"}});
     let vrev = store
         .put("values.pi-3", Bytes::from(values.to_string()))
         .await
@@ -549,7 +549,7 @@ async fn a_pass_renders_only_the_agents_whose_inputs_changed() {
 
     // One agent relabelled out of the selection: one agent rendered.
     let before = control.metrics.agents_rendered();
-    let lrev = register(&store, "pi-7", json!({"role": "sensor"})).await;
+    let lrev = label(&store, "pi-7", json!({"role": "sensor"})).await;
     control.settled(lrev).await;
     assert_eq!(control.metrics.agents_rendered() - before, 1);
     let (_, s) = wait_status(&store, "web", "19 targets", |s| s.targets.len() == 19).await;

@@ -40,6 +40,12 @@ pub struct ChangeNote {
 
 /// Selects agents by explicit id and/or labels. An agent is selected when its
 /// id is listed, or when `matchLabels` is non-empty and all of it matches.
+///
+/// The labels matched are the operator's (`values.<id>`, `flotilla label
+/// agent`). A device can rewrite the labels it reports about itself
+/// (`agents.<id>`), so those are matched only when `deviceLabels` is true —
+/// for deployments any device may receive — and an operator label of the
+/// same key still wins (docs/adr/0017).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -48,9 +54,38 @@ pub struct Selector {
     pub agents: Vec<AgentId>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub match_labels: BTreeMap<String, String>,
+    /// Also match the labels the device reports in its inventory.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub device_labels: bool,
 }
 
 impl Selector {
+    /// The labels this selector (and `${labels.k}`) sees for an agent with
+    /// `operator` labels that reports `device` labels.
+    pub fn labels<'a>(
+        &self,
+        operator: &'a BTreeMap<String, String>,
+        device: &'a BTreeMap<String, String>,
+    ) -> std::borrow::Cow<'a, BTreeMap<String, String>> {
+        if !self.device_labels || device.is_empty() {
+            return std::borrow::Cow::Borrowed(operator);
+        }
+        let mut all = device.clone();
+        all.extend(operator.iter().map(|(k, v)| (k.clone(), v.clone())));
+        std::borrow::Cow::Owned(all)
+    }
+
+    /// Whether an agent with `operator` labels reporting `device` labels is selected.
+    pub fn selects_agent(
+        &self,
+        agent: &AgentId,
+        operator: &BTreeMap<String, String>,
+        device: &BTreeMap<String, String>,
+    ) -> bool {
+        self.selects(agent, &self.labels(operator, device))
+    }
+
+    /// Whether `labels` (already [`Self::labels`]) select `agent`.
     pub fn selects(&self, agent: &AgentId, labels: &BTreeMap<String, String>) -> bool {
         self.agents.contains(agent)
             || (!self.match_labels.is_empty()
@@ -539,14 +574,32 @@ mod tests {
         let by_label = Selector {
             agents: vec![],
             match_labels: labels.clone(),
+            device_labels: false,
         };
         assert!(by_label.selects(&a, &labels));
         assert!(!by_label.selects(&a, &BTreeMap::new()));
         let by_id = Selector {
             agents: vec![a.clone()],
             match_labels: BTreeMap::new(),
+            device_labels: false,
         };
         assert!(by_id.selects(&a, &BTreeMap::new()));
         assert!(!Selector::default().selects(&a, &labels));
+
+        // Reported labels count only with deviceLabels, under the operator's.
+        let none = BTreeMap::new();
+        assert!(!by_label.selects_agent(&a, &none, &labels));
+        assert!(by_label.selects_agent(&a, &labels, &none));
+        let hints = Selector {
+            device_labels: true,
+            ..by_label.clone()
+        };
+        assert!(hints.selects_agent(&a, &none, &labels));
+        let operator: BTreeMap<_, _> = [("role".to_owned(), "core".to_owned())].into();
+        assert!(
+            !hints.selects_agent(&a, &operator, &labels),
+            "the operator's label wins"
+        );
+        assert!(by_id.selects_agent(&a, &none, &none));
     }
 }

@@ -6,7 +6,7 @@
 //! | reference            | replaced by                                        |
 //! |----------------------|----------------------------------------------------|
 //! | `${agent.id}`        | the agent id                                       |
-//! | `${labels.<key>}`    | the agent's label `<key>` (`agents.<id>`)          |
+//! | `${labels.<key>}`    | the agent's label `<key>`, as its deployment's selector sees it ([`Selector::labels`](crate::deployment::Selector::labels)) |
 //! | `${values.<key>}`    | the operator's per-agent value `<key>` (`values.<id>`) |
 //!
 //! `$${agent.id}` (and so on) is the literal text `${agent.id}`. Any other
@@ -29,9 +29,11 @@ use serde::{Deserialize, Serialize};
 use crate::ApiVersion;
 use crate::ids::AgentId;
 
-/// `values.<agent-id>`: the values an operator set for one agent, which
-/// `${values.<key>}` references resolve against. Written by operators
-/// (`flotilla values set`), read by the control plane; never by agents.
+/// `values.<agent-id>`: what an operator set for one agent — the values
+/// `${values.<key>}` references resolve against, and the labels deployment
+/// selectors match (docs/adr/0017). Written by operators (`flotilla values
+/// set`, `flotilla label agent`), read by the control plane; never written
+/// by agents, so a device cannot select itself into a deployment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
@@ -40,6 +42,11 @@ pub struct AgentValues {
     pub agent_id: AgentId,
     #[serde(default)]
     pub values: BTreeMap<String, String>,
+    /// The operator-owned labels selectors match (the labels a device
+    /// reports in its inventory are hints, matched only where a deployment
+    /// opts in with `selector.deviceLabels`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Longest value of one key, in bytes.
@@ -51,14 +58,18 @@ impl AgentValues {
             api_version: ApiVersion,
             agent_id,
             values: BTreeMap::new(),
+            labels: BTreeMap::new(),
         }
     }
 
     /// Checks every key (1 to 63 ASCII letters, digits, `-_.`) and value
-    /// (at most [`MAX_VALUE_LEN`] bytes, no NUL).
+    /// (at most [`MAX_VALUE_LEN`] bytes, no NUL), and every label.
     pub fn validate(&self) -> Result<(), String> {
         for (k, v) in &self.values {
             validate_value(k, v)?;
+        }
+        for (k, v) in &self.labels {
+            crate::inventory::validate_label(k, v)?;
         }
         Ok(())
     }

@@ -291,6 +291,7 @@ fn agent_values() {
             ("cert".to_owned(), "/etc/flotilla/pi-01.pem".to_owned()),
         ]
         .into(),
+        labels: [("role".to_owned(), "kiosk".to_owned())].into(),
     };
     check("agent-values.json", &v);
 }

@@ -53,6 +53,10 @@ impl Fleet {
             .args(["--resync-interval", "1s", "--heartbeat-interval", "1s"]);
             let log = fleet.dir.path().join(format!("{id}.log"));
             fleet._agents.push(Process::spawn(cmd, &log));
+            // The operator's label, which the selectors match.
+            let role = format!("role={role}");
+            let out = fleet.flotilla(&["label", "agent", id, &role]);
+            assert!(out.status.success(), "{out:?}");
         }
         fleet
     }
@@ -249,12 +253,15 @@ async fn operator_to_device_and_back() {
         "control plane did not stop cleanly on SIGTERM"
     );
     fleet.start_control();
-    // Barrier: a kiosk the restarted control plane has never seen registers.
+    // Barrier: a kiosk the restarted control plane has never seen registers
+    // (the operator labelled it, and its inventory appears).
     // The watch replays every other key before it, and a pass writes the
     // deployment's status only after all of its manifests: once the status
     // lists the newcomer, any rewrite of the others would have landed.
     let kv = js.get_key_value("fleet").await.unwrap();
     let newcomer = AgentId::new("pi-9").unwrap();
+    let out = fleet.flotilla(&["label", "agent", "pi-9", "role=kiosk"]);
+    assert!(out.status.success(), "{out:?}");
     let inventory = serde_json::json!({"apiVersion": "flotilla.dev/v1", "agentId": "pi-9",
         "instanceId": "e2e-barrier", "agentVersion": "0.1.0", "arch": "x86_64", "os": "linux",
         "reconcilers": ["File"], "labels": {"role": "kiosk"}});
@@ -325,6 +332,13 @@ async fn operator_to_device_and_back() {
             fleet.logs()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The operator's labels went with the bucket, like its deployments.
+    for id in ["pi-1", "pi-2"] {
+        ok(
+            &fleet.flotilla(&["label", "agent", id, "role=kiosk"]),
+            &fleet,
+        );
     }
     ok(&fleet.apply(&V1.replace("hello v1", "hello again")), &fleet);
     for dev in [&pi1, &pi2] {

@@ -177,3 +177,80 @@ async fn a_signing_key_is_rotated_with_no_downtime_and_a_retired_key_runs_nothin
         assert!(!logs.contains(seed.as_str()), "a seed in the logs");
     }
 }
+
+/// A device that claims a label in its own inventory (`--label`, or a raw
+/// write of `agents.<id>` with its own credentials) is not selected by it:
+/// selectors match the operator's labels (`flotilla label agent`). Only a
+/// deployment that opts in with `deviceLabels: true` matches the claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_claiming_a_label_is_not_selected_by_it() {
+    let mut fleet = Fleet::start(&[]);
+    fleet.start_agent("pi-1", &["role=kiosk"], "500ms");
+    // pi-2 reports role=kiosk about itself; the operator never labelled it.
+    let trusted = fleet.trusted_keys[0].clone();
+    let mut cmd = std::process::Command::new(testbed::binary("flotilla-agent"));
+    cmd.args(["--nats-url", &fleet.server.url(), "--id", "pi-2"])
+        .args(["--trusted-key", &trusted, "--label", "role=kiosk"])
+        .arg("--state-dir")
+        .arg(fleet.dir.path().join("pi-2/state"))
+        .arg("--file-root")
+        .arg(fleet.root())
+        .args(["--resync-interval", "1s", "--heartbeat-interval", "500ms"]);
+    let log = fleet.dir.path().join("pi-2.log");
+    fleet
+        .agents
+        .insert("pi-2".into(), testbed::Process::spawn(cmd, &log));
+    fleet.registered(&["pi-1", "pi-2"]).await;
+    fleet
+        .wait(
+            "pi-2's claim in its inventory",
+            Duration::from_secs(30),
+            || {
+                let a = fleet.agents_json();
+                (common::field(&a, "pi-2", "inventory")["labels"]["role"] == "kiosk").then_some(())
+            },
+        )
+        .await;
+
+    let out = fleet.apply(
+        &HELLO.replace("$CONTENT", "secret"),
+        &["--wait", "--timeout", "30s"],
+    );
+    assert!(out.status.success(), "{}", fleet.report(&out));
+    let out = fleet.flotilla(&["describe", "deployment", "hello", "-o", "json"]);
+    let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let targets: Vec<&str> = d["status"]["targets"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(targets, ["pi-1"], "{d}");
+    assert_eq!(motd(&fleet, "pi-1"), "secret");
+    let (m, _) = read(&fleet, "pi-2").await;
+    assert!(m.unwrap().resources.is_empty(), "pi-2 received nothing");
+    assert!(!fleet.root().join("pi-2.motd").exists());
+    // `get agents` shows the operator's labels; the claim is a hint.
+    let a = fleet.agents_json();
+    assert_eq!(common::field(&a, "pi-2", "labels"), &serde_json::json!({}));
+    assert_eq!(common::field(&a, "pi-1", "labels")["role"], "kiosk");
+
+    // A deployment that opts in to reported labels does match the claim.
+    let hints = HELLO
+        .replace("name: hello", "name: hints")
+        .replace(
+            "matchLabels: {role: kiosk}",
+            "matchLabels: {role: kiosk}\n  deviceLabels: true",
+        )
+        .replace("id: motd", "id: hint")
+        .replace("${agent.id}.motd", "${agent.id}.hint");
+    let out = fleet.apply(
+        &hints.replace("$CONTENT", "for anyone"),
+        &["--wait", "--timeout", "30s"],
+    );
+    assert!(out.status.success(), "{}", fleet.report(&out));
+    assert_eq!(
+        std::fs::read_to_string(fleet.root().join("pi-2.hint")).unwrap(),
+        "for anyone"
+    );
+}

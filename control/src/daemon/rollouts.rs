@@ -164,12 +164,24 @@ pub(crate) async fn judge(
             .iter()
             .map(|a| (a, current_revision(state, a, name)))
             .collect();
+        // Wave selectors see the labels the deployment's selector sees.
+        let labels: Vec<_> = render
+            .targets
+            .iter()
+            .map(|a| {
+                doc.selector.labels(
+                    state.labels.get(a).unwrap_or(&NO_LABELS),
+                    state.registered.get(a).unwrap_or(&NO_LABELS),
+                )
+            })
+            .collect();
         let targets: Vec<rollout::Target<'_>> = render
             .targets
             .iter()
-            .map(|a| rollout::Target {
+            .zip(&labels)
+            .map(|(a, labels)| rollout::Target {
                 agent: a,
-                labels: state.registered.get(a).unwrap_or(&NO_LABELS),
+                labels,
                 current: current[a],
             })
             .collect();

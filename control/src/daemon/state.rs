@@ -55,8 +55,10 @@ pub(crate) struct Written<T> {
 #[derive(Debug, Default)]
 pub(crate) struct State {
     pub deployments: BTreeMap<DeploymentName, DeploymentRecord>,
-    /// Registered agents (`agents.<id>`) → their labels.
+    /// Registered agents (`agents.<id>`) → the labels they report (hints).
     pub registered: BTreeMap<AgentId, Labels>,
+    /// The operator's labels of each agent (`values.<id>`, docs/adr/0017).
+    pub labels: BTreeMap<AgentId, Labels>,
     /// The operator's per-agent values (`values.<id>`, docs/adr/0014).
     pub values: BTreeMap<AgentId, Labels>,
     pub desired: BTreeMap<AgentId, Written<AgentManifest>>,
@@ -481,20 +483,23 @@ impl State {
 
     fn apply_values(&mut self, agent: AgentId, entry: Seen<'_>, put: bool) -> bool {
         if !put {
-            return self.values.remove(&agent).is_some();
+            let labels = self.labels.remove(&agent).is_some();
+            return self.values.remove(&agent).is_some() | labels;
         }
-        let values = addressed(&agent, entry.value, "values", |v: AgentValues| {
-            (v.agent_id, v.values)
+        let (values, labels) = addressed(&agent, entry.value, "values", |v: AgentValues| {
+            (v.agent_id, (v.values, v.labels))
         });
-        self.values.insert(agent, values.clone()) != Some(values)
+        let labels_changed = self.labels.insert(agent.clone(), labels.clone()) != Some(labels);
+        (self.values.insert(agent, values.clone()) != Some(values)) | labels_changed
     }
 
     /// Every agent the control plane knows — registered ones with their
     /// labels, and those known only by an existing desired-state key — with
     /// what its render depends on.
     pub fn known_agents(&self) -> BTreeMap<&AgentId, AgentInput<'_>> {
-        let input = |a: &AgentId, labels| AgentInput {
-            labels,
+        let input = |a: &AgentId, device_labels| AgentInput {
+            labels: self.labels.get(a).unwrap_or(&NO_LABELS),
+            device_labels,
             values: self.values.get(a).unwrap_or(&NO_LABELS),
             previous: self.desired.get(a).and_then(|w| w.value.as_ref()),
         };
@@ -548,21 +553,21 @@ impl State {
 
 /// The map (labels, values) a document addressed to `agent` carries; empty,
 /// with a warning, when it does not parse or names another agent.
-fn addressed<T: serde::de::DeserializeOwned>(
+fn addressed<T: serde::de::DeserializeOwned, M: Default>(
     agent: &AgentId,
     bytes: &[u8],
     what: &str,
-    parts: impl FnOnce(T) -> (AgentId, Labels),
-) -> Labels {
+    parts: impl FnOnce(T) -> (AgentId, M),
+) -> M {
     match serde_json::from_slice::<T>(bytes).map(parts) {
         Ok((claimed, map)) if &claimed == agent => map,
         Ok((claimed, _)) => {
             tracing::warn!(%agent, %claimed, "{what} names another agent; ignoring it");
-            Labels::new()
+            M::default()
         }
         Err(error) => {
             tracing::warn!(%agent, %error, "{what} does not parse; using none");
-            Labels::new()
+            M::default()
         }
     }
 }
@@ -717,13 +722,26 @@ mod tests {
         );
         s.apply("desired-state.pi-2", 2, Operation::Put, b"junk");
         s.apply("desired-state.pi-1", 3, Operation::Put, b"junk");
+        s.apply(
+            "values.pi-2",
+            4,
+            Operation::Put,
+            &bytes(
+                json!({"apiVersion": "flotilla.dev/v1", "agentId": "pi-2", "labels": {"b": "2"}}),
+            ),
+        );
         let known = s.known_agents();
         assert_eq!(known.len(), 2);
-        assert_eq!(
-            known[&agent("pi-1")].labels.get("a").map(String::as_str),
-            Some("1")
+        let pi1 = &known[&agent("pi-1")];
+        assert_eq!(pi1.device_labels.get("a").map(String::as_str), Some("1"));
+        assert!(
+            pi1.labels.is_empty(),
+            "reported labels are not the operator's"
         );
-        assert!(known[&agent("pi-2")].labels.is_empty());
+        assert_eq!(
+            known[&agent("pi-2")].labels.get("b").map(String::as_str),
+            Some("2")
+        );
     }
 
     #[test]

@@ -44,8 +44,12 @@ pub type Labels = BTreeMap<String, String>;
 /// What one agent's render depends on besides the deployments.
 #[derive(Debug, Clone, Copy)]
 pub struct AgentInput<'a> {
-    /// Inventory labels (selection, `${labels.k}`).
+    /// The operator's labels (`values.<id>`): what selectors match and
+    /// `${labels.k}` reads.
     pub labels: &'a Labels,
+    /// The labels the device reports (`agents.<id>`): hints, matched only by
+    /// deployments whose selector opts in (`deviceLabels`).
+    pub device_labels: &'a Labels,
     /// The operator's per-agent values (`values.<id>`, `${values.k}`).
     pub values: &'a Labels,
     /// The agent's stored manifest: what it keeps of a deployment whose
@@ -183,9 +187,9 @@ fn kept_from(
 }
 
 /// Renders the fleet. `agents` yields every known agent with its input: the
-/// registered ones with their inventory labels, and the ones known only
-/// because they already have a desired-state key with empty labels (they can
-/// still be selected by id).
+/// registered ones with their labels, and the ones known only because they
+/// already have a desired-state key (they can be selected by id, or by the
+/// operator's labels).
 pub fn render<'a>(
     deployments: &[DeploymentInput<'_>],
     agents: impl IntoIterator<Item = (&'a AgentId, AgentInput<'a>)>,
@@ -218,7 +222,11 @@ pub fn render<'a>(
         // Target ("file /etc/x") → the resource that holds it on this agent.
         let mut held: BTreeMap<(&'static str, String), ResourceId> = BTreeMap::new();
         for p in &prepared {
-            if !p.deployment.selector.selects(agent, input.labels) {
+            let labels = p
+                .deployment
+                .selector
+                .labels(input.labels, input.device_labels);
+            if !p.deployment.selector.selects(agent, &labels) {
                 continue;
             }
             let status = out
@@ -228,7 +236,7 @@ pub fn render<'a>(
             status.targets.insert(agent.clone());
             let ctx = Context {
                 agent,
-                labels: input.labels,
+                labels: &labels,
                 values: input.values,
             };
             // The revision this agent is rendered at (a rollout may hold it

@@ -41,6 +41,8 @@ fn ids(resources: &[ManagedResource]) -> Vec<&str> {
 struct Fleet {
     deployments: Vec<(DeploymentName, Result<Deployment, String>, u64, u64)>,
     agents: BTreeMap<AgentId, Labels>,
+    /// Labels the devices report about themselves.
+    reported: BTreeMap<AgentId, Labels>,
     values: BTreeMap<AgentId, Labels>,
     previous: BTreeMap<AgentId, AgentManifest>,
 }
@@ -50,9 +52,15 @@ impl Fleet {
         Self {
             deployments: Vec::new(),
             agents: BTreeMap::new(),
+            reported: BTreeMap::new(),
             values: BTreeMap::new(),
             previous: BTreeMap::new(),
         }
+    }
+
+    fn reports(mut self, id: &str, l: &[(&str, &str)]) -> Self {
+        self.reported.insert(agent(id), labels(l));
+        self
     }
 
     fn values(mut self, id: &str, v: &[(&str, &str)]) -> Self {
@@ -107,6 +115,7 @@ impl Fleet {
                     a,
                     AgentInput {
                         labels,
+                        device_labels: self.reported.get(a).unwrap_or(&none),
                         values: self.values.get(a).unwrap_or(&none),
                         previous: self.previous.get(a),
                     },
@@ -114,6 +123,41 @@ impl Fleet {
             }),
         )
     }
+}
+
+/// A device rewriting the labels it reports cannot select itself into a
+/// deployment (and receive its files); only a deployment that opts in
+/// matches reported labels, and the operator's label of a key wins.
+#[test]
+fn selectors_match_operator_labels_and_reported_ones_only_when_opted_in() {
+    let secret = deployment(
+        "secret",
+        json!({"matchLabels": {"role": "vault"}}),
+        json!([file("key", "/etc/key", "k")]),
+    );
+    let hint = deployment(
+        "hint",
+        json!({"matchLabels": {"model": "pi4"}, "deviceLabels": true}),
+        json!([file("cfg", "/etc/model.conf", "${labels.model}")]),
+    );
+    let r = Fleet::new()
+        .deploy(secret, 1, 1)
+        .deploy(hint, 2, 2)
+        .agent("pi-1", &[("role", "vault")])
+        .agent("pi-2", &[])
+        .reports("pi-2", &[("role", "vault"), ("model", "pi4")])
+        .agent("pi-3", &[("model", "pi3")])
+        .reports("pi-3", &[("model", "pi4")])
+        .render();
+    let ids = |a: &str| -> Vec<String> {
+        r.manifests[&agent(a)]
+            .iter()
+            .map(|m| m.id.to_string())
+            .collect()
+    };
+    assert_eq!(ids("pi-1"), ["secret/key"]);
+    assert_eq!(ids("pi-2"), ["hint/cfg"], "a claimed role selects nothing");
+    assert!(ids("pi-3").is_empty(), "the operator's model wins");
 }
 
 #[test]

@@ -140,7 +140,11 @@ pub async fn put_deployment(store: &Store, doc: &Value) -> u64 {
 }
 
 /// Registers an agent with `labels`, as the agent does at start.
+/// Registers agent `id` as a device and an operator do: the operator's
+/// labels (`values.<id>`, [`label`]) and the device's inventory reporting
+/// the same labels. Returns the inventory's revision.
 pub async fn register(store: &Store, id: &str, labels: Value) -> u64 {
+    label(store, id, labels.clone()).await;
     let inventory = json!({"apiVersion": "flotilla.dev/v1", "agentId": id,
         "instanceId": format!("instance-{id}"), "agentVersion": "0.1.0", "arch": "x86_64",
         "os": "linux", "reconcilers": ["File"], "labels": labels});
@@ -149,6 +153,21 @@ pub async fn register(store: &Store, id: &str, labels: Value) -> u64 {
             keys::inventory(&agent(id)),
             Bytes::from(serde_json::to_vec(&inventory).unwrap()),
         )
+        .await
+        .unwrap()
+}
+
+/// Sets the operator's labels of `id` (`values.<id>`), keeping its values;
+/// returns the revision.
+pub async fn label(store: &Store, id: &str, labels: Value) -> u64 {
+    let key = keys::values(&agent(id));
+    let mut doc = match store.get(&key).await.unwrap() {
+        Some(b) => serde_json::from_slice::<Value>(&b).unwrap(),
+        None => json!({"apiVersion": "flotilla.dev/v1", "agentId": id}),
+    };
+    doc["labels"] = labels;
+    store
+        .put(key, Bytes::from(serde_json::to_vec(&doc).unwrap()))
         .await
         .unwrap()
 }

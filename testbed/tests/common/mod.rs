@@ -78,6 +78,14 @@ impl Fleet {
         }
         let log = self.dir.path().join(format!("{id}.log"));
         self.agents.insert(id.to_owned(), Process::spawn(cmd, &log));
+        // The operator gives the device the same labels: only the
+        // operator's are matched by selectors (docs/adr/0017).
+        if !labels.is_empty() {
+            let mut args = vec!["label", "agent", id];
+            args.extend_from_slice(labels);
+            let out = self.flotilla(&args);
+            assert!(out.status.success(), "{}", self.report(&out));
+        }
     }
 
     pub fn kill_agent(&mut self, id: &str) {

@@ -169,6 +169,7 @@ impl Bench {
     /// Starts `n` agents and waits until every one has reported a status
     /// on its first manifest; dropping the result stops them.
     pub(crate) async fn agents(&self, n: usize) -> anyhow::Result<Vec<oneshot::Sender<()>>> {
+        label_fleet(&self.store, n).await?;
         let mut agents = Vec::with_capacity(n);
         for i in 0..n {
             agents.push(start_agent(
@@ -301,6 +302,7 @@ async fn control_alone(n: usize, updates: usize) -> anyhow::Result<(Duration, Du
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let written = Converged::written(&store).await?;
+    label_fleet(&store, n).await?;
     futures::stream::iter(0..n)
         .map(|i| {
             let store = store.clone();
@@ -546,6 +548,29 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .context("VmRSS in /proc/<pid>/status")
+}
+
+/// The operator's `bench=fleet` label on agents `a00000`… (`values.<id>`):
+/// selectors match only operator labels (docs/adr/0017).
+async fn label_fleet(store: &Store, n: usize) -> anyhow::Result<()> {
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let store = store.clone();
+            async move {
+                let id = format!("a{i:05}");
+                let values = json!({"apiVersion": "flotilla.dev/v1", "agentId": id,
+                    "labels": {"bench": "fleet"}});
+                store
+                    .put(format!("values.{id}"), Bytes::from(values.to_string()))
+                    .await
+            }
+        })
+        .buffer_unordered(256)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(())
 }
 
 pub(crate) fn start_agent(

@@ -147,6 +147,59 @@ pub enum Command {
         #[command(subcommand)]
         what: LabelWhat,
     },
+    /// The fleet's NATS authority: operator, accounts and credentials
+    /// (docs/adr/0017). Works offline on the auth directory.
+    Auth {
+        #[command(subcommand)]
+        action: AuthAction,
+    },
+    /// Enrol or revoke a device (docs/adr/0017).
+    Agent {
+        #[command(subcommand)]
+        action: AgentAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthAction {
+    /// Create the authority in DIR: keys, JWTs, credentials for the control
+    /// plane (control.creds) and operators (operator.creds), and
+    /// nats-auth.conf for nats-server to include.
+    Init {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Where nats-server keeps account JWTs (it must be able to write there).
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/nats/jwt")]
+        resolver_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentAction {
+    /// Issue a device's credentials: a new user key allowed exactly its own
+    /// subjects. Also sets the operator's labels given with --label.
+    Enroll {
+        agent: AgentId,
+        /// The auth directory (`flotilla auth init`).
+        #[arg(long, value_name = "DIR", env = "FLOTILLA_AUTH_DIR")]
+        auth_dir: PathBuf,
+        /// Where the credentials go (mode 0600, never overwritten).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Expire the credentials after this long, e.g. "365d".
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+        /// An operator label for the device (repeatable); written to the fleet.
+        #[arg(long = "label", value_parser = parse_label_change, value_name = "KEY=VALUE")]
+        labels: Vec<LabelChange>,
+    },
+    /// Revoke every credential issued to a device and push the change to the
+    /// server: its connections are closed and new ones refused.
+    Revoke {
+        agent: AgentId,
+        #[arg(long, value_name = "DIR", env = "FLOTILLA_AUTH_DIR")]
+        auth_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

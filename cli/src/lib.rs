@@ -50,9 +50,11 @@
 
 pub mod apply;
 pub mod args;
+pub mod authority;
 pub mod delete;
 pub mod describe;
 pub mod diff;
+pub mod enrolment;
 pub mod exit;
 pub mod fleet;
 pub mod get;
@@ -83,6 +85,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Label {
             what: args::LabelWhat::Agent { agent, changes },
         } => values::label(g, agent, changes).await,
+        Command::Auth { action } => enrolment::auth(g, action),
+        Command::Agent { action } => enrolment::agent(g, action).await,
         Command::Rollout(r) => rollout::run(g, &r.action).await,
     }
 }

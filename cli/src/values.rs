@@ -59,20 +59,7 @@ pub async fn label(
     let values = if changes.is_empty() {
         read(&Fleet::open(g).await?, agent).await?.0
     } else {
-        let fleet = Fleet::open_or_create(g).await?;
-        change(&fleet, agent, |v| {
-            for c in changes {
-                match c {
-                    LabelChange::Set(k, val) => {
-                        v.labels.insert(k.clone(), val.clone());
-                    }
-                    LabelChange::Remove(k) => {
-                        v.labels.remove(k);
-                    }
-                }
-            }
-        })
-        .await?
+        set_labels(g, agent, changes).await?
     };
     if g.output != Format::Table {
         print!("{}", output::document(g.output, &values)?);
@@ -82,6 +69,28 @@ pub async fn label(
         println!("{agent}: {}", output::labels(&values.labels));
     }
     Ok(())
+}
+
+/// Applies `changes` to the operator's labels of `agent`.
+pub async fn set_labels(
+    g: &GlobalArgs,
+    agent: &AgentId,
+    changes: &[LabelChange],
+) -> Result<AgentValues, CliError> {
+    let fleet = Fleet::open_or_create(g).await?;
+    change(&fleet, agent, |v| {
+        for c in changes {
+            match c {
+                LabelChange::Set(k, val) => {
+                    v.labels.insert(k.clone(), val.clone());
+                }
+                LabelChange::Remove(k) => {
+                    v.labels.remove(k);
+                }
+            }
+        }
+    })
+    .await
 }
 
 /// The stored values (empty when there are none) and the revision to

@@ -164,9 +164,53 @@ pub fn agent_inbox_prefix(agent: &AgentId) -> String {
     format!("_INBOX.{agent}")
 }
 
+/// The subjects one device may use, and nothing else (docs/adr/0017): what
+/// `flotilla agent enroll` puts into its credentials and
+/// `deploy/nats/flotilla.conf` spells out for a hand-written user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevicePermissions {
+    /// Direct gets of its own keys and of `settings.heartbeat`; writes of its
+    /// status, inventory and heartbeat.
+    pub publish: Vec<String>,
+    /// Its committed manifests (republished by the server) and its inbox.
+    pub subscribe: Vec<String>,
+}
+
+pub fn device_permissions(bucket: &BucketName, agent: &AgentId) -> DevicePermissions {
+    let heartbeats = BucketName::new(heartbeat_bucket(bucket)).expect("a valid bucket name");
+    DevicePermissions {
+        publish: vec![
+            direct_get_subject(bucket, &desired_state(agent)),
+            direct_get_subject(bucket, &actual_state(agent)),
+            direct_get_subject(bucket, &inventory(agent)),
+            direct_get_subject(bucket, HEARTBEAT_SETTINGS),
+            kv_subject(bucket, &actual_state(agent)),
+            kv_subject(bucket, &inventory(agent)),
+            kv_subject(&heartbeats, &heartbeat(agent)),
+        ],
+        subscribe: vec![
+            republish_subject(bucket, agent),
+            format!("{}.>", agent_inbox_prefix(agent)),
+        ],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_may_use_exactly_the_subjects_of_deploy_nats_flotilla_conf() {
+        let p = device_permissions(&BucketName::default(), &AgentId::new("pi-01").unwrap());
+        let conf = include_str!("../../deploy/nats/flotilla.conf");
+        for s in p.publish.iter().chain(&p.subscribe) {
+            assert!(
+                conf.contains(&format!("\"{s}\"")),
+                "{s} is not in flotilla.conf"
+            );
+        }
+        assert_eq!((p.publish.len(), p.subscribe.len()), (7, 2));
+    }
 
     #[test]
     fn literals_are_pinned() {

@@ -48,6 +48,9 @@ pub struct NatsServer {
     port: u16,
     dir: tempfile::TempDir,
     extra_config: String,
+    /// A whole configuration, `{port}` and `{store}` substituted, instead
+    /// of the default one plus `extra_config`.
+    own_config: Option<String>,
 }
 
 impl NatsServer {
@@ -67,12 +70,37 @@ impl NatsServer {
                 .tempdir()
                 .expect("temp dir for nats-server"),
             extra_config: extra.to_owned(),
+            own_config: None,
         };
+        server.start_retrying();
+        server
+    }
+
+    /// Starts a server from a whole configuration (a shipped one, with its
+    /// paths replaced): `{port}` and `{store}` in `template` become the port
+    /// and a JetStream store directory of its own.
+    pub fn start_with_own_config(template: &str) -> Self {
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            dir: tempfile::Builder::new()
+                .prefix("flotilla-nats-")
+                .tempdir()
+                .expect("temp dir for nats-server"),
+            extra_config: String::new(),
+            own_config: Some(template.to_owned()),
+        };
+        server.start_retrying();
+        server
+    }
+
+    fn start_retrying(&mut self) {
+        let server = self;
         let mut last_err = String::new();
         // A port can be taken between free_port() and the bind: retry on a new one.
         for _ in 0..5 {
             match server.spawn() {
-                Ok(()) => return server,
+                Ok(()) => return,
                 Err(e) => last_err = e,
             }
             server.port = free_port();
@@ -85,16 +113,18 @@ impl NatsServer {
         let log = self.dir.path().join("nats.log");
         let _ = std::fs::remove_file(&log);
         let store = self.dir.path().join("jetstream");
-        std::fs::write(
-            &conf,
-            format!(
+        let text = match &self.own_config {
+            Some(template) => template
+                .replace("{port}", &self.port.to_string())
+                .replace("{store}", &store.display().to_string()),
+            None => format!(
                 "listen: \"127.0.0.1:{port}\"\nserver_name: flotilla-test-{port}\n\
                  jetstream {{ store_dir: {store:?} }}\n{extra}\n",
                 port = self.port,
                 extra = self.extra_config,
             ),
-        )
-        .map_err(|e| e.to_string())?;
+        };
+        std::fs::write(&conf, text).map_err(|e| e.to_string())?;
         let child = Command::new(nats_server_binary())
             .arg("-c")
             .arg(&conf)
@@ -102,7 +132,10 @@ impl NatsServer {
             .arg(&log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(
+                std::fs::File::create(self.dir.path().join("nats.stderr"))
+                    .map_err(|e| e.to_string())?,
+            )
             .spawn()
             .map_err(|e| {
                 format!(
@@ -123,7 +156,8 @@ impl NatsServer {
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 self.child = None;
-                return Err(format!("nats-server exited with {status}: {text}"));
+                let stderr = read(&self.dir.path().join("nats.stderr"));
+                return Err(format!("nats-server exited with {status}: {text}{stderr}"));
             }
             if Instant::now() > deadline {
                 self.kill();

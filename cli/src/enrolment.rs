@@ -1,0 +1,77 @@
+//! `flotilla auth init` and `flotilla agent enroll|revoke`: the commands
+//! over [`crate::authority`], and their output.
+
+use serde_json::json;
+
+use crate::args::{AgentAction, AuthAction, Format, GlobalArgs};
+use crate::authority::{self, Authority};
+use crate::exit::CliError;
+
+pub fn auth(g: &GlobalArgs, action: &AuthAction) -> Result<(), CliError> {
+    match action {
+        AuthAction::Init { dir, resolver_dir } => {
+            let made = Authority::new(dir).init(&g.bucket, resolver_dir)?;
+            if g.output == Format::Json {
+                println!("{}", serde_json::to_string(&made).expect("serialises"));
+            } else {
+                println!(
+                    "authority created in {dir}\n\
+                     operator        {op}\n\
+                     fleet account   {acc}\n\
+                     server config   {conf} (include it from nats-server's configuration)\n\
+                     control plane   {control}\n\
+                     operators       {operators}\n\
+                     Keep {dir} offline; it holds the keys that issue every credential.",
+                    dir = dir.display(),
+                    op = made.operator,
+                    acc = made.fleet_account,
+                    conf = made.server_config.display(),
+                    control = made.control_creds.display(),
+                    operators = made.operator_creds.display(),
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+pub async fn agent(g: &GlobalArgs, action: &AgentAction) -> Result<(), CliError> {
+    match action {
+        AgentAction::Enroll {
+            agent,
+            auth_dir,
+            out,
+            expires,
+            labels,
+        } => {
+            let enrolled = Authority::new(auth_dir).enroll(&g.bucket, agent, out, *expires)?;
+            if !labels.is_empty() {
+                crate::values::set_labels(g, agent, labels).await?;
+            }
+            if g.output == Format::Json {
+                println!("{}", serde_json::to_string(&enrolled).expect("serialises"));
+            } else {
+                println!(
+                    "{agent}: credentials in {} (user {})",
+                    out.display(),
+                    enrolled.public_key
+                );
+            }
+            Ok(())
+        }
+        AgentAction::Revoke { agent, auth_dir } => {
+            let authority = Authority::new(auth_dir);
+            let (jwt, revoked) = authority.revoke(agent)?;
+            authority::push_account(&g.nats_url, &authority.system_creds(), &jwt).await?;
+            if g.output == Format::Json {
+                println!("{}", json!({"agentId": agent, "revoked": revoked}));
+            } else {
+                println!(
+                    "{agent}: {} credential(s) revoked; the server refuses them now",
+                    revoked.len()
+                );
+            }
+            Ok(())
+        }
+    }
+}

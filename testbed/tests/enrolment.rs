@@ -1,0 +1,381 @@
+//! Enrolment and per-device credentials on a real nats-server running the
+//! shipped `deploy/nats/flotilla-secure.conf` with the authority `flotilla
+//! auth init` made (docs/adr/0017): enrolled devices run the whole loop with
+//! their own credentials; with device A's credentials, an attacker can
+//! neither read B's intent nor write anything but A's own reports; the
+//! operator role cannot write desired state; a revoked device is cut off at
+//! once.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use testbed::{NatsServer, Process, binary, workspace_root};
+
+struct Secure {
+    server: NatsServer,
+    dir: tempfile::TempDir,
+    _processes: Vec<Process>,
+}
+
+impl Secure {
+    fn auth(&self) -> PathBuf {
+        self.dir.path().join("authority")
+    }
+
+    fn creds(&self, name: &str) -> PathBuf {
+        self.auth().join(name)
+    }
+
+    /// The CLI as an operator (operator.creds).
+    fn flotilla(&self, args: &[&str]) -> Output {
+        Command::new(binary("flotilla"))
+            .args(["--nats-url", &self.server.url()])
+            .arg("--creds")
+            .arg(self.creds("operator.creds"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn logs(&self) -> String {
+        let mut s = self.server.log();
+        for e in std::fs::read_dir(self.dir.path()).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|e| e == "log") {
+                s += &format!(
+                    "\n--- {}\n{}",
+                    p.display(),
+                    std::fs::read_to_string(&p).unwrap()
+                );
+            }
+        }
+        s
+    }
+
+    fn ok(&self, out: &Output) -> String {
+        assert!(
+            out.status.success(),
+            "exit {:?}\nstdout: {}\nstderr: {}\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("files")
+    }
+
+    fn start_agent(&mut self, id: &str, trusted: &str) {
+        let mut cmd = Command::new(binary("flotilla-agent"));
+        cmd.args(["--nats-url", &self.server.url(), "--id", id])
+            .arg("--creds")
+            .arg(self.dir.path().join(format!("{id}.creds")))
+            .args(["--trusted-key", trusted])
+            .arg("--state-dir")
+            .arg(self.dir.path().join(id))
+            .arg("--file-root")
+            .arg(self.root())
+            .args(["--resync-interval", "1s", "--heartbeat-interval", "500ms"]);
+        let log = self.dir.path().join(format!("{id}.log"));
+        self._processes.push(Process::spawn(cmd, &log));
+    }
+
+    async fn wait(&self, what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !check() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out: {what}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A client authenticated by `creds`, recording the server's errors
+/// (permission violations).
+async fn client(
+    url: &str,
+    creds: &Path,
+    inbox: &str,
+) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let seen = errors.clone();
+    let c = async_nats::ConnectOptions::with_credentials_file(creds)
+        .await
+        .unwrap()
+        .custom_inbox_prefix(inbox)
+        .request_timeout(Some(Duration::from_millis(500)))
+        .event_callback(move |e| {
+            let seen = seen.clone();
+            async move {
+                match e {
+                    async_nats::Event::ServerError(e) => seen.lock().unwrap().push(e.to_string()),
+                    async_nats::Event::Disconnected => {
+                        seen.lock().unwrap().push("disconnected".into())
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .connect(url)
+        .await
+        .unwrap();
+    (c, errors)
+}
+
+fn denied(errors: &Mutex<Vec<String>>, kind: &str, subject: &str) -> bool {
+    let needle = format!("permissions violation for {kind} to \"{subject}\"").to_lowercase();
+    errors
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|e| e.to_lowercase().replace('\'', "\"").contains(&needle))
+}
+
+const HELLO: &str = "apiVersion: flotilla.dev/v1\nkind: Deployment\nname: hello\n\
+    selector:\n  matchLabels: {role: kiosk}\nresources:\n  - id: motd\n    kind: File\n    \
+    spec: {path: \"ROOT/${agent.id}.motd\", content: \"CONTENT\"}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolled_devices_are_confined_to_their_own_subjects_and_a_revoked_one_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = dir.path().join("authority");
+    let jwt_dir = dir.path().join("jwt");
+    let init = Command::new(binary("flotilla"))
+        .args(["auth", "init", "--dir"])
+        .arg(&auth)
+        .arg("--resolver-dir")
+        .arg(&jwt_dir)
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    let shipped =
+        std::fs::read_to_string(workspace_root().join("deploy/nats/flotilla-secure.conf")).unwrap();
+    let config = shipped
+        .replace("0.0.0.0:4222", "127.0.0.1:{port}")
+        .replace("http: 127.0.0.1:8222", "")
+        .replace("server_name: flotilla-1", "server_name: flotilla-{port}")
+        .replace("store_dir: /var/lib/nats", "store_dir: \"{store}\"")
+        .replace(
+            "include \"nats-auth.conf\"",
+            &std::fs::read_to_string(auth.join("nats-auth.conf")).unwrap(),
+        );
+    assert_ne!(config, shipped);
+    let server = NatsServer::start_with_own_config(&config);
+    let mut fleet = Secure {
+        server,
+        dir,
+        _processes: Vec::new(),
+    };
+    std::fs::create_dir_all(fleet.root()).unwrap();
+    let (key_file, public) = testbed::signing_key(fleet.dir.path());
+    let mut control = Command::new(binary("flotilla-control"));
+    control
+        .args(["--nats-url", &fleet.server.url()])
+        .arg("--creds")
+        .arg(fleet.creds("control.creds"))
+        .arg("--signing-key-file")
+        .arg(&key_file);
+    let log = fleet.dir.path().join("control.log");
+    fleet._processes.push(Process::spawn(control, &log));
+
+    // Enrolment: credentials and the operator's labels, no server change.
+    for id in ["pi-a", "pi-b"] {
+        let out = fleet.dir.path().join(format!("{id}.creds"));
+        let enrolled = fleet.flotilla(&[
+            "agent",
+            "enroll",
+            id,
+            "--auth-dir",
+            auth.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--expires",
+            "30d",
+            "--label",
+            "role=kiosk",
+        ]);
+        fleet.ok(&enrolled);
+        fleet.start_agent(id, &public);
+    }
+    fleet
+        .wait("both devices registered with their own credentials", || {
+            let out = fleet.flotilla(&["get", "agents", "-o", "json"]);
+            let rows: Vec<serde_json::Value> =
+                serde_json::from_slice(&out.stdout).unwrap_or_default();
+            rows.iter().filter(|r| r["inventory"].is_object()).count() == 2
+        })
+        .await;
+    let yaml = fleet.dir.path().join("hello.yaml");
+    let root = fleet.root();
+    std::fs::write(
+        &yaml,
+        HELLO
+            .replace("ROOT", root.to_str().unwrap())
+            .replace("CONTENT", "v1"),
+    )
+    .unwrap();
+    fleet.ok(&fleet.flotilla(&[
+        "apply",
+        "-f",
+        yaml.to_str().unwrap(),
+        "--wait",
+        "--timeout",
+        "30s",
+    ]));
+    for id in ["pi-a", "pi-b"] {
+        assert_eq!(
+            std::fs::read_to_string(root.join(format!("{id}.motd"))).unwrap(),
+            "v1"
+        );
+    }
+
+    // Device A's credentials, in an attacker's hands.
+    let url = fleet.server.url();
+    let (a, errors) = client(&url, &fleet.dir.path().join("pi-a.creds"), "_INBOX.pi-a").await;
+    let mut js = jetstream::new(a.clone());
+    js.set_timeout(Duration::from_millis(500));
+    // B's manifest: direct get, subscription, a KV watch (its stream info
+    // and consumer creation), a raw consumer.
+    let stream = js.get_stream_no_info("KV_fleet").await.unwrap();
+    assert!(
+        stream
+            .direct_get_last_for_subject("$KV.fleet.desired-state.pi-b")
+            .await
+            .is_err()
+    );
+    let _sub = a
+        .subscribe("flotilla.fleet.desired-state.pi-b")
+        .await
+        .unwrap();
+    let _sub_all = a.subscribe("flotilla.fleet.desired-state.>").await.unwrap();
+    assert!(
+        js.get_key_value("fleet").await.is_err(),
+        "a KV handle needs stream info"
+    );
+    for subject in [
+        "$JS.API.CONSUMER.CREATE.KV_fleet",
+        "$JS.API.STREAM.INFO.KV_fleet",
+        "$JS.API.STREAM.DELETE.KV_fleet",
+        "$JS.API.STREAM.PURGE.KV_fleet",
+        "$KV.fleet.actual-state.pi-b",
+        "$KV.fleet-heartbeats.heartbeat.pi-b",
+        "$KV.fleet.agents.pi-b",
+        "$KV.fleet.desired-state.pi-a",
+        "$KV.fleet.desired-state.pi-b",
+        "$KV.fleet.deployments.evil",
+        "$KV.fleet.values.pi-a",
+        "flotilla.fleet.desired-state.pi-a",
+    ] {
+        a.publish(subject, Bytes::from_static(b"{}")).await.unwrap();
+    }
+    a.flush().await.unwrap();
+    fleet
+        .wait("every attempt denied by the server", || {
+            [
+                ("subscription", "flotilla.fleet.desired-state.pi-b"),
+                ("subscription", "flotilla.fleet.desired-state.>"),
+                (
+                    "publish",
+                    "$JS.API.DIRECT.GET.KV_fleet.$KV.fleet.desired-state.pi-b",
+                ),
+                ("publish", "$JS.API.STREAM.INFO.KV_fleet"),
+                ("publish", "$JS.API.CONSUMER.CREATE.KV_fleet"),
+                ("publish", "$JS.API.STREAM.DELETE.KV_fleet"),
+                ("publish", "$JS.API.STREAM.PURGE.KV_fleet"),
+                ("publish", "$KV.fleet.actual-state.pi-b"),
+                ("publish", "$KV.fleet-heartbeats.heartbeat.pi-b"),
+                ("publish", "$KV.fleet.agents.pi-b"),
+                ("publish", "$KV.fleet.desired-state.pi-a"),
+                ("publish", "$KV.fleet.desired-state.pi-b"),
+                ("publish", "$KV.fleet.deployments.evil"),
+                ("publish", "$KV.fleet.values.pi-a"),
+                ("publish", "flotilla.fleet.desired-state.pi-a"),
+            ]
+            .iter()
+            .all(|(kind, subject)| denied(&errors, kind, subject))
+        })
+        .await;
+    // Nothing reached the bucket, and the fleet is as it was.
+    let (control_client, _) = client(&url, &fleet.creds("control.creds"), "_INBOX").await;
+    let kv = jetstream::new(control_client)
+        .get_key_value("fleet")
+        .await
+        .unwrap();
+    assert!(kv.get("deployments.evil").await.unwrap().is_none());
+    assert!(
+        kv.get("actual-state.pi-b")
+            .await
+            .unwrap()
+            .is_some_and(|v| v.as_ref() != b"{}")
+    );
+
+    // The operator role writes deployments, never desired state.
+    let (op, op_errors) = client(&url, &fleet.creds("operator.creds"), "_INBOX").await;
+    op.publish("$KV.fleet.desired-state.pi-a", Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    op.publish("$JS.API.STREAM.DELETE.KV_fleet", Bytes::new())
+        .await
+        .unwrap();
+    op.flush().await.unwrap();
+    fleet
+        .wait("the operator role denied desired state", || {
+            denied(&op_errors, "publish", "$KV.fleet.desired-state.pi-a")
+                && denied(&op_errors, "publish", "$JS.API.STREAM.DELETE.KV_fleet")
+        })
+        .await;
+
+    // Revoke B: its open connection is closed, a new one refused, A keeps going.
+    let (b, b_events) = client(&url, &fleet.dir.path().join("pi-b.creds"), "_INBOX.pi-b").await;
+    let revoked = Instant::now();
+    fleet.ok(&fleet.flotilla(&[
+        "agent",
+        "revoke",
+        "pi-b",
+        "--auth-dir",
+        auth.to_str().unwrap(),
+    ]));
+    fleet
+        .wait("pi-b's connection closed", || {
+            b_events.lock().unwrap().iter().any(|e| e == "disconnected")
+        })
+        .await;
+    let cut_off = revoked.elapsed();
+    drop(b);
+    let again =
+        async_nats::ConnectOptions::with_credentials_file(fleet.dir.path().join("pi-b.creds"))
+            .await
+            .unwrap()
+            .connect(&url)
+            .await;
+    assert!(again.is_err(), "a revoked device connects again");
+    std::fs::write(
+        &yaml,
+        HELLO
+            .replace("ROOT", root.to_str().unwrap())
+            .replace("CONTENT", "v2"),
+    )
+    .unwrap();
+    fleet.ok(&fleet.flotilla(&["apply", "-f", yaml.to_str().unwrap()]));
+    fleet
+        .wait("pi-a converges on v2", || {
+            std::fs::read_to_string(root.join("pi-a.motd")).is_ok_and(|c| c == "v2")
+        })
+        .await;
+    assert_eq!(
+        std::fs::read_to_string(root.join("pi-b.motd")).unwrap(),
+        "v1",
+        "pi-b is cut off"
+    );
+    eprintln!("revocation: connection closed {cut_off:?} after `flotilla agent revoke` started");
+}

@@ -438,6 +438,7 @@ async fn connect(
         config.auth.clone(),
     )
     .inbox_prefix(keys::agent_inbox_prefix(&config.agent_id))
+    .tls(&config.tls)
     .retry_on_initial_connect()
     .event_callback(move |event| {
         let epoch = epoch.clone();

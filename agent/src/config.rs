@@ -23,6 +23,8 @@ pub struct Config {
     pub resync_interval: Duration,
     pub heartbeat_interval: Duration,
     pub auth: NatsAuth,
+    /// TLS to NATS: a CA file, optionally a client certificate (mTLS).
+    pub tls: flotilla_nats::Tls,
     /// Docker Engine socket (`unix://…`); None: `DOCKER_HOST` or the default socket.
     pub docker_host: Option<String>,
     /// Grace period of a container stop before the engine kills it.
@@ -91,6 +93,8 @@ pub enum ConfigError {
         "no trusted signing key: give --trusted-key (the control plane's public key, from `flotilla keys generate`), or --allow-unsigned for a development fleet"
     )]
     NoTrust,
+    #[error(transparent)]
+    Tls(#[from] flotilla_nats::TlsError),
     #[error("trusted key: {0}")]
     TrustedKey(#[from] manifest_types::signing::KeyError),
     #[error("invalid duration {value:?} for {what}: {source}")]
@@ -148,6 +152,16 @@ pub struct Args {
     pub nats_user: Option<String>,
     #[arg(long, env = "FLOTILLA_NATS_PASSWORD", hide_env_values = true)]
     pub nats_password: Option<String>,
+    /// CA certificate (PEM) the NATS server's certificate must chain to;
+    /// TLS is then required.
+    #[arg(long, env = "FLOTILLA_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that verify clients (mTLS).
+    #[arg(long, env = "FLOTILLA_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, env = "FLOTILLA_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Docker Engine socket, e.g. unix:///var/run/docker.sock (default: DOCKER_HOST or that).
     #[arg(long, env = "FLOTILLA_DOCKER_HOST")]
     pub docker_host: Option<String>,
@@ -212,6 +226,9 @@ pub struct FileConfig {
     pub nkey_seed_file: Option<PathBuf>,
     pub nats_user: Option<String>,
     pub nats_password: Option<String>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     pub docker_host: Option<String>,
     pub container_stop_timeout: Option<String>,
     #[serde(default)]
@@ -281,6 +298,11 @@ impl Config {
             args.nats_user.or(file.nats_user),
             args.nats_password.or(file.nats_password),
         )?;
+        let tls = flotilla_nats::Tls::pick(
+            args.tls_ca.or(file.tls_ca),
+            args.tls_cert.or(file.tls_cert),
+            args.tls_key.or(file.tls_key),
+        )?;
         let config = Self {
             nats_url: args
                 .nats_url
@@ -308,6 +330,7 @@ impl Config {
                 DEFAULT_HEARTBEAT,
             )?,
             auth,
+            tls,
             docker_host: args.docker_host.or(file.docker_host),
             container_stop_timeout: duration(
                 "container-stop-timeout",
@@ -367,6 +390,7 @@ impl Config {
             resync_interval: DEFAULT_RESYNC,
             heartbeat_interval: DEFAULT_HEARTBEAT,
             auth: NatsAuth::None,
+            tls: flotilla_nats::Tls::default(),
             docker_host: None,
             container_stop_timeout: DEFAULT_CONTAINER_STOP_TIMEOUT,
             container_policy: ContainerPolicy::default(),

@@ -73,6 +73,16 @@ pub struct GlobalArgs {
         hide_env_values = true
     )]
     pub nats_password: Option<String>,
+    /// CA certificate (PEM) the NATS server's certificate must chain to; TLS
+    /// is then required.
+    #[arg(long, global = true, env = "FLOTILLA_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that verify clients (mTLS).
+    #[arg(long, global = true, env = "FLOTILLA_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, global = true, env = "FLOTILLA_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
     /// The heartbeat period assumed for agents whose heartbeat does not
     /// declare one (older agents). Every agent is Stale after 3 missed
     /// heartbeats and Offline after 10 of its own interval (ADR 0010, 0015),

@@ -462,11 +462,16 @@ impl Authority {
 /// Sends an account JWT to the server (`$SYS.REQ.CLAIMS.UPDATE`) as the
 /// system user; the server applies it at once (revoked users are
 /// disconnected) and stores it in its resolver directory.
-pub async fn push_account(nats_url: &str, system_creds: &Path, jwt: &str) -> Result<(), CliError> {
-    let client = async_nats::ConnectOptions::with_credentials_file(system_creds)
-        .await
-        .map_err(io(format!("cannot read {}", system_creds.display())))?
-        .connect(nats_url)
+pub async fn push_account(
+    nats_url: &str,
+    system_creds: &Path,
+    tls: &flotilla_nats::Tls,
+    jwt: &str,
+) -> Result<(), CliError> {
+    let auth = flotilla_nats::Auth::CredentialsFile(system_creds.to_owned());
+    let client = flotilla_nats::Connector::new(nats_url, "flotilla-cli", auth)
+        .tls(tls)
+        .connect()
         .await
         .map_err(|e| CliError::Connect {
             url: nats_url.to_owned(),

@@ -62,7 +62,10 @@ pub async fn agent(g: &GlobalArgs, action: &AgentAction) -> Result<(), CliError>
         AgentAction::Revoke { agent, auth_dir } => {
             let authority = Authority::new(auth_dir);
             let (jwt, revoked) = authority.revoke(agent)?;
-            authority::push_account(&g.nats_url, &authority.system_creds(), &jwt).await?;
+            let tls =
+                flotilla_nats::Tls::pick(g.tls_ca.clone(), g.tls_cert.clone(), g.tls_key.clone())
+                    .map_err(|e| CliError::Usage(e.to_string()))?;
+            authority::push_account(&g.nats_url, &authority.system_creds(), &tls, &jwt).await?;
             if g.output == Format::Json {
                 println!("{}", json!({"agentId": agent, "revoked": revoked}));
             } else {

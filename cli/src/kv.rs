@@ -38,7 +38,10 @@ async fn connect(g: &GlobalArgs) -> Result<jetstream::Context, CliError> {
         g.nats_password.clone(),
     )
     .map_err(|e| CliError::Usage(e.to_string()))?;
+    let tls = flotilla_nats::Tls::pick(g.tls_ca.clone(), g.tls_cert.clone(), g.tls_key.clone())
+        .map_err(|e| CliError::Usage(e.to_string()))?;
     let client = Connector::new(&g.nats_url, "flotilla-cli", auth)
+        .tls(&tls)
         .connect()
         .await
         .map_err(|e| CliError::Connect {

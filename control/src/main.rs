@@ -36,6 +36,16 @@ struct Args {
     nats_user: Option<String>,
     #[arg(long, env = "FLOTILLA_NATS_PASSWORD", hide_env_values = true)]
     nats_password: Option<String>,
+    /// CA certificate (PEM) the NATS server's certificate must chain to; TLS
+    /// is then required.
+    #[arg(long, env = "FLOTILLA_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that verify clients (mTLS).
+    #[arg(long, env = "FLOTILLA_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, env = "FLOTILLA_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
     /// Heartbeats per second the whole fleet may send: the published
     /// heartbeat interval grows with the fleet to keep under it.
     #[arg(long, env = "FLOTILLA_HEARTBEAT_MAX_RATE", default_value_t = 500)]
@@ -117,6 +127,7 @@ fn main() -> anyhow::Result<()> {
         args.nats_user,
         args.nats_password,
     )?;
+    config.tls = flotilla_nats::Tls::pick(args.tls_ca, args.tls_cert, args.tls_key)?;
     config.signing = std::sync::Arc::new(signing_keys(&args.signing_key_files)?);
     if config.signing.is_empty() {
         tracing::warn!(

@@ -7,6 +7,7 @@ use std::str::FromStr;
 use async_nats::{ConnectOptions, Event, ServerAddr};
 
 use crate::auth::Auth;
+use crate::tls::Tls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -68,6 +69,12 @@ impl Connector {
     /// confine a device to its own inbox.
     pub fn inbox_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.options = self.options.custom_inbox_prefix(prefix.into());
+        self
+    }
+
+    /// TLS settings ([`Tls`]); none by default.
+    pub fn tls(mut self, tls: &Tls) -> Self {
+        self.options = tls.apply(self.options);
         self
     }
 

@@ -13,6 +13,8 @@
 //!   server list, the caller's client name, optional inbox prefix (agents
 //!   confine themselves to `_INBOX_<id>`), retry-on-first-connect and event
 //!   callback.
+//! - [`tls`]: [`Tls`], TLS to the server — a CA file, optionally a client
+//!   certificate (mTLS) — with rustls and `ring` (no OpenSSL on devices).
 //! - [`shutdown`]: [`shutdown_signal`], SIGTERM or SIGINT.
 //! - [`bucket`]: the fleet bucket's configuration with its RePublish rule
 //!   (ADR 0002), [`ensure_bucket`] (control plane and `flotilla apply`) and
@@ -33,6 +35,7 @@ pub mod connect;
 pub mod family;
 pub mod reports;
 pub mod shutdown;
+pub mod tls;
 
 pub use auth::{Auth, AuthError};
 pub use bucket::{
@@ -43,3 +46,4 @@ pub use connect::{ConnectError, Connector};
 pub use family::{ReadError, Snapshot, read_families, read_family, read_keys};
 pub use reports::{AgentReports, read_reports};
 pub use shutdown::shutdown_signal;
+pub use tls::{Tls, TlsError};

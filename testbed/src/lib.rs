@@ -398,3 +398,53 @@ pub fn bench_list(name: &str, default: &str) -> Vec<usize> {
         .filter_map(|v| v.trim().replace('_', "").parse().ok())
         .collect()
 }
+
+/// A throwaway PKI for TLS tests, written as PEM files into a directory:
+/// a CA, a server certificate for 127.0.0.1/localhost and a client
+/// certificate (for mutual TLS), all signed by the CA.
+#[derive(Debug, Clone)]
+pub struct TestPki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TestPki {
+    pub fn generate(dir: &Path) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().expect("a CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "Flotilla test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("the CA certificate");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |names: Vec<String>, cn: &str| {
+            let key = KeyPair::generate().expect("a key");
+            let mut params = CertificateParams::new(names).expect("leaf params");
+            params.distinguished_name.push(DnType::CommonName, cn);
+            let cert = params
+                .signed_by(&key, &issuer)
+                .expect("a signed certificate");
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) =
+            leaf(vec!["127.0.0.1".into(), "localhost".into()], "nats-server");
+        let (client_cert, client_key) = leaf(vec!["pi-a".into()], "pi-a");
+        let write = |name: &str, pem: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, pem).expect("write a PEM file");
+            p
+        };
+        Self {
+            ca: write("ca.pem", &ca_cert.pem()),
+            server_cert: write("server.pem", &server_cert),
+            server_key: write("server-key.pem", &server_key),
+            client_cert: write("client.pem", &client_cert),
+            client_key: write("client-key.pem", &client_key),
+        }
+    }
+}

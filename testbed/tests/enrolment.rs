@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use testbed::{NatsServer, Process, binary, workspace_root};
+use testbed::{NatsServer, Process, TestPki, binary, workspace_root};
 
 struct Secure {
     server: NatsServer,
     dir: tempfile::TempDir,
+    pki: TestPki,
     _processes: Vec<Process>,
 }
 
@@ -30,15 +31,24 @@ impl Secure {
         self.auth().join(name)
     }
 
+    /// `--tls-ca`, `--tls-cert`, `--tls-key`: mutual TLS.
+    fn tls_args(&self, cmd: &mut Command) {
+        cmd.arg("--tls-ca")
+            .arg(&self.pki.ca)
+            .arg("--tls-cert")
+            .arg(&self.pki.client_cert)
+            .arg("--tls-key")
+            .arg(&self.pki.client_key);
+    }
+
     /// The CLI as an operator (operator.creds).
     fn flotilla(&self, args: &[&str]) -> Output {
-        Command::new(binary("flotilla"))
-            .args(["--nats-url", &self.server.url()])
+        let mut cmd = Command::new(binary("flotilla"));
+        cmd.args(["--nats-url", &self.server.url()])
             .arg("--creds")
-            .arg(self.creds("operator.creds"))
-            .args(args)
-            .output()
-            .unwrap()
+            .arg(self.creds("operator.creds"));
+        self.tls_args(&mut cmd);
+        cmd.args(args).output().unwrap()
     }
 
     fn logs(&self) -> String {
@@ -83,6 +93,7 @@ impl Secure {
             .arg("--file-root")
             .arg(self.root())
             .args(["--resync-interval", "1s", "--heartbeat-interval", "500ms"]);
+        self.tls_args(&mut cmd);
         let log = self.dir.path().join(format!("{id}.log"));
         self._processes.push(Process::spawn(cmd, &log));
     }
@@ -104,6 +115,7 @@ impl Secure {
 /// (permission violations).
 async fn client(
     url: &str,
+    pki: &TestPki,
     creds: &Path,
     inbox: &str,
 ) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
@@ -112,6 +124,9 @@ async fn client(
     let c = async_nats::ConnectOptions::with_credentials_file(creds)
         .await
         .unwrap()
+        .add_root_certificates(pki.ca.clone())
+        .add_client_certificate(pki.client_cert.clone(), pki.client_key.clone())
+        .require_tls(true)
         .custom_inbox_prefix(inbox)
         .request_timeout(Some(Duration::from_millis(500)))
         .event_callback(move |e| {
@@ -158,9 +173,21 @@ async fn enrolled_devices_are_confined_to_their_own_subjects_and_a_revoked_one_i
         .output()
         .unwrap();
     assert!(init.status.success(), "{init:?}");
+    let pki = TestPki::generate(dir.path());
     let shipped =
         std::fs::read_to_string(workspace_root().join("deploy/nats/flotilla-secure.conf")).unwrap();
     let config = shipped
+        .replace(
+            "/etc/nats/tls/server.pem",
+            pki.server_cert.to_str().unwrap(),
+        )
+        .replace(
+            "/etc/nats/tls/server-key.pem",
+            pki.server_key.to_str().unwrap(),
+        )
+        .replace("/etc/nats/tls/ca.pem", pki.ca.to_str().unwrap())
+        // Mutual TLS, the shipped option.
+        .replace("# verify: true", "verify: true")
         .replace("0.0.0.0:4222", "127.0.0.1:{port}")
         .replace("http: 127.0.0.1:8222", "")
         .replace("server_name: flotilla-1", "server_name: flotilla-{port}")
@@ -174,11 +201,13 @@ async fn enrolled_devices_are_confined_to_their_own_subjects_and_a_revoked_one_i
     let mut fleet = Secure {
         server,
         dir,
+        pki,
         _processes: Vec::new(),
     };
     std::fs::create_dir_all(fleet.root()).unwrap();
     let (key_file, public) = testbed::signing_key(fleet.dir.path());
     let mut control = Command::new(binary("flotilla-control"));
+    fleet.tls_args(&mut control);
     control
         .args(["--nats-url", &fleet.server.url()])
         .arg("--creds")
@@ -239,9 +268,36 @@ async fn enrolled_devices_are_confined_to_their_own_subjects_and_a_revoked_one_i
         );
     }
 
+    // TLS is required, and (verify) so is a client certificate from the CA:
+    // valid credentials alone do not get in.
+    let a_creds = fleet.dir.path().join("pi-a.creds");
+    let plain = async_nats::ConnectOptions::with_credentials_file(a_creds.clone())
+        .await
+        .unwrap()
+        .connect(fleet.server.url())
+        .await;
+    assert!(plain.is_err(), "a plain connection was accepted");
+    let no_client_cert = async_nats::ConnectOptions::with_credentials_file(a_creds.clone())
+        .await
+        .unwrap()
+        .add_root_certificates(fleet.pki.ca.clone())
+        .require_tls(true)
+        .connect(fleet.server.url())
+        .await;
+    assert!(
+        no_client_cert.is_err(),
+        "a client without a certificate was accepted"
+    );
+
     // Device A's credentials, in an attacker's hands.
     let url = fleet.server.url();
-    let (a, errors) = client(&url, &fleet.dir.path().join("pi-a.creds"), "_INBOX.pi-a").await;
+    let (a, errors) = client(
+        &url,
+        &fleet.pki,
+        &fleet.dir.path().join("pi-a.creds"),
+        "_INBOX.pi-a",
+    )
+    .await;
     let mut js = jetstream::new(a.clone());
     js.set_timeout(Duration::from_millis(500));
     // B's manifest: direct get, subscription, a KV watch (its stream info
@@ -306,7 +362,8 @@ async fn enrolled_devices_are_confined_to_their_own_subjects_and_a_revoked_one_i
         })
         .await;
     // Nothing reached the bucket, and the fleet is as it was.
-    let (control_client, _) = client(&url, &fleet.creds("control.creds"), "_INBOX").await;
+    let (control_client, _) =
+        client(&url, &fleet.pki, &fleet.creds("control.creds"), "_INBOX").await;
     let kv = jetstream::new(control_client)
         .get_key_value("fleet")
         .await
@@ -320,7 +377,7 @@ async fn enrolled_devices_are_confined_to_their_own_subjects_and_a_revoked_one_i
     );
 
     // The operator role writes deployments, never desired state.
-    let (op, op_errors) = client(&url, &fleet.creds("operator.creds"), "_INBOX").await;
+    let (op, op_errors) = client(&url, &fleet.pki, &fleet.creds("operator.creds"), "_INBOX").await;
     op.publish("$KV.fleet.desired-state.pi-a", Bytes::from_static(b"{}"))
         .await
         .unwrap();
@@ -336,7 +393,13 @@ async fn enrolled_devices_are_confined_to_their_own_subjects_and_a_revoked_one_i
         .await;
 
     // Revoke B: its open connection is closed, a new one refused, A keeps going.
-    let (b, b_events) = client(&url, &fleet.dir.path().join("pi-b.creds"), "_INBOX.pi-b").await;
+    let (b, b_events) = client(
+        &url,
+        &fleet.pki,
+        &fleet.dir.path().join("pi-b.creds"),
+        "_INBOX.pi-b",
+    )
+    .await;
     let revoked = Instant::now();
     fleet.ok(&fleet.flotilla(&[
         "agent",
@@ -356,6 +419,9 @@ async fn enrolled_devices_are_confined_to_their_own_subjects_and_a_revoked_one_i
         async_nats::ConnectOptions::with_credentials_file(fleet.dir.path().join("pi-b.creds"))
             .await
             .unwrap()
+            .add_root_certificates(fleet.pki.ca.clone())
+            .add_client_certificate(fleet.pki.client_cert.clone(), fleet.pki.client_key.clone())
+            .require_tls(true)
             .connect(&url)
             .await;
     assert!(again.is_err(), "a revoked device connects again");

@@ -75,6 +75,8 @@ pub struct Config {
     pub nats_url: String,
     pub bucket: BucketName,
     pub auth: NatsAuth,
+    /// TLS to NATS (a CA file, optionally a client certificate).
+    pub tls: flotilla_nats::Tls,
     /// KV writes in flight at once during a pass.
     pub publish_concurrency: usize,
     /// Delay before a pass with failed writes is retried.
@@ -106,6 +108,7 @@ impl Config {
             nats_url: nats_url.into(),
             bucket: BucketName::default(),
             auth: NatsAuth::None,
+            tls: flotilla_nats::Tls::default(),
             publish_concurrency: 64,
             retry_after: Duration::from_secs(1),
             bucket_check_interval: Duration::from_secs(5),
@@ -131,6 +134,7 @@ pub enum DaemonError {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     let client =
         flotilla_nats::Connector::new(&config.nats_url, "flotilla-control", config.auth.clone())
+            .tls(&config.tls)
             .connect()
             .await?;
     let js = async_nats::jetstream::new(client);

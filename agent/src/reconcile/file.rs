@@ -7,7 +7,11 @@
 //! - On removal from the manifest, a file is deleted only if it still holds
 //!   exactly what the agent wrote; otherwise (or if it was adopted) it is
 //!   released: left in place and reported.
-//! - No symlinks anywhere between the file root and the file.
+//! - No symlinks anywhere between the file root and the file, also under
+//!   races: the file's directory is reached with an `O_NOFOLLOW` walk from
+//!   the root and every operation on the file goes through that open handle
+//!   ([`crate::fsutil::AnchoredDir`]); the file itself is opened
+//!   `O_NOFOLLOW` and replaced by rename, which never follows a symlink.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -26,7 +30,9 @@ use manifest_types::{
 use sha2::{Digest, Sha256};
 
 use super::{Failure, Outcome, Removals};
-use crate::fsutil::{sync_dir, write_atomic};
+use crate::fsutil::{
+    AnchoredDir, is_not_a_directory, is_symlink_error, open_nofollow, write_atomic,
+};
 use crate::state::{FileEntry, Ledger, StateDir};
 
 /// What is on disk at a path.
@@ -195,9 +201,10 @@ impl Files {
                 .map(|p| resolve(p, "/etc/group"))
                 .transpose()?,
         };
-        self.prepare_parents(&path)?;
-        let observed =
-            observe(&path).map_err(|e| io_failure(FailureReason::ReadFailed, &path, e))?;
+        // `at` names the file through its anchored directory: nothing below
+        // may redirect it out of the root between here and the last read.
+        let (_dir, at) = self.anchor(&path, true)?;
+        let observed = observe(&at).map_err(|e| io_failure(FailureReason::ReadFailed, &path, e))?;
         let owned = self.ledger.files.get(&path).cloned();
         match plan(&desired, observed.as_ref(), owned.as_ref(), spec.adopt) {
             Plan::InSync => {}
@@ -215,7 +222,7 @@ impl Files {
                     },
                 )?;
                 write_atomic(
-                    &path,
+                    &at,
                     &content,
                     desired.mode,
                     Some((desired.uid, desired.gid)),
@@ -224,10 +231,13 @@ impl Files {
                 tracing::info!(resource = %id, path = %path.display(), "file written");
             }
             Plan::FixMetadata => {
-                // chown first: it clears setuid/setgid, which the chmod restores.
-                std::os::unix::fs::lchown(&path, desired.uid, desired.gid)
-                    .and_then(|()| {
-                        fs::set_permissions(&path, fs::Permissions::from_mode(desired.mode))
+                // Through a descriptor of the file itself (never a path a
+                // symlink could replace); chown first: it clears
+                // setuid/setgid, which the chmod restores.
+                open_nofollow(&at)
+                    .and_then(|f| {
+                        std::os::unix::fs::fchown(&f, desired.uid, desired.gid)?;
+                        f.set_permissions(fs::Permissions::from_mode(desired.mode))
                     })
                     .map_err(|e| io_failure(FailureReason::WriteFailed, &path, e))?;
                 tracing::info!(resource = %id, path = %path.display(), "file metadata repaired");
@@ -245,7 +255,7 @@ impl Files {
             };
             self.record(path.clone(), entry)?;
         }
-        let now = observe(&path)
+        let now = observe(&at)
             .map_err(|e| io_failure(FailureReason::ReadFailed, &path, e))?
             .ok_or_else(|| {
                 Failure::new(
@@ -262,60 +272,50 @@ impl Files {
         })
     }
 
-    /// Refuses symlinks between the root and the file; creates missing
-    /// parent directories (0755).
-    fn prepare_parents(&self, path: &Path) -> Result<(), Failure> {
+    /// The directory holding `path`, reached from its file root without
+    /// following any symlink ([`AnchoredDir`]; missing directories are
+    /// created, 0755, when `create`), and the file's name resolved through
+    /// it: every later operation on the file goes through that handle.
+    fn anchor(&self, path: &Path, create: bool) -> Result<(AnchoredDir, PathBuf), Failure> {
         let root = self
             .roots
             .iter()
-            .find(|r| path.starts_with(r))
+            .find(|r| path.starts_with(r) && path != r.as_path())
             .ok_or_else(|| {
                 Failure::new(
                     FailureReason::PathOutsideRoots,
                     format!("{} is outside every file root", path.display()),
                 )
             })?;
-        let parent = path.parent().unwrap_or(root);
-        let mut cur = root.clone();
-        for comp in parent
-            .strip_prefix(root)
-            .unwrap_or(Path::new(""))
-            .components()
-        {
-            cur.push(comp);
-            match fs::symlink_metadata(&cur) {
-                Ok(m) if m.file_type().is_symlink() => {
-                    return Err(Failure::new(
-                        FailureReason::SymlinkInPath,
-                        format!(
-                            "{} is a symlink; File paths may not traverse symlinks",
-                            cur.display()
-                        ),
-                    ));
-                }
-                Ok(m) if !m.is_dir() => {
-                    return Err(Failure::new(
-                        FailureReason::NotADirectory,
-                        format!("{} is not a directory", cur.display()),
-                    ));
-                }
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::create_dir(&cur)
-                        .and_then(|()| fs::set_permissions(&cur, fs::Permissions::from_mode(0o755)))
-                        .or_else(|e| {
-                            if e.kind() == io::ErrorKind::AlreadyExists {
-                                Ok(())
-                            } else {
-                                Err(e)
-                            }
-                        })
-                        .map_err(|e| io_failure(FailureReason::CreateDirFailed, &cur, e))?;
-                }
-                Err(e) => return Err(io_failure(FailureReason::ReadFailed, &cur, e)),
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(Failure::new(
+                FailureReason::PathOutsideRoots,
+                format!("{} has no file name", path.display()),
+            ));
+        };
+        let below = parent.strip_prefix(root).unwrap_or(Path::new(""));
+        let dir = AnchoredDir::open(root, below, create).map_err(|e| {
+            if is_symlink_error(&e) {
+                Failure::new(
+                    FailureReason::SymlinkInPath,
+                    format!(
+                        "a directory on the way to {} is a symlink; File paths may not traverse symlinks",
+                        path.display()
+                    ),
+                )
+            } else if is_not_a_directory(&e) {
+                Failure::new(
+                    FailureReason::NotADirectory,
+                    format!("something on the way to {} is not a directory", path.display()),
+                )
+            } else if create {
+                io_failure(FailureReason::CreateDirFailed, parent, e)
+            } else {
+                io_failure(FailureReason::ReadFailed, parent, e)
             }
-        }
-        Ok(())
+        })?;
+        let at = dir.entry(name);
+        Ok((dir, at))
     }
 
     fn record(&mut self, path: PathBuf, entry: FileEntry) -> Result<(), Failure> {
@@ -360,7 +360,23 @@ impl Files {
                     reason: reason.to_owned(),
                 }
             };
-            match observe(&path) {
+            let anchored = match self.anchor(&path, false) {
+                Ok(a) => Some(a),
+                // Its directory is gone: so is the file.
+                Err(f) if f.reason == FailureReason::ReadFailed && !path_exists(&path) => None,
+                Err(_) => {
+                    out.released.push(release(
+                        "the way to it changed (a symlink or a non-directory); left in place",
+                    ));
+                    self.forget(&path);
+                    continue;
+                }
+            };
+            let Some((dir, at)) = anchored else {
+                self.forget(&path);
+                continue;
+            };
+            match observe(&at) {
                 Ok(None) => {}
                 Ok(Some(_)) if entry.adopted => {
                     out.released.push(release(
@@ -373,9 +389,7 @@ impl Files {
                     ));
                 }
                 Ok(Some(_)) => {
-                    if let Err(e) = fs::remove_file(&path)
-                        .and_then(|()| sync_dir(path.parent().unwrap_or(Path::new("/"))))
-                    {
+                    if let Err(e) = fs::remove_file(&at).and_then(|()| dir.sync()) {
                         out.failed.push((
                             entry.resource.clone(),
                             ResourceKind::File,
@@ -394,13 +408,21 @@ impl Files {
                     continue;
                 }
             }
-            self.ledger.files.remove(&path);
-            if let Err(e) = self.state.save_ledger(&self.ledger) {
-                tracing::error!(error = %e, "cannot save ledger");
-            }
+            self.forget(&path);
         }
         out
     }
+
+    fn forget(&mut self, path: &Path) {
+        self.ledger.files.remove(path);
+        if let Err(e) = self.state.save_ledger(&self.ledger) {
+            tracing::error!(error = %e, "cannot save ledger");
+        }
+    }
+}
+
+fn path_exists(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok()
 }
 
 fn observe(path: &Path) -> io::Result<Option<Observed>> {
@@ -436,7 +458,7 @@ fn hex(digest: &[u8]) -> String {
 /// Hashes a file by streaming it in 64 KiB chunks: a large file on a
 /// device is never read into memory whole.
 pub fn sha256_file(path: &Path) -> io::Result<String> {
-    let mut file = fs::File::open(path)?;
+    let mut file = open_nofollow(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -680,5 +702,64 @@ mod tests {
             .released;
         assert_eq!(released.len(), 1);
         assert_eq!(fs::read_to_string(&p).unwrap(), "edited by hand");
+    }
+
+    /// While another process swaps a directory on the way for a symlink out
+    /// of the root and back, as fast as it can, writes, repairs and removals
+    /// either land inside the root or fail: nothing ever appears outside.
+    #[test]
+    fn a_symlink_raced_into_the_path_never_redirects_a_write_out_of_the_root() {
+        let (_dir, mut r, root) = reconciler();
+        let outside = tempfile::tempdir().unwrap();
+        let dir = root.join("dir");
+        fs::create_dir(&dir).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swaps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let flipper = {
+            let (stop, swaps) = (stop.clone(), swaps.clone());
+            let (dir, real, target) = (
+                dir.clone(),
+                root.join("dir.real"),
+                outside.path().to_owned(),
+            );
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if fs::rename(&dir, &real).is_ok() {
+                        let _ = std::os::unix::fs::symlink(&target, &dir);
+                        let _ = fs::remove_file(&dir);
+                        let _ = fs::rename(&real, &dir);
+                        swaps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        let id: ResourceId = "d/f".parse().unwrap();
+        let path = dir.join("f");
+        let (mut ready, mut refused) = (0, 0);
+        for i in 0..1500 {
+            let mut s = spec(&path, &format!("v{}", i % 3));
+            s.mode = manifest_types::spec::FileMode::new(if i % 2 == 0 { 0o644 } else { 0o600 })
+                .unwrap();
+            match r.reconcile(&id, &s) {
+                Outcome::Ready { .. } => ready += 1,
+                Outcome::Failed(_) => refused += 1,
+                other => panic!("{other:?}"),
+            }
+            if i % 100 == 99 {
+                r.remove_unlisted(&AgentManifest::empty("pi-1".parse().unwrap(), 1));
+            }
+            let leaked: Vec<_> = fs::read_dir(outside.path()).unwrap().collect();
+            assert!(leaked.is_empty(), "written outside the root: {leaked:?}");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        flipper.join().unwrap();
+        assert!(
+            swaps.load(std::sync::atomic::Ordering::Relaxed) > 0,
+            "the race ran"
+        );
+        assert!(
+            ready > 0 && refused + ready == 1500,
+            "{ready} ready, {refused} refused"
+        );
     }
 }

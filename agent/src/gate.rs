@@ -14,7 +14,8 @@
 
 use std::path::{Path, PathBuf};
 
-use manifest_types::signing::Trust;
+use manifest_types::manifest::MAX_GENERATION;
+use manifest_types::signing::{SignatureError, Trust};
 use manifest_types::spec::NetworkMode;
 use manifest_types::{AgentId, AgentManifest, Rejection, ResourceSpec};
 
@@ -56,16 +57,24 @@ impl Gate {
                 generation,
             })
         };
+        // Signatures first: nothing an untrusted writer put there (its agent
+        // id, its generation) is believed, not even in a rejection — a
+        // generation reported as observed raises the control plane's floor.
+        let believed = match self.trust.admit(bytes) {
+            Ok(_) => true,
+            // Not JSON, or a `signatures` field of the wrong shape: the
+            // parse below names the problem; nothing in it is believed.
+            Err(SignatureError::Malformed(_)) => false,
+            Err(e) => return reject(e.reason(), e.to_string(), None),
+        };
         let manifest = match AgentManifest::from_json(bytes) {
             Ok(m) => m,
-            Err(e) => return reject(e.reason(), e.to_string(), sniff_generation(bytes)),
+            Err(e) => {
+                let generation = believed.then(|| sniff_generation(bytes)).flatten();
+                return reject(e.reason(), e.to_string(), generation);
+            }
         };
         let generation = Some(manifest.generation);
-        // Signatures first: nothing an untrusted writer put there (its agent
-        // id, its generation) is believed.
-        if let Err(e) = self.trust.admit(bytes) {
-            return reject(e.reason(), e.to_string(), None);
-        }
         if manifest.agent_id != self.agent_id {
             return reject(
                 "WrongAgent",
@@ -191,12 +200,14 @@ impl Gate {
     }
 }
 
-/// The `generation` of a document that failed to parse, if it has a readable one.
+/// The `generation` of a document that failed to parse, if it has a
+/// readable one no larger than [`MAX_GENERATION`].
 fn sniff_generation(bytes: &[u8]) -> Option<u64> {
     serde_json::from_slice::<serde_json::Value>(bytes)
         .ok()?
         .get("generation")?
         .as_u64()
+        .filter(|&g| g <= MAX_GENERATION)
 }
 
 #[cfg(test)]

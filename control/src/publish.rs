@@ -169,7 +169,11 @@ pub async fn publish_manifest_above(
                     // Unreadable or misaddressed: recreate above anything
                     // either side has seen.
                     _ => {
-                        let stored = probe_u64(&entry.value, "generation").unwrap_or(0);
+                        // Above what any manifest may carry: never written
+                        // by us, never accepted by the agent; not believed.
+                        let stored = probe_u64(&entry.value, "generation")
+                            .filter(|&g| g <= manifest_types::manifest::MAX_GENERATION)
+                            .unwrap_or(0);
                         let observed = observed_generation(store, agent).await?;
                         (
                             stored.max(observed).max(floor.generation) + 1,
@@ -294,7 +298,14 @@ pub fn reported_floor(status: &[u8]) -> Floor {
     let Ok(doc) = serde_json::from_slice::<serde_json::Value>(status) else {
         return Floor::default();
     };
-    let field = |name: &str| doc.get(name).and_then(serde_json::Value::as_u64);
+    // A generation no manifest may carry was never accepted or looked at
+    // as a manifest: it is not believed (it would push every later
+    // generation towards overflow).
+    let field = |name: &str| {
+        doc.get(name)
+            .and_then(serde_json::Value::as_u64)
+            .filter(|&g| g <= manifest_types::manifest::MAX_GENERATION)
+    };
     let rejection = doc.get("rejection");
     Floor {
         generation: field("observedGeneration")
@@ -414,6 +425,8 @@ mod tests {
             }
         );
         assert_eq!(reported_floor(b"{not json"), Floor::default());
+        let absurd = br#"{"manifestGeneration":3,"observedGeneration":18446744073709551615}"#;
+        assert_eq!(reported_floor(absurd).generation, 3, "not believed");
     }
 
     #[test]

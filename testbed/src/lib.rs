@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod hostile;
+
 /// The nats-server binary tests run against.
 pub fn nats_server_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("FLOTILLA_NATS_SERVER") {

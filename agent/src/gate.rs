@@ -4,7 +4,7 @@
 //! Rejections keep the last good manifest running; each has a stable reason
 //! code (docs/adr/0003-generations-cas-and-convergence.md):
 //! the [`ManifestError`](manifest_types::ManifestError) classes, plus
-//! the [`SignatureError`](manifest_types::signing::SignatureError) reasons
+//! the [`SignatureError`] reasons
 //! `Unsigned`, `UntrustedKey` and `BadSignature` (checked first, against the
 //! configured [`Trust`]), `WrongAgent`, `ReplayedGeneration`,
 //! `PathOutsideRoots` (a File or a

@@ -9,8 +9,10 @@
 //! - [`agent::run`] — the event loop: RePublish subscription, direct gets after
 //!   each (re)connect and on a jittered resync, shutdown. Entry point for the
 //!   binary and for in-process tests.
-//! - [`gate`] — pure manifest admission: typed rejections, replay floor,
-//!   file roots, the device owner's container limits.
+//! - [`gate`] — pure manifest admission, the cached manifest at start
+//!   included: signatures first (the trusted keys; ADR 0017), then typed
+//!   rejections, the replay floor, file roots, the device owner's container
+//!   limits.
 //! - [`worker`] — converges the newest accepted manifest beside the loop:
 //!   concurrent bounded reconciles in `restartOn` order, interrupts at safe
 //!   points when a newer manifest changes a resource, per-resource backoff,
@@ -31,9 +33,12 @@
 //! - [`kv`] — the agent's entire NATS footprint: direct gets and CAS publishes
 //!   on its own keys.
 //! - [`state`] — the state directory: instance id, cached manifest, ledgers.
-//! - [`config`] — flags, `FLOTILLA_*` environment and TOML file; NATS
-//!   authentication and connecting are the shared `flotilla_nats` layer
-//!   (one `Auth` precedence, ADR 0011).
+//! - [`config`] — flags, `FLOTILLA_*` environment and TOML file, the
+//!   trusted keys (`--trusted-key`, or `--allow-unsigned` for development;
+//!   neither is an error); NATS authentication, TLS and connecting are the
+//!   shared `flotilla_nats` layer (ADR 0011).
+//! - [`fsutil`] — atomic writes, and the `O_NOFOLLOW` walk that keeps File
+//!   resources inside their roots under races (ADR 0005).
 //! - [`service`] — systemd READY, WATCHDOG and STATUS notifications.
 //!
 //! Decisions: docs/adr/ (0002 for the watch, 0003 for generations and CAS,

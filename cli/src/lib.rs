@@ -21,7 +21,14 @@
 //!   `--heartbeat-interval` sets its liveness thresholds.
 //! - `delete deployment NAME` ([`delete`]), `watch` ([`watch`]).
 //! - `values get|set|unset AGENT` ([`values`]): the operator's per-agent
-//!   values (`values.<id>`) that deployments reference as `${values.k}`.
+//!   values (`values.<id>`) that deployments reference as `${values.k}`;
+//!   `label agent AGENT k=v|k-`: the operator's labels in the same document,
+//!   the only labels selectors match (ADR 0017).
+//! - `keys generate|public|rotate` ([`keys`]): the control plane's manifest
+//!   signing keys, offline.
+//! - `auth init`, `agent enroll|revoke` ([`enrolment`] over [`authority`]):
+//!   the fleet's NATS authority (operator, accounts, JWTs) and per-device
+//!   credentials; revocation is pushed to the server (ADR 0017).
 //! - `diff -f FILE` ([`diff`]): what an apply would change, field by field,
 //!   and how many registered agents each change reaches.
 //! - `rollout status|pause|resume|history|undo|default` ([`rollout`]): a
@@ -31,7 +38,8 @@
 //!   (`FLOTILLA_NATS_URL`, a comma-separated list), `--bucket`
 //!   (`FLOTILLA_BUCKET`), and one authentication with the precedence of
 //!   `flotilla_nats::Auth`: `--creds` > `--nkey-seed-file` >
-//!   `--nats-user`/`--nats-password` > none. Only `apply` creates the
+//!   `--nats-user`/`--nats-password` > none; `--tls-ca`, `--tls-cert`,
+//!   `--tls-key` (`flotilla_nats::Tls`). Only `apply` creates the
 //!   bucket ([`kv`]), through `flotilla_nats`, not the control plane.
 //!
 //! ## Exit codes ([`exit`])

@@ -31,6 +31,8 @@
 //!   [`publish::Floor`]; new generations above it and the stored one; bounded
 //!   retry on lost races), [`publish::publish_manifest_over`] (one CAS
 //!   against the watched copy, no read) and the deployment-status writes.
+//!   Every manifest is signed with the daemon's keys (`--signing-key-file`,
+//!   ADR 0017); a stored one stands only when signed by exactly those keys.
 //! - [`rollout`] — pure: staged rollouts (ADR 0016) — waves in a stable
 //!   hash order, the revision each target is rendered at, and
 //!   [`rollout::Judge::step`]: releases within the budget, the health gate

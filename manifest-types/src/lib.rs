@@ -6,7 +6,8 @@
 //! ## Tour
 //! - [`ids`]: validated newtypes ([`AgentId`], [`DeploymentName`],
 //!   [`ResourceId`], …) that validate on deserialize too.
-//! - [`keys`]: KV key names and subjects, the only place they are spelled.
+//! - [`keys`]: KV key names and subjects, the only place they are spelled,
+//!   and [`keys::device_permissions`], the subjects one device may use.
 //! - [`spec`]: per-kind resource specs ([`FileSpec`], [`ContainerSpec`],
 //!   [`SystemdUnitSpec`]) and the forward-compatible parse into [`ResourceSpec`].
 //! - [`manifest`]: [`AgentManifest`] (`desired-state.<id>`), typed
@@ -27,9 +28,10 @@
 //!   control plane's [`rollout::RolloutStatus`] and the history records
 //!   [`rollout::RevisionRecord`] (`revisions.<name>.<revision>`).
 //! - [`signing`]: ed25519 (nkeys) signatures over a manifest's canonical
-//!   form — [`signing::Signer`] and [`signing::verify`] with typed
-//!   rejection reasons (ADR 0004); not yet wired into the control plane or
-//!   the agent.
+//!   form — [`signing::SigningKeys`] (the control plane's keys, several
+//!   while rotating), [`signing::Trust`] / [`signing::verify`] (what an
+//!   agent accepts) with typed `Unsigned`/`UntrustedKey`/`BadSignature`
+//!   reasons (ADR 0004, 0017).
 //! - [`diff`]: what one revision of a deployment changes from another,
 //!   field by field (`flotilla diff`, history summaries).
 //! - [`template`]: per-device references in deployment specs

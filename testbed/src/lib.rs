@@ -9,6 +9,10 @@
 //! install at `target/tools/venv/bin/nats-server` (made by `scripts/test`
 //! and `scripts/demo`), else `nats-server` on `PATH`.
 //!
+//! [`NatsServer::start_with_own_config`] runs a whole configuration (a
+//! shipped one, paths replaced); [`TestPki`] makes a CA, server and client
+//! certificates for TLS tests; [`hostile`] is the bad-input corpus.
+//!
 //! [`docker`] drives the real Docker Engine; [`device::Device`] boots a
 //! "device container" with systemd as PID 1 for SystemdUnit tests.
 

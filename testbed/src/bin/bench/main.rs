@@ -17,10 +17,12 @@
 //!
 //! `flotilla-bench fleet …` measures the control plane at fleet scale
 //! instead (see `fleet.rs`), and `flotilla-bench rollout …` a staged rollout
-//! against an all-at-once update (see `rollout.rs`).
+//! against an all-at-once update (see `rollout.rs`), and `flotilla-bench
+//! signing …` what signed manifests cost (see `signing.rs`).
 
 mod fleet;
 mod rollout;
+mod signing;
 
 use std::time::{Duration, Instant};
 
@@ -39,6 +41,7 @@ async fn main() -> anyhow::Result<()> {
     match std::env::args().nth(1).as_deref() {
         Some("fleet") => return fleet::run().await,
         Some("rollout") => return rollout::run().await,
+        Some("signing") => return signing::run(),
         _ => {}
     }
     let applies = testbed::bench_arg("--applies", 200);

@@ -308,11 +308,16 @@ impl Authority {
             json!({}),
         )?;
         // Operators: deployments, values, labels, rollouts — never an
-        // agent's desired state, never the stream itself.
+        // agent's desired state, never what a device reports (status,
+        // inventory, heartbeat: status never lies), never the stream itself.
         let stream = keys::stream_name(bucket);
+        let heartbeats = BucketName::new(keys::heartbeat_bucket(bucket)).expect("a valid bucket");
         let operator_deny = json!({"deny": [
             republish,
             keys::kv_subject(bucket, &format!("{}.>", keys::DESIRED_STATE)),
+            keys::kv_subject(bucket, &format!("{}.>", keys::ACTUAL_STATE)),
+            keys::kv_subject(bucket, &format!("{}.>", keys::AGENTS)),
+            keys::kv_subject(&heartbeats, ">"),
             format!("$JS.API.STREAM.DELETE.{stream}"),
             format!("$JS.API.STREAM.PURGE.{stream}"),
             format!("$JS.API.STREAM.UPDATE.{stream}"),

@@ -384,11 +384,22 @@ async fn enrolled_devices_are_confined_to_their_own_subjects_and_a_revoked_one_i
     op.publish("$JS.API.STREAM.DELETE.KV_fleet", Bytes::new())
         .await
         .unwrap();
+    op.publish("$KV.fleet.actual-state.pi-a", Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    op.publish(
+        "$KV.fleet-heartbeats.heartbeat.pi-a",
+        Bytes::from_static(b"{}"),
+    )
+    .await
+    .unwrap();
     op.flush().await.unwrap();
     fleet
         .wait("the operator role denied desired state", || {
             denied(&op_errors, "publish", "$KV.fleet.desired-state.pi-a")
                 && denied(&op_errors, "publish", "$JS.API.STREAM.DELETE.KV_fleet")
+                && denied(&op_errors, "publish", "$KV.fleet.actual-state.pi-a")
+                && denied(&op_errors, "publish", "$KV.fleet-heartbeats.heartbeat.pi-a")
         })
         .await;
 

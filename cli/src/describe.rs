@@ -163,7 +163,13 @@ pub fn render_agent(a: &AgentView) -> String {
         }
         let kinds: Vec<&str> = i.reconcilers.iter().map(|k| k.as_str()).collect();
         field(&mut out, "Reconcilers", kinds.join(", "));
-        field(&mut out, "Reported labels", output::labels(&i.labels));
+        // What the device says about itself: hints, matched only by
+        // selectors with `deviceLabels: true` (ADR 0017).
+        field(
+            &mut out,
+            "Reported",
+            format!("{} (the device's own labels)", output::labels(&i.labels)),
+        );
     } else {
         field(&mut out, "Inventory", "none reported");
     }

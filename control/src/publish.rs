@@ -85,6 +85,15 @@ impl PublishOutcome {
     }
 }
 
+/// What [`publish_manifest_above`] and [`publish_manifest_over`] did, and
+/// the manifest now stored (signed as written, or the stored one that
+/// stands), so the caller caches it without signing it again.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub outcome: PublishOutcome,
+    pub manifest: AgentManifest,
+}
+
 /// What [`publish_deployment_status`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatusOutcome {
@@ -137,6 +146,7 @@ pub async fn publish_manifest(
         &SigningKeys::default(),
     )
     .await
+    .map(|p| p.outcome)
 }
 
 /// Publishes `resources` as the manifest of `agent`, signed with `signing`:
@@ -148,7 +158,7 @@ pub async fn publish_manifest_above(
     resources: Vec<ManagedResource>,
     floor: Floor,
     signing: &SigningKeys,
-) -> Result<PublishOutcome, PublishError> {
+) -> Result<Published, PublishError> {
     let key = keys::desired_state(agent);
     let mut manifest = checked(agent, resources)?;
     for _ in 0..MAX_ATTEMPTS {
@@ -159,9 +169,12 @@ pub async fn publish_manifest_above(
                     Ok(mut stored) if stored.agent_id == *agent => {
                         signing.keep_verified(&entry.value, &mut stored);
                         if floor.stands(&stored, entry.revision, &manifest.resources, signing) {
-                            return Ok(PublishOutcome::Unchanged {
-                                generation: stored.generation,
-                                revision: entry.revision,
+                            return Ok(Published {
+                                outcome: PublishOutcome::Unchanged {
+                                    generation: stored.generation,
+                                    revision: entry.revision,
+                                },
+                                manifest: stored,
                             });
                         }
                         (stored.generation.max(floor.generation) + 1, entry.revision)
@@ -206,9 +219,12 @@ pub async fn publish_manifest_above(
             .await
         {
             Ok(revision) => {
-                return Ok(PublishOutcome::Written {
-                    generation,
-                    revision,
+                return Ok(Published {
+                    outcome: PublishOutcome::Written {
+                        generation,
+                        revision,
+                    },
+                    manifest,
                 });
             }
             Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
@@ -234,7 +250,7 @@ pub async fn publish_manifest_over(
     floor: Floor,
     known: Known,
     signing: &SigningKeys,
-) -> Result<PublishOutcome, PublishError> {
+) -> Result<Published, PublishError> {
     let key = keys::desired_state(agent);
     let mut manifest = checked(agent, resources)?;
     let generation = known.generation.max(floor.generation) + 1;
@@ -244,9 +260,12 @@ pub async fn publish_manifest_over(
         .update(&key, Bytes::from(manifest.to_json()), known.revision)
         .await
     {
-        Ok(revision) => Ok(PublishOutcome::Written {
-            generation,
-            revision,
+        Ok(revision) => Ok(Published {
+            outcome: PublishOutcome::Written {
+                generation,
+                revision,
+            },
+            manifest,
         }),
         Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
             publish_manifest_above(store, agent, manifest.resources, floor, signing).await

@@ -272,7 +272,9 @@ async fn a_stored_rendering_below_the_floor_or_rejected_as_replayed_is_rewritten
         &SigningKeys::default(),
     )
     .await
-    .unwrap() else {
+    .unwrap()
+    .outcome
+    else {
         panic!("first publish writes");
     };
     // Generation 1 is the rendering, but the agent has already seen 6 (an
@@ -289,7 +291,8 @@ async fn a_stored_rendering_below_the_floor_or_rejected_as_replayed_is_rewritten
         &SigningKeys::default(),
     )
     .await
-    .unwrap();
+    .unwrap()
+    .outcome;
     let PublishOutcome::Written {
         generation: 7,
         revision: r7,
@@ -308,7 +311,8 @@ async fn a_stored_rendering_below_the_floor_or_rejected_as_replayed_is_rewritten
     };
     let out = publish_manifest_above(&store, &pi, resources("a", 1), at, &SigningKeys::default())
         .await
-        .unwrap();
+        .unwrap()
+        .outcome;
     assert_eq!(
         out,
         PublishOutcome::Unchanged {
@@ -329,7 +333,8 @@ async fn a_stored_rendering_below_the_floor_or_rejected_as_replayed_is_rewritten
         &SigningKeys::default(),
     )
     .await
-    .unwrap();
+    .unwrap()
+    .outcome;
     assert!(
         matches!(out, PublishOutcome::Written { generation: 8, .. }),
         "{out:?}"

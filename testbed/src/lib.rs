@@ -68,24 +68,17 @@ impl NatsServer {
     /// Starts a server with `extra` appended to its config file (for example
     /// an `authorization { users = [...] }` block).
     pub fn start_with_config(extra: &str) -> Self {
-        let mut server = Self {
-            child: None,
-            port: free_port(),
-            dir: tempfile::Builder::new()
-                .prefix("flotilla-nats-")
-                .tempdir()
-                .expect("temp dir for nats-server"),
-            extra_config: extra.to_owned(),
-            own_config: None,
-        };
-        server.start_retrying();
-        server
+        Self::launch(extra.to_owned(), None)
     }
 
     /// Starts a server from a whole configuration (a shipped one, with its
     /// paths replaced): `{port}` and `{store}` in `template` become the port
     /// and a JetStream store directory of its own.
     pub fn start_with_own_config(template: &str) -> Self {
+        Self::launch(String::new(), Some(template.to_owned()))
+    }
+
+    fn launch(extra_config: String, own_config: Option<String>) -> Self {
         let mut server = Self {
             child: None,
             port: free_port(),
@@ -93,23 +86,22 @@ impl NatsServer {
                 .prefix("flotilla-nats-")
                 .tempdir()
                 .expect("temp dir for nats-server"),
-            extra_config: String::new(),
-            own_config: Some(template.to_owned()),
+            extra_config,
+            own_config,
         };
         server.start_retrying();
         server
     }
 
     fn start_retrying(&mut self) {
-        let server = self;
         let mut last_err = String::new();
         // A port can be taken between free_port() and the bind: retry on a new one.
         for _ in 0..5 {
-            match server.spawn() {
+            match self.spawn() {
                 Ok(()) => return,
                 Err(e) => last_err = e,
             }
-            server.port = free_port();
+            self.port = free_port();
         }
         panic!("nats-server did not start: {last_err}");
     }

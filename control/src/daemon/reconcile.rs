@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use async_nats::jetstream::kv::Store;
 use futures::StreamExt;
-use manifest_types::{AgentId, AgentManifest, ApiVersion, DeploymentStatus, ManagedResource, keys};
+use manifest_types::{AgentId, ApiVersion, DeploymentStatus, ManagedResource, keys};
 
 use super::state::{State, Written};
 use crate::heartbeat::{HeartbeatPolicy, needs_write};
@@ -123,20 +123,16 @@ pub(crate) async fn reconcile(
                     .await
                 }
             };
-            (agent, resources, outcome)
+            (agent, outcome)
         })
         .buffer_unordered(concurrency.max(1))
         .collect()
         .await;
-    for (agent, resources, outcome) in results {
+    for (agent, outcome) in results {
         match outcome {
-            Ok(outcome) => {
+            // The manifest as written or as it stands, signatures included.
+            Ok(publish::Published { outcome, manifest }) => {
                 let generation = outcome.generation();
-                let mut manifest = AgentManifest::empty(agent.clone(), generation);
-                manifest.resources = resources;
-                // What was written or stands: signed by exactly these keys
-                // (ed25519 is deterministic, so these are the same signatures).
-                state.signing.sign(&mut manifest);
                 match outcome {
                     PublishOutcome::Written { revision, .. } => {
                         tracing::info!(%agent, generation, revision, resources = manifest.resources.len(), "manifest written");

@@ -303,24 +303,13 @@ async fn control_alone(n: usize, updates: usize) -> anyhow::Result<(Duration, Du
     };
     let written = Converged::written(&store).await?;
     label_fleet(&store, n).await?;
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let store = store.clone();
-            async move {
-                let id = format!("a{i:05}");
-                let inventory = json!({"apiVersion": "flotilla.dev/v1", "agentId": id,
-                    "instanceId": id, "agentVersion": "0.1.0", "arch": "x86_64", "os": "linux",
-                    "reconcilers": ["File"], "labels": {"bench": "fleet"}});
-                store
-                    .put(format!("agents.{id}"), Bytes::from(inventory.to_string()))
-                    .await
-            }
-        })
-        .buffer_unordered(256)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()?;
+    put_each(&store, n, |id| {
+        let inventory = json!({"apiVersion": "flotilla.dev/v1", "agentId": id,
+            "instanceId": id, "agentVersion": "0.1.0", "arch": "x86_64", "os": "linux",
+            "reconcilers": ["File"], "labels": {"bench": "fleet"}});
+        (format!("agents.{id}"), inventory)
+    })
+    .await?;
     written
         .wait(n, 0, Duration::from_secs(300))
         .await
@@ -553,17 +542,25 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 /// The operator's `bench=fleet` label on agents `a00000`… (`values.<id>`):
 /// selectors match only operator labels (docs/adr/0017).
 async fn label_fleet(store: &Store, n: usize) -> anyhow::Result<()> {
+    put_each(store, n, |id| {
+        let values = json!({"apiVersion": "flotilla.dev/v1", "agentId": id,
+            "labels": {"bench": "fleet"}});
+        (format!("values.{id}"), values)
+    })
+    .await
+}
+
+/// Puts one key per agent `a00000`… (`doc(id)` → key, value), 256 at a time.
+async fn put_each(
+    store: &Store,
+    n: usize,
+    doc: impl Fn(&str) -> (String, serde_json::Value),
+) -> anyhow::Result<()> {
     futures::stream::iter(0..n)
         .map(|i| {
+            let (key, value) = doc(&format!("a{i:05}"));
             let store = store.clone();
-            async move {
-                let id = format!("a{i:05}");
-                let values = json!({"apiVersion": "flotilla.dev/v1", "agentId": id,
-                    "labels": {"bench": "fleet"}});
-                store
-                    .put(format!("values.{id}"), Bytes::from(values.to_string()))
-                    .await
-            }
+            async move { store.put(key, Bytes::from(value.to_string())).await }
         })
         .buffer_unordered(256)
         .collect::<Vec<_>>()

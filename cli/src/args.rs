@@ -219,6 +219,17 @@ pub enum LabelWhat {
         #[arg(value_parser = parse_label_change, value_name = "KEY=VALUE|KEY-")]
         changes: Vec<LabelChange>,
     },
+    /// Make the labels devices report about themselves (`agents.<id>`)
+    /// operator labels, where the operator has no label of that key: the
+    /// upgrade path from selectors that matched reported labels. Only for
+    /// devices whose claims you vouch for.
+    AdoptReported {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        agents: Vec<AgentId>,
+        /// Every agent that reports labels.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 /// One change of `flotilla label agent`.

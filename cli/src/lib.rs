@@ -93,6 +93,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Label {
             what: args::LabelWhat::Agent { agent, changes },
         } => values::label(g, agent, changes).await,
+        Command::Label {
+            what: args::LabelWhat::AdoptReported { agents, all },
+        } => values::adopt_reported(g, agents, *all).await,
         Command::Auth { action } => enrolment::auth(g, action),
         Command::Agent { action } => enrolment::agent(g, action).await,
         Command::Rollout(r) => rollout::run(g, &r.action).await,

@@ -1,4 +1,5 @@
-//! `flotilla values get|set|unset <agent>` and `flotilla label agent <agent>`:
+//! `flotilla values get|set|unset <agent>`, `flotilla label agent <agent>` and
+//! `flotilla label adopt-reported`:
 //! the operator's per-agent document `values.<id>` — values
 //! (docs/adr/0014-per-device-values.md) and the labels selectors match
 //! (docs/adr/0017-trust-model.md). Changes are
@@ -7,8 +8,10 @@
 //! the operator asked for). flotilla-control renders every deployment that
 //! references a changed value again for that agent.
 
+use std::collections::BTreeMap;
+
 use async_nats::jetstream::kv;
-use manifest_types::{AgentId, AgentValues, keys};
+use manifest_types::{AgentId, AgentInventory, AgentValues, keys};
 
 use crate::args::{Format, GlobalArgs, LabelChange, ValuesAction};
 use crate::exit::CliError;
@@ -71,6 +74,90 @@ pub async fn label(
     Ok(())
 }
 
+/// `flotilla label adopt-reported <id>...|--all`: copies each device's
+/// reported labels into its operator labels where the operator has no label
+/// of that key (the operator's own labels always win). A reported label that
+/// is not a valid label is left out and named.
+pub async fn adopt_reported(g: &GlobalArgs, agents: &[AgentId], all: bool) -> Result<(), CliError> {
+    let fleet = Fleet::open(g).await?;
+    let filters: Vec<String> = match all {
+        true => vec![keys::all(keys::AGENTS)],
+        false => agents.iter().map(keys::inventory).collect(),
+    };
+    let snap = fleet.snapshot_keys(&filters).await?;
+    let mut reported = Vec::new();
+    for (key, entry) in &snap.entries {
+        let Some(keys::Key::Inventory(id)) = keys::Key::parse(key) else {
+            continue;
+        };
+        match Versioned::<AgentInventory>::decode(entry) {
+            Ok(inv) if inv.value.agent_id == id => reported.push((id, inv.value.labels)),
+            Ok(inv) => eprintln!("{id}: skipped: {key} names agent {}", inv.value.agent_id),
+            Err(message) => eprintln!("{id}: skipped: {message}"),
+        }
+    }
+    if let Some(missing) = agents
+        .iter()
+        .find(|a| !reported.iter().any(|(id, _)| id == *a))
+    {
+        return Err(CliError::NotFound(format!(
+            "no readable {} for agent {missing}; nothing was written",
+            keys::inventory(missing)
+        )));
+    }
+    let mut docs = Vec::new();
+    for (id, labels) in reported {
+        let (valid, invalid): (Vec<_>, Vec<_>) = labels
+            .into_iter()
+            .partition(|(k, v)| manifest_types::inventory::validate_label(k, v).is_ok());
+        let (current, _) = read(&fleet, &id).await?;
+        let (mut adopted, mut kept) = adoptable(&current.labels, &valid);
+        let values = match adopted.is_empty() {
+            true => current,
+            false => {
+                change(&fleet, &id, |v| {
+                    (adopted, kept) = adoptable(&v.labels, &valid);
+                    v.labels.extend(adopted.iter().cloned());
+                })
+                .await?
+            }
+        };
+        if g.output == Format::Table {
+            let pairs = |l: &[(String, String)]| output::labels(l.iter().map(|(k, v)| (k, v)));
+            let mut line = format!("{id}: adopted {}", pairs(&adopted));
+            if !kept.is_empty() {
+                line += &format!("; operator's kept: {}", pairs(&kept));
+            }
+            if !invalid.is_empty() {
+                line += &format!("; not valid labels, left out: {}", pairs(&invalid));
+            }
+            println!("{line}");
+        } else {
+            docs.push(values);
+        }
+    }
+    if g.output != Format::Table {
+        print!("{}", output::document(g.output, &docs)?);
+    }
+    Ok(())
+}
+
+/// Which reported labels the operator has no label of that key for
+/// (adopted), and which the operator labelled differently (kept).
+type Labels = Vec<(String, String)>;
+fn adoptable(operator: &BTreeMap<String, String>, reported: &Labels) -> (Labels, Labels) {
+    let mut adopted = Vec::new();
+    let mut kept = Vec::new();
+    for (k, v) in reported {
+        match operator.get(k) {
+            None => adopted.push((k.clone(), v.clone())),
+            Some(own) if own != v => kept.push((k.clone(), own.clone())),
+            Some(_) => {}
+        }
+    }
+    (adopted, kept)
+}
+
 /// Applies `changes` to the operator's labels of `agent`.
 pub async fn set_labels(
     g: &GlobalArgs,
@@ -118,7 +205,7 @@ async fn read(fleet: &Fleet, agent: &AgentId) -> Result<(AgentValues, u64), CliE
 async fn change(
     fleet: &Fleet,
     agent: &AgentId,
-    edit: impl Fn(&mut AgentValues),
+    mut edit: impl FnMut(&mut AgentValues),
 ) -> Result<AgentValues, CliError> {
     let key = keys::values(agent);
     for _ in 0..ATTEMPTS {
@@ -151,4 +238,29 @@ fn render(format: Format, values: &AgentValues) -> Result<String, CliError> {
         t.row([k.clone(), v.clone()]);
     }
     Ok(t.render())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(p: &[(&str, &str)]) -> Labels {
+        p.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn adopting_never_overrides_the_operator() {
+        let operator: BTreeMap<String, String> = pairs(&[("role", "kiosk"), ("site", "berlin")])
+            .into_iter()
+            .collect();
+        let reported = pairs(&[("role", "gateway"), ("site", "berlin"), ("rack", "r7")]);
+        let (adopted, kept) = adoptable(&operator, &reported);
+        assert_eq!(adopted, pairs(&[("rack", "r7")]));
+        assert_eq!(kept, pairs(&[("role", "kiosk")]));
+        let (adopted, kept) = adoptable(&BTreeMap::new(), &reported);
+        assert_eq!(adopted, reported);
+        assert!(kept.is_empty());
+    }
 }

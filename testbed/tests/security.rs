@@ -181,7 +181,8 @@ async fn a_signing_key_is_rotated_with_no_downtime_and_a_retired_key_runs_nothin
 /// A device that claims a label in its own inventory (`--label`, or a raw
 /// write of `agents.<id>` with its own credentials) is not selected by it:
 /// selectors match the operator's labels (`flotilla label agent`). Only a
-/// deployment that opts in with `deviceLabels: true` matches the claim.
+/// deployment that opts in with `deviceLabels: true` matches the claim, or
+/// the operator adopting it (`flotilla label adopt-reported`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_claiming_a_label_is_not_selected_by_it() {
     let mut fleet = Fleet::start(&[]);
@@ -253,4 +254,26 @@ async fn a_device_claiming_a_label_is_not_selected_by_it() {
         std::fs::read_to_string(fleet.root().join("pi-2.hint")).unwrap(),
         "for anyone"
     );
+
+    // The upgrade path: the operator vouches for pi-2's claim, which then
+    // selects it — and never overrides a label the operator set.
+    let out = fleet.flotilla(&["label", "agent", "pi-2", "site=lab"]);
+    assert!(out.status.success(), "{}", fleet.report(&out));
+    let out = fleet.flotilla(&["label", "adopt-reported", "pi-2", "-o", "json"]);
+    assert!(out.status.success(), "{}", fleet.report(&out));
+    let docs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        docs[0]["labels"],
+        serde_json::json!({"role": "kiosk", "site": "lab"}),
+        "{docs}"
+    );
+    fleet
+        .wait("pi-2 selected by hello", Duration::from_secs(30), || {
+            std::fs::read_to_string(fleet.root().join("pi-2.motd"))
+                .ok()
+                .filter(|m| m == "secret")
+        })
+        .await;
+    let out = fleet.flotilla(&["label", "adopt-reported", "pi-9"]);
+    assert_eq!(out.status.code(), Some(6), "{}", fleet.report(&out));
 }

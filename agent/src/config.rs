@@ -129,7 +129,8 @@ pub struct Args {
     /// Directory for the agent's own state (instance id, cached manifest, ledger).
     #[arg(long, env = "FLOTILLA_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Device label key=value (repeatable).
+    /// A label this device reports about itself, key=value (repeatable):
+    /// a hint; selectors match the operator's labels (docs/adr/0017).
     #[arg(long = "label", env = "FLOTILLA_LABELS", value_delimiter = ',')]
     pub labels: Vec<String>,
     /// Directory File resources may write under (repeatable). No roots: no File resources.

@@ -3,8 +3,10 @@
 //! For each fleet size N: a fresh nats-server, the real `flotilla-control`
 //! binary (release build) as its own process, and N agents in this process
 //! (exactly the agent's code, one NATS connection each), labelled
-//! `bench=fleet`, all with one shared file root. Measured, side by side in
-//! one run:
+//! `bench=fleet`, all with one shared file root. The fleet runs as in
+//! production: the control plane signs every manifest with a key of its own
+//! and each agent accepts only manifests signed by it (docs/adr/0017).
+//! Measured, side by side in one run:
 //! 1. **new deployment**: one label-selected Deployment whose File path
 //!    carries `${agent.id}` is put; time until every agent reports it
 //!    converged (all its resources Ready at that revision);
@@ -14,7 +16,9 @@
 //! 4. `flotilla get agents -o json` (the release binary), median of 3;
 //! 5. the heartbeat interval the control plane published, the heartbeat
 //!    writes per second it holds the fleet to (agents would beat every
-//!    second; the cap is 500/s) and nats-server RSS while the fleet idles.
+//!    second; the cap is 500/s) and nats-server RSS while the fleet idles;
+//! 6. the control plane alone (registered agents, no agent processes), once
+//!    unsigned and once signed: what signing costs it at fleet scale.
 //!
 //! ```sh
 //! cargo build --release --workspace --bins
@@ -32,6 +36,7 @@ use async_nats::jetstream::kv::Store;
 use bytes::Bytes;
 use flotilla_agent::Config;
 use futures::StreamExt;
+use manifest_types::signing::{Signer, Trust};
 use manifest_types::{AgentId, AgentStatus, BucketName, ConditionType, HeartbeatSettings, keys};
 use serde_json::json;
 use testbed::NatsServer;
@@ -85,18 +90,32 @@ pub async fn run() -> anyhow::Result<()> {
         );
     }
     // The control plane alone: registered agents without agent processes,
-    // so nothing else competes for the two cores.
+    // so nothing else competes for the two cores; unsigned and signed side
+    // by side.
     let mut alone = Vec::new();
     for &n in &sizes {
-        alone.push((n, control_alone(n, updates).await?));
+        for signed in [false, true] {
+            alone.push((n, signed, control_alone(n, updates, signed).await?));
+        }
     }
     println!();
     println!(
-        "| agents (registered, no agent processes) | new deployment → all manifests written | update → all written (median of {updates}) | flotilla-control CPU for the new deployment |"
+        "| agents (registered, no agent processes) | manifests | new deployment → all manifests written | update → all written (median of {updates}) | ratio to unsigned (update) | flotilla-control CPU for the new deployment |"
     );
-    println!("|---|---|---|---|");
-    for (n, (first, update, cpu)) in alone {
-        println!("| {n} | {} | {} | {cpu:.1} s |", ms(first), ms(update));
+    println!("|---|---|---|---|---|---|");
+    for (n, signed, (first, update, cpu)) in &alone {
+        let unsigned = alone
+            .iter()
+            .find(|(m, s, _)| m == n && !s)
+            .map(|(_, _, (_, u, _))| *u)
+            .expect("each size ran unsigned");
+        println!(
+            "| {n} | {} | {} | {} | {:.2}x | {cpu:.1} s |",
+            if *signed { "signed" } else { "unsigned" },
+            ms(*first),
+            ms(*update),
+            update.as_secs_f64() / unsigned.as_secs_f64(),
+        );
     }
     Ok(())
 }
@@ -127,6 +146,8 @@ pub(crate) struct Bench {
     /// The file root every agent shares (each writes its own paths).
     pub files: PathBuf,
     pub control: ControlPlane,
+    /// The control plane's public signing key, which every agent trusts.
+    pub trusted: String,
     pub store: Store,
     /// Every agent's converged revision, from a watch started before them.
     pub converged: Converged,
@@ -146,7 +167,8 @@ impl Bench {
         let files = dir.path().join("files");
         std::fs::create_dir_all(&files)?;
         let files = files.canonicalize()?;
-        let control = ControlPlane::start(&server, dir.path())?;
+        let (control, trusted) = ControlPlane::start(&server, dir.path(), true)?;
+        let trusted = trusted.expect("a signing control plane");
         // The control plane creates the bucket; wait for it.
         let store = loop {
             if let Ok(s) = js.get_key_value(BucketName::default().as_str()).await {
@@ -161,6 +183,7 @@ impl Bench {
             dir,
             files,
             control,
+            trusted,
             store,
             converged,
         })
@@ -177,6 +200,7 @@ impl Bench {
                 self.dir.path(),
                 &self.files,
                 &format!("a{i:05}"),
+                &self.trusted,
             )?);
         }
         self.converged
@@ -289,12 +313,16 @@ async fn one_fleet(n: usize, updates: usize) -> anyhow::Result<Row> {
 /// The control plane's own cost: `n` agents registered by writing their
 /// inventories (no agent runs), then one templated deployment and
 /// `updates` updates, each timed until every manifest carries it.
-async fn control_alone(n: usize, updates: usize) -> anyhow::Result<(Duration, Duration, f64)> {
-    eprintln!("control plane alone, {n} agents");
+async fn control_alone(
+    n: usize,
+    updates: usize,
+    signed: bool,
+) -> anyhow::Result<(Duration, Duration, f64)> {
+    eprintln!("control plane alone, {n} agents, signed: {signed}");
     let server = NatsServer::start();
     let js = async_nats::jetstream::new(server.client().await);
     let dir = tempfile::tempdir()?;
-    let control = ControlPlane::start(&server, dir.path())?;
+    let (control, _) = ControlPlane::start(&server, dir.path(), signed)?;
     let store = loop {
         if let Ok(s) = js.get_key_value(BucketName::default().as_str()).await {
             break s;
@@ -481,16 +509,38 @@ impl Converged {
 pub(crate) struct ControlPlane(Child);
 
 impl ControlPlane {
-    pub(crate) fn start(server: &NatsServer, dir: &Path) -> anyhow::Result<Self> {
+    /// Starts the release control plane; `signed`: with a new signing key
+    /// of its own, whose public key is returned.
+    pub(crate) fn start(
+        server: &NatsServer,
+        dir: &Path,
+        signed: bool,
+    ) -> anyhow::Result<(Self, Option<String>)> {
         let log = std::fs::File::create(dir.join("control.log"))?;
-        let child = Command::new(release_binary("flotilla-control")?)
-            .args(["--nats-url", &server.url()])
-            .args(["--heartbeat-max-rate", &MAX_RATE.to_string()])
+        let mut cmd = Command::new(release_binary("flotilla-control")?);
+        cmd.args(["--nats-url", &server.url()])
+            .args(["--heartbeat-max-rate", &MAX_RATE.to_string()]);
+        let mut public = None;
+        if signed {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let (seed, key) = Signer::generate();
+            let file = dir.join("signing.seed");
+            std::fs::OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .mode(0o600)
+                .open(&file)?
+                .write_all(seed.as_bytes())?;
+            cmd.arg("--signing-key-file").arg(&file);
+            public = Some(key);
+        }
+        let child = cmd
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
-        Ok(Self(child))
+        Ok((Self(child), public))
     }
 
     pub(crate) fn pid(&self) -> u32 {
@@ -575,9 +625,14 @@ pub(crate) fn start_agent(
     dir: &Path,
     files: &Path,
     id: &str,
+    trusted: &str,
 ) -> anyhow::Result<oneshot::Sender<()>> {
     let mut config = Config::new(server.url(), AgentId::new(id)?, dir.join("state").join(id))
         .with_file_root(files)?;
+    config.trust = Trust {
+        keys: vec![trusted.to_owned()],
+        allow_unsigned: false,
+    };
     config.labels.insert("bench".into(), "fleet".into());
     // Agents would beat every second; the control plane's published
     // interval holds the fleet to MAX_RATE.

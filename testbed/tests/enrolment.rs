@@ -4,7 +4,7 @@
 //! their own credentials; with device A's credentials, an attacker can
 //! neither read B's intent nor write anything but A's own reports; the
 //! operator role cannot write desired state; a revoked device is cut off at
-//! once.
+//! once, and credentials enrolled with `--expires` stop working at expiry.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -161,7 +161,8 @@ const HELLO: &str = "apiVersion: flotilla.dev/v1\nkind: Deployment\nname: hello\
     spec: {path: \"ROOT/${agent.id}.motd\", content: \"CONTENT\"}\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn enrolled_devices_are_confined_to_their_own_subjects_and_a_revoked_one_is_cut_off() {
+async fn enrolled_devices_are_confined_to_their_own_subjects_and_revoked_or_expired_ones_are_cut_off()
+ {
     let dir = tempfile::tempdir().unwrap();
     let auth = dir.path().join("authority");
     let jwt_dir = dir.path().join("jwt");
@@ -455,4 +456,57 @@ async fn enrolled_devices_are_confined_to_their_own_subjects_and_a_revoked_one_i
         "pi-b is cut off"
     );
     eprintln!("revocation: connection closed {cut_off:?} after `flotilla agent revoke` started");
+
+    // Credentials issued with --expires work until then; at expiry the
+    // server closes the device's connection and refuses new ones.
+    let creds = fleet.dir.path().join("pi-c.creds");
+    fleet.ok(&fleet.flotilla(&[
+        "agent",
+        "enroll",
+        "pi-c",
+        "--auth-dir",
+        auth.to_str().unwrap(),
+        "--out",
+        creds.to_str().unwrap(),
+        "--expires",
+        "5s",
+    ]));
+    let (c, c_events) = client(&url, &fleet.pki, &creds, "_INBOX.pi-c").await;
+    c.publish("$KV.fleet-heartbeats.heartbeat.pi-c", "{}".into())
+        .await
+        .unwrap();
+    c.flush().await.unwrap();
+    assert!(
+        !denied(&c_events, "publish", "$KV.fleet-heartbeats.heartbeat.pi-c"),
+        "{:?}",
+        c_events.lock().unwrap()
+    );
+    fleet
+        .wait("pi-c's connection closed at expiry", || {
+            c_events.lock().unwrap().iter().any(|e| e == "disconnected")
+        })
+        .await;
+    drop(c);
+    // JWT expiry has one-second resolution: within the second of expiry the
+    // server still admits a connection (and closes it at once); after it,
+    // none.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let again = async_nats::ConnectOptions::with_credentials_file(&creds)
+            .await
+            .unwrap()
+            .add_root_certificates(fleet.pki.ca.clone())
+            .add_client_certificate(fleet.pki.client_cert.clone(), fleet.pki.client_key.clone())
+            .require_tls(true)
+            .connect(&url)
+            .await;
+        if again.is_err() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expired credentials still connect"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

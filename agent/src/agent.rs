@@ -454,7 +454,7 @@ async fn connect(
                     live.set_connected(false);
                     tracing::warn!("disconnected from NATS; converging from the last good manifest")
                 }
-                other => tracing::debug!(event = %other, "NATS event"),
+                other => flotilla_nats::connect::log_event(&other),
             }
         }
     })

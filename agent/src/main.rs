@@ -1,11 +1,15 @@
 //! `flotilla-agent`: parses configuration and runs [`flotilla_agent::run`].
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use flotilla_agent::config::{Args, Config};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
+        // Colour only on a terminal: not in journald or a log file.
+        .with_ansi(std::io::stdout().is_terminal())
         .with_env_filter(
             EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn")),

@@ -4,7 +4,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use async_nats::{ConnectOptions, Event, ServerAddr};
+use async_nats::{ConnectOptions, Event, ServerAddr, ServerError};
 
 use crate::auth::Auth;
 use crate::tls::Tls;
@@ -45,6 +45,36 @@ pub enum ConnectError {
     },
 }
 
+/// Logs a connection event at the level it matters to whoever runs the
+/// process. A server's refusal is an error and says what usually causes it —
+/// credentials that are not this process's own (another device's, or an
+/// operator's on a device), revoked or expired — since the operation it
+/// refused otherwise only surfaces as a timeout.
+pub fn log_event(event: &Event) {
+    match event {
+        Event::ServerError(ServerError::AuthorizationViolation) => tracing::error!(
+            "the NATS server refused these credentials (authorization violation): revoked, expired, or not issued for this server"
+        ),
+        Event::ServerError(ServerError::Other(e))
+            if e.to_lowercase().contains("permissions violation") =>
+        {
+            tracing::error!(
+                error = %e,
+                "the NATS server refused an operation these credentials do not allow: are they this process's own (a device's from `flotilla agent enroll <id>` for that id)?"
+            )
+        }
+        Event::ServerError(_)
+        | Event::ClientError(_)
+        | Event::SlowConsumer(_)
+        | Event::LameDuckMode => {
+            tracing::warn!(event = %event, "NATS")
+        }
+        Event::Connected | Event::Disconnected | Event::Draining | Event::Closed => {
+            tracing::debug!(event = %event, "NATS")
+        }
+    }
+}
+
 /// Connection settings: a server list, the caller's name, [`Auth`], and
 /// optionally an inbox prefix, retry on first connect and an event callback.
 #[derive(Debug)]
@@ -61,7 +91,9 @@ impl Connector {
         Self {
             servers: servers.into(),
             auth,
-            options: ConnectOptions::new().name(name.into()),
+            options: ConnectOptions::new()
+                .name(name.into())
+                .event_callback(|event| async move { log_event(&event) }),
         }
     }
 
@@ -85,7 +117,9 @@ impl Connector {
         self
     }
 
-    /// Called on every connection event (Connected, Disconnected, …).
+    /// Called on every connection event (Connected, Disconnected, …),
+    /// instead of [`log_event`]; pass the events it does not handle on to
+    /// [`log_event`].
     pub fn event_callback<F, Fut>(mut self, callback: F) -> Self
     where
         F: Fn(Event) -> Fut + Send + Sync + 'static,

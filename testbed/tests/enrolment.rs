@@ -457,6 +457,29 @@ async fn enrolled_devices_are_confined_to_their_own_subjects_and_revoked_or_expi
     );
     eprintln!("revocation: connection closed {cut_off:?} after `flotilla agent revoke` started");
 
+    // With its own credentials nothing an agent or the control plane does
+    // is refused; a device given another device's credentials says so.
+    let refused = "refused an operation these credentials do not allow";
+    for log in ["pi-a.log", "control.log"] {
+        let text = std::fs::read_to_string(fleet.dir.path().join(log)).unwrap();
+        assert!(!text.contains(refused), "{log}:\n{text}");
+    }
+    std::fs::copy(
+        fleet.dir.path().join("pi-a.creds"),
+        fleet.dir.path().join("pi-x.creds"),
+    )
+    .unwrap();
+    fleet.start_agent("pi-x", &public);
+    fleet
+        .wait(
+            "pi-x logs that the server refuses pi-a's credentials",
+            || {
+                std::fs::read_to_string(fleet.dir.path().join("pi-x.log"))
+                    .is_ok_and(|l| l.contains(refused) && l.contains("ERROR"))
+            },
+        )
+        .await;
+
     // Credentials issued with --expires work until then; at expiry the
     // server closes the device's connection and refuses new ones.
     let creds = fleet.dir.path().join("pi-c.creds");

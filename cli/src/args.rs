@@ -25,7 +25,10 @@ Exit codes:
   5  timeout (apply --wait)
   6  not found
   7  offline: every target converged except some that are Offline (apply
-     --wait); they converge on their own when they come back";
+     --wait); they converge on their own when they come back
+  8  halted: the deployment's staged rollout halted on failures (apply --wait,
+     rollout status)
+  9  rolled back: the staged rollout failed and rolled back (likewise)";
 
 #[derive(Debug, Parser)]
 #[command(name = "flotilla", version, about = "The Flotilla operator CLI", long_about = LONG_ABOUT)]

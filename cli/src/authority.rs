@@ -458,6 +458,11 @@ impl Authority {
         ))
     }
 
+    /// The server's configuration block, rewritten by [`Authority::revoke`].
+    pub fn server_config_path(&self) -> PathBuf {
+        self.path(SERVER_CONF)
+    }
+
     /// The system user's credentials, which may push account updates.
     pub fn system_creds(&self) -> PathBuf {
         self.path(SYSTEM_CREDS)

@@ -66,12 +66,24 @@ pub async fn agent(g: &GlobalArgs, action: &AgentAction) -> Result<(), CliError>
                 flotilla_nats::Tls::pick(g.tls_ca.clone(), g.tls_cert.clone(), g.tls_key.clone())
                     .map_err(|e| CliError::Usage(e.to_string()))?;
             authority::push_account(&g.nats_url, &authority.system_creds(), &tls, &jwt).await?;
+            // The running server stored the change in its resolver
+            // directory; the preloaded copy in its configuration must carry
+            // it too, or a server rebuilt without that directory would admit
+            // the revoked keys again.
+            let conf = authority.server_config_path();
             if g.output == Format::Json {
-                println!("{}", json!({"agentId": agent, "revoked": revoked}));
+                println!(
+                    "{}",
+                    json!({"agentId": agent, "revoked": revoked, "serverConfig": conf})
+                );
             } else {
                 println!(
                     "{agent}: {} credential(s) revoked; the server refuses them now",
                     revoked.len()
+                );
+                println!(
+                    "install the rewritten {} on every nats-server beside its configuration, as after `flotilla auth init`",
+                    conf.display()
                 );
             }
             Ok(())

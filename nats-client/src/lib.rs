@@ -2,7 +2,7 @@
 //!
 //! Everything agent, control plane and CLI share about talking to NATS,
 //! defined once (docs/adr/0011-one-nats-client-layer.md). Small on purpose:
-//! async-nats, tokio and the contract crate, nothing heavier, so the agent
+//! async-nats, tokio, tracing and the contract crate, nothing heavier, so the agent
 //! can use it without growing.
 //!
 //! ## Tour
@@ -12,7 +12,8 @@
 //! - [`connect`]: [`Connector`], the one way to connect: a comma-separated
 //!   server list, the caller's client name, optional inbox prefix (agents
 //!   confine themselves to `_INBOX_<id>`), retry-on-first-connect and event
-//!   callback.
+//!   callback; [`connect::log_event`] logs events by default, a server's
+//!   refusal (wrong, revoked or expired credentials) as an error.
 //! - [`tls`]: [`Tls`], TLS to the server — a CA file, optionally a client
 //!   certificate (mTLS) — with rustls and `ring` (no OpenSSL on devices).
 //! - [`shutdown`]: [`shutdown_signal`], SIGTERM or SIGINT.

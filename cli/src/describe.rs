@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 use flotilla_nats::AgentReports;
 use manifest_types::convergence::{Progress, Thresholds, rejection_line};
 use manifest_types::{
-    AgentId, AgentStatus, DeploymentName, ReadyDetails, ResourceSpec, ResourceState, keys,
+    AgentId, AgentStatus, DeploymentName, DeploymentResource, ReadyDetails, ResourceSpec,
+    ResourceState, keys,
 };
 
 use crate::args::{DescribeWhat, Format, GlobalArgs};
@@ -312,6 +313,24 @@ fn resource_target(spec: &ResourceSpec) -> String {
     }
 }
 
+/// A deployment resource's target as written: a templated one shows its
+/// template (`/etc/${agent.id}.conf`), not the stand-in agent it was checked
+/// with.
+fn written_target(r: &DeploymentResource) -> String {
+    let field = match &r.spec {
+        ResourceSpec::File(_) => "path",
+        ResourceSpec::Container(_) => "image",
+        ResourceSpec::SystemdUnit(_) => "unit",
+        ResourceSpec::Unsupported(_) => return resource_target(&r.spec),
+    };
+    let written = r.template.as_ref().and_then(|t| t.get(field)?.as_str());
+    match (written, &r.spec) {
+        (Some(path), ResourceSpec::File(f)) => format!("{path} ({})", f.mode),
+        (Some(target), _) => target.to_owned(),
+        (None, spec) => resource_target(spec),
+    }
+}
+
 pub fn render_deployment(d: &DeploymentView, progress: Option<&Progress>) -> String {
     let mut out = String::new();
     field(&mut out, "Name", &d.name);
@@ -374,7 +393,7 @@ pub fn render_deployment(d: &DeploymentView, progress: Option<&Progress>) -> Str
             t.row([
                 r.id.to_string(),
                 r.spec.kind_str().to_owned(),
-                resource_target(&r.spec),
+                written_target(r),
                 restart.join(","),
             ]);
         }
@@ -488,5 +507,21 @@ mod tests {
         };
         assert_eq!(state_detail(&unit), "active/running restarts 1 pid 42");
         assert_eq!(state_detail(&ResourceState::Pending), "");
+    }
+
+    #[test]
+    fn a_templated_target_is_shown_as_written() {
+        let d = manifest_types::Deployment::from_json(
+            br#"{"apiVersion": "flotilla.dev/v1", "kind": "Deployment", "name": "hello",
+                "selector": {"matchLabels": {"role": "kiosk"}}, "resources": [
+                {"id": "motd", "kind": "File", "spec": {"path": "/etc/${agent.id}.motd", "content": "hi"}},
+                {"id": "plain", "kind": "File", "spec": {"path": "/etc/plain", "content": "${values.x}"}}]}"#,
+        )
+        .unwrap();
+        let targets: Vec<String> = d.resources.iter().map(written_target).collect();
+        assert_eq!(
+            targets,
+            ["/etc/${agent.id}.motd (0644)", "/etc/plain (0644)"]
+        );
     }
 }

@@ -224,8 +224,8 @@ pub enum LabelWhat {
     },
     /// Make the labels devices report about themselves (`agents.<id>`)
     /// operator labels, where the operator has no label of that key: the
-    /// upgrade path from selectors that matched reported labels. Only for
-    /// devices whose claims you vouch for.
+    /// upgrade path from selectors that matched reported labels, run once.
+    /// Only for devices whose claims you vouch for.
     AdoptReported {
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         agents: Vec<AgentId>,

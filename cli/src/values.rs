@@ -80,9 +80,12 @@ pub async fn label(
 /// is not a valid label is left out and named.
 pub async fn adopt_reported(g: &GlobalArgs, agents: &[AgentId], all: bool) -> Result<(), CliError> {
     let fleet = Fleet::open(g).await?;
+    let mut named = agents.to_vec();
+    named.sort();
+    named.dedup();
     let filters: Vec<String> = match all {
         true => vec![keys::all(keys::AGENTS)],
-        false => agents.iter().map(keys::inventory).collect(),
+        false => named.iter().map(keys::inventory).collect(),
     };
     let snap = fleet.snapshot_keys(&filters).await?;
     let mut reported = Vec::new();
@@ -96,7 +99,7 @@ pub async fn adopt_reported(g: &GlobalArgs, agents: &[AgentId], all: bool) -> Re
             Err(message) => eprintln!("{id}: skipped: {message}"),
         }
     }
-    if let Some(missing) = agents
+    if let Some(missing) = named
         .iter()
         .find(|a| !reported.iter().any(|(id, _)| id == *a))
     {
@@ -105,41 +108,97 @@ pub async fn adopt_reported(g: &GlobalArgs, agents: &[AgentId], all: bool) -> Re
             keys::inventory(missing)
         )));
     }
-    let mut docs = Vec::new();
+    // Each agent is its own change: one that fails is reported and the
+    // others still go ahead; the command then fails with the first error.
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
     for (id, labels) in reported {
-        let (valid, invalid): (Vec<_>, Vec<_>) = labels
-            .into_iter()
-            .partition(|(k, v)| manifest_types::inventory::validate_label(k, v).is_ok());
-        let (current, _) = read(&fleet, &id).await?;
-        let (mut adopted, mut kept) = adoptable(&current.labels, &valid);
-        let values = match adopted.is_empty() {
-            true => current,
-            false => {
-                change(&fleet, &id, |v| {
-                    (adopted, kept) = adoptable(&v.labels, &valid);
-                    v.labels.extend(adopted.iter().cloned());
-                })
-                .await?
+        match adopt_one(&fleet, id.clone(), labels).await {
+            Ok(a) => {
+                if g.output == Format::Table {
+                    println!("{}", a.line());
+                }
+                done.push(a);
             }
-        };
-        if g.output == Format::Table {
-            let pairs = |l: &[(String, String)]| output::labels(l.iter().map(|(k, v)| (k, v)));
-            let mut line = format!("{id}: adopted {}", pairs(&adopted));
-            if !kept.is_empty() {
-                line += &format!("; operator's kept: {}", pairs(&kept));
-            }
-            if !invalid.is_empty() {
-                line += &format!("; not valid labels, left out: {}", pairs(&invalid));
-            }
-            println!("{line}");
-        } else {
-            docs.push(values);
+            Err(e) => failed.push((id, e)),
         }
     }
     if g.output != Format::Table {
-        print!("{}", output::document(g.output, &docs)?);
+        print!("{}", output::document(g.output, &done)?);
     }
-    Ok(())
+    let mut failed = failed.into_iter();
+    let Some((first_id, first)) = failed.next() else {
+        return Ok(());
+    };
+    for (id, e) in failed {
+        eprintln!("{id}: nothing adopted: {}", e.report());
+    }
+    eprintln!("{first_id}: nothing adopted:");
+    Err(first)
+}
+
+/// What `adopt-reported` did for one agent.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Adoption {
+    agent_id: AgentId,
+    /// Reported labels now the operator's.
+    adopted: BTreeMap<String, String>,
+    /// The operator's own value, where the device reports another.
+    kept: BTreeMap<String, String>,
+    /// Reported labels that are not valid labels.
+    left_out: BTreeMap<String, String>,
+    /// The operator's labels after the change.
+    labels: BTreeMap<String, String>,
+}
+
+impl Adoption {
+    fn line(&self) -> String {
+        let mut line = format!(
+            "{}: adopted {}",
+            self.agent_id,
+            output::labels(&self.adopted)
+        );
+        if !self.kept.is_empty() {
+            line += &format!("; operator's kept: {}", output::labels(&self.kept));
+        }
+        if !self.left_out.is_empty() {
+            line += &format!(
+                "; not valid labels, left out: {}",
+                output::labels(&self.left_out)
+            );
+        }
+        line
+    }
+}
+
+async fn adopt_one(
+    fleet: &Fleet,
+    id: AgentId,
+    reported: BTreeMap<String, String>,
+) -> Result<Adoption, CliError> {
+    let (valid, left_out): (Labels, Labels) = reported
+        .into_iter()
+        .partition(|(k, v)| manifest_types::inventory::validate_label(k, v).is_ok());
+    let (current, _) = read(fleet, &id).await?;
+    let (mut adopted, mut kept) = adoptable(&current.labels, &valid);
+    let values = match adopted.is_empty() {
+        true => current,
+        false => {
+            change(fleet, &id, |v| {
+                (adopted, kept) = adoptable(&v.labels, &valid);
+                v.labels.extend(adopted.iter().cloned());
+            })
+            .await?
+        }
+    };
+    Ok(Adoption {
+        agent_id: id,
+        adopted: adopted.into_iter().collect(),
+        kept: kept.into_iter().collect(),
+        left_out: left_out.into_iter().collect(),
+        labels: values.labels,
+    })
 }
 
 /// Which reported labels the operator has no label of that key for

@@ -46,32 +46,45 @@ pub enum ConnectError {
 }
 
 /// Logs a connection event at the level it matters to whoever runs the
-/// process. A server's refusal is an error and says what usually causes it —
+/// process. A server's refusal is an error and says what usually causes it,
+/// since the operation it refused otherwise only surfaces as a timeout:
 /// credentials that are not this process's own (another device's, or an
-/// operator's on a device), revoked or expired — since the operation it
-/// refused otherwise only surfaces as a timeout.
+/// operator's on a device), or revoked or expired ones (the server closes
+/// the connection; reconnecting then fails with an authorization violation,
+/// which async-nats logs itself).
 pub fn log_event(event: &Event) {
-    match event {
-        Event::ServerError(ServerError::AuthorizationViolation) => tracing::error!(
-            "the NATS server refused these credentials (authorization violation): revoked, expired, or not issued for this server"
-        ),
-        Event::ServerError(ServerError::Other(e))
-            if e.to_lowercase().contains("permissions violation") =>
-        {
-            tracing::error!(
-                error = %e,
-                "the NATS server refused an operation these credentials do not allow: are they this process's own (a device's from `flotilla agent enroll <id>` for that id)?"
-            )
+    let refusal = match event {
+        Event::ServerError(ServerError::AuthorizationViolation) => {
+            Some("authorization violation".to_owned())
         }
-        Event::ServerError(_)
-        | Event::ClientError(_)
-        | Event::SlowConsumer(_)
-        | Event::LameDuckMode => {
+        Event::ServerError(ServerError::Other(e)) => {
+            let e = e.to_lowercase();
+            ["permissions violation", "authentication", "authorization"]
+                .iter()
+                .any(|n| e.contains(n))
+                .then_some(e)
+        }
+        _ => None,
+    };
+    match (refusal, event) {
+        (Some(e), _) if e.contains("permissions violation") => tracing::error!(
+            error = %e,
+            "the NATS server refused an operation these credentials do not allow: are they this process's own (a device's from `flotilla agent enroll <id>` for that id)?"
+        ),
+        (Some(e), _) => tracing::error!(
+            error = %e,
+            "the NATS server refused these credentials: revoked, expired, or not issued for this server"
+        ),
+        (
+            None,
+            Event::ServerError(_)
+            | Event::ClientError(_)
+            | Event::SlowConsumer(_)
+            | Event::LameDuckMode,
+        ) => {
             tracing::warn!(event = %event, "NATS")
         }
-        Event::Connected | Event::Disconnected | Event::Draining | Event::Closed => {
-            tracing::debug!(event = %event, "NATS")
-        }
+        (None, _) => tracing::debug!(event = %event, "NATS"),
     }
 }
 

@@ -426,6 +426,19 @@ async fn enrolled_devices_are_confined_to_their_own_subjects_and_revoked_or_expi
         })
         .await;
     let cut_off = revoked.elapsed();
+    fleet
+        .wait(
+            "pi-b's agent logs that its credentials were refused",
+            || {
+                std::fs::read_to_string(fleet.dir.path().join("pi-b.log")).is_ok_and(|l| {
+                    l.lines().any(|l| {
+                        l.contains("ERROR")
+                            && l.contains("the NATS server refused these credentials")
+                    })
+                })
+            },
+        )
+        .await;
     drop(b);
     let again =
         async_nats::ConnectOptions::with_credentials_file(fleet.dir.path().join("pi-b.creds"))
@@ -474,8 +487,10 @@ async fn enrolled_devices_are_confined_to_their_own_subjects_and_revoked_or_expi
         .wait(
             "pi-x logs that the server refuses pi-a's credentials",
             || {
-                std::fs::read_to_string(fleet.dir.path().join("pi-x.log"))
-                    .is_ok_and(|l| l.contains(refused) && l.contains("ERROR"))
+                std::fs::read_to_string(fleet.dir.path().join("pi-x.log")).is_ok_and(|l| {
+                    l.lines()
+                        .any(|l| l.contains(refused) && l.contains("ERROR"))
+                })
             },
         )
         .await;
@@ -492,21 +507,26 @@ async fn enrolled_devices_are_confined_to_their_own_subjects_and_revoked_or_expi
         "--out",
         creds.to_str().unwrap(),
         "--expires",
-        "5s",
+        "15s",
     ]));
     let (c, c_events) = client(&url, &fleet.pki, &creds, "_INBOX.pi-c").await;
-    c.publish("$KV.fleet-heartbeats.heartbeat.pi-c", "{}".into())
+    // Allowed, answered: a direct get of its own (absent) manifest.
+    let own = jetstream::new(c.clone())
+        .get_stream_no_info("KV_fleet")
         .await
-        .unwrap();
-    c.flush().await.unwrap();
+        .unwrap()
+        .direct_get_last_for_subject("$KV.fleet.desired-state.pi-c")
+        .await;
     assert!(
-        !denied(&c_events, "publish", "$KV.fleet-heartbeats.heartbeat.pi-c"),
-        "{:?}",
+        matches!(&own, Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound),
+        "{own:?} {:?}",
         c_events.lock().unwrap()
     );
     fleet
         .wait("pi-c's connection closed at expiry", || {
-            c_events.lock().unwrap().iter().any(|e| e == "disconnected")
+            let events = c_events.lock().unwrap();
+            events.iter().any(|e| e.to_lowercase().contains("expired"))
+                && events.iter().any(|e| e == "disconnected")
         })
         .await;
     drop(c);

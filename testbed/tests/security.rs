@@ -192,6 +192,7 @@ async fn a_device_claiming_a_label_is_not_selected_by_it() {
     let mut cmd = std::process::Command::new(testbed::binary("flotilla-agent"));
     cmd.args(["--nats-url", &fleet.server.url(), "--id", "pi-2"])
         .args(["--trusted-key", &trusted, "--label", "role=kiosk"])
+        .args(["--label", "site=lobby"])
         .arg("--state-dir")
         .arg(fleet.dir.path().join("pi-2/state"))
         .arg("--file-root")
@@ -259,13 +260,21 @@ async fn a_device_claiming_a_label_is_not_selected_by_it() {
     // selects it — and never overrides a label the operator set.
     let out = fleet.flotilla(&["label", "agent", "pi-2", "site=lab"]);
     assert!(out.status.success(), "{}", fleet.report(&out));
-    let out = fleet.flotilla(&["label", "adopt-reported", "pi-2", "-o", "json"]);
+    let out = fleet.flotilla(&["label", "adopt-reported", "pi-2", "pi-2", "-o", "json"]);
     assert!(out.status.success(), "{}", fleet.report(&out));
     let docs: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
-        docs[0]["labels"],
+        docs,
+        serde_json::json!([{"agentId": "pi-2", "adopted": {"role": "kiosk"},
+            "kept": {"site": "lab"}, "leftOut": {},
+            "labels": {"role": "kiosk", "site": "lab"}}]),
+    );
+    let values = fleet.flotilla(&["values", "get", "pi-2", "-o", "json"]);
+    let values: Value = serde_json::from_slice(&values.stdout).unwrap();
+    assert_eq!(
+        values["labels"],
         serde_json::json!({"role": "kiosk", "site": "lab"}),
-        "{docs}"
+        "{values}"
     );
     fleet
         .wait("pi-2 selected by hello", Duration::from_secs(30), || {

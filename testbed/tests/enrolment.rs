@@ -111,6 +111,16 @@ impl Secure {
     }
 }
 
+/// Connection options with `creds` over mutual TLS (the test PKI).
+async fn mutual_tls(pki: &TestPki, creds: &Path) -> async_nats::ConnectOptions {
+    async_nats::ConnectOptions::with_credentials_file(creds)
+        .await
+        .unwrap()
+        .add_root_certificates(pki.ca.clone())
+        .add_client_certificate(pki.client_cert.clone(), pki.client_key.clone())
+        .require_tls(true)
+}
+
 /// A client authenticated by `creds`, recording the server's errors
 /// (permission violations).
 async fn client(
@@ -121,12 +131,8 @@ async fn client(
 ) -> (async_nats::Client, Arc<Mutex<Vec<String>>>) {
     let errors = Arc::new(Mutex::new(Vec::new()));
     let seen = errors.clone();
-    let c = async_nats::ConnectOptions::with_credentials_file(creds)
+    let c = mutual_tls(pki, creds)
         .await
-        .unwrap()
-        .add_root_certificates(pki.ca.clone())
-        .add_client_certificate(pki.client_cert.clone(), pki.client_key.clone())
-        .require_tls(true)
         .custom_inbox_prefix(inbox)
         .request_timeout(Some(Duration::from_millis(500)))
         .event_callback(move |e| {
@@ -154,6 +160,14 @@ fn denied(errors: &Mutex<Vec<String>>, kind: &str, subject: &str) -> bool {
         .unwrap()
         .iter()
         .any(|e| e.to_lowercase().replace('\'', "\"").contains(&needle))
+}
+
+/// `hello` (files under `root` with `content`) as a YAML file to apply.
+fn write_hello(yaml: &Path, root: &Path, content: &str) {
+    let doc = HELLO
+        .replace("ROOT", root.to_str().unwrap())
+        .replace("CONTENT", content);
+    std::fs::write(yaml, doc).unwrap();
 }
 
 const HELLO: &str = "apiVersion: flotilla.dev/v1\nkind: Deployment\nname: hello\n\
@@ -247,13 +261,7 @@ async fn enrolled_devices_are_confined_to_their_own_subjects_and_revoked_or_expi
         .await;
     let yaml = fleet.dir.path().join("hello.yaml");
     let root = fleet.root();
-    std::fs::write(
-        &yaml,
-        HELLO
-            .replace("ROOT", root.to_str().unwrap())
-            .replace("CONTENT", "v1"),
-    )
-    .unwrap();
+    write_hello(&yaml, &root, "v1");
     fleet.ok(&fleet.flotilla(&[
         "apply",
         "-f",
@@ -440,23 +448,12 @@ async fn enrolled_devices_are_confined_to_their_own_subjects_and_revoked_or_expi
         )
         .await;
     drop(b);
-    let again =
-        async_nats::ConnectOptions::with_credentials_file(fleet.dir.path().join("pi-b.creds"))
-            .await
-            .unwrap()
-            .add_root_certificates(fleet.pki.ca.clone())
-            .add_client_certificate(fleet.pki.client_cert.clone(), fleet.pki.client_key.clone())
-            .require_tls(true)
-            .connect(&url)
-            .await;
+    let again = mutual_tls(&fleet.pki, &fleet.dir.path().join("pi-b.creds"))
+        .await
+        .connect(&url)
+        .await;
     assert!(again.is_err(), "a revoked device connects again");
-    std::fs::write(
-        &yaml,
-        HELLO
-            .replace("ROOT", root.to_str().unwrap())
-            .replace("CONTENT", "v2"),
-    )
-    .unwrap();
+    write_hello(&yaml, &root, "v2");
     fleet.ok(&fleet.flotilla(&["apply", "-f", yaml.to_str().unwrap()]));
     fleet
         .wait("pi-a converges on v2", || {
@@ -535,14 +532,7 @@ async fn enrolled_devices_are_confined_to_their_own_subjects_and_revoked_or_expi
     // none.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let again = async_nats::ConnectOptions::with_credentials_file(&creds)
-            .await
-            .unwrap()
-            .add_root_certificates(fleet.pki.ca.clone())
-            .add_client_certificate(fleet.pki.client_cert.clone(), fleet.pki.client_key.clone())
-            .require_tls(true)
-            .connect(&url)
-            .await;
+        let again = mutual_tls(&fleet.pki, &creds).await.connect(&url).await;
         if again.is_err() {
             break;
         }

@@ -14,7 +14,6 @@
 
 use std::path::{Path, PathBuf};
 
-use manifest_types::manifest::MAX_GENERATION;
 use manifest_types::signing::{SignatureError, Trust};
 use manifest_types::spec::NetworkMode;
 use manifest_types::{AgentId, AgentManifest, Rejection, ResourceSpec};
@@ -201,13 +200,10 @@ impl Gate {
 }
 
 /// The `generation` of a document that failed to parse, if it has a
-/// readable one no larger than [`MAX_GENERATION`].
+/// believable one.
 fn sniff_generation(bytes: &[u8]) -> Option<u64> {
-    serde_json::from_slice::<serde_json::Value>(bytes)
-        .ok()?
-        .get("generation")?
-        .as_u64()
-        .filter(|&g| g <= MAX_GENERATION)
+    let doc = serde_json::from_slice::<serde_json::Value>(bytes).ok()?;
+    manifest_types::manifest::probe_generation(&doc, "generation")
 }
 
 #[cfg(test)]

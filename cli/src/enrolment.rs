@@ -21,7 +21,7 @@ pub fn auth(g: &GlobalArgs, action: &AuthAction) -> Result<(), CliError> {
                      server config   {conf} (include it from nats-server's configuration)\n\
                      control plane   {control}\n\
                      operators       {operators}\n\
-                     Keep {dir} offline; it holds the keys that issue every credential.",
+                     Keep {dir} on one operator machine, never on a server or device: it holds the keys that issue every credential.",
                     dir = dir.display(),
                     op = made.operator,
                     acc = made.fleet_account,

@@ -21,6 +21,7 @@
 
 use async_nats::jetstream::kv::{self, Operation, Store, UpdateErrorKind};
 use bytes::Bytes;
+use manifest_types::manifest::probe_generation;
 use manifest_types::signing::SigningKeys;
 use manifest_types::{AgentId, AgentManifest, DeploymentStatus, ManagedResource, keys};
 
@@ -184,8 +185,9 @@ pub async fn publish_manifest_above(
                     _ => {
                         // Above what any manifest may carry: never written
                         // by us, never accepted by the agent; not believed.
-                        let stored = probe_u64(&entry.value, "generation")
-                            .filter(|&g| g <= manifest_types::manifest::MAX_GENERATION)
+                        let stored = serde_json::from_slice(&entry.value)
+                            .ok()
+                            .and_then(|doc| probe_generation(&doc, "generation"))
                             .unwrap_or(0);
                         let observed = observed_generation(store, agent).await?;
                         (
@@ -320,11 +322,7 @@ pub fn reported_floor(status: &[u8]) -> Floor {
     // A generation no manifest may carry was never accepted or looked at
     // as a manifest: it is not believed (it would push every later
     // generation towards overflow).
-    let field = |name: &str| {
-        doc.get(name)
-            .and_then(serde_json::Value::as_u64)
-            .filter(|&g| g <= manifest_types::manifest::MAX_GENERATION)
-    };
+    let field = |name: &str| probe_generation(&doc, name);
     let rejection = doc.get("rejection");
     Floor {
         generation: field("observedGeneration")
@@ -399,27 +397,9 @@ async fn read(store: &Store, key: &str) -> Result<Option<kv::Entry>, PublishErro
     })
 }
 
-/// A top-level unsigned integer field of a JSON document that may not parse
-/// as its full type.
-pub(crate) fn probe_u64(bytes: &[u8], field: &str) -> Option<u64> {
-    serde_json::from_slice::<serde_json::Value>(bytes)
-        .ok()?
-        .get(field)?
-        .as_u64()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn probes_fields_of_documents_that_do_not_fully_parse() {
-        let doc = br#"{"apiVersion":"flotilla.dev/v9","generation":41,"x":{}}"#;
-        assert_eq!(probe_u64(doc, "generation"), Some(41));
-        assert_eq!(probe_u64(doc, "missing"), None);
-        assert_eq!(probe_u64(b"{not json", "generation"), None);
-        assert_eq!(probe_u64(br#"{"generation":-1}"#, "generation"), None);
-    }
 
     #[test]
     fn reads_the_floor_from_any_status_document() {

@@ -66,6 +66,14 @@ pub struct Signature {
 /// overflows.
 pub const MAX_GENERATION: u64 = (1 << 53) - 1;
 
+/// A generation-valued top-level `field` of a document that need not parse
+/// as its full type (a rejected manifest, any version of a status): `None`
+/// when absent, not an unsigned integer, or above [`MAX_GENERATION`] — a
+/// generation no manifest may carry is never believed.
+pub fn probe_generation(doc: &serde_json::Value, field: &str) -> Option<u64> {
+    doc.get(field)?.as_u64().filter(|&g| g <= MAX_GENERATION)
+}
+
 /// Why a manifest was not accepted. [`ManifestError::reason`] is the stable
 /// code written into status.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -402,6 +410,25 @@ pub(crate) use schema::KindAndSpec;
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn generations_are_probed_from_documents_that_do_not_fully_parse() {
+        let doc = json!({"apiVersion": "flotilla.dev/v9", "generation": 41, "x": {}});
+        assert_eq!(probe_generation(&doc, "generation"), Some(41));
+        assert_eq!(probe_generation(&doc, "missing"), None);
+        assert_eq!(
+            probe_generation(&json!({"generation": -1}), "generation"),
+            None
+        );
+        assert_eq!(
+            probe_generation(&json!({"generation": "7"}), "generation"),
+            None
+        );
+        let max = json!({"generation": MAX_GENERATION});
+        assert_eq!(probe_generation(&max, "generation"), Some(MAX_GENERATION));
+        let above = json!({"generation": MAX_GENERATION + 1});
+        assert_eq!(probe_generation(&above, "generation"), None);
+    }
 
     fn manifest(resources: serde_json::Value) -> Vec<u8> {
         serde_json::to_vec(&json!({

@@ -22,9 +22,6 @@ use crate::state::{CachedManifest, StateDir, StateError};
 use crate::status::{StatusBoard, agent_build};
 use crate::worker::Worker;
 
-/// Longest wait for the first heartbeat before the first status is written.
-const FIRST_BEAT_WAIT: Duration = Duration::from_secs(2);
-
 /// Longest random delay before the direct get that follows a (re)connect.
 const RECONNECT_JITTER: Duration = Duration::from_secs(1);
 
@@ -116,7 +113,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
 
     // The first heartbeat goes out before the first status (see
-    // report::heartbeat), waited for at most FIRST_BEAT_WAIT.
+    // report::heartbeat and report::status_writer).
     let (first_beat, beaten) = tokio::sync::oneshot::channel();
     tasks.spawn(report::heartbeat(
         AgentKv::new(
@@ -129,7 +126,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.heartbeat_interval,
         first_beat,
     ));
-    let _ = tokio::time::timeout(FIRST_BEAT_WAIT, beaten).await;
 
     let history = HistoryResets::default();
     tasks.spawn(report::status_writer(
@@ -139,6 +135,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         epoch_rx.clone(),
         history.clone(),
         config.resync_interval,
+        beaten,
     ));
     tasks.spawn(report::register(
         kv.clone(),

@@ -18,10 +18,18 @@ use manifest_types::{
     AgentInventory, AgentStatus, ApiVersion, ConditionType, Heartbeat, HeartbeatSettings, keys,
 };
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::kv::{AgentKv, KvError, KvValue};
 use crate::status::StatusBoard;
+
+/// Longest wait, counted from the first connection, for the first heartbeat
+/// to be delivered before the first status is written anyway (a missing
+/// heartbeat bucket must not keep the status from being written).
+pub const FIRST_BEAT_WAIT: Duration = Duration::from_secs(2);
+
+/// How soon an undelivered first heartbeat is tried again.
+const FIRST_BEAT_RETRY: Duration = Duration::from_millis(100);
 
 /// `base` ± 20 %, so a fleet restarted together does not act in lockstep.
 pub fn jittered(base: Duration) -> Duration {
@@ -92,6 +100,11 @@ fn instance_of(bytes: &[u8]) -> Option<String> {
 /// condition, heartbeat) and re-checked each `recheck`, never overwritten.
 /// The key found missing after this writer wrote it means the bucket was
 /// created again: the status is created anew and the other tasks told.
+///
+/// Nothing is written before `first_beat` says the first heartbeat was
+/// delivered (or [`FIRST_BEAT_WAIT`] after the first connection): a reader
+/// that finds a status then finds a heartbeat too, and a starting agent never
+/// looks Stale.
 pub async fn status_writer(
     kv: AgentKv,
     board: StatusBoard,
@@ -99,7 +112,17 @@ pub async fn status_writer(
     mut connected: watch::Receiver<u64>,
     history: HistoryResets,
     recheck: Duration,
+    first_beat: oneshot::Receiver<()>,
 ) {
+    let mut connected_once = connected.clone();
+    let bounded = async move {
+        let _ = connected_once.wait_for(|epoch| *epoch > 0).await;
+        tokio::time::sleep(FIRST_BEAT_WAIT).await;
+    };
+    tokio::select! {
+        _ = first_beat => {}
+        () = bounded => tracing::debug!("no heartbeat delivered yet; writing the status anyway"),
+    }
     let key = keys::actual_state(kv.agent());
     let ours = board.current().instance_id.clone();
     let mut resets = history.subscribe();
@@ -214,9 +237,11 @@ pub fn effective_interval(configured: Duration, fleet: Option<Duration>) -> Dura
 /// readers judge its liveness by it; a longer interval is declared before it
 /// is waited. Its KV timestamp, which is server time, is the liveness signal.
 ///
-/// The first beat goes out at once, and `first` is told when it was tried:
-/// the agent writes its status only after it, so a reader never sees a fresh
-/// status without a heartbeat (which would look Stale).
+/// The first beat goes out at once and is tried again every
+/// [`FIRST_BEAT_RETRY`] until the server has it (the connection may not be
+/// up yet); `first` is told then, and the status writer waits for it, so a
+/// reader never sees a fresh status without a heartbeat (which would look
+/// Stale). Settings that could not be read are read again at the next beat.
 pub async fn heartbeat(
     beats: AgentKv,
     fleet: AgentKv,
@@ -230,10 +255,13 @@ pub async fn heartbeat(
     let mut fleet_interval: Option<Duration> = None;
     let mut first = Some(first);
     let mut delay = Duration::ZERO;
+    let mut settings_read = false;
     loop {
         tokio::time::sleep(delay).await;
-        if seq.is_multiple_of(SETTINGS_EVERY) {
-            match fleet.get(keys::HEARTBEAT_SETTINGS).await {
+        if seq.is_multiple_of(SETTINGS_EVERY) || !settings_read {
+            let read = fleet.get(keys::HEARTBEAT_SETTINGS).await;
+            settings_read = read.is_ok();
+            match read {
                 Ok(Some(KvValue::Value { bytes, .. })) => {
                     match serde_json::from_slice::<HeartbeatSettings>(&bytes) {
                         Ok(s) => fleet_interval = Some(s.interval()),
@@ -268,12 +296,17 @@ pub async fn heartbeat(
         };
         let bytes = Bytes::from(serde_json::to_vec(&hb).expect("heartbeat serialises"));
         match tokio::time::timeout(interval, beats.put(&key, bytes)).await {
-            Ok(Ok(revision)) => tracing::trace!(seq, revision, "heartbeat"),
+            Ok(Ok(revision)) => {
+                tracing::trace!(seq, revision, "heartbeat");
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(());
+                }
+            }
             Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat not delivered"),
             Err(_) => tracing::debug!("heartbeat timed out"),
         }
-        if let Some(tx) = first.take() {
-            let _ = tx.send(());
+        if first.is_some() {
+            delay = FIRST_BEAT_RETRY;
         }
     }
 }

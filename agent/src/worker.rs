@@ -16,8 +16,9 @@
 //! - Removal is part of convergence: once every resource of a generation
 //!   has been reconciled, a sweep removes what the manifest no longer lists
 //!   — after any interrupted reconcile of a dropped resource has ended, and
-//!   a resource that comes back meanwhile is reconciled only after the
-//!   sweep, so the two never race over one unit, container or file.
+//!   a resource that a newer manifest brings (back) meanwhile is reconciled
+//!   only after the sweep, so the two never race over one unit, container
+//!   or file.
 //!   Removals that fail stay in the status (`removing`), keep Ready false and
 //!   are retried with backoff.
 //! - The status names a generation (`manifestGeneration`) only when every
@@ -100,9 +101,11 @@ struct Removal {
     dropped: BTreeMap<ResourceId, ResourceKind>,
     /// Whether a sweep is in flight.
     running: bool,
-    /// The resources the sweep in flight may remove (absent from the
-    /// manifest it sweeps for): none of them is reconciled until it ends.
-    sweeping: BTreeSet<ResourceId>,
+    /// The manifest the sweep in flight removes against: it may remove
+    /// anything that manifest does not list — also a resource that a newer
+    /// manifest brought meanwhile — so no such resource is reconciled until
+    /// the sweep ends.
+    sweeping: Option<Arc<AgentManifest>>,
     /// The generation the last finished sweep ran for.
     swept: u64,
     attempts: u32,
@@ -322,10 +325,13 @@ impl Worker {
             now,
             self.concurrency,
         );
-        // A resource back in the manifest while a sweep that may remove it
-        // is in flight waits for the sweep: written first, it would be
-        // deleted after (and reported Ready). It starts when the sweep ends.
-        picked.retain(|id| !self.removal.sweeping.contains(id));
+        // A resource new or back in the manifest while a sweep for an
+        // older one is in flight waits for the sweep: written first, it
+        // would be deleted after (and reported Ready). It starts when the
+        // sweep ends.
+        if let Some(swept) = &self.removal.sweeping {
+            picked.retain(|id| swept.resource(id).is_some());
+        }
         for r in m.resources.iter().filter(|r| picked.contains(&r.id)) {
             let lvl = levels[&r.id].clone();
             let (interrupt_tx, interrupt) = Interrupt::new();
@@ -364,14 +370,7 @@ impl Worker {
         ) {
             self.removal.running = true;
             self.removal.drift = false;
-            self.removal.sweeping = self
-                .records
-                .keys()
-                .chain(self.in_flight.keys())
-                .chain(self.removal.dropped.keys())
-                .filter(|id| m.resource(id).is_none())
-                .cloned()
-                .collect();
+            self.removal.sweeping = Some(m.clone());
             let dropped: Vec<_> = self
                 .removal
                 .dropped
@@ -416,7 +415,7 @@ impl Worker {
                 removals,
             } => {
                 self.removal.running = false;
-                self.removal.sweeping.clear();
+                self.removal.sweeping = None;
                 self.removal.swept = generation;
                 let failed: BTreeSet<&ResourceId> =
                     removals.failed.iter().map(|(id, _, _)| id).collect();

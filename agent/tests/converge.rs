@@ -268,3 +268,39 @@ async fn unknown_kinds_are_unsupported_and_failures_stay_per_resource() {
         "a spec with unknown fields is never half-applied"
     );
 }
+
+/// A removal sweep for an older manifest never removes what a newer one
+/// brings: the sweep for generation 1 is held up listing containers (a
+/// Docker Engine that does not answer), generation 2 adds a file meanwhile,
+/// and the file is written after that sweep — present once the agent
+/// reports generation 2 converged, not written and then swept away.
+#[tokio::test]
+async fn a_sweep_in_flight_never_removes_what_a_newer_manifest_brings() {
+    let h = Harness::new().await;
+    let store = h.store().await;
+    let path = h.root("pi-9").join("new.txt");
+    let engine = testbed::docker::StalledEngine::start(h.dir.path());
+    let mut config = h.config("pi-9");
+    config.docker_host = Some(engine.url());
+    let _agent = RunningAgent::start(config);
+
+    put_manifest(&store, "pi-9", manifest("pi-9", 1, json!([]))).await;
+    // The barrier: generation 1's sweep is waiting on the engine.
+    engine.connected().await;
+    put_manifest(
+        &store,
+        "pi-9",
+        manifest("pi-9", 2, json!([file("d/new", &path, "kept\n")])),
+    )
+    .await;
+    wait_status(&store, "pi-9", "generation 2 accepted", |s| {
+        s.observed_generation == 2
+    })
+    .await;
+    let s = status(&store, "pi-9").await.unwrap();
+    assert!(!s.converged_on(2), "not converged while a sweep is held up");
+
+    engine.release();
+    wait_status(&store, "pi-9", "converged on 2", |s| s.converged_on(2)).await;
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "kept\n");
+}

@@ -317,3 +317,60 @@ impl Drop for StalledRegistry {
         self.task.abort();
     }
 }
+
+/// A Docker Engine socket that accepts connections and answers nothing
+/// until [`StalledEngine::release`]: then every connection closes and new
+/// ones are refused, as when dockerd hangs and then goes away. The number
+/// of connections accepted so far tells a test the agent is waiting on it.
+#[derive(Debug)]
+pub struct StalledEngine {
+    path: std::path::PathBuf,
+    accepted: tokio::sync::watch::Receiver<usize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StalledEngine {
+    /// Listens on `dir/docker.sock`.
+    pub fn start(dir: &std::path::Path) -> Self {
+        let path = dir.join("docker.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind stalled engine");
+        let (tx, accepted) = tokio::sync::watch::channel(0);
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+                tx.send_replace(held.len());
+            }
+        });
+        Self {
+            path,
+            accepted,
+            task,
+        }
+    }
+
+    /// The agent's `docker_host` for it.
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.path.display())
+    }
+
+    /// Waits until a client has connected (and is waiting for an answer).
+    pub async fn connected(&self) {
+        let mut accepted = self.accepted.clone();
+        accepted
+            .wait_for(|n| *n > 0)
+            .await
+            .expect("stalled engine running");
+    }
+
+    /// Closes every connection and refuses new ones.
+    pub fn release(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for StalledEngine {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

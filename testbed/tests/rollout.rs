@@ -347,7 +347,7 @@ async fn pause_survives_a_restart_offline_agents_are_counted_and_catch_up() {
     // pi-5 joined at a wave not yet released: the previous revision, like
     // every other agent, and the status says so.
     let f = files(&fleet);
-    assert_eq!(f["pi-5"].as_deref(), Some("v1"), "{f:?}");
+    assert_eq!(f["pi-5"].as_deref(), Some("v1"), "{f:?}\n{}", fleet.logs());
     assert_eq!(count(&f, "v2"), 0, "paused: nobody moved: {f:?}");
     let kv = fleet.fleet_kv().await;
     let status: Value =

@@ -124,6 +124,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         kv.clone(),
         board.clone(),
         config.heartbeat_interval,
+        epoch_rx.clone(),
         first_beat,
     ));
 

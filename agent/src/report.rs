@@ -28,8 +28,13 @@ use crate::status::StatusBoard;
 /// heartbeat bucket must not keep the status from being written).
 pub const FIRST_BEAT_WAIT: Duration = Duration::from_secs(2);
 
-/// How soon an undelivered first heartbeat is tried again.
+/// How soon an undelivered first heartbeat is tried again (doubling up to
+/// the interval).
 const FIRST_BEAT_RETRY: Duration = Duration::from_millis(100);
+
+/// Longest wait for the fleet's heartbeat settings before a beat goes out
+/// with the interval it has.
+const SETTINGS_WAIT: Duration = Duration::from_millis(500);
 
 /// `base` ± 20 %, so a fleet restarted together does not act in lockstep.
 pub fn jittered(base: Duration) -> Duration {
@@ -233,36 +238,45 @@ pub fn effective_interval(configured: Duration, fleet: Option<Duration>) -> Dura
 /// Publishes `heartbeat.<id>` into the heartbeat bucket (`beats`; ADR 0015)
 /// at the longer of `configured` and the fleet's interval setting
 /// (`settings.heartbeat` in the fleet bucket, read every [`SETTINGS_EVERY`]
-/// beats), jittered. Each beat declares the interval until the next one, so
-/// readers judge its liveness by it; a longer interval is declared before it
-/// is waited. Its KV timestamp, which is server time, is the liveness signal.
+/// beats, and at the next beat after a read that failed), jittered. Each
+/// beat declares the interval until the next one, so readers judge its
+/// liveness by it; a longer interval is declared before it is waited. Its KV
+/// timestamp, which is server time, is the liveness signal.
 ///
-/// The first beat goes out at once and is tried again every
-/// [`FIRST_BEAT_RETRY`] until the server has it (the connection may not be
-/// up yet); `first` is told then, and the status writer waits for it, so a
-/// reader never sees a fresh status without a heartbeat (which would look
-/// Stale). Settings that could not be read are read again at the next beat.
+/// The first beat goes out at once and is tried again, from
+/// [`FIRST_BEAT_RETRY`] doubling up to the interval, until the server has it;
+/// `first` is told then, and the status writer waits for it, so a reader
+/// never sees a fresh status without a heartbeat (which would look Stale).
+/// Every (re)connection (`connected`) beats at once too: the status the
+/// agent rewrites after an outage is not fresher than its heartbeat.
 pub async fn heartbeat(
     beats: AgentKv,
     fleet: AgentKv,
     board: StatusBoard,
     configured: Duration,
-    first: tokio::sync::oneshot::Sender<()>,
+    mut connected: watch::Receiver<u64>,
+    first: oneshot::Sender<()>,
 ) {
     let key = keys::heartbeat(beats.agent());
     let mut seq = 0u64;
     let mut interval = configured;
     let mut fleet_interval: Option<Duration> = None;
     let mut first = Some(first);
+    let mut retry = FIRST_BEAT_RETRY;
     let mut delay = Duration::ZERO;
     let mut settings_read = false;
     loop {
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            changed = connected.changed() => if changed.is_err() { return },
+        }
         if seq.is_multiple_of(SETTINGS_EVERY) || !settings_read {
-            let read = fleet.get(keys::HEARTBEAT_SETTINGS).await;
-            settings_read = read.is_ok();
+            // Bounded, so a slow read never holds the beat up.
+            let read =
+                tokio::time::timeout(SETTINGS_WAIT, fleet.get(keys::HEARTBEAT_SETTINGS)).await;
+            settings_read = matches!(read, Ok(Ok(_)));
             match read {
-                Ok(Some(KvValue::Value { bytes, .. })) => {
+                Ok(Ok(Some(KvValue::Value { bytes, .. }))) => {
                     match serde_json::from_slice::<HeartbeatSettings>(&bytes) {
                         Ok(s) => fleet_interval = Some(s.interval()),
                         Err(e) => {
@@ -270,10 +284,11 @@ pub async fn heartbeat(
                         }
                     }
                 }
-                Ok(_) => fleet_interval = None,
-                Err(e) => {
+                Ok(Ok(_)) => fleet_interval = None,
+                Ok(Err(e)) => {
                     tracing::debug!(error = %e, "heartbeat settings not read; keeping the last")
                 }
+                Err(_) => tracing::debug!("heartbeat settings read timed out; keeping the last"),
             }
             let next = effective_interval(configured, fleet_interval);
             if next != interval {
@@ -281,7 +296,6 @@ pub async fn heartbeat(
                 interval = next;
             }
         }
-        delay = jittered(interval);
         seq += 1;
         let status = board.current();
         let hb = Heartbeat {
@@ -295,18 +309,30 @@ pub async fn heartbeat(
             interval_ms: Some(u64::try_from(interval.as_millis()).unwrap_or(u64::MAX)),
         };
         let bytes = Bytes::from(serde_json::to_vec(&hb).expect("heartbeat serialises"));
-        match tokio::time::timeout(interval, beats.put(&key, bytes)).await {
+        let delivered = match tokio::time::timeout(interval, beats.put(&key, bytes)).await {
             Ok(Ok(revision)) => {
                 tracing::trace!(seq, revision, "heartbeat");
-                if let Some(tx) = first.take() {
-                    let _ = tx.send(());
-                }
+                true
             }
-            Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat not delivered"),
-            Err(_) => tracing::debug!("heartbeat timed out"),
-        }
-        if first.is_some() {
-            delay = FIRST_BEAT_RETRY;
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "heartbeat not delivered");
+                false
+            }
+            Err(_) => {
+                tracing::debug!("heartbeat timed out");
+                false
+            }
+        };
+        delay = match (&first, delivered) {
+            (Some(_), false) => {
+                let d = jittered(retry).min(interval);
+                retry = retry.saturating_mul(2);
+                d
+            }
+            _ => jittered(interval),
+        };
+        if delivered && let Some(tx) = first.take() {
+            let _ = tx.send(());
         }
     }
 }

@@ -102,9 +102,8 @@ struct Removal {
     /// Whether a sweep is in flight.
     running: bool,
     /// The manifest the sweep in flight removes against: it may remove
-    /// anything that manifest does not list — also a resource that a newer
-    /// manifest brought meanwhile — so no such resource is reconciled until
-    /// the sweep ends.
+    /// anything that manifest does not list — also what a newer manifest
+    /// brought meanwhile ([`held_by_sweep`]).
     sweeping: Option<Arc<AgentManifest>>,
     /// The generation the last finished sweep ran for.
     swept: u64,
@@ -142,14 +141,36 @@ fn due(r: &ManagedResource, lvl: &str, record: Option<&Record>, now: Instant) ->
     }
 }
 
-/// Which resources to start now, in manifest order: due, not in flight,
-/// with no input of their `restartOn` due or in flight, and no more than
-/// `limit` reconciles in flight in all. The scheduling decision, pure.
+/// The resources of `m` a sweep in flight against `swept` may remove: every
+/// one `swept` does not list under the same id *and* host object (a File
+/// moved to another path keeps its id, and the sweep removes by path). None
+/// of them may be reconciled until the sweep ends: written first, it would
+/// be removed after and still be reported Ready.
+fn held_by_sweep(m: &AgentManifest, swept: Option<&AgentManifest>) -> BTreeSet<ResourceId> {
+    let Some(swept) = swept else {
+        return BTreeSet::new();
+    };
+    m.resources
+        .iter()
+        .filter(|r| {
+            swept
+                .resource(&r.id)
+                .is_none_or(|old| old.spec.target() != r.spec.target())
+        })
+        .map(|r| r.id.clone())
+        .collect()
+}
+
+/// Which resources to start now, in manifest order: due, not in flight, not
+/// `held` (by a sweep), with no input of their `restartOn` due or in
+/// flight, and no more than `limit` reconciles in flight in all (held ones
+/// take no place). The scheduling decision, pure.
 fn starts(
     m: &AgentManifest,
     levels: &BTreeMap<&ResourceId, String>,
     records: &BTreeMap<ResourceId, Record>,
     in_flight: &BTreeSet<ResourceId>,
+    held: &BTreeSet<ResourceId>,
     now: Instant,
     limit: usize,
 ) -> BTreeSet<ResourceId> {
@@ -168,7 +189,7 @@ fn starts(
             .restart_on
             .iter()
             .any(|i| due.contains(i) || in_flight.contains(i));
-        if due.contains(&r.id) && !inputs_busy {
+        if due.contains(&r.id) && !inputs_busy && !held.contains(&r.id) {
             picked.insert(r.id.clone());
         }
     }
@@ -317,21 +338,15 @@ impl Worker {
         };
         let levels: BTreeMap<&ResourceId, String> =
             m.resources.iter().map(|r| (&r.id, level(r, &m))).collect();
-        let mut picked = starts(
+        let picked = starts(
             &m,
             &levels,
             &self.records,
             &self.in_flight.keys().cloned().collect(),
+            &held_by_sweep(&m, self.removal.sweeping.as_deref()),
             now,
             self.concurrency,
         );
-        // A resource new or back in the manifest while a sweep for an
-        // older one is in flight waits for the sweep: written first, it
-        // would be deleted after (and reported Ready). It starts when the
-        // sweep ends.
-        if let Some(swept) = &self.removal.sweeping {
-            picked.retain(|id| swept.resource(id).is_some());
-        }
         for r in m.resources.iter().filter(|r| picked.contains(&r.id)) {
             let lvl = levels[&r.id].clone();
             let (interrupt_tx, interrupt) = Interrupt::new();
@@ -718,24 +733,79 @@ mod tests {
         let now = Instant::now();
         let none = BTreeMap::new();
         // Nothing looked at yet: all files start; the container waits for its input.
-        let first = starts(&m, &levels, &none, &BTreeSet::new(), now, 8);
+        let first = starts(
+            &m,
+            &levels,
+            &none,
+            &BTreeSet::new(),
+            &BTreeSet::new(),
+            now,
+            8,
+        );
         assert_eq!(ids(&first), ["d/a", "d/b", "d/c"]);
         // The bound counts what is already in flight.
         let busy: BTreeSet<ResourceId> = ["d/b".parse().unwrap()].into();
-        assert_eq!(ids(&starts(&m, &levels, &none, &busy, now, 2)), ["d/a"]);
+        assert_eq!(
+            ids(&starts(&m, &levels, &none, &busy, &BTreeSet::new(), now, 2)),
+            ["d/a"]
+        );
         // While its input is in flight the container still waits …
         let mut records: BTreeMap<ResourceId, Record> = ["d/b", "d/c"]
             .iter()
             .map(|id| (id.parse().unwrap(), record_for(&m, id, None, false)))
             .collect();
         let a: BTreeSet<ResourceId> = ["d/a".parse().unwrap()].into();
-        assert!(starts(&m, &levels, &records, &a, now, 8).is_empty());
+        assert!(starts(&m, &levels, &records, &a, &BTreeSet::new(), now, 8).is_empty());
         // … and starts once the input has its result.
         records.insert("d/a".parse().unwrap(), record_for(&m, "d/a", None, false));
         assert_eq!(
-            ids(&starts(&m, &levels, &records, &BTreeSet::new(), now, 8)),
+            ids(&starts(
+                &m,
+                &levels,
+                &records,
+                &BTreeSet::new(),
+                &BTreeSet::new(),
+                now,
+                8
+            )),
             ["d/svc"]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sweep_in_flight_holds_back_what_its_manifest_does_not_list() {
+        let file = |id: &str, path: &str, content: &str| {
+            serde_json::json!({"id": id, "kind": "File",
+                "spec": {"path": path, "content": content}})
+        };
+        let swept = manifest(serde_json::json!([
+            file("d/a", "/etc/a", "x"),
+            file("d/b", "/etc/b", "x"),
+        ]));
+        let m = manifest(serde_json::json!([
+            file("d/new", "/etc/new", "x"),
+            file("d/b", "/etc/moved", "x"),
+            file("d/a", "/etc/a", "changed"),
+        ]));
+        // New, and moved to a path the sweep would remove: held. Changed
+        // in place: the sweep keeps its path, so it goes ahead.
+        let held = held_by_sweep(&m, Some(&swept));
+        assert_eq!(ids(&held), ["d/b", "d/new"]);
+        assert!(held_by_sweep(&m, None).is_empty(), "no sweep, nothing held");
+        // Held resources take no place in the bound.
+        let levels: BTreeMap<&ResourceId, String> =
+            m.resources.iter().map(|r| (&r.id, level(r, &m))).collect();
+        let none = BTreeMap::new();
+        let picked = starts(
+            &m,
+            &levels,
+            &none,
+            &BTreeSet::new(),
+            &held,
+            Instant::now(),
+            1,
+        );
+        assert_eq!(ids(&picked), ["d/a"]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -751,9 +821,28 @@ mod tests {
             record_for(&m, "d/a", Some(later), false),
         );
         records.insert("d/b".parse().unwrap(), record_for(&m, "d/b", None, false));
-        assert!(starts(&m, &levels, &records, &BTreeSet::new(), now, 8).is_empty());
+        assert!(
+            starts(
+                &m,
+                &levels,
+                &records,
+                &BTreeSet::new(),
+                &BTreeSet::new(),
+                now,
+                8
+            )
+            .is_empty()
+        );
         assert_eq!(
-            ids(&starts(&m, &levels, &records, &BTreeSet::new(), later, 8)),
+            ids(&starts(
+                &m,
+                &levels,
+                &records,
+                &BTreeSet::new(),
+                &BTreeSet::new(),
+                later,
+                8
+            )),
             ["d/a"]
         );
         // A drift check re-observes a File …
@@ -762,7 +851,15 @@ mod tests {
             .unwrap()
             .drift = true;
         assert_eq!(
-            ids(&starts(&m, &levels, &records, &BTreeSet::new(), now, 8)),
+            ids(&starts(
+                &m,
+                &levels,
+                &records,
+                &BTreeSet::new(),
+                &BTreeSet::new(),
+                now,
+                8
+            )),
             ["d/b"]
         );
         // … a changed level is due at once, whatever the backoff says.
@@ -784,6 +881,7 @@ mod tests {
                 &changed,
                 &levels,
                 &records,
+                &BTreeSet::new(),
                 &BTreeSet::new(),
                 now,
                 8

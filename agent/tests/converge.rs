@@ -180,6 +180,8 @@ async fn starts_offline_from_the_cached_manifest_and_reports_once_connected() {
         .purge(manifest_types::keys::actual_state(&"pi-4".parse().unwrap()))
         .await
         .unwrap();
+    let beat_key = manifest_types::keys::heartbeat(&"pi-4".parse().unwrap());
+    let beat_before = h.heartbeats().await.entry(beat_key.clone()).await.unwrap();
 
     // Reboot with no network: the file was lost meanwhile.
     h.server.stop();
@@ -199,6 +201,13 @@ async fn starts_offline_from_the_cached_manifest_and_reports_once_connected() {
     })
     .await;
     assert_eq!(s.manifest_generation, 1);
+    // Its first status went out after a heartbeat of this run: a reader
+    // never finds it fresh beside an old (or no) heartbeat.
+    let beat = h.heartbeats().await.entry(beat_key).await.unwrap();
+    assert!(
+        beat.as_ref().map(|b| b.revision) > beat_before.map(|b| b.revision),
+        "no heartbeat of this run before its status: {beat:?}"
+    );
 }
 
 #[tokio::test]

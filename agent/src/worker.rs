@@ -678,6 +678,19 @@ mod tests {
         set.iter().map(ToString::to_string).collect()
     }
 
+    /// [`starts`] at the levels `m` gives its resources, as ids.
+    fn picks(
+        m: &AgentManifest,
+        records: &BTreeMap<ResourceId, Record>,
+        in_flight: &BTreeSet<ResourceId>,
+        held: &BTreeSet<ResourceId>,
+        now: Instant,
+        limit: usize,
+    ) -> Vec<String> {
+        let levels = m.resources.iter().map(|r| (&r.id, level(r, m))).collect();
+        ids(&starts(m, &levels, records, in_flight, held, now, limit))
+    }
+
     fn record_for(m: &AgentManifest, id: &str, retry_at: Option<Instant>, drift: bool) -> Record {
         let r = m.resource(&id.parse().unwrap()).unwrap();
         let mut rec = next_record(None, Outcome::Unsupported("x".into()), r, level(r, m));
@@ -728,46 +741,25 @@ mod tests {
             "spec": {"image": "x:1"}
         }));
         let m = manifest(res);
-        let levels: BTreeMap<&ResourceId, String> =
-            m.resources.iter().map(|r| (&r.id, level(r, &m))).collect();
         let now = Instant::now();
         let none = BTreeMap::new();
         // Nothing looked at yet: all files start; the container waits for its input.
-        let first = starts(
-            &m,
-            &levels,
-            &none,
-            &BTreeSet::new(),
-            &BTreeSet::new(),
-            now,
-            8,
-        );
-        assert_eq!(ids(&first), ["d/a", "d/b", "d/c"]);
+        let first = picks(&m, &none, &BTreeSet::new(), &BTreeSet::new(), now, 8);
+        assert_eq!(first, ["d/a", "d/b", "d/c"]);
         // The bound counts what is already in flight.
         let busy: BTreeSet<ResourceId> = ["d/b".parse().unwrap()].into();
-        assert_eq!(
-            ids(&starts(&m, &levels, &none, &busy, &BTreeSet::new(), now, 2)),
-            ["d/a"]
-        );
+        assert_eq!(picks(&m, &none, &busy, &BTreeSet::new(), now, 2), ["d/a"]);
         // While its input is in flight the container still waits …
         let mut records: BTreeMap<ResourceId, Record> = ["d/b", "d/c"]
             .iter()
             .map(|id| (id.parse().unwrap(), record_for(&m, id, None, false)))
             .collect();
         let a: BTreeSet<ResourceId> = ["d/a".parse().unwrap()].into();
-        assert!(starts(&m, &levels, &records, &a, &BTreeSet::new(), now, 8).is_empty());
+        assert!(picks(&m, &records, &a, &BTreeSet::new(), now, 8).is_empty());
         // … and starts once the input has its result.
         records.insert("d/a".parse().unwrap(), record_for(&m, "d/a", None, false));
         assert_eq!(
-            ids(&starts(
-                &m,
-                &levels,
-                &records,
-                &BTreeSet::new(),
-                &BTreeSet::new(),
-                now,
-                8
-            )),
+            picks(&m, &records, &BTreeSet::new(), &BTreeSet::new(), now, 8),
             ["d/svc"]
         );
     }
@@ -793,26 +785,14 @@ mod tests {
         assert_eq!(ids(&held), ["d/b", "d/new"]);
         assert!(held_by_sweep(&m, None).is_empty(), "no sweep, nothing held");
         // Held resources take no place in the bound.
-        let levels: BTreeMap<&ResourceId, String> =
-            m.resources.iter().map(|r| (&r.id, level(r, &m))).collect();
         let none = BTreeMap::new();
-        let picked = starts(
-            &m,
-            &levels,
-            &none,
-            &BTreeSet::new(),
-            &held,
-            Instant::now(),
-            1,
-        );
-        assert_eq!(ids(&picked), ["d/a"]);
+        let picked = picks(&m, &none, &BTreeSet::new(), &held, Instant::now(), 1);
+        assert_eq!(picked, ["d/a"]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn retries_wait_for_their_time_and_drift_checks_look_again() {
         let m = manifest(files(&["d/a", "d/b"]));
-        let levels: BTreeMap<&ResourceId, String> =
-            m.resources.iter().map(|r| (&r.id, level(r, &m))).collect();
         let now = Instant::now();
         let later = now + Duration::from_secs(2);
         let mut records: BTreeMap<ResourceId, Record> = BTreeMap::new();
@@ -821,28 +801,9 @@ mod tests {
             record_for(&m, "d/a", Some(later), false),
         );
         records.insert("d/b".parse().unwrap(), record_for(&m, "d/b", None, false));
-        assert!(
-            starts(
-                &m,
-                &levels,
-                &records,
-                &BTreeSet::new(),
-                &BTreeSet::new(),
-                now,
-                8
-            )
-            .is_empty()
-        );
+        assert!(picks(&m, &records, &BTreeSet::new(), &BTreeSet::new(), now, 8).is_empty());
         assert_eq!(
-            ids(&starts(
-                &m,
-                &levels,
-                &records,
-                &BTreeSet::new(),
-                &BTreeSet::new(),
-                later,
-                8
-            )),
+            picks(&m, &records, &BTreeSet::new(), &BTreeSet::new(), later, 8),
             ["d/a"]
         );
         // A drift check re-observes a File …
@@ -851,15 +812,7 @@ mod tests {
             .unwrap()
             .drift = true;
         assert_eq!(
-            ids(&starts(
-                &m,
-                &levels,
-                &records,
-                &BTreeSet::new(),
-                &BTreeSet::new(),
-                now,
-                8
-            )),
+            picks(&m, &records, &BTreeSet::new(), &BTreeSet::new(), now, 8),
             ["d/b"]
         );
         // … a changed level is due at once, whatever the backoff says.
@@ -867,25 +820,19 @@ mod tests {
             {"id": "d/a", "kind": "File", "spec": {"path": "/etc/x0", "content": "new"}},
             {"id": "d/b", "kind": "File", "spec": {"path": "/etc/x1", "content": "x"}},
         ]));
-        let levels: BTreeMap<&ResourceId, String> = changed
-            .resources
-            .iter()
-            .map(|r| (&r.id, level(r, &changed)))
-            .collect();
         records
             .get_mut(&"d/b".parse::<ResourceId>().unwrap())
             .unwrap()
             .drift = false;
         assert_eq!(
-            ids(&starts(
+            picks(
                 &changed,
-                &levels,
                 &records,
                 &BTreeSet::new(),
                 &BTreeSet::new(),
                 now,
                 8
-            )),
+            ),
             ["d/a"]
         );
     }

@@ -26,7 +26,7 @@ use crate::status::StatusBoard;
 /// Longest wait, counted from the first connection, for the first heartbeat
 /// to be delivered before the first status is written anyway (a missing
 /// heartbeat bucket must not keep the status from being written).
-pub const FIRST_BEAT_WAIT: Duration = Duration::from_secs(2);
+const FIRST_BEAT_WAIT: Duration = Duration::from_secs(2);
 
 /// How soon an undelivered first heartbeat is tried again (doubling up to
 /// the interval).

@@ -97,6 +97,12 @@ pub struct UnitEntry {
     /// reloaded: the level that triggers survive a crash with.
     #[serde(default)]
     pub started_inputs: Option<String>,
+    /// `state: completed`: how the start job queued for the run at
+    /// `started_files`/`started_inputs` ended (`done`, `failed`, ...), once
+    /// the agent saw it end. The levels are recorded as soon as the job is
+    /// queued, so a run is never repeated for the same levels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_job: Option<String>,
 }
 
 impl StateDir {

@@ -281,10 +281,25 @@ pub fn state_detail(state: &ResourceState) -> String {
                 sub_state,
                 n_restarts,
                 main_pid,
+                last_run,
+                next_elapse,
                 ..
             } => {
                 let pid = main_pid.map(|p| format!(" pid {p}")).unwrap_or_default();
-                format!("{active_state}/{sub_state} restarts {n_restarts}{pid}")
+                let mut line = format!("{active_state}/{sub_state} restarts {n_restarts}{pid}");
+                if let Some(run) = last_run {
+                    let when = run.ended_at.as_deref().or(run.started_at.as_deref());
+                    line.push_str(&format!(
+                        "; last run {} (exit {}){}",
+                        run.result,
+                        run.exit_status,
+                        when.map(|t| format!(" at {t}")).unwrap_or_default()
+                    ));
+                }
+                if let Some(next) = next_elapse {
+                    line.push_str(&format!("; next {next}"));
+                }
+                line
             }
         },
         ResourceState::Failed {
@@ -503,9 +518,34 @@ mod tests {
                 n_restarts: 1,
                 main_pid: Some(42),
                 active_since: None,
+                last_run: None,
+                last_trigger: None,
+                next_elapse: None,
             },
         };
         assert_eq!(state_detail(&unit), "active/running restarts 1 pid 42");
+        let job = ResourceState::Ready {
+            since: "t".into(),
+            details: ReadyDetails::SystemdUnit {
+                active_state: "inactive".into(),
+                sub_state: "dead".into(),
+                n_restarts: 0,
+                main_pid: None,
+                active_since: None,
+                last_run: Some(manifest_types::UnitRun {
+                    result: "success".into(),
+                    exit_status: 0,
+                    started_at: Some("2026-12-06T10:00:00Z".into()),
+                    ended_at: Some("2026-12-06T10:00:20Z".into()),
+                }),
+                last_trigger: None,
+                next_elapse: None,
+            },
+        };
+        assert_eq!(
+            state_detail(&job),
+            "inactive/dead restarts 0; last run success (exit 0) at 2026-12-06T10:00:20Z"
+        );
         assert_eq!(state_detail(&ResourceState::Pending), "");
     }
 

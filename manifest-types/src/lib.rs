@@ -71,7 +71,7 @@ pub use spec::{
 };
 pub use status::{
     AgentBuild, AgentStatus, Condition, ConditionType, ReadyDetails, Rejection, ReleasedResource,
-    RemovingResource, ResourceState, ResourceStatus,
+    RemovingResource, ResourceState, ResourceStatus, UnitRun,
 };
 pub use template::AgentValues;
 

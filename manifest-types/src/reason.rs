@@ -62,6 +62,18 @@ reasons! {
     UnitNotFound,
     UnitInvalid,
     JobFailed,
+    /// `state: running` on a unit that can never stay active (a oneshot
+    /// service without `RemainAfterExit=yes`): the agent does not start it.
+    UnitNeverStaysActive,
+    /// `state: stopped` on a unit an active timer, path or socket unit
+    /// triggers: the agent does not stop what its trigger starts.
+    UnitTriggered,
+    /// `state: triggered`: the last run its trigger started failed. The
+    /// agent does not start it again; the next triggered run may succeed.
+    UnitLastRunFailed,
+    /// `state: completed`: the run for the current files and inputs failed;
+    /// it is repeated only when they change.
+    UnitRunFailed,
     // ---- files and the state directory
     NotOwned,
     NotARegularFile,

@@ -478,20 +478,41 @@ pub struct SystemdUnitSpec {
     /// Enable or disable; unset leaves enablement as it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
+    /// What the agent does to the unit's run state. Default: `running`.
     #[serde(default, skip_serializing_if = "is_default")]
     pub state: UnitState,
-    /// What a `restartOn` trigger does to this unit.
+    /// What a `restartOn` trigger (or a changed unit file) does to a
+    /// `running` unit: restart it (default) or reload it.
     #[serde(default, skip_serializing_if = "is_default")]
     pub on_trigger: TriggerAction,
 }
 
+/// The run state a SystemdUnit resource asks for (docs/adr/0009, "Units that
+/// are not meant to run all the time").
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum UnitState {
+    /// The default. Keep the unit active: start it when it is not, restart
+    /// it when its files or `restartOn` inputs change. A oneshot service
+    /// without `RemainAfterExit=yes` can never stay active and is refused
+    /// (`UnitNeverStaysActive`), never started.
     #[default]
     Running,
+    /// Keep the unit inactive: stop it when it runs. A unit an active timer,
+    /// path or socket unit triggers is not stopped (`UnitTriggered`).
     Stopped,
+    /// Install (and enable, with `enabled`) the unit, but never start, stop or
+    /// restart it: its timer, path unit, socket or a dependency runs it.
+    /// Ready once files and enablement are converged; the last run is
+    /// reported, and a failed last run is `UnitLastRunFailed` (never
+    /// "repaired" by starting it). Changed files apply from the next run.
+    Triggered,
+    /// Run the unit (typically a oneshot) once, and again only when its
+    /// files or `restartOn` inputs change; wait for the run to finish. Ready
+    /// when that run succeeded; a failed run is `UnitRunFailed` and is not
+    /// repeated until the unit or its inputs change.
+    Completed,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

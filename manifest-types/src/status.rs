@@ -156,7 +156,34 @@ pub enum ReadyDetails {
         main_pid: Option<u32>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         active_since: Option<String>,
+        /// A service's last run (its main process), for `triggered` and
+        /// `completed` units: result, exit status and times.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_run: Option<UnitRun>,
+        /// A timer's last elapse and next one (RFC 3339, the device's clock).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_trigger: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next_elapse: Option<String>,
     },
+}
+
+/// The last run of a service's main process, as systemd reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct UnitRun {
+    /// systemd's service result: `success`, `exit-code`, `signal`,
+    /// `timeout`, `core-dump`, ...
+    pub result: String,
+    /// The main process's exit status (or signal number).
+    pub exit_status: i32,
+    /// When the main process started (RFC 3339, the device's clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// When it exited; absent while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -28,9 +28,9 @@ use std::sync::{Arc, Mutex};
 
 use manifest_types::{
     AgentManifest, FailureReason, ReadyDetails, ReleasedResource, ResourceId, ResourceKind,
-    ResourceSpec, SystemdUnitSpec,
+    ResourceSpec, SystemdUnitSpec, UnitRun,
 };
-use zbus_systemd::systemd1::{ManagerProxy, ServiceProxy, UnitProxy};
+use zbus_systemd::systemd1::{ManagerProxy, ServiceProxy, TimerProxy, UnitProxy};
 
 use super::{Ctx, Failure, Interrupt, Outcome, Removals};
 use crate::fsutil::write_atomic;
@@ -48,6 +48,12 @@ pub enum JobResult {
     StillRunning,
     /// A newer manifest interrupted the wait (the job carries on in systemd).
     Interrupted,
+}
+
+/// A job systemd has accepted, and the signal stream its end arrives on.
+struct QueuedJob {
+    removed: zbus_systemd::systemd1::JobRemovedStream,
+    job: Option<zbus::OwnedObjectPath>,
 }
 
 impl JobResult {
@@ -71,26 +77,53 @@ fn is_up(active_state: &str) -> bool {
     matches!(active_state, "active" | "activating" | "reloading")
 }
 
-/// What to do to the unit's run state. `files_changed`: its files differ
-/// from those it was last started with; `inputs_changed`: likewise for its
-/// `restartOn` inputs.
+/// A job (or a run its trigger started) is under way.
+fn in_transition(active_state: &str) -> bool {
+    matches!(active_state, "activating" | "deactivating" | "reloading")
+}
+
+/// Where the unit's files and `restartOn` inputs stand against the levels
+/// it was last (re)started — for `completed`, last run — with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Levels {
+    pub files_changed: bool,
+    pub inputs_changed: bool,
+}
+
+/// What to do to the unit's run state. Only `running`, `stopped` and a run
+/// owed to `completed` ever start or stop anything; `triggered` never does.
 pub fn plan_action(
     want: UnitState,
-    active_state: &str,
-    files_changed: bool,
-    inputs_changed: bool,
+    o: &Observed,
+    levels: Levels,
     on_trigger: TriggerAction,
 ) -> Action {
+    let active = o.active_state.as_str();
     match want {
-        UnitState::Stopped if is_up(active_state) => Action::Stop,
-        UnitState::Stopped => Action::None,
-        UnitState::Running if !is_up(active_state) => Action::Start,
-        UnitState::Running if files_changed => Action::Restart,
-        UnitState::Running if inputs_changed => match on_trigger {
+        // Starting it would only run it once more: refused in `assess`.
+        UnitState::Running if o.never_stays_active => Action::None,
+        UnitState::Running if !is_up(active) => Action::Start,
+        UnitState::Running if levels.files_changed => Action::Restart,
+        UnitState::Running if levels.inputs_changed => match on_trigger {
             TriggerAction::Restart => Action::Restart,
             TriggerAction::Reload => Action::Reload,
         },
         UnitState::Running => Action::None,
+        // A run its active trigger started is not the agent's to stop.
+        UnitState::Stopped if !o.active_triggers.is_empty() => Action::None,
+        UnitState::Stopped if is_up(active) => Action::Stop,
+        UnitState::Stopped => Action::None,
+        UnitState::Triggered => Action::None,
+        // A run in progress (the agent's or a trigger's) is waited for.
+        UnitState::Completed if in_transition(active) => Action::None,
+        UnitState::Completed if levels.files_changed || levels.inputs_changed => {
+            if active == "active" {
+                Action::Restart
+            } else {
+                Action::Start
+            }
+        }
+        UnitState::Completed => Action::None,
     }
 }
 
@@ -107,21 +140,47 @@ pub struct Observed {
     pub exit_status: i32,
     /// Microseconds since the epoch; 0 when never active.
     pub active_enter_usec: u64,
+    /// A oneshot service without `RemainAfterExit=yes`: never stays active.
+    pub never_stays_active: bool,
+    /// Active units (timers, paths, sockets) that trigger this one; read
+    /// only when the unit is wanted stopped.
+    pub active_triggers: Vec<String>,
+    /// The main process's last start and exit (µs since the epoch; 0: none).
+    pub exec_start_usec: u64,
+    pub exec_exit_usec: u64,
+    /// Timers only (µs since the epoch; 0: none or not on the calendar).
+    pub last_trigger_usec: u64,
+    pub next_elapse_usec: u64,
 }
 
-pub fn assess(want: UnitState, o: &Observed) -> Outcome {
+/// A systemd timestamp as RFC 3339; `None` for 0 ("never") and for
+/// `USEC_INFINITY` or anything past year 9999 ("not scheduled").
+fn rfc3339(usec: u64) -> Option<String> {
+    const YEAR_10000_USEC: u64 = 253_402_300_800_000_000;
+    (usec > 0 && usec < YEAR_10000_USEC).then(|| {
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_micros(usec)).to_string()
+    })
+}
+
+/// Judges the unit against the wanted state. `run_job`: for `completed`,
+/// how the start job of the current run ended, if the agent saw it end.
+pub fn assess(want: UnitState, o: &Observed, run_job: Option<&str>) -> Outcome {
+    let with_run = matches!(want, UnitState::Triggered | UnitState::Completed);
     let ready = || {
         Outcome::ready(ReadyDetails::SystemdUnit {
             active_state: o.active_state.clone(),
             sub_state: o.sub_state.clone(),
             n_restarts: o.n_restarts,
             main_pid: (o.main_pid > 0).then_some(o.main_pid),
-            active_since: (o.active_enter_usec > 0).then(|| {
-                humantime::format_rfc3339_seconds(
-                    UNIX_EPOCH + Duration::from_micros(o.active_enter_usec),
-                )
-                .to_string()
+            active_since: rfc3339(o.active_enter_usec),
+            last_run: (with_run && o.exec_start_usec > 0).then(|| UnitRun {
+                result: o.result.clone(),
+                exit_status: o.exit_status,
+                started_at: rfc3339(o.exec_start_usec),
+                ended_at: rfc3339(o.exec_exit_usec),
             }),
+            last_trigger: rfc3339(o.last_trigger_usec),
+            next_elapse: rfc3339(o.next_elapse_usec),
         })
     };
     let why = || {
@@ -132,15 +191,54 @@ pub fn assess(want: UnitState, o: &Observed) -> Outcome {
         if o.exit_status != 0 {
             m.push_str(&format!(", exit status {}", o.exit_status));
         }
+        if let Some(t) = rfc3339(o.exec_exit_usec).filter(|_| with_run) {
+            m.push_str(&format!(", last run ended {t}"));
+        }
         m
     };
-    match (want, o.active_state.as_str()) {
-        (UnitState::Running, "active" | "reloading") => ready(),
-        (UnitState::Running, "failed") => Outcome::failed(FailureReason::UnitFailed, why()),
-        (UnitState::Running, "activating") => Outcome::failed(FailureReason::UnitActivating, why()),
-        (UnitState::Running, _) => Outcome::failed(FailureReason::UnitNotRunning, why()),
-        (UnitState::Stopped, "inactive" | "failed") => ready(),
-        (UnitState::Stopped, _) => Outcome::failed(FailureReason::UnitNotStopped, why()),
+    let active = o.active_state.as_str();
+    match want {
+        UnitState::Running if o.never_stays_active => Outcome::failed(
+            FailureReason::UnitNeverStaysActive,
+            "a oneshot service without RemainAfterExit=yes never stays active, so the agent \
+             does not start it: use state `triggered` (a timer or another unit runs it) or \
+             `completed` (run once per change)",
+        ),
+        UnitState::Running => match active {
+            "active" | "reloading" => ready(),
+            "failed" => Outcome::failed(FailureReason::UnitFailed, why()),
+            "activating" => Outcome::failed(FailureReason::UnitActivating, why()),
+            _ => Outcome::failed(FailureReason::UnitNotRunning, why()),
+        },
+        UnitState::Stopped if !o.active_triggers.is_empty() => Outcome::failed(
+            FailureReason::UnitTriggered,
+            format!(
+                "{}; it is triggered by {}, which is active, and the agent does not stop what a \
+                 trigger starts: use state `triggered`, or stop the trigger",
+                why(),
+                o.active_triggers.join(", ")
+            ),
+        ),
+        UnitState::Stopped => match active {
+            "inactive" | "failed" => ready(),
+            _ => Outcome::failed(FailureReason::UnitNotStopped, why()),
+        },
+        UnitState::Triggered => match active {
+            "failed" => Outcome::failed(FailureReason::UnitLastRunFailed, why()),
+            _ => ready(),
+        },
+        UnitState::Completed => match (active, run_job) {
+            ("activating" | "deactivating" | "reloading", _) => Outcome::Waiting {
+                message: format!("the run is in progress ({})", o.sub_state),
+                recheck_after: Duration::from_secs(2),
+            },
+            ("failed", _) => Outcome::failed(FailureReason::UnitRunFailed, why()),
+            (_, Some(job)) if job != "done" => Outcome::failed(
+                FailureReason::UnitRunFailed,
+                format!("the run's start job ended {job}; {}", why()),
+            ),
+            _ => ready(),
+        },
     }
 }
 
@@ -178,6 +276,10 @@ pub struct UnitReconciler {
     /// D-Bus address; None: the system bus.
     bus: Option<String>,
     manager: Mutex<Option<ManagerProxy<'static>>>,
+    /// Units this connection holds a reference on (`RefUnit`), so systemd
+    /// keeps an inactive oneshot loaded — and its last run's result and
+    /// times with it — instead of collecting it the moment it finishes.
+    referenced: Mutex<BTreeSet<String>>,
     job_timeout: Duration,
 }
 
@@ -200,6 +302,7 @@ impl UnitReconciler {
             })),
             bus,
             manager: Mutex::new(None),
+            referenced: Mutex::default(),
             job_timeout,
         })
     }
@@ -222,6 +325,36 @@ impl UnitReconciler {
 
     fn forget_manager(&self) {
         *self.manager.lock().expect("manager lock") = None;
+        // References end with the connection that held them.
+        self.referenced.lock().expect("refs lock").clear();
+    }
+
+    /// Holds a reference on `name` for as long as this connection lives
+    /// (once per connection: systemd counts every `RefUnit`).
+    async fn keep_loaded(&self, manager: &ManagerProxy<'_>, name: &str) -> Result<(), Failure> {
+        if self.referenced.lock().expect("refs lock").contains(name) {
+            return Ok(());
+        }
+        manager
+            .ref_unit(name.to_owned())
+            .await
+            .map_err(dbus("RefUnit"))?;
+        self.referenced
+            .lock()
+            .expect("refs lock")
+            .insert(name.to_owned());
+        Ok(())
+    }
+
+    /// Drops the reference [`Self::keep_loaded`] took, if any.
+    async fn let_unload(&self, manager: &ManagerProxy<'_>, name: &str) -> Result<(), Failure> {
+        if !self.referenced.lock().expect("refs lock").remove(name) {
+            return Ok(());
+        }
+        manager
+            .unref_unit(name.to_owned())
+            .await
+            .map_err(dbus("UnrefUnit"))
     }
 
     /// The manager proxy, connecting (and subscribing to job signals) on
@@ -323,48 +456,64 @@ impl UnitReconciler {
             self.set_enabled(&manager, &name, want).await?;
         }
 
+        if matches!(spec.state, UnitState::Triggered | UnitState::Completed) {
+            self.keep_loaded(&manager, &name).await?;
+        } else {
+            self.let_unload(&manager, &name).await?;
+        }
         let files = files_hash(spec);
-        let active = unit.active_state().await.map_err(dbus("ActiveState"))?;
-        let files_changed = entry
-            .started_files
-            .as_ref()
-            .map_or(changed, |h| *h != files);
-        let inputs_changed = entry.started_inputs.as_ref().is_some_and(|h| h != inputs);
-        let action = plan_action(
-            spec.state,
-            &active,
-            files_changed,
-            inputs_changed,
-            spec.on_trigger,
-        );
+        let observed = Self::observe(&manager, &unit, &path, &name, spec.state).await?;
+        let levels = match spec.state {
+            // A run is owed for every new version of the unit and its inputs.
+            UnitState::Completed => Levels {
+                files_changed: entry.started_files.as_ref() != Some(&files),
+                inputs_changed: entry.started_inputs.as_deref() != Some(inputs),
+            },
+            _ => Levels {
+                files_changed: entry
+                    .started_files
+                    .as_ref()
+                    .map_or(changed, |h| *h != files),
+                inputs_changed: entry.started_inputs.as_ref().is_some_and(|h| h != inputs),
+            },
+        };
+        let action = plan_action(spec.state, &observed, levels, spec.on_trigger);
+        let mut run_job = entry.run_job.clone();
         let mut job_result = None;
         if action != Action::None {
-            tracing::info!(unit = %name, ?action, active = %active, "changing unit state");
-            let result = self.run_job(&manager, &name, action, interrupt).await?;
+            tracing::info!(unit = %name, ?action, active = %observed.active_state, "changing unit state");
+            let job = self.queue_job(&manager, &name, action).await?;
+            if spec.state == UnitState::Completed {
+                // Recorded once systemd has the job: a crash from here on
+                // never runs it twice for the same levels.
+                run_job = None;
+                self.record_levels(&name, &files, inputs, None).await?;
+            }
+            let result = self.await_job(job, interrupt).await?;
             if result == JobResult::Interrupted {
-                // The ledger still holds the old levels: the next reconcile
-                // decides again from what systemd then says.
+                // The ledger still holds the old levels (or, for a queued
+                // run, the new ones): the next reconcile decides again from
+                // what systemd then says.
                 return Ok(Outcome::Interrupted);
+            }
+            if spec.state == UnitState::Completed
+                && let JobResult::Ended(r) = &result
+            {
+                run_job = Some(r.clone());
+                self.record_levels(&name, &files, inputs, Some(r.clone()))
+                    .await?;
             }
             job_result = Some(result);
         }
         if spec.state == UnitState::Running && job_result.as_ref().is_none_or(JobResult::is_done) {
-            let (name, inputs) = (name.clone(), inputs.to_owned());
-            self.with_files(move |f| {
-                let e = f.ledger.units.entry(name).or_default();
-                if e.started_files.as_deref() != Some(&files)
-                    || e.started_inputs.as_deref() != Some(&inputs)
-                {
-                    e.started_files = Some(files);
-                    e.started_inputs = Some(inputs);
-                    f.save()?;
-                }
-                Ok(())
-            })
-            .await?;
+            self.record_levels(&name, &files, inputs, None).await?;
         }
-        let observed = Self::observe(&manager, &unit, &path).await?;
-        let outcome = assess(spec.state, &observed);
+        let observed = if action == Action::None {
+            observed
+        } else {
+            Self::observe(&manager, &unit, &path, &name, spec.state).await?
+        };
+        let outcome = assess(spec.state, &observed, run_job.as_deref());
         let note = |r: &JobResult| match r {
             JobResult::StillRunning => {
                 format!("{action:?} job still running after {:?}", self.job_timeout)
@@ -382,6 +531,32 @@ impl UnitReconciler {
             }),
             (_, o) => o,
         })
+    }
+
+    /// Saves the levels the unit was (re)started or run with; `run_job` is
+    /// the `completed` run's job result, when known.
+    async fn record_levels(
+        &self,
+        name: &str,
+        files: &str,
+        inputs: &str,
+        run_job: Option<String>,
+    ) -> Result<(), Failure> {
+        let (name, files, inputs) = (name.to_owned(), files.to_owned(), inputs.to_owned());
+        self.with_files(move |f| {
+            let e = f.ledger.units.entry(name).or_default();
+            if e.started_files.as_deref() != Some(&files)
+                || e.started_inputs.as_deref() != Some(&inputs)
+                || e.run_job != run_job
+            {
+                e.started_files = Some(files);
+                e.started_inputs = Some(inputs);
+                e.run_job = run_job;
+                f.save()?;
+            }
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -508,6 +683,8 @@ impl UnitReconciler {
         manager: &ManagerProxy<'_>,
         unit: &UnitProxy<'_>,
         path: &zbus::OwnedObjectPath,
+        name: &str,
+        want: UnitState,
     ) -> Result<Observed, Failure> {
         let mut o = Observed {
             active_state: unit.active_state().await.map_err(dbus("ActiveState"))?,
@@ -515,17 +692,46 @@ impl UnitReconciler {
             active_enter_usec: unit.active_enter_timestamp().await.unwrap_or(0),
             ..Observed::default()
         };
-        // Service-only properties; other unit types simply lack them.
-        if let Ok(service) = ServiceProxy::builder(manager.inner().connection())
-            .path(path.clone())
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .await
-        {
+        let conn = manager.inner().connection();
+        if name.ends_with(".service") {
+            let service = ServiceProxy::builder(conn)
+                .path(path.clone())
+                .cache_properties(zbus::proxy::CacheProperties::No)
+                .build()
+                .await
+                .map_err(dbus("service proxy"))?;
             o.n_restarts = service.n_restarts().await.unwrap_or(0);
             o.main_pid = service.main_pid().await.unwrap_or(0);
             o.result = service.result().await.unwrap_or_default();
             o.exit_status = service.exec_main_status().await.unwrap_or(0);
+            o.exec_start_usec = service.exec_main_start_timestamp().await.unwrap_or(0);
+            o.exec_exit_usec = service.exec_main_exit_timestamp().await.unwrap_or(0);
+            if want == UnitState::Running {
+                o.never_stays_active = service.type_property().await.unwrap_or_default()
+                    == "oneshot"
+                    && !service.remain_after_exit().await.unwrap_or(true);
+            }
+        } else if name.ends_with(".timer") {
+            let timer = TimerProxy::builder(conn)
+                .path(path.clone())
+                .cache_properties(zbus::proxy::CacheProperties::No)
+                .build()
+                .await
+                .map_err(dbus("timer proxy"))?;
+            o.result = timer.result().await.unwrap_or_default();
+            o.last_trigger_usec = timer.last_trigger_u_sec().await.unwrap_or(0);
+            o.next_elapse_usec = timer.next_elapse_u_sec_realtime().await.unwrap_or(0);
+        }
+        if want == UnitState::Stopped {
+            for trigger in unit.triggered_by().await.map_err(dbus("TriggeredBy"))? {
+                let Ok(p) = manager.get_unit(trigger.clone()).await else {
+                    continue; // not loaded: not active either
+                };
+                let t = Self::unit_proxy(manager, &p).await?;
+                if is_up(&t.active_state().await.map_err(dbus("ActiveState"))?) {
+                    o.active_triggers.push(trigger);
+                }
+            }
         }
         Ok(o)
     }
@@ -559,17 +765,15 @@ impl UnitReconciler {
         Ok(())
     }
 
-    /// Starts a job in mode "replace" and waits for its JobRemoved signal —
-    /// at most the job timeout, and only until `interrupt` is raised.
-    async fn run_job(
+    /// Queues a job in mode "replace", listening for its JobRemoved signal
+    /// before systemd has it (or a fast job's signal is missed).
+    async fn queue_job(
         &self,
         manager: &ManagerProxy<'_>,
         name: &str,
         action: Action,
-        mut interrupt: Interrupt,
-    ) -> Result<JobResult, Failure> {
-        // Listen before starting, or a fast job's signal is missed.
-        let mut removed = manager
+    ) -> Result<QueuedJob, Failure> {
+        let removed = manager
             .receive_job_removed()
             .await
             .map_err(dbus("JobRemoved"))?;
@@ -579,9 +783,26 @@ impl UnitReconciler {
             Action::Stop => manager.stop_unit(n, mode).await,
             Action::Restart => manager.restart_unit(n, mode).await,
             Action::Reload => manager.reload_unit(n, mode).await,
-            Action::None => return Ok(JobResult::Ended("done".into())),
+            Action::None => return Ok(QueuedJob { removed, job: None }),
         }
         .map_err(dbus("unit job"))?;
+        Ok(QueuedJob {
+            removed,
+            job: Some(job),
+        })
+    }
+
+    /// Waits for a queued job's JobRemoved signal — at most the job timeout,
+    /// and only until `interrupt` is raised.
+    async fn await_job(
+        &self,
+        queued: QueuedJob,
+        mut interrupt: Interrupt,
+    ) -> Result<JobResult, Failure> {
+        let QueuedJob { mut removed, job } = queued;
+        let Some(job) = job else {
+            return Ok(JobResult::Ended("done".into()));
+        };
         let wait = async {
             while let Some(signal) = removed.next().await {
                 if let Ok(args) = signal.args()
@@ -606,6 +827,17 @@ impl UnitReconciler {
             // (typically "activating"), and the next pass looks again.
             Err(_) => Ok(JobResult::StillRunning),
         }
+    }
+
+    async fn run_job(
+        &self,
+        manager: &ManagerProxy<'_>,
+        name: &str,
+        action: Action,
+        interrupt: Interrupt,
+    ) -> Result<JobResult, Failure> {
+        let queued = self.queue_job(manager, name, action).await?;
+        self.await_job(queued, interrupt).await
     }
 
     /// Lets go of units no resource of `manifest` names: units whose file the
@@ -676,6 +908,7 @@ impl UnitReconciler {
 
     async fn let_go(&self, name: &str, entry: &UnitEntry) -> Result<(), Failure> {
         let manager = self.manager().await?;
+        self.let_unload(&manager, name).await?;
         if entry.owns_file {
             tracing::info!(unit = %name, "removing a unit the agent created");
             let path = manager
@@ -736,44 +969,196 @@ fn remove_file(path: &Path) -> Result<(), Failure> {
 mod tests {
     use super::*;
 
+    fn unit(active: &str) -> Observed {
+        Observed {
+            active_state: active.into(),
+            ..Observed::default()
+        }
+    }
+
+    const SAME: Levels = Levels {
+        files_changed: false,
+        inputs_changed: false,
+    };
+    const FILES: Levels = Levels {
+        files_changed: true,
+        inputs_changed: false,
+    };
+    const INPUTS: Levels = Levels {
+        files_changed: false,
+        inputs_changed: true,
+    };
+
     #[test]
     fn actions_follow_the_wanted_state_and_the_levels() {
         use Action::*;
         use TriggerAction as T;
         use UnitState::*;
+        let plan = |want, o: &Observed, l, t| plan_action(want, o, l, t);
+        assert_eq!(plan(Running, &unit("inactive"), SAME, T::Restart), Start);
+        assert_eq!(plan(Running, &unit("failed"), FILES, T::Restart), Start);
+        assert_eq!(plan(Running, &unit("active"), SAME, T::Restart), None);
+        assert_eq!(plan(Running, &unit("active"), FILES, T::Reload), Restart);
+        assert_eq!(plan(Running, &unit("active"), INPUTS, T::Restart), Restart);
+        assert_eq!(plan(Running, &unit("active"), INPUTS, T::Reload), Reload);
+        assert_eq!(plan(Stopped, &unit("active"), FILES, T::Restart), Stop);
+        assert_eq!(plan(Stopped, &unit("inactive"), FILES, T::Restart), None);
+        assert_eq!(plan(Stopped, &unit("failed"), SAME, T::Restart), None);
+    }
+
+    #[test]
+    fn a_oneshot_that_never_stays_active_is_never_started_for_running() {
+        let o = Observed {
+            never_stays_active: true,
+            ..unit("inactive")
+        };
+        for levels in [SAME, FILES, INPUTS] {
+            assert_eq!(
+                plan_action(UnitState::Running, &o, levels, TriggerAction::Restart),
+                Action::None
+            );
+        }
+        assert!(matches!(
+            assess(UnitState::Running, &o, None),
+            Outcome::Failed(Failure {
+                reason: FailureReason::UnitNeverStaysActive,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn triggered_units_are_never_started_or_stopped() {
+        for active in ["inactive", "failed", "activating", "active", "deactivating"] {
+            for levels in [SAME, FILES, INPUTS] {
+                assert_eq!(
+                    plan_action(
+                        UnitState::Triggered,
+                        &unit(active),
+                        levels,
+                        TriggerAction::Restart
+                    ),
+                    Action::None,
+                    "{active} {levels:?}"
+                );
+            }
+        }
+        // A run in progress or a good last run is Ready, with the run.
+        let ran = Observed {
+            result: "success".into(),
+            exec_start_usec: 1_700_000_000_000_000,
+            exec_exit_usec: 1_700_000_020_000_000,
+            ..unit("inactive")
+        };
+        match assess(UnitState::Triggered, &ran, None) {
+            Outcome::Ready {
+                details: ReadyDetails::SystemdUnit { last_run, .. },
+                ..
+            } => {
+                let run = last_run.expect("the last run");
+                assert_eq!(run.result, "success");
+                assert_eq!(run.started_at.as_deref(), Some("2023-11-14T22:13:20Z"));
+                assert_eq!(run.ended_at.as_deref(), Some("2023-11-14T22:13:40Z"));
+            }
+            o => panic!("{o:?}"),
+        }
+        let unscheduled = Observed {
+            next_elapse_usec: u64::MAX,
+            last_trigger_usec: 1_700_000_000_000_000,
+            ..unit("active")
+        };
+        match assess(UnitState::Running, &unscheduled, None) {
+            Outcome::Ready {
+                details:
+                    ReadyDetails::SystemdUnit {
+                        next_elapse,
+                        last_trigger,
+                        ..
+                    },
+                ..
+            } => {
+                assert_eq!(next_elapse, Option::None, "USEC_INFINITY: not scheduled");
+                assert_eq!(last_trigger.as_deref(), Some("2023-11-14T22:13:20Z"));
+            }
+            o => panic!("{o:?}"),
+        }
+        assert!(matches!(
+            assess(UnitState::Triggered, &unit("activating"), None),
+            Outcome::Ready { .. }
+        ));
+        // A failed last run is reported, not repaired.
+        let failed = Observed {
+            result: "exit-code".into(),
+            exit_status: 3,
+            ..unit("failed")
+        };
+        match assess(UnitState::Triggered, &failed, None) {
+            Outcome::Failed(Failure { reason, message }) => {
+                assert_eq!(reason, FailureReason::UnitLastRunFailed);
+                assert!(message.contains("exit status 3"), "{message}");
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn stopped_never_stops_what_an_active_trigger_starts() {
+        let o = Observed {
+            active_triggers: vec!["job.timer".into()],
+            ..unit("activating")
+        };
         assert_eq!(
-            plan_action(Running, "inactive", false, false, T::Restart),
-            Start
+            plan_action(UnitState::Stopped, &o, SAME, TriggerAction::Restart),
+            Action::None
         );
+        match assess(UnitState::Stopped, &o, None) {
+            Outcome::Failed(Failure { reason, message }) => {
+                assert_eq!(reason, FailureReason::UnitTriggered);
+                assert!(message.contains("job.timer"), "{message}");
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn completed_runs_once_per_change_and_waits_for_a_run_in_progress() {
+        let plan =
+            |o: &Observed, l| plan_action(UnitState::Completed, o, l, TriggerAction::Restart);
+        assert_eq!(plan(&unit("inactive"), FILES), Action::Start);
+        assert_eq!(plan(&unit("failed"), INPUTS), Action::Start);
         assert_eq!(
-            plan_action(Running, "failed", true, true, T::Restart),
-            Start
+            plan(&unit("active"), FILES),
+            Action::Restart,
+            "RemainAfterExit=yes"
         );
+        assert_eq!(plan(&unit("activating"), FILES), Action::None);
+        assert_eq!(plan(&unit("inactive"), SAME), Action::None);
         assert_eq!(
-            plan_action(Running, "active", false, false, T::Restart),
-            None
+            plan(&unit("failed"), SAME),
+            Action::None,
+            "a failed run is not repeated"
         );
-        assert_eq!(
-            plan_action(Running, "active", true, false, T::Reload),
-            Restart
-        );
-        assert_eq!(
-            plan_action(Running, "active", false, true, T::Restart),
-            Restart
-        );
-        assert_eq!(
-            plan_action(Running, "active", false, true, T::Reload),
-            Reload
-        );
-        assert_eq!(plan_action(Stopped, "active", true, true, T::Restart), Stop);
-        assert_eq!(
-            plan_action(Stopped, "inactive", true, true, T::Restart),
-            None
-        );
-        assert_eq!(
-            plan_action(Stopped, "failed", false, false, T::Restart),
-            None
-        );
+
+        assert!(matches!(
+            assess(UnitState::Completed, &unit("activating"), None),
+            Outcome::Waiting { .. }
+        ));
+        assert!(matches!(
+            assess(UnitState::Completed, &unit("inactive"), Some("done")),
+            Outcome::Ready { .. }
+        ));
+        for (o, job) in [
+            (unit("failed"), None),
+            (unit("inactive"), Some("dependency")),
+        ] {
+            assert!(matches!(
+                assess(UnitState::Completed, &o, job),
+                Outcome::Failed(Failure {
+                    reason: FailureReason::UnitRunFailed,
+                    ..
+                })
+            ));
+        }
     }
 
     fn observed(active: &str, sub: &str) -> Observed {
@@ -785,18 +1170,20 @@ mod tests {
             result: "exit-code".into(),
             exit_status: 1,
             active_enter_usec: 1_700_000_000_000_000,
+            ..Observed::default()
         }
     }
 
     #[test]
     fn assess_reports_ready_failed_and_activating() {
-        match assess(UnitState::Running, &observed("active", "running")) {
+        match assess(UnitState::Running, &observed("active", "running"), None) {
             Outcome::Ready {
                 details:
                     ReadyDetails::SystemdUnit {
                         n_restarts,
                         main_pid,
                         active_since,
+                        last_run,
                         ..
                     },
                 ..
@@ -804,10 +1191,11 @@ mod tests {
                 assert_eq!(n_restarts, 2);
                 assert_eq!(main_pid, Some(42));
                 assert_eq!(active_since.as_deref(), Some("2023-11-14T22:13:20Z"));
+                assert_eq!(last_run, Option::None);
             }
             o => panic!("{o:?}"),
         }
-        match assess(UnitState::Running, &observed("failed", "failed")) {
+        match assess(UnitState::Running, &observed("failed", "failed"), None) {
             Outcome::Failed(Failure { reason, message }) => {
                 assert_eq!(reason, FailureReason::UnitFailed);
                 assert!(message.contains("result exit-code"), "{message}");
@@ -816,18 +1204,22 @@ mod tests {
             o => panic!("{o:?}"),
         }
         assert!(matches!(
-            assess(UnitState::Running, &observed("activating", "auto-restart")),
+            assess(
+                UnitState::Running,
+                &observed("activating", "auto-restart"),
+                None
+            ),
             Outcome::Failed(Failure {
                 reason: FailureReason::UnitActivating,
                 ..
             })
         ));
         assert!(matches!(
-            assess(UnitState::Stopped, &observed("inactive", "dead")),
+            assess(UnitState::Stopped, &observed("inactive", "dead"), None),
             Outcome::Ready { .. }
         ));
         assert!(matches!(
-            assess(UnitState::Stopped, &observed("active", "running")),
+            assess(UnitState::Stopped, &observed("active", "running"), None),
             Outcome::Failed(Failure {
                 reason: FailureReason::UnitNotStopped,
                 ..

@@ -277,7 +277,12 @@ mod tests {
             (
                 "sensor.yaml",
                 include_str!("../../examples/sensor.yaml"),
-                vec!["File", "SystemdUnit", "SystemdUnit"],
+                vec!["File", "SystemdUnit"],
+            ),
+            (
+                "health-report.yaml",
+                include_str!("../../examples/health-report.yaml"),
+                vec!["SystemdUnit", "SystemdUnit"],
             ),
             (
                 "per-device.yaml",

@@ -83,7 +83,9 @@ pub enum ConfigError {
     Label(String),
     #[error("{0}")]
     LabelValue(String),
-    #[error("file root {path} is unusable (it must be an existing directory)")]
+    #[error(
+        "file root {path} is unusable (it must be an absolute path to a directory, created if missing)"
+    )]
     FileRoot {
         path: PathBuf,
         #[source]
@@ -431,10 +433,34 @@ fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     })
 }
 
+/// The roots, canonicalised. A configured root that does not exist yet is
+/// created (mode 0755, with its missing parents): the device owner listed
+/// it, and a Pi owner following the install steps should not meet a restart
+/// loop over an empty directory. Relative roots are refused.
 fn canonical_roots(roots: &[PathBuf]) -> Result<Vec<PathBuf>, ConfigError> {
     roots
         .iter()
         .map(|r| {
+            if !r.is_absolute() {
+                return Err(ConfigError::FileRoot {
+                    path: r.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "not an absolute path",
+                    ),
+                });
+            }
+            if std::fs::symlink_metadata(r).is_err() {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(r)
+                    .map_err(|source| ConfigError::FileRoot {
+                        path: r.clone(),
+                        source,
+                    })?;
+            }
             let canon = r.canonicalize().map_err(|source| ConfigError::FileRoot {
                 path: r.clone(),
                 source,
@@ -522,6 +548,17 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_parses_and_its_placeholder_key_says_what_it_wants() {
+        let example: FileConfig =
+            toml::from_str(include_str!("../../deploy/systemd/agent.toml.example"))
+                .expect("agent.toml.example has only known keys");
+        assert_eq!(example.trusted_keys.len(), 1);
+        let err = manifest_types::signing::check_public_key(&example.trusted_keys[0])
+            .expect_err("the placeholder is not a key");
+        assert!(err.to_string().contains("is not a public nkey (O…"), "{err}");
+    }
+
+    #[test]
     fn bad_values_are_typed_errors() {
         assert!(matches!(
             Config::from_args(args(&[])),
@@ -535,10 +572,38 @@ mod tests {
             Config::from_args(args(&["--id", "a", "--label", "novalue"])),
             Err(ConfigError::Label(_))
         ));
-        assert!(matches!(
-            Config::from_args(args(&["--id", "a", "--file-root", "/definitely/not/here"])),
-            Err(ConfigError::FileRoot { .. })
-        ));
+        let dir = tempfile::tempdir().unwrap();
+        let a_file = dir.path().join("file");
+        std::fs::write(&a_file, "").unwrap();
+        for root in [
+            "relative/root".to_owned(),
+            a_file.display().to_string(),
+            a_file.join("below-a-file").display().to_string(),
+        ] {
+            assert!(
+                matches!(
+                    Config::from_args(args(&["--id", "a", "--file-root", &root])),
+                    Err(ConfigError::FileRoot { .. })
+                ),
+                "{root}"
+            );
+        }
+        // A missing root is the owner's to name and the agent's to create.
+        let missing = dir.path().join("opt/kiosk");
+        let c = Config::from_args(args(&[
+            "--id",
+            "a",
+            "--allow-unsigned",
+            "--file-root",
+            missing.to_str().unwrap(),
+        ]))
+        .unwrap();
+        assert_eq!(c.file_roots, vec![missing.canonicalize().unwrap()]);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&missing).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
         assert!(matches!(
             Config::from_args(args(&[
                 "--id",

@@ -49,16 +49,27 @@ impl SignatureError {
     }
 }
 
-/// Why a signing key cannot be used.
+/// Why a key cannot be used; the message names the kind of key wanted.
 #[derive(Debug, thiserror::Error)]
-#[error("not an nkey seed: {0}")]
+#[error("{0}")]
 pub struct KeyError(String);
 
 /// Checks that `key` is a public nkey an agent can trust.
 pub fn check_public_key(key: &str) -> Result<(), KeyError> {
+    if key.starts_with('S') && nkeys::KeyPair::from_seed(key).is_ok() {
+        // Never echo a seed.
+        return Err(KeyError(
+            "a trusted key must be a public nkey (O…), but this is a seed (S…), the secret              signing key: give the public key `flotilla keys public` prints for it, and keep              the seed off the device"
+                .into(),
+        ));
+    }
     nkeys::KeyPair::from_public_key(key)
         .map(drop)
-        .map_err(|e| KeyError(format!("{key:?} is not a public nkey: {e}")))
+        .map_err(|e| {
+            KeyError(format!(
+                "{key:?} is not a public nkey (O… and 56 characters, as `flotilla keys                  generate` prints): {e}"
+            ))
+        })
 }
 
 /// What an agent accepts: manifests signed by one of `keys` and, only when
@@ -107,7 +118,7 @@ impl Signer {
     pub fn from_seed(seed: &str) -> Result<Self, KeyError> {
         nkeys::KeyPair::from_seed(seed.trim())
             .map(|key| Self { key })
-            .map_err(|e| KeyError(e.to_string()))
+            .map_err(|e| KeyError(format!("not an nkey seed (SO…): {e}")))
     }
 
     /// A new random key pair; `(seed, public key)`.
@@ -381,7 +392,12 @@ mod tests {
         assert_eq!(dev.admit(&plain), Ok(None));
         assert_eq!(dev.admit(&signed), Ok(None));
         assert!(check_public_key(&s.public_key()).is_ok());
-        assert!(check_public_key("OABC").is_err());
+        let short = check_public_key("OABC").unwrap_err().to_string();
+        assert!(short.contains("is not a public nkey (O…"), "{short}");
+        let seed = nkeys::KeyPair::new_operator().seed().unwrap();
+        let given_seed = check_public_key(&seed).unwrap_err().to_string();
+        assert!(given_seed.contains("this is a seed"), "{given_seed}");
+        assert!(!given_seed.contains(&seed), "the seed is never echoed");
     }
 
     impl Signer {

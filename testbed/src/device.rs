@@ -67,6 +67,20 @@ impl Device {
     /// the system bus socket is there. Panics, with the container's logs and
     /// systemd's view, if it does not come up within a minute.
     pub fn start(name_prefix: &str) -> Self {
+        Self::boot(name_prefix, &[])
+    }
+
+    /// Like [`Device::start`], with the host's Docker Engine socket at
+    /// `/run/docker.sock` in the device (the agent's default Docker host), so
+    /// an agent inside converges Container resources on the host's engine.
+    pub fn start_with_docker(name_prefix: &str) -> Self {
+        Self::boot(
+            name_prefix,
+            &["-v", "/var/run/docker.sock:/run/docker.sock"],
+        )
+    }
+
+    fn boot(name_prefix: &str, extra: &[&str]) -> Self {
         require_device_image();
         let name = unique_agent(&format!("flotilla-device-{name_prefix}"));
         let dir = tempfile::Builder::new()
@@ -87,42 +101,46 @@ impl Device {
         let _ = docker_ok(&["rm", "-f", &device.name]);
         let mount = |host: PathBuf, inside: &str| format!("{}:{inside}", host.display());
         let hostname = hostname_for(&device.name);
-        docker(&[
-            "run",
-            "-d",
-            "--name",
-            &device.name,
-            "--label",
-            &format!("{LABEL_DEVICE}={name_prefix}"),
-            "--hostname",
-            &hostname,
-            // systemd needs its own cgroup tree and mounts; never share the host's.
-            "--cgroupns=private",
-            "--cap-add",
-            "SYS_ADMIN",
-            "--security-opt",
-            "seccomp=unconfined",
-            "--security-opt",
-            "apparmor=unconfined",
-            "--tmpfs",
-            "/run",
-            "--tmpfs",
-            "/run/lock",
-            "-e",
-            "container=docker",
-            "--network",
-            "host",
-            // Mounted over the /run tmpfs (docker mounts parents first), so the
-            // host sees dbus-daemon's socket.
-            "-v",
-            &mount(device.dir.path().join("dbus"), "/run/dbus"),
-            "-v",
-            &mount(device.units_dir(), UNITS_DIR_IN_DEVICE),
-            "-v",
-            &mount(device.share_dir(), SHARE_DIR_IN_DEVICE),
-            DEVICE_IMAGE,
-            "/lib/systemd/systemd",
-        ]);
+        docker(
+            &[
+                "run",
+                "-d",
+                "--name",
+                &device.name,
+                "--label",
+                &format!("{LABEL_DEVICE}={name_prefix}"),
+                "--hostname",
+                &hostname,
+                // systemd needs its own cgroup tree and mounts; never share the host's.
+                "--cgroupns=private",
+                "--cap-add",
+                "SYS_ADMIN",
+                "--security-opt",
+                "seccomp=unconfined",
+                "--security-opt",
+                "apparmor=unconfined",
+                "--tmpfs",
+                "/run",
+                "--tmpfs",
+                "/run/lock",
+                "-e",
+                "container=docker",
+                "--network",
+                "host",
+                // Mounted over the /run tmpfs (docker mounts parents first), so the
+                // host sees dbus-daemon's socket.
+                "-v",
+                &mount(device.dir.path().join("dbus"), "/run/dbus"),
+                "-v",
+                &mount(device.units_dir(), UNITS_DIR_IN_DEVICE),
+                "-v",
+                &mount(device.share_dir(), SHARE_DIR_IN_DEVICE),
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .chain([DEVICE_IMAGE, "/lib/systemd/systemd"])
+            .collect::<Vec<_>>(),
+        );
         device.wait_booted();
         device
     }

@@ -446,3 +446,68 @@ impl TestPki {
         }
     }
 }
+
+/// The production layout of docs/adr/0017 on a real nats-server: `flotilla
+/// auth init` writes an authority into `dir/authority`, and the shipped
+/// `deploy/nats/flotilla-secure.conf` runs with its `nats-auth.conf`, the
+/// test PKI's certificates and mutual TLS, on a free loopback port.
+#[derive(Debug)]
+pub struct SecureServer {
+    pub server: NatsServer,
+    pub pki: TestPki,
+    /// The authority: control.creds, operator.creds, system.creds and the
+    /// keys `agent enroll` / `agent revoke` need.
+    pub authority: PathBuf,
+}
+
+impl SecureServer {
+    pub fn start(dir: &Path) -> Self {
+        let authority = dir.join("authority");
+        let init = std::process::Command::new(binary("flotilla"))
+            .args(["auth", "init", "--dir"])
+            .arg(&authority)
+            .arg("--resolver-dir")
+            .arg(dir.join("jwt"))
+            .output()
+            .expect("run flotilla auth init");
+        assert!(init.status.success(), "flotilla auth init: {init:?}");
+        let pki = TestPki::generate(dir);
+        let shipped =
+            std::fs::read_to_string(workspace_root().join("deploy/nats/flotilla-secure.conf"))
+                .expect("the shipped secure config");
+        let path = |p: &Path| p.to_str().expect("a UTF-8 path").to_owned();
+        let config = shipped
+            .replace("/etc/nats/tls/server.pem", &path(&pki.server_cert))
+            .replace("/etc/nats/tls/server-key.pem", &path(&pki.server_key))
+            .replace("/etc/nats/tls/ca.pem", &path(&pki.ca))
+            // Mutual TLS, the shipped option.
+            .replace("# verify: true", "verify: true")
+            .replace("0.0.0.0:4222", "127.0.0.1:{port}")
+            .replace("http: 127.0.0.1:8222", "")
+            .replace("server_name: flotilla-1", "server_name: flotilla-{port}")
+            .replace("store_dir: /var/lib/nats", "store_dir: \"{store}\"")
+            .replace(
+                "include \"nats-auth.conf\"",
+                &std::fs::read_to_string(authority.join("nats-auth.conf"))
+                    .expect("nats-auth.conf from auth init"),
+            );
+        assert_ne!(config, shipped, "the shipped config has its placeholders");
+        Self {
+            server: NatsServer::start_with_own_config(&config),
+            pki,
+            authority,
+        }
+    }
+
+    /// `--tls-ca`, `--tls-cert` and `--tls-key` for a client of this server.
+    pub fn tls_args(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            "--tls-ca".into(),
+            self.pki.ca.clone().into(),
+            "--tls-cert".into(),
+            self.pki.client_cert.clone().into(),
+            "--tls-key".into(),
+            self.pki.client_key.clone().into(),
+        ]
+    }
+}

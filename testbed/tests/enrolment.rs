@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use testbed::{NatsServer, Process, TestPki, binary, workspace_root};
+use testbed::{NatsServer, Process, SecureServer, TestPki, binary};
 
 struct Secure {
     server: NatsServer,
@@ -178,41 +178,11 @@ const HELLO: &str = "apiVersion: flotilla.dev/v1\nkind: Deployment\nname: hello\
 async fn enrolled_devices_are_confined_to_their_own_subjects_and_revoked_or_expired_ones_are_cut_off()
  {
     let dir = tempfile::tempdir().unwrap();
-    let auth = dir.path().join("authority");
-    let jwt_dir = dir.path().join("jwt");
-    let init = Command::new(binary("flotilla"))
-        .args(["auth", "init", "--dir"])
-        .arg(&auth)
-        .arg("--resolver-dir")
-        .arg(&jwt_dir)
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{init:?}");
-    let pki = TestPki::generate(dir.path());
-    let shipped =
-        std::fs::read_to_string(workspace_root().join("deploy/nats/flotilla-secure.conf")).unwrap();
-    let config = shipped
-        .replace(
-            "/etc/nats/tls/server.pem",
-            pki.server_cert.to_str().unwrap(),
-        )
-        .replace(
-            "/etc/nats/tls/server-key.pem",
-            pki.server_key.to_str().unwrap(),
-        )
-        .replace("/etc/nats/tls/ca.pem", pki.ca.to_str().unwrap())
-        // Mutual TLS, the shipped option.
-        .replace("# verify: true", "verify: true")
-        .replace("0.0.0.0:4222", "127.0.0.1:{port}")
-        .replace("http: 127.0.0.1:8222", "")
-        .replace("server_name: flotilla-1", "server_name: flotilla-{port}")
-        .replace("store_dir: /var/lib/nats", "store_dir: \"{store}\"")
-        .replace(
-            "include \"nats-auth.conf\"",
-            &std::fs::read_to_string(auth.join("nats-auth.conf")).unwrap(),
-        );
-    assert_ne!(config, shipped);
-    let server = NatsServer::start_with_own_config(&config);
+    let SecureServer {
+        server,
+        pki,
+        authority: auth,
+    } = SecureServer::start(dir.path());
     let mut fleet = Secure {
         server,
         dir,
@@ -276,6 +246,25 @@ async fn enrolled_devices_are_confined_to_their_own_subjects_and_revoked_or_expi
             "v1"
         );
     }
+    // The history says who applied it: the operator user of operator.creds,
+    // as its JWT names it (the control plane records the revision in the
+    // pass that renders it; poll, the write may trail the status).
+    fleet
+        .wait("the history names the operator", || {
+            let out = fleet.flotilla(&["rollout", "history", "hello", "-o", "json"]);
+            let lines: Vec<serde_json::Value> =
+                serde_json::from_slice(&out.stdout).unwrap_or_default();
+            lines.len() == 1 && lines[0]["by"] == "flotilla-operator"
+        })
+        .await;
+    let table = fleet.ok(&fleet.flotilla(&["rollout", "history", "hello"]));
+    assert!(
+        table.lines().nth(1).is_some_and(|l| l
+            .split_whitespace()
+            .nth(2)
+            .is_some_and(|by| by == "flotilla-operator")),
+        "BY is not the operator's JWT name:\n{table}"
+    );
 
     // TLS is required, and (verify) so is a client certificate from the CA:
     // valid credentials alone do not get in.

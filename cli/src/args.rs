@@ -372,7 +372,8 @@ pub struct ApplyArgs {
     /// How long --wait waits (e.g. 90s, 5m).
     #[arg(long, value_parser = parse_duration, default_value = "60s", requires = "wait")]
     pub timeout: Duration,
-    /// Write only if `deployments.<name>` is at this KV revision (0: only if it does not exist).
+    /// Write only if the deployment is at this revision, the KV sequence of
+    /// `deployments.<name>` (0: only if it does not exist).
     #[arg(long, value_name = "N")]
     pub expect_revision: Option<u64>,
     /// Why, for the deployment's history (`flotilla rollout history`).

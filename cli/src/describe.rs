@@ -183,7 +183,7 @@ pub fn render_agent(a: &AgentView) -> String {
                 &mut out,
                 "Generations",
                 format!(
-                    "manifest {}, observed {} (revision {}), desired {desired}",
+                    "manifest {}, observed {} (KV sequence {}), desired {desired}",
                     s.manifest_generation, s.observed_generation, s.observed_revision
                 ),
             );

@@ -180,6 +180,8 @@ impl Fleet {
 #[derive(Debug, Clone)]
 pub struct Versioned<T> {
     pub value: T,
+    /// The entry's KV sequence (for `deployments.<name>`: the deployment's
+    /// revision).
     pub revision: u64,
     /// Server time of the write.
     pub created: SystemTime,
@@ -196,7 +198,12 @@ impl<T: Decode> Versioned<T> {
                 revision: e.revision,
                 created: SystemTime::from(e.created),
             })
-            .map_err(|m| format!("{} (revision {}) is not readable: {m}", e.key, e.revision))
+            .map_err(|m| {
+                format!(
+                    "{} (KV sequence {}) is not readable: {m}",
+                    e.key, e.revision
+                )
+            })
     }
 }
 

@@ -3,7 +3,7 @@
 //! the operator's per-agent document `values.<id>` — values
 //! (docs/adr/0014-per-device-values.md) and the labels selectors match
 //! (docs/adr/0017-trust-model.md). Changes are
-//! compare-and-swap against the revision just read and retried on a lost race
+//! compare-and-swap against the KV sequence just read and retried on a lost race
 //! (each change is a merge of named keys, so a retry on fresh state is what
 //! the operator asked for). flotilla-control renders every deployment that
 //! references a changed value again for that agent.
@@ -239,7 +239,7 @@ pub async fn set_labels(
     .await
 }
 
-/// The stored values (empty when there are none) and the revision to
+/// The stored values (empty when there are none) and the KV sequence to
 /// compare against (0: the key does not exist).
 async fn read(fleet: &Fleet, agent: &AgentId) -> Result<(AgentValues, u64), CliError> {
     let key = keys::values(agent);

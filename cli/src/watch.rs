@@ -222,7 +222,11 @@ impl LivenessChange {
 struct ChangeDoc<'a> {
     time: String,
     key: &'a str,
-    revision: u64,
+    /// The entry's KV sequence.
+    kv_sequence: u64,
+    /// For `deployments.<name>`: the deployment's revision (its KV sequence).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    revision: Option<u64>,
     operation: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     value: Option<serde_json::Value>,
@@ -240,11 +244,13 @@ fn operation(op: kv::Operation) -> &'static str {
 /// object with the value as stored.
 pub fn line(format: Format, e: &kv::Entry) -> String {
     let time = output::rfc3339(SystemTime::from(e.created));
+    let deployment = matches!(Key::parse(&e.key), Some(Key::Deployment(_)));
     if format != Format::Table {
         let doc = ChangeDoc {
             time,
             key: &e.key,
-            revision: e.revision,
+            kv_sequence: e.revision,
+            revision: deployment.then_some(e.revision),
             operation: operation(e.operation),
             value: serde_json::from_slice(&e.value).ok(),
         };
@@ -256,7 +262,13 @@ pub fn line(format: Format, e: &kv::Entry) -> String {
     } else {
         format!("{}d", operation(e.operation))
     };
-    format!("{clock}  {} (rev {}): {what}", e.key, e.revision)
+    // A deployment's KV sequence is its revision, and is called so.
+    let counter = if deployment {
+        "revision"
+    } else {
+        "KV sequence"
+    };
+    format!("{clock}  {} ({counter} {}): {what}", e.key, e.revision)
 }
 
 fn decoded<T: Decode>(bytes: &[u8]) -> Result<T, String> {
@@ -349,5 +361,41 @@ mod tests {
         let d = include_str!("../../manifest-types/tests/golden/deployment.json");
         assert!(summary("deployments.web", d.as_bytes()).starts_with("applied, "));
         assert!(summary("agents.pi-1", b"{").starts_with("unreadable: "));
+    }
+
+    fn entry(key: &str, revision: u64, operation: kv::Operation) -> kv::Entry {
+        kv::Entry {
+            bucket: "fleet".into(),
+            key: key.into(),
+            value: Default::default(),
+            revision,
+            delta: 0,
+            created: (SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(3600)).into(),
+            operation,
+            seen_current: true,
+        }
+    }
+
+    #[test]
+    fn a_deployment_has_a_revision_every_other_key_a_kv_sequence() {
+        let d = entry("deployments.web", 12, kv::Operation::Delete);
+        assert_eq!(
+            line(Format::Table, &d),
+            "01:00:00  deployments.web (revision 12): deleted"
+        );
+        let doc: serde_json::Value = serde_json::from_str(&line(Format::Json, &d)).unwrap();
+        assert_eq!(
+            (&doc["kvSequence"], &doc["revision"]),
+            (&12.into(), &12.into())
+        );
+
+        let s = entry("actual-state.pi-1", 40, kv::Operation::Purge);
+        assert_eq!(
+            line(Format::Table, &s),
+            "01:00:00  actual-state.pi-1 (KV sequence 40): purged"
+        );
+        let doc: serde_json::Value = serde_json::from_str(&line(Format::Json, &s)).unwrap();
+        assert_eq!(doc["kvSequence"], 40);
+        assert!(doc.get("revision").is_none(), "{doc}");
     }
 }

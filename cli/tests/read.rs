@@ -219,13 +219,13 @@ async fn describe_agent_shows_resources_rejection_and_the_manifest() {
         "Agent:        pi-2",
         "Status:       Rejected",
         "Labels:       role=kiosk",
-        "Generations:  manifest 3, observed 4 (revision 40), desired 4",
+        "Generations:  manifest 3, observed 4 (KV sequence 40), desired 4",
         "RESOURCE",
         "hello/motd",
         "sha256 9f86d081884c mode 0644 size 4 owner 0:0",
         "ManifestRejected",
         "Rejection:    PathOutsideRoots: resource hello/motd",
-        "(revision 41, generation 4)",
+        "(KV sequence 41, generation 4)",
     ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }

@@ -83,7 +83,7 @@ pub async fn deployment_status(
     read_json(store, &keys::deployment_status(name)).await
 }
 
-/// The manifest stored for an agent and its KV revision.
+/// The manifest stored for an agent and its KV sequence.
 pub async fn desired_manifest(
     store: &Store,
     agent: &AgentId,

@@ -9,9 +9,9 @@
 //!   observed generations, the highest generation this control plane wrote)
 //!   and the agent did not reject it as a replayed generation;
 //! - otherwise a new value is written above both the stored generation and
-//!   the floor, with `update(key, value, revision)` against the revision just
-//!   read — whether the resources changed or someone else put a value there
-//!   (a hand edit, an older revision put back, a restored backup);
+//!   the floor, with `update(key, value, revision)` against the KV sequence
+//!   just read — whether the resources changed or someone else put a value
+//!   there (a hand edit, an older value put back, a restored backup);
 //! - no readable manifest (key missing, DEL/PURGE marker, unreadable bytes,
 //!   another agent's id) → the key is (re)created above whatever generation
 //!   can still be read there, the floor and the agent's `observedGeneration`
@@ -37,19 +37,19 @@ pub struct Floor {
     /// observed (`observedGeneration`) generations and the highest generation
     /// this control plane has written for the agent.
     pub generation: u64,
-    /// The revision of a desired-state value the agent rejected as a replayed
-    /// generation: that value never stands.
+    /// The KV sequence of a desired-state value the agent rejected as a
+    /// replayed generation: that value never stands.
     pub replayed_revision: Option<u64>,
 }
 
 impl Floor {
-    /// Whether a stored value at `generation` and `revision` can be one the
-    /// agent accepts, judged by what it reported.
+    /// Whether a stored value at `generation` and KV sequence `revision` can
+    /// be one the agent accepts, judged by what it reported.
     pub fn admits(&self, generation: u64, revision: u64) -> bool {
         generation >= self.generation && self.replayed_revision != Some(revision)
     }
 
-    /// Whether `stored` (at `revision`, addressed to the agent) is the
+    /// Whether `stored` (at KV sequence `revision`, addressed to the agent) is the
     /// control plane's own rendering of `resources`, signed by exactly
     /// `signing`'s keys, that the agent can accept, so it stands and nothing
     /// is written. A key added or retired is thus a rewrite of every
@@ -71,9 +71,9 @@ impl Floor {
 /// What [`publish_manifest`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PublishOutcome {
-    /// The stored manifest (at this KV revision) already is the rendering.
+    /// The stored manifest (at this KV sequence) already is the rendering.
     Unchanged { generation: u64, revision: u64 },
-    /// A new generation was written at this KV revision.
+    /// A new generation was written at this KV sequence.
     Written { generation: u64, revision: u64 },
 }
 
@@ -242,7 +242,7 @@ pub async fn publish_manifest_above(
 /// [`publish_manifest_above`] for a caller that knows what the key holds: a
 /// readable manifest of the agent's at `known.revision` with generation
 /// `known.generation` (the daemon's watched copy). The new manifest is
-/// written above it and the floor with one CAS against that revision — no
+/// written above it and the floor with one CAS against that KV sequence — no
 /// read — and only when the key has moved since does it fall back to
 /// reading it afresh.
 pub async fn publish_manifest_over(
@@ -294,7 +294,7 @@ fn checked(
 }
 
 /// What the caller knows a desired-state key holds: a readable manifest of
-/// its agent, at this revision and generation.
+/// its agent, at this KV sequence and generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Known {
     pub revision: u64,
@@ -313,7 +313,7 @@ pub async fn observed_generation(store: &Store, agent: &AgentId) -> Result<u64, 
 
 /// The floor an agent's status document (`actual-state.<id>`) sets, read
 /// leniently so any version of the document counts: its accepted and
-/// observed generations, and the revision it rejected as a replayed
+/// observed generations, and the KV sequence it rejected as a replayed
 /// generation, if that is its current rejection.
 pub fn reported_floor(status: &[u8]) -> Floor {
     let Ok(doc) = serde_json::from_slice::<serde_json::Value>(status) else {

@@ -37,7 +37,7 @@ pub struct Run {
 /// The operator's switch (`rollouts.<name>`) as last read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Control {
-    /// KV revision of `rollouts.<name>`; 0 when absent.
+    /// KV sequence of `rollouts.<name>`; 0 when absent.
     pub revision: u64,
     pub paused: bool,
 }

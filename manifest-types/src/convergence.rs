@@ -390,14 +390,16 @@ impl Verdict {
     }
 }
 
-/// `reason: message (revision R, generation G)`.
+/// `reason: message (KV sequence S, generation G)`: S is the rejected
+/// desired-state value's KV sequence (`Rejection.revision`), not a
+/// deployment's revision.
 pub fn rejection_line(r: &Rejection) -> String {
     let generation = r
         .generation
         .map(|g| format!(", generation {g}"))
         .unwrap_or_default();
     format!(
-        "{}: {} (revision {}{generation})",
+        "{}: {} (KV sequence {}{generation})",
         r.reason, r.message, r.revision
     )
 }

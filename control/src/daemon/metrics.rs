@@ -49,9 +49,10 @@ impl Metrics {
         self.bucket_replaced.load(Ordering::SeqCst)
     }
 
-    /// The highest bucket revision the daemon has applied from its watch and
-    /// acted on: any pass that entry called for has finished. Revisions
-    /// restart with a recreated bucket, and so does this.
+    /// The highest KV sequence of the bucket the daemon has applied from
+    /// its watch and acted on: any pass that entry called for has finished.
+    /// Sequences restart with a recreated bucket, and so does this. (The
+    /// name predates "KV sequence"; agent/tests use it.)
     pub fn settled_revision(&self) -> u64 {
         self.settled_revision.load(Ordering::SeqCst)
     }
@@ -74,7 +75,7 @@ impl Metrics {
         self.bucket_replaced.fetch_add(1, Ordering::SeqCst);
     }
 
-    pub(crate) fn settled(&self, revision: u64) {
-        self.settled_revision.store(revision, Ordering::SeqCst);
+    pub(crate) fn settled(&self, kv_sequence: u64) {
+        self.settled_revision.store(kv_sequence, Ordering::SeqCst);
     }
 }

@@ -21,7 +21,7 @@
 //!   `apply` to the agent. The daemon's own writes coming back through the
 //!   watch cost no render ([`Metrics::passes`] counts them).
 //! - The control plane owns `desired-state.<id>`: a value it did not write (a
-//!   hand edit, an older revision put back, a restore, malformed JSON, a
+//!   hand edit, an older value put back, a restore, malformed JSON, a
 //!   DEL/PURGE) is replaced in the next pass above the key's generation and
 //!   what the agent reports (docs/adr/0012-the-control-plane-owns-desired-state.md).
 //! - Each pass also keeps `settings.heartbeat` sized to the registered
@@ -41,7 +41,7 @@
 //! - A deleted bucket is noticed (the server's stream-deleted advisory, and a
 //!   check every [`Config::bucket_check_interval`]): the daemon creates it
 //!   again with its RePublish rule and relists; a watch resumed on the new
-//!   stream would skip its history, because revisions restart at 1.
+//!   stream would skip its history, because KV sequences restart at 1.
 
 mod metrics;
 mod reconcile;

@@ -135,7 +135,7 @@ pub(crate) async fn reconcile(
                 let generation = outcome.generation();
                 match outcome {
                     PublishOutcome::Written { revision, .. } => {
-                        tracing::info!(%agent, generation, revision, resources = manifest.resources.len(), "manifest written");
+                        tracing::info!(%agent, generation, kv_sequence = revision, resources = manifest.resources.len(), "manifest written");
                         report.manifests_written += 1;
                         state.wrote(manifest, revision);
                     }
@@ -219,7 +219,7 @@ pub(crate) async fn reconcile(
                 let revision = match outcome {
                     StatusOutcome::Written { revision } => {
                         report.statuses_written += 1;
-                        tracing::debug!(deployment = %status.name, revision, "deployment status written");
+                        tracing::debug!(deployment = %status.name, revision = status.observed_revision, kv_sequence = revision, "deployment status written");
                         revision
                     }
                     StatusOutcome::Unchanged { revision } => revision,

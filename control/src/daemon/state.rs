@@ -1,6 +1,6 @@
 //! The daemon's in-memory copy of the keys it renders from and writes to,
 //! fed by one KV watch. [`State::apply`] says whether an entry can change the
-//! render; echoes of the daemon's own writes (already recorded by revision)
+//! render; echoes of the daemon's own writes (already recorded by KV sequence)
 //! cannot, and neither can a value equal to the one held. Agents' statuses
 //! count only when they change whether a stored manifest can stand
 //! (docs/adr/0012-the-control-plane-owns-desired-state.md).
@@ -43,7 +43,7 @@ pub(crate) struct DeploymentRecord {
     pub applied_at: Option<SystemTime>,
 }
 
-/// A key the daemon writes: the value last seen or written, by revision.
+/// A key the daemon writes: the value last seen or written, by KV sequence.
 /// `value` is `None` for a DEL/PURGE marker or a value that does not parse
 /// (for a manifest: or is addressed to another agent).
 #[derive(Debug)]

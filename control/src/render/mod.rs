@@ -63,7 +63,8 @@ pub struct DeploymentInput<'a> {
     pub name: &'a DeploymentName,
     /// The parsed document, or why the stored bytes could not be read.
     pub document: Result<&'a Deployment, &'a str>,
-    /// KV revision of the stored document; rendered into every resource's source.
+    /// The deployment's revision (the KV sequence of `deployments.<name>`);
+    /// rendered into every resource's source.
     pub revision: u64,
     /// Revision at which the control plane first saw the deployment; orders
     /// deployments for conflict resolution.

@@ -375,7 +375,7 @@ fn whole_agent_table() {
             4,
             FRESH,
             State::Rejected,
-            "PathOutsideRoots: /x is outside every file root (revision 12, generation 4)",
+            "PathOutsideRoots: /x is outside every file root (KV sequence 12, generation 4)",
         ),
         (
             "rejection superseded by a newer desired generation",
@@ -391,7 +391,7 @@ fn whole_agent_table() {
             4,
             FRESH,
             State::Rejected,
-            "PathOutsideRoots: /x is outside every file root (revision 12)",
+            "PathOutsideRoots: /x is outside every file root (KV sequence 12)",
         ),
         (
             "identity conflict beats converged",
@@ -571,7 +571,7 @@ fn one_deployment_table() {
             &["web/motd"],
             FRESH,
             State::Rejected,
-            "PathOutsideRoots: /x is outside every file root (revision 12, generation 4)",
+            "PathOutsideRoots: /x is outside every file root (KV sequence 12, generation 4)",
         ),
         (
             "stale whatever it says",

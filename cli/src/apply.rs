@@ -48,7 +48,7 @@ struct ApplyDoc<'a> {
 pub async fn run(g: &GlobalArgs, args: &ApplyArgs) -> Result<(), CliError> {
     let mut deployment = load(&args.file)?;
     deployment.change = Some(ChangeNote {
-        by: Some(who()),
+        by: Some(who(g.creds.as_deref())),
         cause: args.cause.clone(),
     });
     let fleet = Fleet::open_or_create(g).await?;
@@ -88,9 +88,18 @@ pub async fn run(g: &GlobalArgs, args: &ApplyArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Who makes a change, for the deployment's history: `FLOTILLA_USER`, else
-/// `<user>@<host>` from the environment and `/etc/hostname`.
-pub fn who() -> String {
+/// Who makes a change, for the deployment's history (`rollout history`'s
+/// BY): with a credentials file (`--creds`, which wins over every other
+/// authentication), the `name` of its user JWT, the identity the server
+/// checked; else `FLOTILLA_USER`, else `<user>@<host>` from the environment
+/// and `/etc/hostname`.
+pub fn who(creds: Option<&Path>) -> String {
+    let named = creds
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|text| crate::authority::creds_user_name(&text));
+    if let Some(name) = named {
+        return name;
+    }
     if let Ok(u) = std::env::var("FLOTILLA_USER")
         && !u.is_empty()
     {
@@ -237,7 +246,7 @@ async fn conflict(fleet: &Fleet, key: &str, expected: u64) -> CliError {
         Ok(Some(e)) if e.operation == kv::Operation::Put => {
             format!("it is at revision {}", e.revision)
         }
-        Ok(Some(e)) => format!("it was deleted at revision {}", e.revision),
+        Ok(Some(e)) => format!("it was deleted (KV sequence {})", e.revision),
         Ok(None) => "it does not exist".into(),
         Err(_) => "its current revision could not be read".into(),
     };

@@ -167,6 +167,38 @@ fn creds(jwt: &str, seed: &str) -> String {
     )
 }
 
+/// The user JWT of a `.creds` file: the line after `-----BEGIN NATS USER
+/// JWT-----` (the armour [`creds`] writes and `nsc` and every NATS client
+/// read).
+fn creds_jwt(text: &str) -> Option<&str> {
+    let mut lines = text.lines().map(str::trim);
+    lines.find(|l| l.starts_with("---") && l.contains("BEGIN NATS USER JWT"))?;
+    lines
+        .find(|l| !l.is_empty())
+        .filter(|l| !l.starts_with("---"))
+}
+
+/// A JWT's claims (its middle, base64url segment; padding tolerated).
+/// The signature is not checked: the server checked it on connecting.
+fn jwt_claims(jwt: &str) -> Option<Value> {
+    let mut parts = jwt.split('.');
+    let (_header, body, _sig) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let bytes = URL_SAFE_NO_PAD.decode(body.trim_end_matches('=')).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The `name` claim of the user JWT in the text of a `.creds` file, when it
+/// has a non-empty one: who `flotilla` acts as on a server that checked
+/// that JWT (`flotilla-operator` for the `operator.creds` of `auth init`).
+pub fn creds_user_name(text: &str) -> Option<String> {
+    let claims = jwt_claims(creds_jwt(text)?)?;
+    let name = claims.get("name")?.as_str()?.trim();
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
 /// Writes `content` to a new file only its owner can read.
 fn write_secret(path: &Path, content: &str) -> Result<(), CliError> {
     let mut options = std::fs::OpenOptions::new();
@@ -497,5 +529,69 @@ pub async fn push_account(
         Some(e) => Err(CliError::Usage(format!(
             "the server refused the account update: {e}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn operator_creds(name: &str) -> String {
+        let account = KeyPair::new_account();
+        let user = KeyPair::new_user();
+        let jwt = user_jwt(
+            &account,
+            &user.public_key(),
+            name,
+            json!({}),
+            json!({}),
+            None,
+        );
+        creds(&jwt, &user.seed().unwrap())
+    }
+
+    #[test]
+    fn the_user_name_is_read_from_the_creds_jwt() {
+        assert_eq!(
+            creds_user_name(&operator_creds("flotilla-operator")).as_deref(),
+            Some("flotilla-operator")
+        );
+        // CRLF line ends and a padded body, as other tools may write them.
+        let text = operator_creds("alice").replace('\n', "\r\n");
+        assert_eq!(creds_user_name(&text).as_deref(), Some("alice"));
+        let jwt = creds_jwt(&text).unwrap();
+        let mut parts: Vec<String> = jwt.split('.').map(str::to_owned).collect();
+        parts[1].push_str("==");
+        assert_eq!(
+            jwt_claims(&parts.join(".")).unwrap()["name"],
+            json!("alice")
+        );
+    }
+
+    #[test]
+    fn creds_without_a_usable_name_give_none() {
+        assert_eq!(creds_user_name(&operator_creds("  ")), None);
+        assert_eq!(creds_user_name(""), None);
+        assert_eq!(creds_user_name("not a creds file\n"), None);
+        let body = |claims: &str| URL_SAFE_NO_PAD.encode(claims);
+        let armoured = |jwt: String| {
+            format!("-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n")
+        };
+        // No name claim, a name that is not a string, a body that is not JSON.
+        for claims in [r#"{"sub":"U"}"#, r#"{"name":7}"#, "{"] {
+            assert_eq!(
+                creds_user_name(&armoured(format!("e30.{}.sig", body(claims)))),
+                None,
+                "{claims}"
+            );
+        }
+        // Not three segments, or not base64url.
+        assert_eq!(creds_user_name(&armoured("e30.e30".into())), None);
+        assert_eq!(creds_user_name(&armoured("e30.!!!.sig".into())), None);
+        // The armour with nothing inside.
+        assert_eq!(
+            creds_user_name("-----BEGIN NATS USER JWT-----\n\n------END NATS USER JWT------\n"),
+            None
+        );
     }
 }

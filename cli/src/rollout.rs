@@ -6,8 +6,9 @@
 //!   targets are desired, updated, converged, failed and offline. It exits 8
 //!   when the rollout halted and 9 when it rolled back, like `apply --wait`.
 //! - `pause` / `resume` write the operator's switch `rollouts.<name>`;
-//!   every resume is a new revision of it, which also resumes a halted
-//!   rollout (judged again from scratch).
+//!   every resume is a new write of it (a new KV sequence, not a deployment
+//!   revision), which also resumes a halted rollout (judged again from
+//!   scratch).
 //! - `history` lists the revisions kept in `revisions.<name>.<revision>`.
 //! - `default [--set FILE | --clear]` shows or changes the fleet's default
 //!   policy (`settings.rollout`) for deployments that carry none.
@@ -312,7 +313,7 @@ async fn undo(
         }
     })?;
     doc.change = Some(ChangeNote {
-        by: Some(crate::apply::who()),
+        by: Some(crate::apply::who(g.creds.as_deref())),
         cause: Some(cause.unwrap_or_else(|| format!("undo to revision {}", target.revision))),
     });
     match crate::apply::write(&fleet, &doc, Some(current_revision)).await? {

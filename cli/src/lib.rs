@@ -33,7 +33,13 @@
 //!   and how many registered agents each change reaches.
 //! - `rollout status|pause|resume|history|undo|default` ([`rollout`]): a
 //!   deployment's staged rollout, its revision history and the fleet's
-//!   default policy (ADR 0016); `apply --cause` records why.
+//!   default policy (ADR 0016); `apply --cause` records why, and who is the
+//!   `name` of the `--creds` user JWT ([`apply::who`]).
+//! - Counters: *revision* is only ever a deployment's (the KV sequence of
+//!   `deployments.<name>`, what `rollout history` lists); the KV sequence of
+//!   any other key is printed as *KV sequence* (`kvSequence`), e.g. the
+//!   desired-state value an agent observed (`describe agent`), a rejected
+//!   value, an entry of `watch`.
 //! - Global: `-o table|json|yaml` ([`output`]), `--nats-url`
 //!   (`FLOTILLA_NATS_URL`, a comma-separated list), `--bucket`
 //!   (`FLOTILLA_BUCKET`), and one authentication with the precedence of

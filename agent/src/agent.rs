@@ -70,7 +70,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     "converging from the cached manifest"
                 );
                 board.observed(a.revision, Some(a.manifest.generation));
-                board.accepted(a.manifest.generation);
+                board.accepted(a.manifest.generation, a.manifest.resources.len());
                 desired_tx.send_replace(Some(Arc::new(a.manifest.clone())));
                 current = Some(*a);
             }
@@ -349,15 +349,17 @@ impl Loop {
                     "manifest accepted"
                 );
                 self.board.observed(revision, Some(generation));
-                self.board.accepted(generation);
+                self.board.accepted(generation, a.manifest.resources.len());
                 self.desired_tx
                     .send_replace(Some(Arc::new(a.manifest.clone())));
                 self.current = Some(*a);
             }
             Decision::Unchanged => {
-                let generation = self.current.as_ref().map_or(0, |c| c.manifest.generation);
+                let (generation, resources) = self.current.as_ref().map_or((0, 0), |c| {
+                    (c.manifest.generation, c.manifest.resources.len())
+                });
                 self.board.observed(revision, Some(generation));
-                self.board.accepted(generation);
+                self.board.accepted(generation, resources);
             }
             Decision::Reject(r) => {
                 tracing::warn!(reason = %r.reason, message = %r.message, revision, generation = ?r.generation,

@@ -555,7 +555,10 @@ mod tests {
         assert_eq!(example.trusted_keys.len(), 1);
         let err = manifest_types::signing::check_public_key(&example.trusted_keys[0])
             .expect_err("the placeholder is not a key");
-        assert!(err.to_string().contains("is not a public nkey (O…"), "{err}");
+        assert!(
+            err.to_string().contains("is not a public nkey (O…"),
+            "{err}"
+        );
     }
 
     #[test]

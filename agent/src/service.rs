@@ -10,17 +10,19 @@
 //!   task, so a slow image pull never stops the pings; a wedged loop does,
 //!   and systemd restarts the agent.
 //! - STATUS is one line for `systemctl status`: connected or not, the
-//!   generation, resources ready/total.
+//!   accepted generation (the cached one right after a restart), resources
+//!   ready/total. It is sent again at once when the connection comes or goes
+//!   and whenever the status changes, not only at the next watchdog ping.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use manifest_types::AgentStatus;
 use sd_notify::NotifyState;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::status::StatusBoard;
+use crate::status::{StatusBoard, Summary};
 
 /// How the event loop shows it is alive, and whether NATS is connected.
 #[derive(Debug)]
@@ -28,6 +30,8 @@ pub struct Liveness {
     start: Instant,
     last_beat_ms: AtomicU64,
     connected: AtomicBool,
+    /// Raised when `connected` changes (a permit is kept if nobody waits).
+    connection_changed: Notify,
 }
 
 impl Default for Liveness {
@@ -36,6 +40,7 @@ impl Default for Liveness {
             start: Instant::now(),
             last_beat_ms: AtomicU64::new(0),
             connected: AtomicBool::new(false),
+            connection_changed: Notify::new(),
         }
     }
 }
@@ -53,6 +58,7 @@ impl Liveness {
 
     pub fn set_connected(&self, c: bool) {
         self.connected.store(c, Ordering::Relaxed);
+        self.connection_changed.notify_one();
     }
 
     pub fn connected(&self) -> bool {
@@ -74,25 +80,27 @@ pub fn notify_stopping() {
 }
 
 /// The `systemctl status` line.
-pub fn status_line(connected: bool, status: &AgentStatus) -> String {
-    let total = status.resources.len();
-    let ready = status.ready_count();
+pub fn status_line(connected: bool, s: &Summary) -> String {
     let mut line = format!(
-        "{}; generation {}; {ready}/{total} resources ready",
+        "{}; generation {}{}; {}/{} resources ready",
         if connected {
             "connected to NATS"
         } else {
             "not connected to NATS (converging from the last good manifest)"
         },
-        status.manifest_generation,
+        s.generation,
+        if s.converging { " (converging)" } else { "" },
+        s.ready,
+        s.total,
     );
-    if let Some(r) = &status.rejection {
-        line.push_str(&format!("; last manifest rejected: {}", r.reason));
+    if let Some(r) = &s.rejection {
+        line.push_str(&format!("; last manifest rejected: {r}"));
     }
     line
 }
 
-/// Sends WATCHDOG pings while the loop beats, and STATUS when it changes.
+/// Sends WATCHDOG pings while the loop beats, and STATUS whenever the line
+/// changes: at once on a (re)connection, a disconnection or a status change.
 pub async fn supervise(live: Arc<Liveness>, board: StatusBoard) {
     let watchdog = sd_notify::watchdog_enabled();
     let period = watchdog.map_or(Duration::from_secs(5), |w| {
@@ -102,15 +110,25 @@ pub async fn supervise(live: Arc<Liveness>, board: StatusBoard) {
     let stale = watchdog.map_or(Duration::MAX, |w| (w / 2).max(BEAT * 3));
     let mut last_line = String::new();
     let mut interval = tokio::time::interval(period);
+    let mut statuses = board.subscribe();
     loop {
-        interval.tick().await;
-        let line = status_line(live.connected(), &board.current());
+        let ping = tokio::select! {
+            _ = interval.tick() => true,
+            () = live.connection_changed.notified() => false,
+            changed = statuses.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                false
+            }
+        };
+        let line = status_line(live.connected(), &board.summary());
         let mut states = Vec::new();
         if line != last_line {
             states.push(NotifyState::Status(&line));
         }
         let beat = live.since_beat();
-        if watchdog.is_some() {
+        if ping && watchdog.is_some() {
             if beat <= stale {
                 states.push(NotifyState::Watchdog);
             } else {
@@ -131,12 +149,23 @@ mod tests {
     #[test]
     fn status_line_says_connection_generation_and_counts() {
         let (board, _rx) = StatusBoard::new(AgentId::new("pi-1").unwrap(), "i".into());
-        let s = board.current();
         assert_eq!(
-            status_line(true, &s),
+            status_line(true, &board.summary()),
             "connected to NATS; generation 0; 0/0 resources ready"
         );
-        assert!(status_line(false, &s).starts_with("not connected to NATS"));
+        // Right after a restart from the cached generation 6: its
+        // generation and resource count, before the worker's first pass.
+        board.accepted(6, 6);
+        assert_eq!(
+            status_line(false, &board.summary()),
+            "not connected to NATS (converging from the last good manifest); \
+             generation 6 (converging); 0/6 resources ready"
+        );
+        board.set_resources(6, Default::default(), vec![], vec![]);
+        assert_eq!(
+            status_line(true, &board.summary()),
+            "connected to NATS; generation 6; 0/6 resources ready"
+        );
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub fn agent_build() -> AgentBuild {
 #[derive(Debug, Default)]
 struct Inputs {
     accepted_generation: u64,
+    /// Resources the accepted manifest lists.
+    accepted_resources: usize,
     observed_generation: u64,
     observed_revision: u64,
     rejection: Option<Rejection>,
@@ -40,6 +42,18 @@ struct Inputs {
     identity_conflict: Option<String>,
     /// When each condition last changed status.
     transitions: BTreeMap<ConditionType, (bool, String)>,
+}
+
+/// The accepted manifest as the device runs it: see [`StatusBoard::summary`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub generation: u64,
+    /// The worker has not yet looked at every resource of `generation`.
+    pub converging: bool,
+    pub total: usize,
+    /// Ready resources of `generation` (0 while converging).
+    pub ready: usize,
+    pub rejection: Option<String>,
 }
 
 /// Shared, cheap to clone.
@@ -100,13 +114,34 @@ impl StatusBoard {
         });
     }
 
-    /// A manifest was accepted (the worker will converge it).
-    pub fn accepted(&self, generation: u64) {
+    /// A manifest of `resources` resources was accepted (the worker will
+    /// converge it).
+    pub fn accepted(&self, generation: u64, resources: usize) {
         self.update(|i| {
             i.accepted_generation = generation;
+            i.accepted_resources = resources;
             i.observed_generation = i.observed_generation.max(generation);
             i.rejection = None;
         });
+    }
+
+    /// What the device runs, for its `systemctl status` line: the accepted
+    /// generation (the cached one right after a restart), how many of its
+    /// resources are Ready, and the last rejection.
+    pub fn summary(&self) -> Summary {
+        let i = self.inputs.lock().expect("status board lock");
+        let current = i.worker_generation == i.accepted_generation;
+        Summary {
+            generation: i.accepted_generation,
+            converging: !current,
+            total: i.accepted_resources,
+            ready: if current {
+                i.resources.values().filter(|r| r.state.is_ready()).count()
+            } else {
+                0
+            },
+            rejection: i.rejection.as_ref().map(|r| r.reason.clone()),
+        }
     }
 
     pub fn rejected(&self, rejection: Rejection) {
@@ -326,7 +361,7 @@ mod tests {
         let (board, mut rx) = StatusBoard::new("pi-1".parse().unwrap(), "inst".into());
         rx.borrow_and_update();
         assert!(!board.current().condition_true(ConditionType::Ready));
-        board.accepted(3);
+        board.accepted(3, 0);
         let s = board.current();
         assert!(s.condition_true(ConditionType::Reconciling));
         assert!(!s.converged_on(3));

@@ -150,6 +150,36 @@ async fn the_agent_runs_as_a_systemd_service() {
     ]);
     assert_ne!(pid1, pid2, "the config change restarted the service");
 
+    // Restarted with no network: the line reports the cached generation and
+    // its resources from the start, not "generation 0".
+    write_config(&device, "nats://127.0.0.1:9");
+    device.systemctl(&["restart", UNIT]);
+    let mut lines = Vec::new();
+    wait_device(
+        "the cached generation in STATUS",
+        Duration::from_secs(15),
+        || {
+            let line = show(&device, "StatusText");
+            let done = line.starts_with("not connected to NATS")
+                && line.ends_with("generation 2; 2/2 resources ready");
+            lines.push(line);
+            done
+        },
+    )
+    .await;
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.is_empty() || l.contains("generation 2")),
+        "every line since the restart names the cached generation: {lines:?}"
+    );
+    write_config(&device, &h.server.url());
+    device.systemctl(&["restart", UNIT]);
+    wait_device("connected again", Duration::from_secs(15), || {
+        show(&device, "StatusText") == "connected to NATS; generation 2; 2/2 resources ready"
+    })
+    .await;
+
     apply(&store, "pi-svc", 3, json!([])).await;
     wait_status(&store, "pi-svc", "converged on 3", |s| s.converged_on(3)).await;
     let (code, _) = device.exec_status(&[

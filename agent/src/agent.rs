@@ -82,9 +82,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Decision::Unchanged => {}
         }
     }
-    let reconcilers = Reconcilers::new(state.clone(), &config)?;
+    let reconcilers = Arc::new(Reconcilers::new(state.clone(), &config)?);
     tasks.spawn(
-        Worker::new(reconcilers, board.clone())
+        Worker::new(reconcilers.clone(), board.clone())
             .with_concurrency(config.reconcile_concurrency)
             .run(desired_rx, resync.clone()),
     );
@@ -138,11 +138,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.resync_interval,
         beaten,
     ));
+    let (inventory_tx, inventory_rx) = watch::channel(inventory(&config, &instance_id));
     tasks.spawn(report::register(
         kv.clone(),
-        inventory(&config, &instance_id),
+        inventory_rx,
         epoch_rx.clone(),
         history.clone(),
+    ));
+    tasks.spawn(probe_engines(
+        reconcilers,
+        inventory_tx,
+        config.resync_interval.max(ENGINE_PROBE_MIN),
     ));
 
     tasks.spawn(service::supervise(live.clone(), board.clone()));
@@ -410,7 +416,42 @@ fn inventory(config: &Config, instance_id: &str) -> AgentInventory {
             .map(|h| h.trim().to_owned())
             .filter(|h| !h.is_empty()),
         reconcilers: Reconcilers::available(),
+        engines: Vec::new(),
         labels: config.labels.clone(),
+    }
+}
+
+/// Engines are asked no more often than this, whatever the resync interval.
+const ENGINE_PROBE_MIN: Duration = Duration::from_secs(5);
+
+/// Asks the reconcilers' engines whether they answer, now and every
+/// `period`, and puts the answer in the inventory when it changed (the
+/// register task then rewrites `agents.<id>`).
+async fn probe_engines(
+    reconcilers: Arc<Reconcilers>,
+    inventory: watch::Sender<AgentInventory>,
+    period: Duration,
+) {
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        let engines = reconcilers.engines(Duration::from_secs(5)).await;
+        inventory.send_if_modified(|inv| {
+            if inv.engines == engines {
+                return false;
+            }
+            for e in &engines {
+                let before = inv.engines.iter().find(|b| b.kind == e.kind);
+                if before.map(|b| b.reachable) != Some(e.reachable) {
+                    match (&e.reachable, &e.message) {
+                        (true, _) => tracing::info!(engine = %e.engine, version = ?e.version, "engine reachable"),
+                        (false, m) => tracing::warn!(engine = %e.engine, message = ?m, "engine not reachable"),
+                    }
+                }
+            }
+            inv.engines = engines;
+            true
+        });
     }
 }
 

@@ -337,19 +337,22 @@ pub async fn heartbeat(
     }
 }
 
-/// Writes `agents.<id>` unless it already holds exactly `inventory`, and
-/// again each time the bucket's history restarts (the key went with it).
+/// Writes `agents.<id>` unless it already holds exactly the current
+/// inventory; again whenever the inventory changes (an engine became
+/// reachable or not) and each time the bucket's history restarts (the key
+/// went with it).
 pub async fn register(
     kv: AgentKv,
-    inventory: AgentInventory,
+    mut inventories: watch::Receiver<AgentInventory>,
     mut connected: watch::Receiver<u64>,
     history: HistoryResets,
 ) {
     let key = keys::inventory(kv.agent());
-    let bytes = Bytes::from(serde_json::to_vec(&inventory).expect("inventory serialises"));
     let mut resets = history.subscribe();
     let mut failures = 0;
     loop {
+        let inventory = inventories.borrow_and_update().clone();
+        let bytes = Bytes::from(serde_json::to_vec(&inventory).expect("inventory serialises"));
         let result = match kv.get(&key).await {
             Ok(Some(KvValue::Value { bytes: stored, .. }))
                 if serde_json::from_slice::<AgentInventory>(&stored)
@@ -368,7 +371,13 @@ pub async fn register(
         match result {
             Ok(()) => {
                 failures = 0;
-                if resets.changed().await.is_err() {
+                // Again after a history reset, or when the inventory changed
+                // (an engine came or went).
+                let again = tokio::select! {
+                    r = resets.changed() => r.is_ok(),
+                    r = inventories.changed() => r.is_ok(),
+                };
+                if !again {
                     return;
                 }
             }

@@ -217,9 +217,9 @@ fn sweep_due(
 }
 
 impl Worker {
-    pub fn new(reconcilers: Reconcilers, board: StatusBoard) -> Self {
+    pub fn new(reconcilers: Arc<Reconcilers>, board: StatusBoard) -> Self {
         Self {
-            reconcilers: Arc::new(reconcilers),
+            reconcilers,
             board,
             concurrency: DEFAULT_CONCURRENCY,
             manifest: None,

@@ -312,3 +312,77 @@ async fn a_unit_turned_unsupported_keeps_running_with_its_files() {
     let st = wait_status(&store, "unsup", "ready again", |st| st.converged_on(3)).await;
     assert!(ready(&st, "u/svc").is_some());
 }
+
+/// The inventory says which engines answer, and is rewritten when one goes
+/// away: here the device's system bus stops, and no Docker Engine listens
+/// at the configured socket.
+#[tokio::test]
+async fn the_inventory_says_which_engines_are_reachable_and_follows_them() {
+    let device = Device::start("engines");
+    let h = Harness::new().await;
+    let mut config = h.config("engines");
+    config.unit_dir = device.units_dir();
+    config.systemd_bus = Some(device.bus_address());
+    let no_engine = tempfile::tempdir().unwrap();
+    config.docker_host = Some(format!(
+        "unix://{}",
+        no_engine.path().join("docker.sock").display()
+    ));
+    let _agent = RunningAgent::start(config);
+    let store = h.store().await;
+    let key = manifest_types::keys::inventory(&manifest_types::AgentId::new("engines").unwrap());
+    let inventory = || async {
+        store
+            .get(key.clone())
+            .await
+            .unwrap()
+            .and_then(|b| serde_json::from_slice::<manifest_types::AgentInventory>(&b).ok())
+    };
+    let engine = |inv: &manifest_types::AgentInventory, kind: ResourceKind| {
+        inv.engines.iter().find(|e| e.kind == kind).cloned()
+    };
+    use manifest_types::ResourceKind;
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let inv = loop {
+        if let Some(inv) = inventory().await
+            && !inv.engines.is_empty()
+        {
+            break inv;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no engines in the inventory"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let systemd = engine(&inv, ResourceKind::SystemdUnit).unwrap();
+    assert!(systemd.reachable, "{systemd:?}");
+    assert!(
+        systemd
+            .version
+            .as_deref()
+            .is_some_and(|v| v.starts_with("252")),
+        "{systemd:?}"
+    );
+    let docker = engine(&inv, ResourceKind::Container).unwrap();
+    assert!(!docker.reachable, "{docker:?}");
+    assert!(docker.message.is_some(), "{docker:?}");
+    assert!(engine(&inv, ResourceKind::File).unwrap().reachable);
+
+    // The bus goes away: the next probe says so (probes run every 5 s).
+    device.systemctl(&["stop", "dbus.socket", "dbus.service"]);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let inv = inventory().await.unwrap();
+        if engine(&inv, ResourceKind::SystemdUnit).is_some_and(|e| !e.reachable) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "systemd still reachable: {:?}",
+            inv.engines
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

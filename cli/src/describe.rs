@@ -162,8 +162,7 @@ pub fn render_agent(a: &AgentView) -> String {
         if let Some(h) = &i.hostname {
             field(&mut out, "Hostname", h);
         }
-        let kinds: Vec<&str> = i.reconcilers.iter().map(|k| k.as_str()).collect();
-        field(&mut out, "Reconcilers", kinds.join(", "));
+        field(&mut out, "Reconcilers", reconcilers(i));
         // What the device says about itself: hints, matched only by
         // selectors with `deviceLabels: true` (ADR 0017).
         field(
@@ -477,6 +476,20 @@ pub fn render_deployment(d: &DeploymentView, progress: Option<&Progress>) -> Str
         let _ = writeln!(out, "\nWarning: {p}");
     }
     out
+}
+
+/// The kinds an agent can converge, each with whether its engine answered
+/// when the agent last asked: `Container (Docker Engine not reachable)`.
+fn reconcilers(i: &manifest_types::AgentInventory) -> String {
+    let kinds: Vec<String> = i
+        .reconcilers
+        .iter()
+        .map(|k| match i.engines.iter().find(|e| e.kind == *k) {
+            Some(e) if !e.reachable => format!("{} ({} not reachable)", k.as_str(), e.engine),
+            _ => k.as_str().to_owned(),
+        })
+        .collect();
+    kinds.join(", ")
 }
 
 #[cfg(test)]

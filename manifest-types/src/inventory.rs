@@ -24,9 +24,31 @@ pub struct AgentInventory {
     pub hostname: Option<String>,
     /// Kinds this agent can reconcile (others report Failed/Unsupported).
     pub reconcilers: Vec<ResourceKind>,
+    /// Whether the engine behind each reconciler (the Docker Engine,
+    /// systemd over the system bus) answered when last asked; rewritten when
+    /// that changes. Absent until the first probe, and from older agents.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub engines: Vec<EngineStatus>,
     /// Labels the device reports about itself. Hints: see DESIGN.md Security.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+}
+
+/// The engine a reconciler drives, as the agent last found it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct EngineStatus {
+    pub kind: ResourceKind,
+    /// What the engine is: "Docker Engine", "systemd", "filesystem".
+    pub engine: String,
+    pub reachable: bool,
+    /// The engine's version, when it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Why it is not reachable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -62,7 +62,7 @@ pub use deployment::{
     RenderError, RenderFailure, Selector,
 };
 pub use ids::{AgentId, BucketName, DeploymentName, IdError, LocalId, ResourceId};
-pub use inventory::{AgentInventory, Heartbeat, HeartbeatSettings};
+pub use inventory::{AgentInventory, EngineStatus, Heartbeat, HeartbeatSettings};
 pub use manifest::{AgentManifest, ManagedResource, ManifestError, ResourceSource, Signature};
 pub use reason::FailureReason;
 pub use spec::{

@@ -227,7 +227,23 @@ fn inventory_and_heartbeat() {
         arch: "aarch64".into(),
         os: "linux".into(),
         hostname: Some("pi-01".into()),
-        reconcilers: vec![ResourceKind::File],
+        reconcilers: vec![ResourceKind::File, ResourceKind::Container],
+        engines: vec![
+            manifest_types::EngineStatus {
+                kind: ResourceKind::File,
+                engine: "filesystem".into(),
+                reachable: true,
+                version: None,
+                message: None,
+            },
+            manifest_types::EngineStatus {
+                kind: ResourceKind::Container,
+                engine: "Docker Engine".into(),
+                reachable: false,
+                version: None,
+                message: Some("cannot reach the Docker Engine: connection refused".into()),
+            },
+        ],
         labels: [("role".to_owned(), "kiosk".to_owned())].into(),
     };
     check("agent-inventory.json", &inv);

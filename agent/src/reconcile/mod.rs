@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use manifest_types::{
-    AgentManifest, FailureReason, ManagedResource, ReadyDetails, ReleasedResource, ResourceId,
-    ResourceKind, ResourceSpec,
+    AgentManifest, EngineStatus, FailureReason, ManagedResource, ReadyDetails, ReleasedResource,
+    ResourceId, ResourceKind, ResourceSpec,
 };
 use tokio::sync::watch;
 
@@ -203,6 +203,40 @@ impl Reconcilers {
             ResourceKind::File,
             ResourceKind::Container,
             ResourceKind::SystemdUnit,
+        ]
+    }
+
+    /// Asks each reconciler's engine whether it answers (at most `timeout`
+    /// each), for the inventory: a device without a Docker Engine, or with
+    /// its system bus down, says so instead of listing the kind as usable.
+    pub async fn engines(&self, timeout: Duration) -> Vec<EngineStatus> {
+        let status = |kind, engine: &str, r: Result<Result<String, Failure>, _>| {
+            let r = match r {
+                Ok(answer) => answer.map_err(|f| f.message),
+                Err(_) => Err(format!("no answer within {timeout:?}")),
+            };
+            EngineStatus {
+                kind,
+                engine: engine.to_owned(),
+                reachable: r.is_ok(),
+                message: r.as_ref().err().cloned(),
+                version: r.ok(),
+            }
+        };
+        let (docker, systemd) = tokio::join!(
+            tokio::time::timeout(timeout, self.containers.probe()),
+            tokio::time::timeout(timeout, self.units.probe()),
+        );
+        vec![
+            EngineStatus {
+                kind: ResourceKind::File,
+                engine: "filesystem".into(),
+                reachable: true,
+                version: None,
+                message: None,
+            },
+            status(ResourceKind::Container, "Docker Engine", docker),
+            status(ResourceKind::SystemdUnit, "systemd", systemd),
         ]
     }
 

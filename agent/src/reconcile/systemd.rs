@@ -384,6 +384,24 @@ impl UnitReconciler {
         Ok(m)
     }
 
+    /// Whether systemd answers over D-Bus now: its version, or why not.
+    pub async fn probe(&self) -> Result<String, Failure> {
+        let manager = self.manager().await?;
+        // A method call, so the bus is really asked (the proxy caches
+        // properties such as Version, which systemd declares constant).
+        let answered = manager.get_default_target().await;
+        match answered {
+            Ok(_) => Ok(manager.version().await.unwrap_or_else(|_| "unknown".into())),
+            Err(e) => {
+                self.forget_manager();
+                Err(Failure::new(
+                    FailureReason::SystemdUnavailable,
+                    format!("systemd does not answer over D-Bus: {e}"),
+                ))
+            }
+        }
+    }
+
     pub async fn reconcile(
         &self,
         id: &ResourceId,

@@ -311,6 +311,7 @@ pub fn inventory(id: &str, labels: &[(&str, &str)]) -> AgentInventory {
         os: "linux".into(),
         hostname: Some(format!("{id}.local")),
         reconcilers: vec![ResourceKind::File],
+        engines: Vec::new(),
         labels: labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -171,6 +171,13 @@ impl ContainerReconciler {
         Ok(docker)
     }
 
+    /// Whether the engine answers now: its version, or why not.
+    pub async fn probe(&self) -> Result<String, Failure> {
+        let docker = self.engine().await?;
+        let version = self.check(docker.version().await)?;
+        Ok(version.version.unwrap_or_else(|| "unknown".into()))
+    }
+
     /// A typed failure for an engine error; forgets the engine after a
     /// transport error so the next call connects and negotiates again.
     fn fail(&self, e: bollard::errors::Error) -> Failure {

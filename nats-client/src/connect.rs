@@ -51,7 +51,8 @@ pub enum ConnectError {
 /// credentials that are not this process's own (another device's, or an
 /// operator's on a device), or revoked or expired ones (the server closes
 /// the connection; reconnecting then fails with an authorization violation,
-/// which async-nats logs itself).
+/// which async-nats logs itself). A connection made is info and one lost is
+/// a warning, so a daemon's log shows every outage and its end.
 pub fn log_event(event: &Event) {
     let refusal = match event {
         Event::ServerError(ServerError::AuthorizationViolation) => {
@@ -83,6 +84,10 @@ pub fn log_event(event: &Event) {
             | Event::LameDuckMode,
         ) => {
             tracing::warn!(event = %event, "NATS")
+        }
+        (None, Event::Connected) => tracing::info!("connected to NATS"),
+        (None, Event::Disconnected) => {
+            tracing::warn!("disconnected from NATS; reconnecting (writes wait until then)")
         }
         (None, _) => tracing::debug!(event = %event, "NATS"),
     }

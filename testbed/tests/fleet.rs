@@ -341,3 +341,38 @@ async fn a_control_plane_restart_changes_no_verdict_and_writes_nothing() {
     }
     assert_eq!(verdicts(&fleet.agents_json()), was);
 }
+
+/// flotilla-control and the agent say in their logs when they lose NATS and
+/// when they have it back, and the fleet keeps converging afterwards.
+#[tokio::test]
+async fn a_server_outage_is_logged_by_the_control_plane_and_the_agent() {
+    let mut fleet = Fleet::start(&[]);
+    fleet.start_agent("pi-1", &["role=kiosk"], "1s");
+    fleet.registered(&["pi-1"]).await;
+    let log = |name: &str| std::fs::read_to_string(fleet.dir.path().join(name)).unwrap_or_default();
+    let count = |text: &str, needle: &str| text.matches(needle).count();
+    assert!(
+        count(&log("control.log"), "connected to NATS") >= 1,
+        "{}",
+        fleet.logs()
+    );
+
+    fleet.server.restart();
+    fleet
+        .wait(
+            "the outage and the reconnection logged",
+            Duration::from_secs(30),
+            || {
+                let (control, agent) = (log("control.log"), log("pi-1.log"));
+                // Each outage: one "disconnected", then one more "connected".
+                (count(&control, "disconnected from NATS") >= 1
+                    && count(&control, "connected to NATS") >= 2
+                    && count(&agent, "disconnected from NATS") >= 1
+                    && count(&agent, "connected to NATS") >= 2)
+                    .then_some(())
+            },
+        )
+        .await;
+    // Still a working fleet: the agent is registered and Online.
+    fleet.registered(&["pi-1"]).await;
+}

@@ -53,9 +53,17 @@ ensure_docker() {
         as_root systemctl start docker || true
     fi
     if ! docker info >/dev/null 2>&1; then
+        # A dockerd killed with its caller leaves its pid file behind, and
+        # a new dockerd refuses to start while it is there.
+        local pidfile=/var/run/docker.pid
+        if [ -f "$pidfile" ] && ! kill -0 "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null; then
+            as_root rm -f "$pidfile"
+        fi
         log "starting dockerd (log: target/tools/dockerd.log)"
         mkdir -p "$FLOTILLA_ROOT/target/tools"
-        as_root sh -c "nohup dockerd >'$FLOTILLA_ROOT/target/tools/dockerd.log' 2>&1 &"
+        # In a session of its own: a harness that stops the demo or the tests
+        # by their process group must not take the engine down with them.
+        as_root setsid sh -c "nohup dockerd >'$FLOTILLA_ROOT/target/tools/dockerd.log' 2>&1 &" </dev/null
     fi
     for _ in $(seq 1 60); do
         docker info >/dev/null 2>&1 && return 0

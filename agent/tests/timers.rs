@@ -11,13 +11,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 use manifest_types::{AgentStatus, ReadyDetails, ResourceState, UnitRun};
 use serde_json::{Value, json};
-use testbed::device::Device;
 
 fn state<'a>(s: &'a AgentStatus, id: &str) -> Option<&'a ResourceState> {
     s.resources.get(&id.parse().unwrap()).map(|r| &r.state)
@@ -39,29 +38,6 @@ fn failed_reason(s: &AgentStatus, id: &str) -> Option<(String, u32)> {
             reason, attempts, ..
         } => Some((reason.clone(), *attempts)),
         _ => None,
-    }
-}
-
-struct Setup {
-    h: Harness,
-    device: Device,
-    share: PathBuf,
-    _agent: RunningAgent,
-}
-
-async fn setup(agent: &str) -> Setup {
-    let device = Device::start(agent);
-    let h = Harness::new().await;
-    let share = device.share_dir().canonicalize().unwrap();
-    let mut config = h.config(agent).with_file_root(&share).unwrap();
-    config.unit_dir = device.units_dir();
-    config.systemd_bus = Some(device.bus_address());
-    let _agent = RunningAgent::start(config);
-    Setup {
-        h,
-        device,
-        share,
-        _agent,
     }
 }
 

@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::path::PathBuf;
-
 use common::*;
 use manifest_types::{AgentStatus, ReadyDetails, ResourceState};
 use serde_json::{Value, json};
@@ -45,29 +43,6 @@ fn failed(s: &AgentStatus, id: &str) -> Option<(String, String)> {
             reason, message, ..
         } => Some((reason.clone(), message.clone())),
         _ => None,
-    }
-}
-
-struct Setup {
-    h: Harness,
-    device: Device,
-    share: PathBuf,
-    _agent: RunningAgent,
-}
-
-async fn setup(agent: &str) -> Setup {
-    let device = Device::start(agent);
-    let h = Harness::new().await;
-    let share = device.share_dir().canonicalize().unwrap();
-    let mut config = h.config(agent).with_file_root(&share).unwrap();
-    config.unit_dir = device.units_dir();
-    config.systemd_bus = Some(device.bus_address());
-    let _agent = RunningAgent::start(config);
-    Setup {
-        h,
-        device,
-        share,
-        _agent,
     }
 }
 

@@ -176,3 +176,31 @@ pub async fn wait_for(what: &str, pred: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// An agent running in-process on the host that converges SystemdUnit
+/// resources on a device container (testbed::device): it writes unit files
+/// into a directory on the device's unit search path, talks to the device's
+/// system bus, and has the share (`/flotilla` in the device) as file root.
+pub struct Setup {
+    pub h: Harness,
+    pub device: testbed::device::Device,
+    /// The share, as the host sees it.
+    pub share: PathBuf,
+    pub _agent: RunningAgent,
+}
+
+pub async fn setup(agent: &str) -> Setup {
+    let device = testbed::device::Device::start(agent);
+    let h = Harness::new().await;
+    let share = device.share_dir().canonicalize().unwrap();
+    let mut config = h.config(agent).with_file_root(&share).unwrap();
+    config.unit_dir = device.units_dir();
+    config.systemd_bus = Some(device.bus_address());
+    let _agent = RunningAgent::start(config);
+    Setup {
+        h,
+        device,
+        share,
+        _agent,
+    }
+}

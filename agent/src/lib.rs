@@ -5,6 +5,9 @@
 //! from its last good manifest while offline, and never destroys what it
 //! does not understand.
 //!
+//! The design as a whole (the loop, the KV layout, who writes what, the
+//! guarantees): `docs/ARCHITECTURE.md`.
+//!
 //! ## Tour
 //! - [`agent::run`] — the event loop: RePublish subscription, direct gets after
 //!   each (re)connect and on a jittered resync, shutdown. Entry point for the

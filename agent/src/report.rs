@@ -107,7 +107,7 @@ fn instance_of(bytes: &[u8]) -> Option<String> {
 /// created again: the status is created anew and the other tasks told.
 ///
 /// Nothing is written before `first_beat` says the first heartbeat was
-/// delivered (or [`FIRST_BEAT_WAIT`] after the first connection): a reader
+/// delivered (or `FIRST_BEAT_WAIT`, 2 s, after the first connection): a reader
 /// that finds a status then finds a heartbeat too, and a starting agent never
 /// looks Stale.
 pub async fn status_writer(
@@ -244,7 +244,7 @@ pub fn effective_interval(configured: Duration, fleet: Option<Duration>) -> Dura
 /// timestamp, which is server time, is the liveness signal.
 ///
 /// The first beat goes out at once and is tried again, from
-/// [`FIRST_BEAT_RETRY`] doubling up to the interval, until the server has it;
+/// `FIRST_BEAT_RETRY` (100 ms) doubling up to the interval, until the server has it;
 /// `first` is told then, and the status writer waits for it, so a reader
 /// never sees a fresh status without a heartbeat (which would look Stale).
 /// Every (re)connection (`connected`) beats at once too: the status the

@@ -5,6 +5,9 @@
 //! through NATS JetStream KV with the key names and documents of
 //! `manifest-types`; the CLI never talks to agents or to flotilla-control.
 //!
+//! The design as a whole (the loop, the KV layout, who writes what, the
+//! guarantees): `docs/ARCHITECTURE.md`.
+//!
 //! ## Commands
 //! - `apply -f FILE [--wait [--timeout 60s]] [--expect-revision N]` ([`apply`],
 //!   [`wait`]): YAML/JSON → [`manifest_types::Deployment`] → compare-and-swap

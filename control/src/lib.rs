@@ -5,7 +5,8 @@
 //! (`desired-state.<id>`), written with compare-and-swap and a strictly
 //! increasing generation, and reports per-deployment render results
 //! (`deployment-status.<name>`). It never calls an agent: it writes intent
-//! into NATS KV and agents converge on their own (DESIGN.md "The loop").
+//! into NATS KV and agents converge on their own ("The loop" in
+//! `docs/ARCHITECTURE.md`, the design as a whole).
 //!
 //! ## Tour
 //! - [`daemon`] — the one task of the binary: a KV watch over the keys it

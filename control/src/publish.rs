@@ -1,7 +1,8 @@
 //! Compare-and-swap writes of what the control plane owns: agent manifests
 //! (`desired-state.<id>`) and deployment statuses (`deployment-status.<name>`).
 //!
-//! Manifest rules (DESIGN.md "Generations", docs/adr/0003 and 0012):
+//! Manifest rules (docs/ARCHITECTURE.md "Generations, admission and
+//! compare-and-swap", docs/adr/0003 and 0012):
 //! - a desired-state key is never deleted, and generations strictly increase;
 //! - the stored manifest stands (no write) only when it is the control
 //!   plane's own rendering of the same resources and the agent can accept it:

@@ -1,5 +1,5 @@
 //! `publish_manifest` against a real nats-server: the generation and CAS
-//! rules of DESIGN.md "Generations".
+//! rules of docs/adr/0003-generations-cas-and-convergence.md and 0012.
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! What an agent says about itself: [`AgentInventory`] in `agents.<id>`
-//! (written at start, only when it changed) and [`Heartbeat`] in
+//! (written only when it changed: checked at start and after each engine
+//! probe) and [`Heartbeat`] in
 //! `heartbeat.<id>` (periodic; its KV timestamp is the liveness signal).
 
 use std::collections::BTreeMap;
@@ -29,7 +30,8 @@ pub struct AgentInventory {
     /// that changes. Absent until the first probe, and from older agents.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub engines: Vec<EngineStatus>,
-    /// Labels the device reports about itself. Hints: see DESIGN.md Security.
+    /// Labels the device reports about itself. Hints only: selectors match
+    /// the operator's labels (`values.<id>`; docs/adr/0017-trust-model.md).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }

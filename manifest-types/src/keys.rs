@@ -1,5 +1,5 @@
-//! KV key names and NATS subjects, in one place. See DESIGN.md "KV layout" and
-//! docs/adr/0002-kv-layout-and-republish-watch.md.
+//! KV key names and NATS subjects, in one place. See "The KV layout" in
+//! docs/ARCHITECTURE.md and docs/adr/0002-kv-layout-and-republish-watch.md.
 
 use crate::ids::{AgentId, BucketName, DeploymentName};
 

@@ -3,6 +3,9 @@
 //! Everything that crosses NATS between operator, control plane and agents,
 //! as typed Rust values with their exact JSON shape. No I/O, no async.
 //!
+//! The design as a whole (the loop, the KV layout, who writes what, the
+//! guarantees): `docs/ARCHITECTURE.md`.
+//!
 //! ## Tour
 //! - [`ids`]: validated newtypes ([`AgentId`], [`DeploymentName`],
 //!   [`ResourceId`], …) that validate on deserialize too.

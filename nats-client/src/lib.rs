@@ -5,13 +5,16 @@
 //! async-nats, tokio, tracing and the contract crate, nothing heavier, so the agent
 //! can use it without growing.
 //!
+//! The design as a whole (the loop, the KV layout, who writes what, the
+//! guarantees): `docs/ARCHITECTURE.md`.
+//!
 //! ## Tour
 //! - [`auth`]: [`Auth`], one authentication type with one precedence —
 //!   credentials file > nkey seed file > user/password > none
 //!   ([`Auth::pick`]).
 //! - [`connect`]: [`Connector`], the one way to connect: a comma-separated
 //!   server list, the caller's client name, optional inbox prefix (agents
-//!   confine themselves to `_INBOX_<id>`), retry-on-first-connect and event
+//!   confine themselves to `_INBOX.<id>`), retry-on-first-connect and event
 //!   callback; [`connect::log_event`] logs events by default, a server's
 //!   refusal (wrong, revoked or expired credentials) as an error.
 //! - [`tls`]: [`Tls`], TLS to the server — a CA file, optionally a client

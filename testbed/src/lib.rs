@@ -5,6 +5,9 @@
 //! be stopped and restarted on the same port and store, which is how tests
 //! take the server away from a running agent.
 //!
+//! The design as a whole (the loop, the KV layout, who writes what, the
+//! guarantees): `docs/ARCHITECTURE.md`.
+//!
 //! The binary comes from `$FLOTILLA_NATS_SERVER`, else the project's pinned
 //! install at `target/tools/venv/bin/nats-server` (made by `scripts/test`
 //! and `scripts/demo`), else `nats-server` on `PATH`.

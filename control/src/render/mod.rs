@@ -2,7 +2,8 @@
 //! randomness; the same input always gives the same output, which is what
 //! lets a restarted control plane publish nothing when nothing changed.
 //!
-//! Rules (DESIGN.md "Wire contract", "Generations"):
+//! Rules (docs/adr/0007-control-plane-rendering.md; docs/ARCHITECTURE.md
+//! "The documents", "Generations, admission and compare-and-swap"):
 //! - Every known agent gets an output, possibly empty: an agent selected by
 //!   nothing gets an empty manifest, so its resources are removed.
 //! - Deployments are visited in creation order (`createdRevision`, then

@@ -386,7 +386,7 @@ impl Loop {
                 "desired-state key deleted; keeping the last good manifest"
             );
             self.board.rejected(Rejection {
-                reason: "DesiredStateDeleted".into(),
+                reason: manifest_types::RejectionReason::DesiredStateDeleted,
                 message: "the desired-state key was deleted or purged; the last good manifest keeps running".into(),
                 revision,
                 generation: None,

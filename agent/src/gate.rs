@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use manifest_types::signing::{SignatureError, Trust};
 use manifest_types::spec::NetworkMode;
-use manifest_types::{AgentId, AgentManifest, Rejection, ResourceSpec};
+use manifest_types::{AgentId, AgentManifest, Rejection, RejectionReason, ResourceSpec};
 
 use crate::config::{ContainerPolicy, normalise_capability};
 
@@ -48,9 +48,9 @@ pub struct Gate {
 impl Gate {
     /// Decides on `bytes` stored at KV `revision`, given the accepted manifest.
     pub fn decide(&self, bytes: &[u8], revision: u64, current: Option<&Accepted>) -> Decision {
-        let reject = |reason: &str, message: String, generation: Option<u64>| {
+        let reject = |reason: RejectionReason, message: String, generation: Option<u64>| {
             Decision::Reject(Rejection {
-                reason: reason.to_owned(),
+                reason,
                 message,
                 revision,
                 generation,
@@ -76,7 +76,7 @@ impl Gate {
         let generation = Some(manifest.generation);
         if manifest.agent_id != self.agent_id {
             return reject(
-                "WrongAgent",
+                RejectionReason::WrongAgent,
                 format!(
                     "manifest is addressed to agent {:?}, this is {:?}",
                     manifest.agent_id.as_str(),
@@ -94,7 +94,7 @@ impl Gate {
             }
             if manifest.generation <= floor {
                 return reject(
-                    "ReplayedGeneration",
+                    RejectionReason::ReplayedGeneration,
                     format!(
                         "generation {} is not above the accepted generation {floor} and differs from it",
                         manifest.generation
@@ -104,10 +104,10 @@ impl Gate {
             }
         }
         if let Err(message) = self.check_roots(&manifest) {
-            return reject("PathOutsideRoots", message, generation);
+            return reject(RejectionReason::PathOutsideRoots, message, generation);
         }
         if let Err(message) = self.check_privileges(&manifest) {
-            return reject("PrivilegeNotAllowed", message, generation);
+            return reject(RejectionReason::PrivilegeNotAllowed, message, generation);
         }
         Decision::Accept(Box::new(Accepted {
             manifest,
@@ -241,7 +241,7 @@ mod tests {
 
     fn reason(d: Decision) -> String {
         match d {
-            Decision::Reject(r) => r.reason,
+            Decision::Reject(r) => r.reason.to_string(),
             other => panic!("expected a rejection, got {other:?}"),
         }
     }

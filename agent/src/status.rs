@@ -140,7 +140,7 @@ impl StatusBoard {
             } else {
                 0
             },
-            rejection: i.rejection.as_ref().map(|r| r.reason.clone()),
+            rejection: i.rejection.as_ref().map(|r| r.reason.to_string()),
         }
     }
 
@@ -280,7 +280,7 @@ fn build(agent_id: &AgentId, instance_id: &str, i: &mut Inputs) -> AgentStatus {
         Some(r) => conds.push((
             ConditionType::ManifestRejected,
             true,
-            r.reason.clone(),
+            r.reason.to_string(),
             r.message.clone(),
         )),
         None => conds.push((
@@ -385,7 +385,7 @@ mod tests {
         );
         assert!(!rx.has_changed().unwrap());
         board.rejected(Rejection {
-            reason: "MalformedJson".into(),
+            reason: manifest_types::RejectionReason::MalformedJson,
             message: "x".into(),
             revision: 9,
             generation: None,

@@ -232,7 +232,11 @@ fn render_status_sections(out: &mut String, s: &AgentStatus) {
     }
     let mut t = Table::new(["RESOURCE", "TARGET", "REASON"]);
     for r in &s.released {
-        t.row([r.id.to_string(), r.target.clone(), r.reason.clone()]);
+        let why = match &r.message {
+            Some(m) => format!("{}: {m}", r.reason),
+            None => r.reason.to_string(),
+        };
+        t.row([r.id.to_string(), r.target.clone(), why]);
     }
     if !t.is_empty() {
         section(out, "Released (left in place)", &t);

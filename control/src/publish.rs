@@ -24,7 +24,9 @@ use async_nats::jetstream::kv::{self, Operation, Store, UpdateErrorKind};
 use bytes::Bytes;
 use manifest_types::manifest::probe_generation;
 use manifest_types::signing::SigningKeys;
-use manifest_types::{AgentId, AgentManifest, DeploymentStatus, ManagedResource, keys};
+use manifest_types::{
+    AgentId, AgentManifest, DeploymentStatus, ManagedResource, RejectionReason, keys,
+};
 
 /// How many times a write is tried before a lost CAS race is an error.
 pub const MAX_ATTEMPTS: usize = 5;
@@ -331,15 +333,15 @@ pub fn reported_floor(status: &[u8]) -> Floor {
             .max(field("manifestGeneration").unwrap_or(0)),
         replayed_revision: rejection
             .filter(|r| {
-                r.get("reason").and_then(serde_json::Value::as_str) == Some(REPLAYED_GENERATION)
+                r.get("reason")
+                    .and_then(serde_json::Value::as_str)
+                    .map(RejectionReason::parse)
+                    == Some(RejectionReason::ReplayedGeneration)
             })
             .and_then(|r| r.get("revision"))
             .and_then(serde_json::Value::as_u64),
     }
 }
-
-/// The agent's reason code for a manifest at or below its replay floor.
-const REPLAYED_GENERATION: &str = "ReplayedGeneration";
 
 /// Writes `status` to `deployment-status.<name>` unless it is already stored
 /// there, with CAS against the revision read.

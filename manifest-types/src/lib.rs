@@ -67,7 +67,7 @@ pub use deployment::{
 pub use ids::{AgentId, BucketName, DeploymentName, IdError, LocalId, ResourceId};
 pub use inventory::{AgentInventory, EngineStatus, Heartbeat, HeartbeatSettings};
 pub use manifest::{AgentManifest, ManagedResource, ManifestError, ResourceSource, Signature};
-pub use reason::FailureReason;
+pub use reason::{FailureReason, RejectionReason, ReleaseReason};
 pub use spec::{
     ContainerSpec, FileMode, FileSpec, ResourceKind, ResourceSpec, SpecError, SystemdUnitSpec,
     UnitName,

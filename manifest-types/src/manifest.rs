@@ -107,16 +107,18 @@ pub enum ManifestError {
 }
 
 impl ManifestError {
-    pub fn reason(&self) -> &'static str {
+    /// The rejection reason in status.
+    pub fn reason(&self) -> crate::RejectionReason {
+        use crate::RejectionReason as R;
         match self {
-            Self::MalformedJson { .. } => "MalformedJson",
-            Self::UnsupportedApiVersion { .. } => "UnsupportedApiVersion",
-            Self::InvalidDocument { .. } => "InvalidDocument",
+            Self::MalformedJson { .. } => R::MalformedJson,
+            Self::UnsupportedApiVersion { .. } => R::UnsupportedApiVersion,
+            Self::InvalidDocument { .. } => R::InvalidDocument,
             Self::InvalidSpec { error, .. } => error.reason(),
-            Self::DuplicateResourceId { .. } => "DuplicateResourceId",
-            Self::InvalidGeneration { .. } => "InvalidGeneration",
-            Self::InvalidRestartOn { .. } => "InvalidRestartOn",
-            Self::DuplicateTarget { .. } => "DuplicateTarget",
+            Self::DuplicateResourceId { .. } => R::DuplicateResourceId,
+            Self::InvalidGeneration { .. } => R::InvalidGeneration,
+            Self::InvalidRestartOn { .. } => R::InvalidRestartOn,
+            Self::DuplicateTarget { .. } => R::DuplicateTarget,
         }
     }
 }

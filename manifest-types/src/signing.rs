@@ -38,13 +38,13 @@ pub enum SignatureError {
 }
 
 impl SignatureError {
-    /// The stable rejection code (`Rejection.reason`).
-    pub fn reason(&self) -> &'static str {
+    /// The rejection reason (`Rejection.reason`).
+    pub fn reason(&self) -> crate::RejectionReason {
+        use crate::RejectionReason as R;
         match self {
-            Self::Unsigned => "Unsigned",
-            Self::UntrustedKey { .. } => "UntrustedKey",
-            Self::BadSignature { .. } => "BadSignature",
-            Self::Malformed(_) => "BadSignature",
+            Self::Unsigned => R::Unsigned,
+            Self::UntrustedKey { .. } => R::UntrustedKey,
+            Self::BadSignature { .. } | Self::Malformed(_) => R::BadSignature,
         }
     }
 }

@@ -69,16 +69,17 @@ pub enum SpecError {
 }
 
 impl SpecError {
-    /// A stable CamelCase code, used as the rejection reason in status.
-    pub fn reason(&self) -> &'static str {
+    /// The rejection reason in status.
+    pub fn reason(&self) -> crate::RejectionReason {
+        use crate::RejectionReason as R;
         match self {
-            Self::Malformed { .. } => "MalformedSpec",
-            Self::InvalidPath { .. } => "InvalidPath",
-            Self::ContentTooLarge { .. } => "ContentTooLarge",
-            Self::InvalidBase64 { .. } => "InvalidBase64",
-            Self::InvalidMode { .. } => "InvalidMode",
-            Self::InvalidUnitName { .. } => "InvalidUnitName",
-            Self::InvalidField { .. } => "InvalidField",
+            Self::Malformed { .. } => R::MalformedSpec,
+            Self::InvalidPath { .. } => R::InvalidPath,
+            Self::ContentTooLarge { .. } => R::ContentTooLarge,
+            Self::InvalidBase64 { .. } => R::InvalidBase64,
+            Self::InvalidMode { .. } => R::InvalidMode,
+            Self::InvalidUnitName { .. } => R::InvalidUnitName,
+            Self::InvalidField { .. } => R::InvalidField,
         }
     }
 }

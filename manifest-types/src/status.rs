@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::ApiVersion;
 use crate::ids::{AgentId, ResourceId};
 use crate::manifest::ResourceSource;
+use crate::reason::{RejectionReason, ReleaseReason};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -222,7 +223,7 @@ pub struct Condition {
 pub struct Rejection {
     /// Stable class, e.g. `MalformedJson`, `InvalidPath`, `PathOutsideRoots`,
     /// `WrongAgent`, `ReplayedGeneration`, `DesiredStateDeleted`.
-    pub reason: String,
+    pub reason: RejectionReason,
     pub message: String,
     /// KV revision of the rejected value.
     pub revision: u64,
@@ -237,7 +238,10 @@ pub struct Rejection {
 pub struct ReleasedResource {
     pub id: ResourceId,
     pub target: String,
-    pub reason: String,
+    pub reason: ReleaseReason,
+    /// What happened, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// A resource the agent is still removing, and why the last attempt failed.

@@ -190,7 +190,7 @@ fn agent_status() {
             },
         ],
         rejection: Some(Rejection {
-            reason: "PathOutsideRoots".into(),
+            reason: manifest_types::RejectionReason::PathOutsideRoots,
             message: "resource web/config: /root/x is outside every file root".into(),
             revision: 31,
             generation: Some(5),
@@ -198,7 +198,8 @@ fn agent_status() {
         released: vec![ReleasedResource {
             id: id("old/motd"),
             target: "/etc/motd".into(),
-            reason: "changed by someone else since the agent wrote it; left in place".into(),
+            reason: manifest_types::ReleaseReason::ChangedSinceWritten,
+            message: Some("changed by someone else since the agent wrote it; left in place".into()),
         }],
         removing: vec![manifest_types::RemovingResource {
             id: id("old/web"),

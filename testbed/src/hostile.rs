@@ -7,31 +7,6 @@
 
 use serde_json::{Value, json};
 
-/// Every rejection reason an agent may give (`Rejection.reason`).
-pub const REJECTION_REASONS: &[&str] = &[
-    "MalformedJson",
-    "UnsupportedApiVersion",
-    "InvalidDocument",
-    "InvalidGeneration",
-    "MalformedSpec",
-    "InvalidPath",
-    "ContentTooLarge",
-    "InvalidBase64",
-    "InvalidMode",
-    "InvalidUnitName",
-    "InvalidField",
-    "DuplicateResourceId",
-    "InvalidRestartOn",
-    "DuplicateTarget",
-    "WrongAgent",
-    "ReplayedGeneration",
-    "PathOutsideRoots",
-    "PrivilegeNotAllowed",
-    "Unsigned",
-    "UntrustedKey",
-    "BadSignature",
-];
-
 fn doc(agent: &str, generation: Value, resources: Value) -> Value {
     json!({"apiVersion": "flotilla.dev/v1", "agentId": agent, "generation": generation,
            "resources": resources})

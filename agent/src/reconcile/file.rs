@@ -24,8 +24,8 @@ use std::io::Read;
 use std::sync::{Arc, Mutex};
 
 use manifest_types::{
-    AgentManifest, FailureReason, FileSpec, ReadyDetails, ReleasedResource, ResourceId,
-    ResourceKind, ResourceSpec,
+    AgentManifest, FailureReason, FileSpec, ReadyDetails, ReleaseReason, ReleasedResource,
+    ResourceId, ResourceKind, ResourceSpec,
 };
 use sha2::{Digest, Sha256};
 
@@ -352,12 +352,13 @@ impl Files {
             .collect();
         let mut out = Removals::default();
         for (path, entry) in stale {
-            let release = |reason: &str| {
-                tracing::warn!(resource = %entry.resource, path = %path.display(), reason, "file released");
+            let release = |reason: ReleaseReason, message: &str| {
+                tracing::warn!(resource = %entry.resource, path = %path.display(), %reason, message, "file released");
                 ReleasedResource {
                     id: entry.resource.clone(),
                     target: path.display().to_string(),
-                    reason: reason.to_owned(),
+                    reason,
+                    message: Some(message.to_owned()),
                 }
             };
             let anchored = match self.anchor(&path, false) {
@@ -366,6 +367,7 @@ impl Files {
                 Err(f) if f.reason == FailureReason::ReadFailed && !path_exists(&path) => None,
                 Err(_) => {
                     out.released.push(release(
+                        ReleaseReason::PathChanged,
                         "the way to it changed (a symlink or a non-directory); left in place",
                     ));
                     self.forget(&path);
@@ -380,11 +382,13 @@ impl Files {
                 Ok(None) => {}
                 Ok(Some(_)) if entry.adopted => {
                     out.released.push(release(
+                        ReleaseReason::Adopted,
                         "adopted (existed before the agent took it over); left in place",
                     ));
                 }
                 Ok(Some(obs)) if !obs.regular_file || obs.sha256 != entry.sha256 => {
                     out.released.push(release(
+                        ReleaseReason::ChangedSinceWritten,
                         "changed by someone else since the agent wrote it; left in place",
                     ));
                 }
@@ -701,6 +705,7 @@ mod tests {
             .remove_unlisted(&AgentManifest::empty("a".parse().unwrap(), 2))
             .released;
         assert_eq!(released.len(), 1);
+        assert_eq!(released[0].reason, ReleaseReason::ChangedSinceWritten);
         assert_eq!(fs::read_to_string(&p).unwrap(), "edited by hand");
     }
 

@@ -284,7 +284,7 @@ pub fn agent_status(
 /// `status` after rejecting `generation` (the previous manifest keeps running).
 pub fn rejected(mut status: AgentStatus, generation: u64) -> AgentStatus {
     let r = Rejection {
-        reason: "PathOutsideRoots".into(),
+        reason: manifest_types::RejectionReason::PathOutsideRoots,
         message: "resource hello/motd: /etc/flotilla-demo/motd is outside every file root".into(),
         revision: 41,
         generation: Some(generation),
@@ -293,7 +293,7 @@ pub fn rejected(mut status: AgentStatus, generation: u64) -> AgentStatus {
     status.conditions.push(Condition {
         type_: ConditionType::ManifestRejected,
         status: true,
-        reason: r.reason.clone(),
+        reason: r.reason.to_string(),
         message: r.message.clone(),
         last_transition_time: "2026-11-22T10:00:00Z".into(),
     });

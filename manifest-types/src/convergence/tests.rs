@@ -129,7 +129,7 @@ fn status(generation: u64, ready: bool, resources: &[(&str, u64, ResourceState)]
 
 fn rejected(mut s: AgentStatus, generation: Option<u64>) -> AgentStatus {
     s.rejection = Some(Rejection {
-        reason: "PathOutsideRoots".into(),
+        reason: crate::RejectionReason::PathOutsideRoots,
         message: "/x is outside every file root".into(),
         revision: 12,
         generation,

@@ -13,7 +13,7 @@ use crate::reconcile::Failure;
 use crate::state::{StateDir, UnitEntry, UnitLedger};
 
 /// The unit files and their ledger: plain `std::fs`, run on the blocking
-/// pool by [`UnitReconciler`].
+/// pool by [`UnitReconciler`](super::UnitReconciler).
 #[derive(Debug)]
 pub struct UnitFiles {
     pub(super) state: StateDir,

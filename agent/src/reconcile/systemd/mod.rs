@@ -33,8 +33,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use manifest_types::spec::UnitState;
 use manifest_types::{
-    AgentManifest, FailureReason, ReleasedResource, ResourceId, ResourceKind, ResourceSpec,
-    SystemdUnitSpec,
+    AgentManifest, FailureReason, ReleaseReason, ReleasedResource, ResourceId, ResourceKind,
+    ResourceSpec, SystemdUnitSpec,
 };
 use zbus_systemd::systemd1::{ManagerProxy, ServiceProxy, TimerProxy, UnitProxy};
 
@@ -602,7 +602,11 @@ impl UnitReconciler {
                         out.released.push(ReleasedResource {
                             id,
                             target: name,
-                            reason: "NotCreatedByAgent".into(),
+                            reason: ReleaseReason::NotCreatedByAgent,
+                            message: Some(
+                                "the agent did not create this unit; it keeps running as it was"
+                                    .into(),
+                            ),
                         });
                     }
                 }

@@ -119,9 +119,8 @@ pub struct Args {
     /// TOML config file; flags and environment variables override it.
     #[arg(long, env = "FLOTILLA_CONFIG")]
     pub config: Option<PathBuf>,
-    /// NATS server URL.
-    #[arg(long, env = "FLOTILLA_NATS_URL")]
-    pub nats_url: Option<String>,
+    #[command(flatten)]
+    pub nats: flotilla_nats::NatsArgs,
     /// This device's agent id (lowercase letters, digits, '-', '_').
     #[arg(long, env = "FLOTILLA_ID")]
     pub id: Option<String>,
@@ -144,27 +143,6 @@ pub struct Args {
     /// Period of the heartbeat (jittered), e.g. "15s".
     #[arg(long, env = "FLOTILLA_HEARTBEAT_INTERVAL")]
     pub heartbeat_interval: Option<String>,
-    /// NATS credentials file (per-device user). Wins over every other method.
-    #[arg(long, env = "FLOTILLA_CREDS")]
-    pub creds: Option<PathBuf>,
-    /// File holding this device's nkey user seed. Wins over user/password.
-    #[arg(long, env = "FLOTILLA_NKEY_SEED_FILE")]
-    pub nkey_seed_file: Option<PathBuf>,
-    /// NATS user (with FLOTILLA_NATS_PASSWORD).
-    #[arg(long, env = "FLOTILLA_NATS_USER")]
-    pub nats_user: Option<String>,
-    #[arg(long, env = "FLOTILLA_NATS_PASSWORD", hide_env_values = true)]
-    pub nats_password: Option<String>,
-    /// CA certificate (PEM) the NATS server's certificate must chain to;
-    /// TLS is then required.
-    #[arg(long, env = "FLOTILLA_TLS_CA")]
-    pub tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for servers that verify clients (mTLS).
-    #[arg(long, env = "FLOTILLA_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// The client certificate's key (PEM).
-    #[arg(long, env = "FLOTILLA_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
     /// Docker Engine socket, e.g. unix:///var/run/docker.sock (default: DOCKER_HOST or that).
     #[arg(long, env = "FLOTILLA_DOCKER_HOST")]
     pub docker_host: Option<String>,
@@ -250,7 +228,6 @@ pub struct FileConfig {
     pub allow_unsigned: bool,
 }
 
-pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/flotilla";
 pub const DEFAULT_RESYNC: Duration = Duration::from_secs(60);
 /// The contract's heartbeat period, from which liveness thresholds derive.
@@ -295,22 +272,20 @@ impl Config {
         for key in &trust.keys {
             manifest_types::signing::check_public_key(key)?;
         }
-        let auth = NatsAuth::pick(
-            args.creds.or(file.creds),
-            args.nkey_seed_file.or(file.nkey_seed_file),
-            args.nats_user.or(file.nats_user),
-            args.nats_password.or(file.nats_password),
-        )?;
-        let tls = flotilla_nats::Tls::pick(
-            args.tls_ca.or(file.tls_ca),
-            args.tls_cert.or(file.tls_cert),
-            args.tls_key.or(file.tls_key),
-        )?;
+        let nats = args.nats.or(flotilla_nats::NatsArgs {
+            nats_url: file.nats_url,
+            creds: file.creds,
+            nkey_seed_file: file.nkey_seed_file,
+            nats_user: file.nats_user,
+            nats_password: file.nats_password,
+            tls_ca: file.tls_ca,
+            tls_cert: file.tls_cert,
+            tls_key: file.tls_key,
+        });
+        let auth = nats.auth()?;
+        let tls = nats.tls()?;
         let config = Self {
-            nats_url: args
-                .nats_url
-                .or(file.nats_url)
-                .unwrap_or_else(|| DEFAULT_NATS_URL.into()),
+            nats_url: nats.url().to_owned(),
             agent_id: AgentId::new(id)?,
             bucket: match args.bucket.or(file.bucket) {
                 Some(b) => BucketName::new(b)?,

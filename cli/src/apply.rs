@@ -48,7 +48,7 @@ struct ApplyDoc<'a> {
 pub async fn run(g: &GlobalArgs, args: &ApplyArgs) -> Result<(), CliError> {
     let mut deployment = load(&args.file)?;
     deployment.change = Some(ChangeNote {
-        by: Some(who(g.creds.as_deref())),
+        by: Some(who(g.nats.creds.as_deref())),
         cause: args.cause.clone(),
     });
     let fleet = Fleet::open_or_create(g).await?;

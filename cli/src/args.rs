@@ -44,48 +44,11 @@ pub struct GlobalArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]
     pub output: Format,
-    /// NATS server URL(s), comma-separated.
-    #[arg(
-        long,
-        global = true,
-        env = "FLOTILLA_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    pub nats_url: String,
+    #[command(flatten)]
+    pub nats: flotilla_nats::NatsArgs,
     /// The fleet KV bucket.
     #[arg(long, global = true, env = "FLOTILLA_BUCKET", default_value = "fleet")]
     pub bucket: BucketName,
-    /// NATS credentials file (.creds). Wins over every other method.
-    #[arg(long, global = true, env = "FLOTILLA_CREDS", value_name = "FILE")]
-    pub creds: Option<PathBuf>,
-    /// File holding an nkey user seed. Wins over user/password.
-    #[arg(
-        long,
-        global = true,
-        env = "FLOTILLA_NKEY_SEED_FILE",
-        value_name = "FILE"
-    )]
-    pub nkey_seed_file: Option<PathBuf>,
-    /// NATS user (with --nats-password / FLOTILLA_NATS_PASSWORD).
-    #[arg(long, global = true, env = "FLOTILLA_NATS_USER")]
-    pub nats_user: Option<String>,
-    #[arg(
-        long,
-        global = true,
-        env = "FLOTILLA_NATS_PASSWORD",
-        hide_env_values = true
-    )]
-    pub nats_password: Option<String>,
-    /// CA certificate (PEM) the NATS server's certificate must chain to; TLS
-    /// is then required.
-    #[arg(long, global = true, env = "FLOTILLA_TLS_CA", value_name = "FILE")]
-    pub tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for servers that verify clients (mTLS).
-    #[arg(long, global = true, env = "FLOTILLA_TLS_CERT", value_name = "FILE")]
-    pub tls_cert: Option<PathBuf>,
-    /// The client certificate's key (PEM).
-    #[arg(long, global = true, env = "FLOTILLA_TLS_KEY", value_name = "FILE")]
-    pub tls_key: Option<PathBuf>,
     /// The heartbeat period assumed for agents whose heartbeat does not
     /// declare one (older agents). Every agent is Stale after 3 missed
     /// heartbeats and Offline after 10 of its own interval (ADR 0010, 0015),

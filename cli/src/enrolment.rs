@@ -62,10 +62,8 @@ pub async fn agent(g: &GlobalArgs, action: &AgentAction) -> Result<(), CliError>
         AgentAction::Revoke { agent, auth_dir } => {
             let authority = Authority::new(auth_dir);
             let (jwt, revoked) = authority.revoke(agent)?;
-            let tls =
-                flotilla_nats::Tls::pick(g.tls_ca.clone(), g.tls_cert.clone(), g.tls_key.clone())
-                    .map_err(|e| CliError::Usage(e.to_string()))?;
-            authority::push_account(&g.nats_url, &authority.system_creds(), &tls, &jwt).await?;
+            let tls = g.nats.tls().map_err(|e| CliError::Usage(e.to_string()))?;
+            authority::push_account(g.nats.url(), &authority.system_creds(), &tls, &jwt).await?;
             // The running server stored the change in its resolver
             // directory; the preloaded copy in its configuration must carry
             // it too, or a server rebuilt without that directory would admit

@@ -10,7 +10,7 @@
 use std::time::SystemTime;
 
 use async_nats::jetstream::{self, kv};
-use flotilla_nats::{Auth, BucketError, Connector};
+use flotilla_nats::{BucketError, Connector};
 use manifest_types::{
     AgentInventory, AgentManifest, AgentStatus, AgentValues, Deployment, DeploymentStatus,
     Heartbeat, keys,
@@ -31,21 +31,14 @@ pub struct Fleet {
 }
 
 async fn connect(g: &GlobalArgs) -> Result<jetstream::Context, CliError> {
-    let auth = Auth::pick(
-        g.creds.clone(),
-        g.nkey_seed_file.clone(),
-        g.nats_user.clone(),
-        g.nats_password.clone(),
-    )
-    .map_err(|e| CliError::Usage(e.to_string()))?;
-    let tls = flotilla_nats::Tls::pick(g.tls_ca.clone(), g.tls_cert.clone(), g.tls_key.clone())
-        .map_err(|e| CliError::Usage(e.to_string()))?;
-    let client = Connector::new(&g.nats_url, "flotilla-cli", auth)
+    let auth = g.nats.auth().map_err(|e| CliError::Usage(e.to_string()))?;
+    let tls = g.nats.tls().map_err(|e| CliError::Usage(e.to_string()))?;
+    let client = Connector::new(g.nats.url(), "flotilla-cli", auth)
         .tls(&tls)
         .connect()
         .await
         .map_err(|e| CliError::Connect {
-            url: g.nats_url.clone(),
+            url: g.nats.url().to_owned(),
             source: e.into(),
         })?;
     Ok(jetstream::new(client))
@@ -63,14 +56,14 @@ impl Fleet {
             Ok(heartbeats) => Ok(Self {
                 store,
                 heartbeats,
-                url: g.nats_url.clone(),
+                url: g.nats.url().to_owned(),
             }),
             Err(BucketError::Missing { .. }) => Err(CliError::nats(
                 format!(
                     "no heartbeat bucket {} beside bucket {} at {} — is an up-to-date flotilla-control running? (docs/adr/0015)",
                     manifest_types::keys::heartbeat_bucket(&g.bucket),
                     g.bucket,
-                    g.nats_url
+                    g.nats.url()
                 ),
                 std::io::Error::other("bucket not found"),
             )),
@@ -82,10 +75,10 @@ impl Fleet {
         match e {
             BucketError::Missing { .. } => CliError::NoBucket {
                 bucket: g.bucket.to_string(),
-                url: g.nats_url.clone(),
+                url: g.nats.url().to_owned(),
             },
             e => CliError::nats(
-                format!("cannot open bucket {} at {}", g.bucket, g.nats_url),
+                format!("cannot open bucket {} at {}", g.bucket, g.nats.url()),
                 e,
             ),
         }
@@ -95,7 +88,7 @@ impl Fleet {
     /// and the heartbeat bucket beside it.
     pub async fn open_or_create(g: &GlobalArgs) -> Result<Self, CliError> {
         let js = connect(g).await?;
-        let failed = |e| CliError::nats(format!("bucket {} at {}", g.bucket, g.nats_url), e);
+        let failed = |e| CliError::nats(format!("bucket {} at {}", g.bucket, g.nats.url()), e);
         let store = flotilla_nats::ensure_bucket(&js, &g.bucket)
             .await
             .map_err(failed)?;
@@ -105,7 +98,7 @@ impl Fleet {
         Ok(Self {
             store,
             heartbeats,
-            url: g.nats_url.clone(),
+            url: g.nats.url().to_owned(),
         })
     }
 

@@ -313,7 +313,7 @@ async fn undo(
         }
     })?;
     doc.change = Some(ChangeNote {
-        by: Some(crate::apply::who(g.creds.as_deref())),
+        by: Some(crate::apply::who(g.nats.creds.as_deref())),
         cause: Some(cause.unwrap_or_else(|| format!("undo to revision {}", target.revision))),
     });
     match crate::apply::write(&fleet, &doc, Some(current_revision)).await? {

@@ -55,14 +55,19 @@
 //!   re-exported from `flotilla_nats::bucket` (ADR 0011), which also holds
 //!   connecting, auth and whole-family reads.
 //!
-//! The binary `flotilla-control` (`src/main.rs`) only parses flags, sets up
-//! logging and signals, and calls [`daemon::run`].
+//! - [`args`] — the command line: [`args::Args`] (the NATS connection flags
+//!   are `flotilla_nats::NatsArgs`) and [`args::Args::config`], which loads
+//!   the signing keys and builds the daemon's [`Config`].
+//!
+//! The binary `flotilla-control` (`src/main.rs`) only sets up logging,
+//! calls [`args::Args::config`] and runs [`daemon::run`] until a signal.
 //!
 //! Decisions: docs/adr/ (0016 for revisions and staged rollouts, 0014 for per-device values, 0015 for heartbeats and
 //! liveness, 0002 for the KV layout and RePublish watch, 0003
 //! for generations and CAS, 0012 for owning desired-state and recovering a
 //! recreated bucket).
 
+pub mod args;
 pub mod bucket;
 pub mod daemon;
 pub mod fleet;

@@ -9,6 +9,9 @@
 //! guarantees): `docs/ARCHITECTURE.md`.
 //!
 //! ## Tour
+//! - [`args`]: [`NatsArgs`], the eight connection flags (`--nats-url`, the
+//!   four ways to authenticate, TLS) every program flattens into its own
+//!   clap arguments, with their `FLOTILLA_*` variables.
 //! - [`auth`]: [`Auth`], one authentication type with one precedence —
 //!   credentials file > nkey seed file > user/password > none
 //!   ([`Auth::pick`]).
@@ -33,6 +36,7 @@
 //!   as the input of the one convergence rule
 //!   (`manifest_types::convergence::assess`).
 
+pub mod args;
 pub mod auth;
 pub mod bucket;
 pub mod connect;
@@ -41,6 +45,7 @@ pub mod reports;
 pub mod shutdown;
 pub mod tls;
 
+pub use args::{DEFAULT_NATS_URL, NatsArgs};
 pub use auth::{Auth, AuthError};
 pub use bucket::{
     BucketError, bucket_config, ensure_bucket, ensure_heartbeat_bucket, heartbeat_bucket_config,

@@ -353,6 +353,22 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// For a target that cannot converge whatever it reports (not rendered
+    /// for it, held back by a rollout): `state` for `reason` — unless it is
+    /// Offline, Stale or in an identity conflict, which come first.
+    pub fn overridden(self, state: State, reason: Reason) -> Self {
+        if matches!(
+            self.state,
+            State::Offline | State::Stale | State::IdentityConflict
+        ) {
+            return self;
+        }
+        Self {
+            liveness: self.liveness,
+            ..Self::new(state, reason)
+        }
+    }
+
     fn new(state: State, reason: Reason) -> Self {
         Self {
             state,
@@ -665,18 +681,8 @@ impl Progress {
                     (None, None) => None,
                 };
                 let verdict = match instead {
-                    Some((state, reason))
-                        if !matches!(
-                            verdict.state,
-                            State::Offline | State::Stale | State::IdentityConflict
-                        ) =>
-                    {
-                        Verdict {
-                            liveness: verdict.liveness,
-                            ..Verdict::new(state, reason)
-                        }
-                    }
-                    _ => verdict,
+                    Some((state, reason)) => verdict.overridden(state, reason),
+                    None => verdict,
                 };
                 (agent.clone(), verdict)
             })

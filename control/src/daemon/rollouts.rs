@@ -192,26 +192,20 @@ pub(crate) async fn judge(
             if revision == Some(record.revision)
                 && let Some(f) = render.render_failures.iter().find(|f| &f.agent == agent)
             {
-                let mut v = convergence::assess(
+                return convergence::assess(
                     &report,
                     Target::Agent {
                         generation: u64::MAX,
                     },
                     thresholds,
-                );
-                if !matches!(
-                    v.state,
-                    convergence::State::Offline
-                        | convergence::State::Stale
-                        | convergence::State::IdentityConflict
-                ) {
-                    v.state = convergence::State::Degraded;
-                    v.reason = Some(convergence::Reason::RenderFailed {
+                )
+                .overridden(
+                    convergence::State::Degraded,
+                    convergence::Reason::RenderFailed {
                         resource: f.resource.clone(),
                         message: f.message.clone(),
-                    });
-                }
-                return v;
+                    },
+                );
             }
             let Some(revision) = revision else {
                 return convergence::assess(

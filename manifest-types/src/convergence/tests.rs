@@ -772,3 +772,29 @@ fn a_dropped_resource_whose_removal_failed_is_not_converged() {
     // The whole agent is not converged either way.
     assert_ne!(agent(Some(&s), 4, FRESH).state, State::Converged);
 }
+
+#[test]
+fn an_override_never_hides_liveness_or_an_identity_conflict() {
+    let reason = || Reason::HeldBack { revision: Some(3) };
+    for (state, kept) in [
+        (State::Offline, true),
+        (State::Stale, true),
+        (State::IdentityConflict, true),
+        (State::Converged, false),
+        (State::Progressing, false),
+        (State::Degraded, false),
+        (State::Rejected, false),
+    ] {
+        let v = Verdict {
+            state,
+            reason: None,
+            liveness: Liveness::Online,
+        };
+        let o = v.clone().overridden(State::Progressing, reason());
+        if kept {
+            assert_eq!(o, v, "{state:?}");
+        } else {
+            assert_eq!((o.state, o.reason), (State::Progressing, Some(reason())));
+        }
+    }
+}

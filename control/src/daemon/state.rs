@@ -501,7 +501,14 @@ impl State {
             labels: self.labels.get(a).unwrap_or(&NO_LABELS),
             device_labels,
             values: self.values.get(a).unwrap_or(&NO_LABELS),
-            previous: self.desired.get(a).and_then(|w| w.value.as_ref()),
+            // What a failed render keeps is copied into the next manifest
+            // and signed: only the control plane's own verified manifest
+            // may supply it, never a value someone else wrote there.
+            previous: self
+                .desired
+                .get(a)
+                .and_then(|w| w.value.as_ref())
+                .filter(|m| self.signing.is_empty() || !m.signatures.is_empty()),
         };
         let mut agents: BTreeMap<&AgentId, AgentInput<'_>> = self
             .desired
@@ -632,6 +639,32 @@ mod tests {
 
     fn agent(a: &str) -> AgentId {
         AgentId::new(a).unwrap()
+    }
+
+    #[test]
+    fn a_manifest_the_control_plane_did_not_sign_supplies_nothing_to_a_render() {
+        let (seed, _) = manifest_types::signing::Signer::generate();
+        let signer = manifest_types::signing::Signer::from_seed(&seed).unwrap();
+        let mut s = State {
+            signing: Arc::new(SigningKeys::new(vec![signer])),
+            ..State::default()
+        };
+        let manifest = |resources: serde_json::Value| {
+            json!({"apiVersion": "flotilla.dev/v1", "agentId": "pi-1", "generation": 4,
+                   "resources": resources})
+        };
+        // Written by hand (or by a stolen control credential): unsigned.
+        let forged = manifest(json!([{"id": "web/f", "kind": "File",
+            "spec": {"path": "/etc/f", "content": "forged"},
+            "source": {"deployment": "web", "revision": 3}}]));
+        assert!(s.apply("desired-state.pi-1", 5, Operation::Put, &bytes(forged)));
+        assert!(s.known_agents()[&agent("pi-1")].previous.is_none());
+
+        // The control plane's own, signed with its key: it stands.
+        let mut own: AgentManifest = serde_json::from_value(manifest(json!([]))).unwrap();
+        s.signing.sign(&mut own);
+        assert!(s.apply("desired-state.pi-1", 6, Operation::Put, &own.to_json()));
+        assert!(s.known_agents()[&agent("pi-1")].previous.is_some());
     }
 
     #[test]

@@ -11,8 +11,10 @@
 //!   [`ResourceId`], …) that validate on deserialize too.
 //! - [`keys`]: KV key names and subjects, the only place they are spelled,
 //!   and [`keys::device_permissions`], the subjects one device may use.
-//! - [`spec`]: per-kind resource specs ([`FileSpec`], [`ContainerSpec`],
-//!   [`SystemdUnitSpec`]) and the forward-compatible parse into [`ResourceSpec`].
+//! - [`spec`]: per-kind resource specs, one file each ([`FileSpec`],
+//!   [`ContainerSpec`], [`SystemdUnitSpec`] with its run states
+//!   [`spec::UnitState`]) and the forward-compatible parse into
+//!   [`ResourceSpec`].
 //! - [`manifest`]: [`AgentManifest`] (`desired-state.<id>`), typed
 //!   [`ManifestError`] rejections, spec hashes and the signing input.
 //! - [`status`]: [`AgentStatus`] (`actual-state.<id>`), per-resource
@@ -20,9 +22,12 @@
 //! - [`convergence`]: the one convergence rule — [`convergence::assess`]
 //!   turns a status, a target and the heartbeat's server-time age into the
 //!   [`convergence::State`] an operator sees (ADR 0010). Every reader uses it.
-//! - [`reason`]: [`FailureReason`], the typed codes of resources that are
-//!   not Ready (strings on the wire, so newer codes never break a reader).
-//! - [`inventory`]: [`AgentInventory`] (`agents.<id>`) and [`Heartbeat`].
+//! - [`reason`]: the typed reason codes — [`FailureReason`] (resources not
+//!   Ready), [`RejectionReason`] (manifests not accepted), [`ReleaseReason`]
+//!   (dropped resources left in place); strings on the wire, so newer codes
+//!   never break a reader (ADR 0018).
+//! - [`inventory`]: [`AgentInventory`] (`agents.<id>`, with which engines
+//!   answer) and [`Heartbeat`].
 //! - [`deployment`]: [`Deployment`] (`deployments.<name>`) and
 //!   [`DeploymentStatus`] (`deployment-status.<name>`).
 //! - [`rollout`]: staged rollouts (ADR 0016) — the operator's

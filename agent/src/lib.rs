@@ -25,8 +25,10 @@
 //!   [`reconcile::file`] (atomic writes on the blocking pool, ledger),
 //!   [`reconcile::container`] (Docker Engine via bollard, labels as the source
 //!   of truth, a failed replacement restores the previous container) and
-//!   [`reconcile::systemd`] (systemd over D-Bus via zbus, unit-file ledger,
-//!   level-based triggers).
+//!   [`reconcile::systemd`] (unit-file ledger, level-based triggers, the
+//!   four run states; systemd behind the [`reconcile::systemd::UnitManager`]
+//!   seam — [`reconcile::systemd::DbusUnits`] over D-Bus via zbus, a scripted
+//!   fake in its unit tests).
 //! - [`status`] — the status board that assembles [`manifest_types::AgentStatus`].
 //! - [`report`] — status writer (CAS, coalesced, identity-checked),
 //!   heartbeat and inventory tasks. The heartbeat goes to the heartbeat

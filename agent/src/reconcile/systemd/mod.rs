@@ -17,12 +17,20 @@
 //!   written by the agent are removed), never stopped or disabled.
 //!
 //! The decisions ([`plan_action`], [`assess`]) are pure (`planning`); the
-//! unit files and their ledger are `files`; this module drives systemd.
+//! unit files and their ledger are `files`; systemd is reached through the
+//! [`UnitManager`] seam (`manager`), whose real implementation is
+//! [`DbusUnits`] (`dbus`); this module drives the three.
 
+mod dbus;
+#[cfg(test)]
+mod fake;
 mod files;
+mod manager;
 mod planning;
 
+pub use dbus::DbusUnits;
 pub use files::UnitFiles;
+pub use manager::{JobEnd, JobResult, LoadState, UnitManager};
 pub use planning::{Action, Levels, Observed, assess, files_hash, plan_action};
 
 use std::collections::BTreeSet;
@@ -30,13 +38,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use manifest_types::spec::UnitState;
 use manifest_types::{
     AgentManifest, FailureReason, ReleaseReason, ReleasedResource, ResourceId, ResourceKind,
     ResourceSpec, SystemdUnitSpec,
 };
-use zbus_systemd::systemd1::{ManagerProxy, ServiceProxy, TimerProxy, UnitProxy};
 
 use super::{Ctx, Failure, Interrupt, Outcome, Removals};
 use crate::state::{StateDir, UnitEntry};
@@ -44,56 +50,34 @@ use files::remove_file;
 use planning::is_up;
 
 pub const DEFAULT_UNIT_DIR: &str = "/etc/systemd/system";
-/// How a unit job ended, as far as the agent waited for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JobResult {
-    /// systemd's result: `done`, `failed`, `timeout`, `canceled`,
-    /// `dependency` or `skipped`.
-    Ended(String),
-    /// Still queued or running after the agent's job timeout; the unit's
-    /// state says the rest.
-    StillRunning,
-    /// A newer manifest interrupted the wait (the job carries on in systemd).
-    Interrupted,
-}
-
-/// A job systemd has accepted, and the signal stream its end arrives on.
-struct QueuedJob {
-    removed: zbus_systemd::systemd1::JobRemovedStream,
-    job: Option<zbus::OwnedObjectPath>,
-}
-
-impl JobResult {
-    fn is_done(&self) -> bool {
-        matches!(self, Self::Ended(r) if r == "done")
-    }
-}
 
 /// Shared by concurrent reconciles: the ledger sits behind a lock taken only
 /// for file work, and systemd's job waits run outside it, so one unit's slow
 /// job never holds up another unit.
 #[derive(Debug)]
-pub struct UnitReconciler {
+pub struct UnitReconciler<M = DbusUnits> {
     files: Arc<Mutex<UnitFiles>>,
-    /// D-Bus address; None: the system bus.
-    bus: Option<String>,
-    manager: Mutex<Option<ManagerProxy<'static>>>,
-    /// Units this connection holds a reference on (`RefUnit`), so systemd
-    /// keeps an inactive oneshot loaded — and its last run's result and
-    /// times with it — instead of collecting it the moment it finishes.
-    referenced: Mutex<BTreeSet<String>>,
+    units: M,
     job_timeout: Duration,
 }
 
-fn dbus(context: &str) -> impl FnOnce(zbus::Error) -> Failure + '_ {
-    move |e| Failure::new(FailureReason::SystemdError, format!("{context}: {e}"))
-}
-
-impl UnitReconciler {
+impl UnitReconciler<DbusUnits> {
+    /// Over D-Bus: `bus` is its address, None the system bus.
     pub fn new(
         state: StateDir,
         unit_dir: PathBuf,
         bus: Option<String>,
+        job_timeout: Duration,
+    ) -> Result<Self, crate::state::StateError> {
+        Self::with_manager(state, unit_dir, DbusUnits::new(bus), job_timeout)
+    }
+}
+
+impl<M: UnitManager> UnitReconciler<M> {
+    pub fn with_manager(
+        state: StateDir,
+        unit_dir: PathBuf,
+        units: M,
         job_timeout: Duration,
     ) -> Result<Self, crate::state::StateError> {
         Ok(Self {
@@ -102,9 +86,7 @@ impl UnitReconciler {
                 state,
                 unit_dir,
             })),
-            bus,
-            manager: Mutex::new(None),
-            referenced: Mutex::default(),
+            units,
             job_timeout,
         })
     }
@@ -125,83 +107,9 @@ impl UnitReconciler {
             })?
     }
 
-    fn forget_manager(&self) {
-        *self.manager.lock().expect("manager lock") = None;
-        // References end with the connection that held them.
-        self.referenced.lock().expect("refs lock").clear();
-    }
-
-    /// Holds a reference on `name` for as long as this connection lives
-    /// (once per connection: systemd counts every `RefUnit`).
-    async fn keep_loaded(&self, manager: &ManagerProxy<'_>, name: &str) -> Result<(), Failure> {
-        if self.referenced.lock().expect("refs lock").contains(name) {
-            return Ok(());
-        }
-        manager
-            .ref_unit(name.to_owned())
-            .await
-            .map_err(dbus("RefUnit"))?;
-        self.referenced
-            .lock()
-            .expect("refs lock")
-            .insert(name.to_owned());
-        Ok(())
-    }
-
-    /// Drops the reference [`Self::keep_loaded`] took, if any.
-    async fn let_unload(&self, manager: &ManagerProxy<'_>, name: &str) -> Result<(), Failure> {
-        if !self.referenced.lock().expect("refs lock").remove(name) {
-            return Ok(());
-        }
-        manager
-            .unref_unit(name.to_owned())
-            .await
-            .map_err(dbus("UnrefUnit"))
-    }
-
-    /// The manager proxy, connecting (and subscribing to job signals) on
-    /// first use or after an error dropped the connection.
-    async fn manager(&self) -> Result<ManagerProxy<'static>, Failure> {
-        if let Some(m) = &*self.manager.lock().expect("manager lock") {
-            return Ok(m.clone());
-        }
-        let unavailable = |e: zbus::Error| {
-            Failure::new(
-                FailureReason::SystemdUnavailable,
-                format!("cannot reach systemd over D-Bus: {e}"),
-            )
-        };
-        let conn = match &self.bus {
-            Some(addr) => zbus::connection::Builder::address(addr.as_str())
-                .build()
-                .await
-                .map_err(unavailable)?,
-            None => zbus::Connection::system().await.map_err(unavailable)?,
-        };
-        let m = ManagerProxy::new(&conn).await.map_err(unavailable)?;
-        // Job results arrive as JobRemoved signals, sent to subscribers only.
-        m.subscribe().await.map_err(unavailable)?;
-        tracing::info!("connected to systemd over D-Bus");
-        *self.manager.lock().expect("manager lock") = Some(m.clone());
-        Ok(m)
-    }
-
-    /// Whether systemd answers over D-Bus now: its version, or why not.
+    /// Whether systemd answers now: its version, or why not.
     pub async fn probe(&self) -> Result<String, Failure> {
-        let manager = self.manager().await?;
-        // A method call, so the bus is really asked (the proxy caches
-        // properties such as Version, which systemd declares constant).
-        let answered = manager.get_default_target().await;
-        match answered {
-            Ok(_) => Ok(manager.version().await.unwrap_or_else(|_| "unknown".into())),
-            Err(e) => {
-                self.forget_manager();
-                Err(Failure::new(
-                    FailureReason::SystemdUnavailable,
-                    format!("systemd does not answer over D-Bus: {e}"),
-                ))
-            }
-        }
+        self.units.probe().await
     }
 
     pub async fn reconcile(
@@ -211,17 +119,9 @@ impl UnitReconciler {
         inputs: &str,
         ctx: Ctx,
     ) -> Outcome {
-        let r = self.converge(id, spec, inputs, ctx.interrupt).await;
-        if let Err(f) = &r
-            && matches!(
-                f.reason,
-                FailureReason::SystemdUnavailable | FailureReason::SystemdError
-            )
-        {
-            // Reconnect next time: the bus or systemd may have restarted.
-            self.forget_manager();
-        }
-        r.unwrap_or_else(Outcome::from)
+        self.converge(id, spec, inputs, ctx.interrupt)
+            .await
+            .unwrap_or_else(Outcome::from)
     }
 
     async fn converge(
@@ -232,7 +132,6 @@ impl UnitReconciler {
         interrupt: Interrupt,
     ) -> Result<Outcome, Failure> {
         let name = spec.unit.as_str().to_owned();
-        let manager = self.manager().await?;
         let (entry, changed) = {
             let (id, spec, name) = (id.clone(), spec.clone(), name.clone());
             self.with_files(move |files| {
@@ -246,18 +145,9 @@ impl UnitReconciler {
             .await?
         };
 
-        let path = manager
-            .load_unit(name.clone())
-            .await
-            .map_err(dbus("LoadUnit"))?;
-        let unit = Self::unit_proxy(&manager, &path).await?;
-        if changed || unit.need_daemon_reload().await.unwrap_or(false) {
-            tracing::info!(unit = %name, "unit files changed; reloading systemd");
-            manager.reload().await.map_err(dbus("Reload"))?;
-        }
-        match unit.load_state().await.map_err(dbus("LoadState"))?.as_str() {
-            "loaded" => {}
-            "not-found" => {
+        match self.units.load(&name, changed).await? {
+            LoadState::Loaded => {}
+            LoadState::NotFound => {
                 return Ok(Outcome::failed(
                     FailureReason::UnitNotFound,
                     format!(
@@ -265,7 +155,7 @@ impl UnitReconciler {
                     ),
                 ));
             }
-            other => {
+            LoadState::Other(other) => {
                 return Ok(Outcome::failed(
                     FailureReason::UnitInvalid,
                     format!("systemd could not load {name}: load state {other}"),
@@ -273,16 +163,16 @@ impl UnitReconciler {
             }
         }
         if let Some(want) = spec.enabled {
-            self.set_enabled(&manager, &name, want).await?;
+            self.set_enabled(&name, want).await?;
         }
 
         if matches!(spec.state, UnitState::Triggered | UnitState::Completed) {
-            self.keep_loaded(&manager, &name).await?;
+            self.units.keep_loaded(&name).await?;
         } else {
-            self.let_unload(&manager, &name).await?;
+            self.units.let_unload(&name).await?;
         }
         let files = files_hash(spec);
-        let observed = Self::observe(&manager, &unit, &path, &name, spec.state).await?;
+        let observed = self.units.observe(&name, spec.state).await?;
         let levels = match spec.state {
             // A run is owed for every new version of the unit and its inputs.
             UnitState::Completed => Levels {
@@ -302,14 +192,14 @@ impl UnitReconciler {
         let mut job_result = None;
         if action != Action::None {
             tracing::info!(unit = %name, ?action, active = %observed.active_state, "changing unit state");
-            let job = self.queue_job(&manager, &name, action).await?;
+            let job = self.units.queue(&name, action).await?;
             if spec.state == UnitState::Completed {
                 // Recorded once systemd has the job: a crash from here on
                 // never runs it twice for the same levels.
                 run_job = None;
                 self.record_levels(&name, &files, inputs, None).await?;
             }
-            let result = self.await_job(job, interrupt).await?;
+            let result = self.units.wait(job, self.job_timeout, interrupt).await?;
             if result == JobResult::Interrupted {
                 // The ledger still holds the old levels (or, for a queued
                 // run, the new ones): the next reconcile decides again from
@@ -317,10 +207,10 @@ impl UnitReconciler {
                 return Ok(Outcome::Interrupted);
             }
             if spec.state == UnitState::Completed
-                && let JobResult::Ended(r) = &result
+                && let JobResult::Ended(end) = &result
             {
-                run_job = Some(r.clone());
-                self.record_levels(&name, &files, inputs, Some(r.clone()))
+                run_job = Some(end.as_str().to_owned());
+                self.record_levels(&name, &files, inputs, run_job.clone())
                     .await?;
             }
             job_result = Some(result);
@@ -331,14 +221,14 @@ impl UnitReconciler {
         let observed = if action == Action::None {
             observed
         } else {
-            Self::observe(&manager, &unit, &path, &name, spec.state).await?
+            self.units.observe(&name, spec.state).await?
         };
         let outcome = assess(spec.state, &observed, run_job.as_deref());
         let note = |r: &JobResult| match r {
             JobResult::StillRunning => {
                 format!("{action:?} job still running after {:?}", self.job_timeout)
             }
-            JobResult::Ended(r) => format!("{action:?} job ended {r}"),
+            JobResult::Ended(end) => format!("{action:?} job ended {}", end.as_str()),
             JobResult::Interrupted => format!("{action:?} job interrupted"),
         };
         Ok(match (job_result, outcome) {
@@ -378,180 +268,29 @@ impl UnitReconciler {
         })
         .await
     }
-}
 
-impl UnitReconciler {
-    async fn unit_proxy(
-        manager: &ManagerProxy<'_>,
-        path: &zbus::OwnedObjectPath,
-    ) -> Result<UnitProxy<'static>, Failure> {
-        UnitProxy::builder(manager.inner().connection())
-            .path(path.clone())
-            .cache_properties(zbus::proxy::CacheProperties::No)
-            .build()
-            .await
-            .map_err(dbus("unit proxy"))
-    }
-
-    async fn observe(
-        manager: &ManagerProxy<'_>,
-        unit: &UnitProxy<'_>,
-        path: &zbus::OwnedObjectPath,
-        name: &str,
-        want: UnitState,
-    ) -> Result<Observed, Failure> {
-        let mut o = Observed {
-            active_state: unit.active_state().await.map_err(dbus("ActiveState"))?,
-            sub_state: unit.sub_state().await.map_err(dbus("SubState"))?,
-            active_enter_usec: unit.active_enter_timestamp().await.unwrap_or(0),
-            ..Observed::default()
-        };
-        let conn = manager.inner().connection();
-        if name.ends_with(".service") {
-            let service = ServiceProxy::builder(conn)
-                .path(path.clone())
-                .cache_properties(zbus::proxy::CacheProperties::No)
-                .build()
-                .await
-                .map_err(dbus("service proxy"))?;
-            o.n_restarts = service.n_restarts().await.unwrap_or(0);
-            o.main_pid = service.main_pid().await.unwrap_or(0);
-            o.result = service.result().await.unwrap_or_default();
-            o.exit_status = service.exec_main_status().await.unwrap_or(0);
-            o.exec_start_usec = service.exec_main_start_timestamp().await.unwrap_or(0);
-            o.exec_exit_usec = service.exec_main_exit_timestamp().await.unwrap_or(0);
-            if want == UnitState::Running {
-                o.never_stays_active = service.type_property().await.unwrap_or_default()
-                    == "oneshot"
-                    && !service.remain_after_exit().await.unwrap_or(true);
-            }
-        } else if name.ends_with(".timer") {
-            let timer = TimerProxy::builder(conn)
-                .path(path.clone())
-                .cache_properties(zbus::proxy::CacheProperties::No)
-                .build()
-                .await
-                .map_err(dbus("timer proxy"))?;
-            o.result = timer.result().await.unwrap_or_default();
-            o.last_trigger_usec = timer.last_trigger_u_sec().await.unwrap_or(0);
-            o.next_elapse_usec = timer.next_elapse_u_sec_realtime().await.unwrap_or(0);
-        }
-        if want == UnitState::Stopped {
-            for trigger in unit.triggered_by().await.map_err(dbus("TriggeredBy"))? {
-                let Ok(p) = manager.get_unit(trigger.clone()).await else {
-                    continue; // not loaded: not active either
-                };
-                let t = Self::unit_proxy(manager, &p).await?;
-                if is_up(&t.active_state().await.map_err(dbus("ActiveState"))?) {
-                    o.active_triggers.push(trigger);
-                }
-            }
-        }
-        Ok(o)
-    }
-
-    async fn set_enabled(
-        &self,
-        manager: &ManagerProxy<'_>,
-        name: &str,
-        want: bool,
-    ) -> Result<(), Failure> {
-        let state = manager
-            .get_unit_file_state(name.to_owned())
-            .await
-            .map_err(dbus("GetUnitFileState"))?;
+    /// Enables or disables `name` when its unit file state differs (`static`
+    /// units are left alone), then reloads systemd.
+    async fn set_enabled(&self, name: &str, want: bool) -> Result<(), Failure> {
+        let state = self.units.unit_file_state(name).await?;
         let enabled = matches!(state.as_str(), "enabled" | "enabled-runtime" | "alias");
         if want && !enabled && state != "static" {
             tracing::info!(unit = %name, "enabling");
-            manager
-                .enable_unit_files(vec![name.to_owned()], false, true)
-                .await
-                .map_err(dbus("EnableUnitFiles"))?;
-            manager.reload().await.map_err(dbus("Reload"))?;
+            self.units.enable(name).await?;
+            self.units.reload().await?;
         } else if !want && enabled {
             tracing::info!(unit = %name, "disabling");
-            manager
-                .disable_unit_files(vec![name.to_owned()], false)
-                .await
-                .map_err(dbus("DisableUnitFiles"))?;
-            manager.reload().await.map_err(dbus("Reload"))?;
+            self.units.disable(name).await?;
+            self.units.reload().await?;
         }
         Ok(())
     }
 
-    /// Queues a job in mode "replace", listening for its JobRemoved signal
-    /// before systemd has it (or a fast job's signal is missed).
-    async fn queue_job(
-        &self,
-        manager: &ManagerProxy<'_>,
-        name: &str,
-        action: Action,
-    ) -> Result<QueuedJob, Failure> {
-        let removed = manager
-            .receive_job_removed()
+    async fn run_job(&self, name: &str, action: Action) -> Result<JobResult, Failure> {
+        let job = self.units.queue(name, action).await?;
+        self.units
+            .wait(job, self.job_timeout, Interrupt::never())
             .await
-            .map_err(dbus("JobRemoved"))?;
-        let (n, mode) = (name.to_owned(), "replace".to_owned());
-        let job = match action {
-            Action::Start => manager.start_unit(n, mode).await,
-            Action::Stop => manager.stop_unit(n, mode).await,
-            Action::Restart => manager.restart_unit(n, mode).await,
-            Action::Reload => manager.reload_unit(n, mode).await,
-            Action::None => return Ok(QueuedJob { removed, job: None }),
-        }
-        .map_err(dbus("unit job"))?;
-        Ok(QueuedJob {
-            removed,
-            job: Some(job),
-        })
-    }
-
-    /// Waits for a queued job's JobRemoved signal — at most the job timeout,
-    /// and only until `interrupt` is raised.
-    async fn await_job(
-        &self,
-        queued: QueuedJob,
-        mut interrupt: Interrupt,
-    ) -> Result<JobResult, Failure> {
-        let QueuedJob { mut removed, job } = queued;
-        let Some(job) = job else {
-            return Ok(JobResult::Ended("done".into()));
-        };
-        let wait = async {
-            while let Some(signal) = removed.next().await {
-                if let Ok(args) = signal.args()
-                    && args.job().as_str() == job.as_str()
-                {
-                    return Some(args.result().to_owned());
-                }
-            }
-            None
-        };
-        let waited = tokio::select! {
-            waited = tokio::time::timeout(self.job_timeout, wait) => waited,
-            () = interrupt.requested() => return Ok(JobResult::Interrupted),
-        };
-        match waited {
-            Ok(Some(result)) => Ok(JobResult::Ended(result)),
-            Ok(None) => Err(Failure::new(
-                FailureReason::SystemdUnavailable,
-                "D-Bus connection closed while waiting for a job",
-            )),
-            // The job stays queued in systemd; the unit's state says the rest
-            // (typically "activating"), and the next pass looks again.
-            Err(_) => Ok(JobResult::StillRunning),
-        }
-    }
-
-    async fn run_job(
-        &self,
-        manager: &ManagerProxy<'_>,
-        name: &str,
-        action: Action,
-        interrupt: Interrupt,
-    ) -> Result<JobResult, Failure> {
-        let queued = self.queue_job(manager, name, action).await?;
-        self.await_job(queued, interrupt).await
     }
 
     /// Lets go of units no resource of `manifest` names: units whose file the
@@ -612,9 +351,6 @@ impl UnitReconciler {
                 }
                 Err(f) => {
                     tracing::warn!(unit = %name, reason = %f.reason, message = %f.message, "cannot remove unit; will retry");
-                    if f.reason.is_unavailable() || f.reason == FailureReason::SystemdError {
-                        self.forget_manager();
-                    }
                     if let Some(id) = entry.resource {
                         out.failed.push((id, ResourceKind::SystemdUnit, f));
                     }
@@ -625,21 +361,14 @@ impl UnitReconciler {
     }
 
     async fn let_go(&self, name: &str, entry: &UnitEntry) -> Result<(), Failure> {
-        let manager = self.manager().await?;
-        self.let_unload(&manager, name).await?;
+        self.units.let_unload(name).await?;
         if entry.owns_file {
             tracing::info!(unit = %name, "removing a unit the agent created");
-            let path = manager
-                .load_unit(name.to_owned())
-                .await
-                .map_err(dbus("LoadUnit"))?;
-            let unit = Self::unit_proxy(&manager, &path).await?;
-            if is_up(&unit.active_state().await.map_err(dbus("ActiveState"))?) {
-                match self
-                    .run_job(&manager, name, Action::Stop, Interrupt::never())
-                    .await?
-                {
-                    JobResult::Ended(r) if r == "done" => {}
+            self.units.load(name, false).await?;
+            let observed = self.units.observe(name, UnitState::Running).await?;
+            if is_up(&observed.active_state) {
+                match self.run_job(name, Action::Stop).await? {
+                    r if r.is_done() => {}
                     other => {
                         return Err(Failure::new(
                             FailureReason::JobFailed,
@@ -648,7 +377,7 @@ impl UnitReconciler {
                     }
                 }
             }
-            self.set_enabled(&manager, name, false).await?;
+            self.set_enabled(name, false).await?;
         } else {
             tracing::info!(unit = %name, "no longer managing a unit the agent did not create; leaving it as it is");
         }
@@ -666,8 +395,252 @@ impl UnitReconciler {
         })
         .await?;
         if entry.owns_file || !entry.drop_ins.is_empty() {
-            manager.reload().await.map_err(dbus("Reload"))?;
+            self.units.reload().await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The reconciler against the scripted fake, with paused time: failure
+    //! paths a real systemd reaches only slowly or not on cue.
+
+    use super::fake::{FakeUnits, Script, Units};
+    use super::*;
+    use manifest_types::spec::{TriggerAction, UnitName};
+
+    const JOB_TIMEOUT: Duration = Duration::from_secs(90);
+
+    struct Rig {
+        r: UnitReconciler<FakeUnits>,
+        units_dir: PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    fn rig(f: impl FnOnce(&mut Units)) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(&dir.path().join("state")).unwrap();
+        let units_dir = dir.path().join("units");
+        std::fs::create_dir_all(&units_dir).unwrap();
+        let r =
+            UnitReconciler::with_manager(state, units_dir.clone(), FakeUnits::with(f), JOB_TIMEOUT)
+                .unwrap();
+        Rig {
+            r,
+            units_dir,
+            _dir: dir,
+        }
+    }
+
+    fn unit(active: &str, sub: &str) -> Observed {
+        Observed {
+            active_state: active.into(),
+            sub_state: sub.into(),
+            ..Observed::default()
+        }
+    }
+
+    fn spec(name: &str, state: UnitState) -> SystemdUnitSpec {
+        SystemdUnitSpec {
+            unit: UnitName::new(name).unwrap(),
+            content: Some("[Service]\nExecStart=/bin/true\n".into()),
+            drop_ins: Default::default(),
+            enabled: None,
+            state,
+            on_trigger: TriggerAction::Restart,
+        }
+    }
+
+    fn id() -> ResourceId {
+        "d/u".parse().unwrap()
+    }
+
+    fn failure(o: &Outcome) -> (FailureReason, String) {
+        match o {
+            Outcome::Failed(f) => (f.reason, f.message.clone()),
+            other => panic!("not Failed: {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_start_job_that_never_ends_is_reported_activating_after_the_job_timeout() {
+        let rig = rig(|u| {
+            u.units
+                .insert("app.service".into(), unit("inactive", "dead"));
+            u.scripts.insert(
+                ("app.service".into(), Action::Start),
+                Script {
+                    end: None,
+                    active_state: "activating",
+                    sub_state: "start",
+                },
+            );
+        });
+        let t0 = tokio::time::Instant::now();
+        let o = rig
+            .r
+            .converge(
+                &id(),
+                &spec("app.service", UnitState::Running),
+                "",
+                Interrupt::never(),
+            )
+            .await
+            .unwrap();
+        assert!(t0.elapsed() >= JOB_TIMEOUT, "waited the job timeout");
+        let (reason, message) = failure(&o);
+        assert_eq!(reason, FailureReason::UnitActivating);
+        assert!(
+            message.contains("Start job still running after 90s"),
+            "{message}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_newer_manifest_interrupts_the_wait_for_a_job() {
+        let rig = rig(|u| {
+            u.units
+                .insert("app.service".into(), unit("inactive", "dead"));
+            u.scripts.insert(
+                ("app.service".into(), Action::Start),
+                Script {
+                    end: None,
+                    active_state: "activating",
+                    sub_state: "start",
+                },
+            );
+        });
+        let (raise, interrupt) = Interrupt::new();
+        let spec = spec("app.service", UnitState::Running);
+        let id = id();
+        let converge = rig.r.converge(&id, &spec, "", interrupt);
+        let raise_later = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            raise.send_replace(true);
+            std::future::pending::<()>().await
+        };
+        let o = tokio::select! {
+            o = converge => o.unwrap(),
+            () = raise_later => unreachable!(),
+        };
+        assert_eq!(o, Outcome::Interrupted);
+    }
+
+    #[tokio::test]
+    async fn a_stop_job_that_fails_keeps_the_unit_owed_for_removal() {
+        let rig = rig(|u| {
+            u.units
+                .insert("app.service".into(), unit("inactive", "dead"));
+        });
+        let o = rig
+            .r
+            .converge(
+                &id(),
+                &spec("app.service", UnitState::Running),
+                "",
+                Interrupt::never(),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(o, Outcome::Ready { .. }), "{o:?}");
+        rig.r.units.lock().scripts.insert(
+            ("app.service".into(), Action::Stop),
+            Script {
+                end: Some(JobEnd::Failed),
+                active_state: "failed",
+                sub_state: "failed",
+            },
+        );
+        let empty = AgentManifest::empty("a".parse().unwrap(), 2);
+        let out = rig.r.remove_unlisted(&empty).await;
+        assert_eq!(out.failed.len(), 1, "{out:?}");
+        let (failed_id, kind, f) = &out.failed[0];
+        assert_eq!((failed_id, *kind), (&id(), ResourceKind::SystemdUnit));
+        assert_eq!(f.reason, FailureReason::JobFailed);
+        assert!(
+            rig.units_dir.join("app.service").exists(),
+            "nothing deleted while the unit may still run"
+        );
+
+        // The next sweep: the stop goes through, the unit is gone.
+        rig.r.units.lock().scripts.clear();
+        rig.r
+            .units
+            .lock()
+            .units
+            .get_mut("app.service")
+            .unwrap()
+            .active_state = "active".into();
+        let out = rig.r.remove_unlisted(&empty).await;
+        assert!(out.failed.is_empty() && out.released.is_empty(), "{out:?}");
+        assert!(!rig.units_dir.join("app.service").exists());
+        let calls = rig.r.units.lock().calls.clone();
+        assert_eq!(
+            calls,
+            vec!["Start app.service", "Stop app.service", "Stop app.service"]
+        );
+    }
+
+    #[tokio::test]
+    async fn systemd_going_away_is_unavailable_and_its_return_converges() {
+        let rig = rig(|u| {
+            u.down = true;
+            u.units
+                .insert("app.service".into(), unit("inactive", "dead"));
+        });
+        let spec = spec("app.service", UnitState::Running);
+        let err = rig
+            .r
+            .converge(&id(), &spec, "", Interrupt::never())
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason, FailureReason::SystemdUnavailable);
+        assert!(rig.r.probe().await.is_err());
+
+        rig.r.units.lock().down = false;
+        assert!(rig.r.probe().await.is_ok());
+        let o = rig
+            .r
+            .converge(&id(), &spec, "", Interrupt::never())
+            .await
+            .unwrap();
+        assert!(matches!(o, Outcome::Ready { .. }), "{o:?}");
+    }
+
+    #[tokio::test]
+    async fn a_triggered_unit_is_never_started_stopped_or_repaired() {
+        let rig = rig(|u| {
+            u.units.insert(
+                "job.service".into(),
+                Observed {
+                    result: "exit-code".into(),
+                    exit_status: 2,
+                    ..unit("failed", "failed")
+                },
+            );
+        });
+        let spec = spec("job.service", UnitState::Triggered);
+        for _ in 0..3 {
+            let o = rig
+                .r
+                .converge(&id(), &spec, "", Interrupt::never())
+                .await
+                .unwrap();
+            assert_eq!(failure(&o).0, FailureReason::UnitLastRunFailed);
+        }
+        // Its timer runs it again, successfully.
+        rig.r
+            .units
+            .lock()
+            .units
+            .insert("job.service".into(), unit("inactive", "dead"));
+        let o = rig
+            .r
+            .converge(&id(), &spec, "", Interrupt::never())
+            .await
+            .unwrap();
+        assert!(matches!(o, Outcome::Ready { .. }), "{o:?}");
+        assert!(rig.r.units.lock().calls.is_empty(), "no job, ever");
     }
 }

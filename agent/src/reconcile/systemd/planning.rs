@@ -10,7 +10,7 @@ use manifest_types::{FailureReason, ReadyDetails, SystemdUnitSpec, UnitRun};
 
 use crate::reconcile::Outcome;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Action {
     None,
     Start,

@@ -17,7 +17,7 @@ use manifest_types::spec::UnitState;
 use zbus_systemd::systemd1::{JobRemovedStream, ManagerProxy, ServiceProxy, TimerProxy, UnitProxy};
 
 use super::manager::{JobEnd, JobResult, LoadState, UnitManager};
-use super::planning::{Action, Observed, is_up};
+use super::planning::{Action, ActiveState, Observed};
 use crate::reconcile::{Failure, Interrupt};
 
 #[derive(Debug)]
@@ -191,10 +191,12 @@ impl UnitManager for DbusUnits {
         let manager = self.manager().await?;
         let (unit, path) = self.unit(&manager, name).await?;
         let mut o = Observed {
-            active_state: unit
-                .active_state()
-                .await
-                .map_err(self.error("ActiveState"))?,
+            active_state: ActiveState::parse(
+                &unit
+                    .active_state()
+                    .await
+                    .map_err(self.error("ActiveState"))?,
+            ),
             sub_state: unit.sub_state().await.map_err(self.error("SubState"))?,
             active_enter_usec: unit.active_enter_timestamp().await.unwrap_or(0),
             ..Observed::default()
@@ -239,7 +241,8 @@ impl UnitManager for DbusUnits {
                     continue; // not loaded: not active either
                 };
                 let t = self.unit_at(&manager, &p).await?;
-                if is_up(&t.active_state().await.map_err(self.error("ActiveState"))?) {
+                let state = t.active_state().await.map_err(self.error("ActiveState"))?;
+                if ActiveState::parse(&state).is_up() {
                     o.active_triggers.push(trigger);
                 }
             }

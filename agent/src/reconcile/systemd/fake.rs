@@ -10,7 +10,7 @@ use manifest_types::FailureReason;
 use manifest_types::spec::UnitState;
 
 use super::manager::{JobEnd, JobResult, LoadState, UnitManager};
-use super::planning::{Action, Observed};
+use super::planning::{Action, ActiveState, Observed};
 use crate::reconcile::{Failure, Interrupt};
 
 /// How a queued job goes: it ends with `end` (None: never) and leaves the
@@ -129,7 +129,7 @@ impl UnitManager for FakeUnits {
                 },
             });
         let unit = u.units.entry(name.to_owned()).or_default();
-        unit.active_state = script.active_state.into();
+        unit.active_state = ActiveState::parse(script.active_state);
         unit.sub_state = script.sub_state.into();
         Ok(script.end)
     }

@@ -31,7 +31,7 @@ mod planning;
 pub use dbus::DbusUnits;
 pub use files::UnitFiles;
 pub use manager::{JobEnd, JobResult, LoadState, UnitManager};
-pub use planning::{Action, Levels, Observed, assess, files_hash, plan_action};
+pub use planning::{Action, ActiveState, Levels, Observed, assess, files_hash, plan_action};
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -47,7 +47,6 @@ use manifest_types::{
 use super::{Ctx, Failure, Interrupt, Outcome, Removals};
 use crate::state::{StateDir, UnitEntry};
 use files::remove_file;
-use planning::is_up;
 
 pub const DEFAULT_UNIT_DIR: &str = "/etc/systemd/system";
 
@@ -366,7 +365,7 @@ impl<M: UnitManager> UnitReconciler<M> {
             tracing::info!(unit = %name, "removing a unit the agent created");
             self.units.load(name, false).await?;
             let observed = self.units.observe(name, UnitState::Running).await?;
-            if is_up(&observed.active_state) {
+            if observed.active_state.is_up() {
                 match self.run_job(name, Action::Stop).await? {
                     r if r.is_done() => {}
                     other => {
@@ -435,7 +434,7 @@ mod tests {
 
     fn unit(active: &str, sub: &str) -> Observed {
         Observed {
-            active_state: active.into(),
+            active_state: ActiveState::parse(active),
             sub_state: sub.into(),
             ..Observed::default()
         }
@@ -463,20 +462,23 @@ mod tests {
         }
     }
 
+    /// `app.service`, inactive, whose start job never ends (it stays activating).
+    fn stuck_starting(u: &mut Units) {
+        u.units
+            .insert("app.service".into(), unit("inactive", "dead"));
+        u.scripts.insert(
+            ("app.service".into(), Action::Start),
+            Script {
+                end: None,
+                active_state: "activating",
+                sub_state: "start",
+            },
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_start_job_that_never_ends_is_reported_activating_after_the_job_timeout() {
-        let rig = rig(|u| {
-            u.units
-                .insert("app.service".into(), unit("inactive", "dead"));
-            u.scripts.insert(
-                ("app.service".into(), Action::Start),
-                Script {
-                    end: None,
-                    active_state: "activating",
-                    sub_state: "start",
-                },
-            );
-        });
+        let rig = rig(stuck_starting);
         let t0 = tokio::time::Instant::now();
         let o = rig
             .r
@@ -499,18 +501,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_newer_manifest_interrupts_the_wait_for_a_job() {
-        let rig = rig(|u| {
-            u.units
-                .insert("app.service".into(), unit("inactive", "dead"));
-            u.scripts.insert(
-                ("app.service".into(), Action::Start),
-                Script {
-                    end: None,
-                    active_state: "activating",
-                    sub_state: "start",
-                },
-            );
-        });
+        let rig = rig(stuck_starting);
         let (raise, interrupt) = Interrupt::new();
         let spec = spec("app.service", UnitState::Running);
         let id = id();
@@ -571,7 +562,7 @@ mod tests {
             .units
             .get_mut("app.service")
             .unwrap()
-            .active_state = "active".into();
+            .active_state = ActiveState::Active;
         let out = rig.r.remove_unlisted(&empty).await;
         assert!(out.failed.is_empty() && out.released.is_empty(), "{out:?}");
         assert!(!rig.units_dir.join("app.service").exists());

@@ -19,13 +19,63 @@ pub enum Action {
     Reload,
 }
 
-pub(super) fn is_up(active_state: &str) -> bool {
-    matches!(active_state, "active" | "activating" | "reloading")
+/// A unit's `ActiveState`, as systemd reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ActiveState {
+    Active,
+    Reloading,
+    #[default]
+    Inactive,
+    Failed,
+    Activating,
+    Deactivating,
+    /// `maintenance`, `refreshing` or a state newer than this build.
+    Other(String),
 }
 
-/// A job (or a run its trigger started) is under way.
-fn in_transition(active_state: &str) -> bool {
-    matches!(active_state, "activating" | "deactivating" | "reloading")
+impl ActiveState {
+    pub fn parse(state: &str) -> Self {
+        match state {
+            "active" => Self::Active,
+            "reloading" => Self::Reloading,
+            "inactive" => Self::Inactive,
+            "failed" => Self::Failed,
+            "activating" => Self::Activating,
+            "deactivating" => Self::Deactivating,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Active => "active",
+            Self::Reloading => "reloading",
+            Self::Inactive => "inactive",
+            Self::Failed => "failed",
+            Self::Activating => "activating",
+            Self::Deactivating => "deactivating",
+            Self::Other(s) => s,
+        }
+    }
+
+    /// Running, or on its way to running.
+    pub fn is_up(&self) -> bool {
+        matches!(self, Self::Active | Self::Activating | Self::Reloading)
+    }
+
+    /// A job (or a run its trigger started) is under way.
+    fn in_transition(&self) -> bool {
+        matches!(
+            self,
+            Self::Activating | Self::Deactivating | Self::Reloading
+        )
+    }
+}
+
+impl std::fmt::Display for ActiveState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Where the unit's files and `restartOn` inputs stand against the levels
@@ -44,11 +94,11 @@ pub fn plan_action(
     levels: Levels,
     on_trigger: TriggerAction,
 ) -> Action {
-    let active = o.active_state.as_str();
+    let active = &o.active_state;
     match want {
         // Starting it would only run it once more: refused in `assess`.
         UnitState::Running if o.never_stays_active => Action::None,
-        UnitState::Running if !is_up(active) => Action::Start,
+        UnitState::Running if !active.is_up() => Action::Start,
         UnitState::Running if levels.files_changed => Action::Restart,
         UnitState::Running if levels.inputs_changed => match on_trigger {
             TriggerAction::Restart => Action::Restart,
@@ -57,13 +107,13 @@ pub fn plan_action(
         UnitState::Running => Action::None,
         // A run its active trigger started is not the agent's to stop.
         UnitState::Stopped if !o.active_triggers.is_empty() => Action::None,
-        UnitState::Stopped if is_up(active) => Action::Stop,
+        UnitState::Stopped if active.is_up() => Action::Stop,
         UnitState::Stopped => Action::None,
         UnitState::Triggered => Action::None,
         // A run in progress (the agent's or a trigger's) is waited for.
-        UnitState::Completed if in_transition(active) => Action::None,
+        UnitState::Completed if active.in_transition() => Action::None,
         UnitState::Completed if levels.files_changed || levels.inputs_changed => {
-            if active == "active" {
+            if *active == ActiveState::Active {
                 Action::Restart
             } else {
                 Action::Start
@@ -76,7 +126,7 @@ pub fn plan_action(
 /// What systemd says about a unit.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Observed {
-    pub active_state: String,
+    pub active_state: ActiveState,
     pub sub_state: String,
     /// Service units only.
     pub n_restarts: u32,
@@ -114,7 +164,7 @@ pub fn assess(want: UnitState, o: &Observed, run_job: Option<&str>) -> Outcome {
     let with_run = matches!(want, UnitState::Triggered | UnitState::Completed);
     let ready = || {
         Outcome::ready(ReadyDetails::SystemdUnit {
-            active_state: o.active_state.clone(),
+            active_state: o.active_state.to_string(),
             sub_state: o.sub_state.clone(),
             n_restarts: o.n_restarts,
             main_pid: (o.main_pid > 0).then_some(o.main_pid),
@@ -142,7 +192,8 @@ pub fn assess(want: UnitState, o: &Observed, run_job: Option<&str>) -> Outcome {
         }
         m
     };
-    let active = o.active_state.as_str();
+    use ActiveState as A;
+    let active = &o.active_state;
     match want {
         UnitState::Running if o.never_stays_active => Outcome::failed(
             FailureReason::UnitNeverStaysActive,
@@ -151,9 +202,9 @@ pub fn assess(want: UnitState, o: &Observed, run_job: Option<&str>) -> Outcome {
              `completed` (run once per change)",
         ),
         UnitState::Running => match active {
-            "active" | "reloading" => ready(),
-            "failed" => Outcome::failed(FailureReason::UnitFailed, why()),
-            "activating" => Outcome::failed(FailureReason::UnitActivating, why()),
+            A::Active | A::Reloading => ready(),
+            A::Failed => Outcome::failed(FailureReason::UnitFailed, why()),
+            A::Activating => Outcome::failed(FailureReason::UnitActivating, why()),
             _ => Outcome::failed(FailureReason::UnitNotRunning, why()),
         },
         UnitState::Stopped if !o.active_triggers.is_empty() => Outcome::failed(
@@ -166,19 +217,19 @@ pub fn assess(want: UnitState, o: &Observed, run_job: Option<&str>) -> Outcome {
             ),
         ),
         UnitState::Stopped => match active {
-            "inactive" | "failed" => ready(),
+            A::Inactive | A::Failed => ready(),
             _ => Outcome::failed(FailureReason::UnitNotStopped, why()),
         },
         UnitState::Triggered => match active {
-            "failed" => Outcome::failed(FailureReason::UnitLastRunFailed, why()),
+            A::Failed => Outcome::failed(FailureReason::UnitLastRunFailed, why()),
             _ => ready(),
         },
         UnitState::Completed => match (active, run_job) {
-            ("activating" | "deactivating" | "reloading", _) => Outcome::Waiting {
+            (A::Activating | A::Deactivating | A::Reloading, _) => Outcome::Waiting {
                 message: format!("the run is in progress ({})", o.sub_state),
                 recheck_after: Duration::from_secs(2),
             },
-            ("failed", _) => Outcome::failed(FailureReason::UnitRunFailed, why()),
+            (A::Failed, _) => Outcome::failed(FailureReason::UnitRunFailed, why()),
             (_, Some(job)) if job != "done" => Outcome::failed(
                 FailureReason::UnitRunFailed,
                 format!("the run's start job ended {job}; {}", why()),
@@ -209,7 +260,7 @@ mod tests {
 
     fn unit(active: &str) -> Observed {
         Observed {
-            active_state: active.into(),
+            active_state: ActiveState::parse(active),
             ..Observed::default()
         }
     }
@@ -226,6 +277,26 @@ mod tests {
         files_changed: false,
         inputs_changed: true,
     };
+
+    #[test]
+    fn active_states_parse_and_keep_what_they_do_not_know() {
+        for s in [
+            "active",
+            "reloading",
+            "inactive",
+            "failed",
+            "activating",
+            "deactivating",
+            "maintenance",
+        ] {
+            assert_eq!(ActiveState::parse(s).as_str(), s);
+        }
+        assert_eq!(
+            ActiveState::parse("refreshing"),
+            ActiveState::Other("refreshing".into())
+        );
+        assert!(ActiveState::Activating.is_up() && !ActiveState::Deactivating.is_up());
+    }
 
     #[test]
     fn actions_follow_the_wanted_state_and_the_levels() {
@@ -401,7 +472,7 @@ mod tests {
 
     fn observed(active: &str, sub: &str) -> Observed {
         Observed {
-            active_state: active.into(),
+            active_state: ActiveState::parse(active),
             sub_state: sub.into(),
             n_restarts: 2,
             main_pid: 42,

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use super::*;
 use crate::ApiVersion;
+use crate::deployment::{Deployment, DeploymentStatus};
 use crate::ids::AgentId;
 use crate::manifest::ResourceSource;
 use crate::status::{AgentBuild, Condition, ReadyDetails, ResourceStatus};

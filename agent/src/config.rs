@@ -229,6 +229,8 @@ pub struct FileConfig {
 }
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/flotilla";
+/// Reconciles in flight at once, by default (`reconcile-concurrency`).
+pub const DEFAULT_CONCURRENCY: usize = 4;
 pub const DEFAULT_RESYNC: Duration = Duration::from_secs(60);
 /// The contract's heartbeat period, from which liveness thresholds derive.
 pub const DEFAULT_HEARTBEAT: Duration = manifest_types::convergence::DEFAULT_HEARTBEAT_INTERVAL;
@@ -340,7 +342,7 @@ impl Config {
             reconcile_concurrency: args
                 .reconcile_concurrency
                 .or(file.reconcile_concurrency)
-                .unwrap_or(crate::worker::DEFAULT_CONCURRENCY)
+                .unwrap_or(DEFAULT_CONCURRENCY)
                 .max(1),
             trust,
         };
@@ -375,7 +377,7 @@ impl Config {
             unit_dir: crate::reconcile::systemd::DEFAULT_UNIT_DIR.into(),
             systemd_bus: None,
             unit_job_timeout: DEFAULT_UNIT_JOB_TIMEOUT,
-            reconcile_concurrency: crate::worker::DEFAULT_CONCURRENCY,
+            reconcile_concurrency: DEFAULT_CONCURRENCY,
             trust: Trust {
                 keys: Vec::new(),
                 allow_unsigned: true,
@@ -510,7 +512,7 @@ mod tests {
         assert_eq!(c.labels.get("site").map(String::as_str), Some("a"));
         assert_eq!(c.file_roots, vec![dir.path().canonicalize().unwrap()]);
         assert_eq!(c.bucket.as_str(), "fleet");
-        assert_eq!(c.reconcile_concurrency, crate::worker::DEFAULT_CONCURRENCY);
+        assert_eq!(c.reconcile_concurrency, DEFAULT_CONCURRENCY);
         let c = Config::from_args(args(&[
             "--config",
             file.to_str().unwrap(),

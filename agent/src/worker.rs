@@ -41,8 +41,6 @@ use crate::status::{StatusBoard, now_rfc3339};
 
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
-/// Reconciles in flight at once, by default.
-pub const DEFAULT_CONCURRENCY: usize = 4;
 
 /// Delay before retry number `attempts` (1-based): 1 s, 2 s, 4 s … 5 min.
 pub fn backoff(attempts: u32) -> Duration {
@@ -221,7 +219,7 @@ impl Worker {
         Self {
             reconcilers,
             board,
-            concurrency: DEFAULT_CONCURRENCY,
+            concurrency: crate::config::DEFAULT_CONCURRENCY,
             manifest: None,
             records: BTreeMap::new(),
             in_flight: BTreeMap::new(),

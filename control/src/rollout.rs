@@ -23,8 +23,6 @@ use manifest_types::rollout::{
 };
 use manifest_types::{AgentId, DeploymentName};
 
-use crate::render::Labels;
-
 /// A deployment's rollout as the daemon holds it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Run {
@@ -46,7 +44,8 @@ pub struct Control {
 #[derive(Debug, Clone, Copy)]
 pub struct Target<'a> {
     pub agent: &'a AgentId,
-    pub labels: &'a Labels,
+    /// The agent's labels (`render::Labels`).
+    pub labels: &'a BTreeMap<String, String>,
     /// The revision of this deployment its stored manifest carries.
     pub current: Option<u64>,
 }

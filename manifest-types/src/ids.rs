@@ -200,9 +200,12 @@ impl ResourceId {
     }
 }
 
+/// The fleet's KV bucket unless configured otherwise (also `keys::DEFAULT_BUCKET`).
+pub const DEFAULT_BUCKET: &str = "fleet";
+
 impl Default for BucketName {
     fn default() -> Self {
-        Self(crate::keys::DEFAULT_BUCKET.to_owned())
+        Self(DEFAULT_BUCKET.to_owned())
     }
 }
 

@@ -1,9 +1,8 @@
 //! KV key names and NATS subjects, in one place. See "The KV layout" in
 //! docs/ARCHITECTURE.md and docs/adr/0002-kv-layout-and-republish-watch.md.
 
+pub use crate::ids::DEFAULT_BUCKET;
 use crate::ids::{AgentId, BucketName, DeploymentName};
-
-pub const DEFAULT_BUCKET: &str = "fleet";
 
 pub const DESIRED_STATE: &str = "desired-state";
 pub const ACTUAL_STATE: &str = "actual-state";

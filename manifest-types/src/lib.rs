@@ -29,7 +29,8 @@
 //! - [`inventory`]: [`AgentInventory`] (`agents.<id>`, with which engines
 //!   answer) and [`Heartbeat`].
 //! - [`deployment`]: [`Deployment`] (`deployments.<name>`) and
-//!   [`DeploymentStatus`] (`deployment-status.<name>`).
+//!   [`DeploymentStatus`] (`deployment-status.<name>`); [`selector`]:
+//!   [`Selector`], which agents a deployment or a rollout wave selects.
 //! - [`rollout`]: staged rollouts (ADR 0016) — the operator's
 //!   [`rollout::RolloutPolicy`] (in a deployment, or `settings.rollout`),
 //!   the pause switch [`rollout::RolloutControl`] (`rollouts.<name>`), the
@@ -60,6 +61,7 @@ pub mod keys;
 pub mod manifest;
 pub mod reason;
 pub mod rollout;
+pub mod selector;
 pub mod signing;
 pub mod spec;
 pub mod status;

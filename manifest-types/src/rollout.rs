@@ -15,8 +15,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::ApiVersion;
-use crate::deployment::Selector;
 use crate::ids::{AgentId, DeploymentName};
+use crate::selector::Selector;
 
 /// A number of agents, or a share of a deployment's targets: `3` or `"25%"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -268,28 +268,6 @@ impl AgentStatus {
         self.condition(t).is_some_and(|c| c.status)
     }
 
-    /// The convergence rule ([`crate::convergence::assess`]) for the whole
-    /// agent on `generation`, for a status the caller has just received (its
-    /// arrival is the liveness proof, so no heartbeat age is consulted): the
-    /// accepted manifest is `generation`, Ready is true, every resource is
-    /// Ready, and no identity conflict is reported. Readers of stored
-    /// statuses call `assess` with the heartbeat's server-time age instead.
-    pub fn converged_on(&self, generation: u64) -> bool {
-        use crate::convergence::{AgentReport, Target, Thresholds, assess};
-        let report = AgentReport {
-            status: Some(self),
-            heartbeat_age: Some(std::time::Duration::ZERO),
-            heartbeat_conflict: None,
-            ..Default::default()
-        };
-        assess(
-            &report,
-            Target::Agent { generation },
-            &Thresholds::default(),
-        )
-        .is_converged()
-    }
-
     /// The rejection of `generation` or of anything newer, if any.
     pub fn rejected_at_or_after(&self, generation: u64) -> Option<&Rejection> {
         self.rejection

@@ -6,6 +6,7 @@ use manifest_types::rollout::{Amount, OnFailure, Phase, RolloutPolicy, Waves};
 use manifest_types::{AgentId, DeploymentName, Selector};
 
 use super::*;
+use crate::render::Labels;
 
 fn name() -> DeploymentName {
     DeploymentName::new("web").unwrap()

@@ -495,5 +495,31 @@ fn not_ready<'a>(
     progressing.map(|r| Verdict::new(State::Progressing, r))
 }
 
+/// The rule for a status the caller has just received, as a method of the
+/// status (defined here, beside the rule, so the status type does not
+/// depend on it).
+impl AgentStatus {
+    /// The convergence rule ([`crate::convergence::assess`]) for the whole
+    /// agent on `generation`, for a status the caller has just received (its
+    /// arrival is the liveness proof, so no heartbeat age is consulted): the
+    /// accepted manifest is `generation`, Ready is true, every resource is
+    /// Ready, and no identity conflict is reported. Readers of stored
+    /// statuses call `assess` with the heartbeat's server-time age instead.
+    pub fn converged_on(&self, generation: u64) -> bool {
+        let report = AgentReport {
+            status: Some(self),
+            heartbeat_age: Some(std::time::Duration::ZERO),
+            heartbeat_conflict: None,
+            ..Default::default()
+        };
+        assess(
+            &report,
+            Target::Agent { generation },
+            &Thresholds::default(),
+        )
+        .is_converged()
+    }
+}
+
 #[cfg(test)]
 mod tests;

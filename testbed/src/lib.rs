@@ -413,6 +413,19 @@ pub struct TestPki {
 }
 
 impl TestPki {
+    /// `--tls-ca`, `--tls-cert` and `--tls-key` (mutual TLS) for a Flotilla
+    /// program connecting to a server with this PKI.
+    pub fn client_args(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            "--tls-ca".into(),
+            self.ca.clone().into(),
+            "--tls-cert".into(),
+            self.client_cert.clone().into(),
+            "--tls-key".into(),
+            self.client_key.clone().into(),
+        ]
+    }
+
     pub fn generate(dir: &Path) -> Self {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
         let ca_key = KeyPair::generate().expect("a CA key");
@@ -504,13 +517,6 @@ impl SecureServer {
 
     /// `--tls-ca`, `--tls-cert` and `--tls-key` for a client of this server.
     pub fn tls_args(&self) -> Vec<std::ffi::OsString> {
-        vec![
-            "--tls-ca".into(),
-            self.pki.ca.clone().into(),
-            "--tls-cert".into(),
-            self.pki.client_cert.clone().into(),
-            "--tls-key".into(),
-            self.pki.client_key.clone().into(),
-        ]
+        self.pki.client_args()
     }
 }

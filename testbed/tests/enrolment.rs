@@ -33,12 +33,7 @@ impl Secure {
 
     /// `--tls-ca`, `--tls-cert`, `--tls-key`: mutual TLS.
     fn tls_args(&self, cmd: &mut Command) {
-        cmd.arg("--tls-ca")
-            .arg(&self.pki.ca)
-            .arg("--tls-cert")
-            .arg(&self.pki.client_cert)
-            .arg("--tls-key")
-            .arg(&self.pki.client_key);
+        cmd.args(self.pki.client_args());
     }
 
     /// The CLI as an operator (operator.creds).

@@ -70,6 +70,9 @@ pub struct ContainerReconciler {
     docker_host: Option<String>,
     stop_timeout: Duration,
     memory: std::sync::Mutex<Memory>,
+    /// Held while connecting, so concurrent callers (a reconcile, the
+    /// removal sweep, the inventory's probe) share one connection.
+    connecting: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -143,6 +146,7 @@ impl ContainerReconciler {
                 started: BTreeMap::new(),
                 digests: HashMap::new(),
             }),
+            connecting: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -151,6 +155,10 @@ impl ContainerReconciler {
     }
 
     async fn engine(&self) -> Result<Docker, Failure> {
+        if let Some(d) = &self.memory().docker {
+            return Ok(d.clone());
+        }
+        let _connecting = self.connecting.lock().await;
         if let Some(d) = &self.memory().docker {
             return Ok(d.clone());
         }

@@ -23,8 +23,11 @@
 //! - [`reconcile`] — one reconciler per kind, each returning an
 //!   [`reconcile::Outcome`] that says when to look again:
 //!   [`reconcile::file`] (atomic writes on the blocking pool, ledger),
-//!   [`reconcile::container`] (Docker Engine via bollard, labels as the source
-//!   of truth, a failed replacement restores the previous container) and
+//!   [`reconcile::container`] (labels as the source of truth, a failed
+//!   replacement restores the previous container; the engine behind the
+//!   [`reconcile::container::ContainerEngine`] seam —
+//!   [`reconcile::container::DockerEngine`] via bollard, a scripted fake in
+//!   its unit tests) and
 //!   [`reconcile::systemd`] (unit-file ledger, level-based triggers, the
 //!   four run states; systemd behind the [`reconcile::systemd::UnitManager`]
 //!   seam — [`reconcile::systemd::DbusUnits`] over D-Bus via zbus, a scripted

@@ -17,31 +17,29 @@
 //! - A container that keeps exiting is Failed (`CrashLoopBackOff`) with the
 //!   exit code, never Ready in between.
 //!
-//! The decisions ([`plan`], [`assess`], [`create_body`]) are pure; the
-//! engine calls live in [`ContainerReconciler`].
-//!
-//! Layout: `planning` (the pure decisions), `body` (the create request), this
-//! module (the engine calls).
+//! The decisions ([`plan`], [`assess`]) are pure (`planning`); the engine
+//! is reached through the [`ContainerEngine`] seam (`engine`), whose real
+//! implementation is [`DockerEngine`] (`docker`, with `body`, the engine's
+//! create request); this module drives them. The unit tests below run the
+//! reconciler against a scripted engine (`fake`).
 
 mod body;
+mod docker;
+mod engine;
+#[cfg(test)]
+mod fake;
 mod planning;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
 
-use bollard::Docker;
-use bollard::models::{ContainerStateStatusEnum, ContainerSummaryStateEnum};
-use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptions,
-    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
-};
-use futures::StreamExt;
 use manifest_types::spec::PullPolicy;
 use manifest_types::{
     AgentId, AgentManifest, ContainerSpec, FailureReason, ReadyDetails, ResourceId, ResourceKind,
 };
 
-pub use body::create_body;
+pub use docker::DockerEngine;
+pub use engine::{ContainerEngine, ContainerStatus, HealthStatus, Inspected, Summary};
 pub use planning::{
     Listed, ListedState, Plan, assess, container_name, effective_hash, image_ref, plan,
 };
@@ -60,24 +58,19 @@ const START_SETTLE: Duration = Duration::from_millis(300);
 /// How soon a container whose healthcheck is still `starting` is looked at again.
 const HEALTH_RECHECK: Duration = Duration::from_secs(1);
 
-/// Talks to one Docker Engine (API negotiated, 1.41 and up). Shared by
-/// concurrent reconciles: its small memory sits behind one lock that is
-/// never held across an engine call.
+/// Converges Container resources on one engine. Shared by concurrent
+/// reconciles: its small memory sits behind one lock that is never held
+/// across an engine call.
 #[derive(Debug)]
-pub struct ContainerReconciler {
+pub struct ContainerReconciler<E = DockerEngine> {
     agent: AgentId,
-    /// `unix://` path or None for DOCKER_HOST / the default socket.
-    docker_host: Option<String>,
+    engine: E,
     stop_timeout: Duration,
     memory: std::sync::Mutex<Memory>,
-    /// Held while connecting, so concurrent callers (a reconcile, the
-    /// removal sweep, the inventory's probe) share one connection.
-    connecting: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug)]
 struct Memory {
-    docker: Option<Docker>,
     /// Repairs per resource since this agent started (for the current hash).
     repairs: BTreeMap<ResourceId, (String, u64)>,
     /// Whether the last sweep found containers (or none ran yet), so an
@@ -91,32 +84,9 @@ struct Memory {
     digests: HashMap<String, Option<String>>,
 }
 
-fn engine_failure(e: bollard::errors::Error) -> Failure {
-    use bollard::errors::Error as E;
-    match e {
-        E::DockerResponseServerError {
-            status_code,
-            message,
-        } => Failure::new(
-            FailureReason::DockerError,
-            format!("engine answered {status_code}: {message}"),
-        ),
-        other => Failure::new(FailureReason::DockerUnavailable, other.to_string()),
-    }
-}
-
-fn is_not_found(e: &bollard::errors::Error) -> bool {
-    matches!(
-        e,
-        bollard::errors::Error::DockerResponseServerError {
-            status_code: 404,
-            ..
-        }
-    )
-}
-
-/// Whether a freshly started container is failing (so a replacement is
-/// rolled back): it exited, or is crash-looping, or did not start.
+/// Whether a freshly started replacement is failing, so the replacement is
+/// rolled back: it exited, crash-loops or did not start — or the engine
+/// went away or refused in the middle of the swap.
 fn failed_to_start(outcome: &Outcome) -> Option<&Failure> {
     match outcome {
         Outcome::Failed(
@@ -125,7 +95,9 @@ fn failed_to_start(outcome: &Outcome) -> Option<&Failure> {
                     FailureReason::CrashLoopBackOff
                     | FailureReason::ContainerExited
                     | FailureReason::ContainerNotRunning
-                    | FailureReason::StartFailed,
+                    | FailureReason::StartFailed
+                    | FailureReason::DockerUnavailable
+                    | FailureReason::DockerError,
                 ..
             },
         ) => Some(f),
@@ -133,20 +105,26 @@ fn failed_to_start(outcome: &Outcome) -> Option<&Failure> {
     }
 }
 
-impl ContainerReconciler {
+impl ContainerReconciler<DockerEngine> {
+    /// On Docker Engine at `docker_host` (a `unix://` path), or at
+    /// DOCKER_HOST / the default socket when None.
     pub fn new(agent: AgentId, docker_host: Option<String>, stop_timeout: Duration) -> Self {
+        Self::with_engine(agent, DockerEngine::new(docker_host), stop_timeout)
+    }
+}
+
+impl<E: ContainerEngine> ContainerReconciler<E> {
+    pub fn with_engine(agent: AgentId, engine: E, stop_timeout: Duration) -> Self {
         Self {
             agent,
-            docker_host,
+            engine,
             stop_timeout,
             memory: std::sync::Mutex::new(Memory {
-                docker: None,
                 repairs: BTreeMap::new(),
                 may_own: true,
                 started: BTreeMap::new(),
                 digests: HashMap::new(),
             }),
-            connecting: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -154,91 +132,39 @@ impl ContainerReconciler {
         self.memory.lock().expect("container reconciler lock")
     }
 
-    async fn engine(&self) -> Result<Docker, Failure> {
-        if let Some(d) = &self.memory().docker {
-            return Ok(d.clone());
-        }
-        let _connecting = self.connecting.lock().await;
-        if let Some(d) = &self.memory().docker {
-            return Ok(d.clone());
-        }
-        let unavailable = |e: bollard::errors::Error| {
-            Failure::new(
-                FailureReason::DockerUnavailable,
-                format!("cannot reach the Docker Engine: {e}"),
-            )
-        };
-        let docker = match &self.docker_host {
-            Some(path) => Docker::connect_with_unix(path, 120, bollard::API_DEFAULT_VERSION)
-                .map_err(unavailable)?,
-            None => Docker::connect_with_local_defaults().map_err(unavailable)?,
-        };
-        let docker = docker.negotiate_version().await.map_err(unavailable)?;
-        tracing::info!(api = %docker.client_version(), "connected to the Docker Engine");
-        self.memory().docker = Some(docker.clone());
-        Ok(docker)
-    }
-
     /// Whether the engine answers now: its version, or why not.
     pub async fn probe(&self) -> Result<String, Failure> {
-        let docker = self.engine().await?;
-        let version = self.check(docker.version().await)?;
-        Ok(version.version.unwrap_or_else(|| "unknown".into()))
+        self.engine.version().await
     }
 
-    /// A typed failure for an engine error; forgets the engine after a
-    /// transport error so the next call connects and negotiates again.
-    fn fail(&self, e: bollard::errors::Error) -> Failure {
-        let f = engine_failure(e);
-        if f.reason.is_unavailable() {
-            self.memory().docker = None;
-        }
-        f
-    }
-
-    fn check<T>(&self, r: Result<T, bollard::errors::Error>) -> Result<T, Failure> {
-        r.map_err(|e| self.fail(e))
-    }
-
+    /// This agent's containers (of one resource, or all), each with its
+    /// resource label.
     async fn list(
         &self,
         resource: Option<&ResourceId>,
     ) -> Result<Vec<(Listed, Option<String>)>, Failure> {
-        let docker = self.engine().await?;
-        let mut labels = vec![format!("{LABEL_AGENT}={}", self.agent)];
-        if let Some(r) = resource {
-            labels.push(format!("{LABEL_RESOURCE}={r}"));
+        let agent = self.agent.as_str();
+        let resource = resource.map(ToString::to_string);
+        let mut labels = vec![(LABEL_AGENT, agent)];
+        if let Some(r) = &resource {
+            labels.push((LABEL_RESOURCE, r.as_str()));
         }
-        let filters = HashMap::from([("label".to_owned(), labels)]);
-        let options = ListContainersOptionsBuilder::default()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let summaries = self.check(docker.list_containers(Some(options)).await)?;
+        let summaries = self.engine.list(&labels).await?;
         Ok(summaries
             .into_iter()
             .filter_map(|s| {
-                let labels = s.labels.unwrap_or_default();
                 // The engine filtered by label; check again, never trust a guess.
-                if labels.get(LABEL_AGENT).map(String::as_str) != Some(self.agent.as_str()) {
+                if s.labels.get(LABEL_AGENT).map(String::as_str) != Some(agent) {
                     return None;
                 }
-                let state = match s.state {
-                    Some(ContainerSummaryStateEnum::RUNNING) => ListedState::Running,
-                    Some(ContainerSummaryStateEnum::RESTARTING) => ListedState::Restarting,
-                    Some(ContainerSummaryStateEnum::PAUSED) => ListedState::Paused,
-                    Some(ContainerSummaryStateEnum::CREATED) => ListedState::Created,
-                    Some(ContainerSummaryStateEnum::EXITED) => ListedState::Exited,
-                    _ => ListedState::Gone,
-                };
                 Some((
                     Listed {
-                        id: s.id?,
-                        hash: labels.get(LABEL_HASH).cloned().unwrap_or_default(),
-                        state,
-                        created: s.created.unwrap_or(0),
+                        id: s.id,
+                        hash: s.labels.get(LABEL_HASH).cloned().unwrap_or_default(),
+                        state: s.state,
+                        created: s.created,
                     },
-                    labels.get(LABEL_RESOURCE).cloned(),
+                    s.labels.get(LABEL_RESOURCE).cloned(),
                 ))
             })
             .collect())
@@ -274,7 +200,6 @@ impl ContainerReconciler {
             mut interrupt,
         } = ctx;
         self.memory().may_own = true;
-        let docker = self.engine().await?;
         let listed: Vec<Listed> = self
             .list(Some(id))
             .await?
@@ -294,11 +219,11 @@ impl ContainerReconciler {
                 // The only long step, and a safe point: a newer manifest
                 // that changes this resource interrupts the pull.
                 tokio::select! {
-                    pulled = self.ensure_image(&docker, spec, &progress) => pulled?,
+                    pulled = self.ensure_image(spec, &progress) => pulled?,
                     () = interrupt.requested() => return Ok(Outcome::Interrupted),
                 }
                 progress.report("creating container");
-                let new = self.create(&docker, id, spec, hash).await?;
+                let new = self.create(id, spec, hash).await?;
                 // The previous containers that were running, to start again
                 // should the new one fail.
                 let running: Vec<String> = listed
@@ -307,12 +232,12 @@ impl ContainerReconciler {
                     .map(|c| c.id.clone())
                     .collect();
                 for old in &replace {
-                    self.stop(&docker, old).await?;
+                    self.engine.stop(old, self.stop_timeout).await?;
                 }
                 progress.report("starting container");
-                let outcome = self.start_and_settle(&docker, id, &new, repairs).await?;
+                let outcome = self.start_and_settle(id, &new, repairs).await;
                 if let Some(f) = failed_to_start(&outcome).filter(|_| !running.is_empty()) {
-                    return self.roll_back(&docker, id, &new, &running, f.clone()).await;
+                    return self.roll_back(id, &new, &running, f.clone()).await;
                 }
                 (new, replace, repair)
             }
@@ -325,7 +250,7 @@ impl ContainerReconciler {
                     tracing::warn!(resource = %id, container = %cid, "container was stopped outside Flotilla; starting it");
                 }
                 progress.report("starting container");
-                self.start(&docker, &cid).await?;
+                self.engine.start(&cid).await?;
                 self.memory()
                     .started
                     .insert(id.clone(), std::time::Instant::now());
@@ -335,32 +260,29 @@ impl ContainerReconciler {
             Plan::Observe { id: cid, remove } => (cid, remove, false),
         };
         for old in &remove {
-            self.remove(&docker, old).await?;
+            self.remove(old).await?;
         }
         let repairs = if repaired { repairs + 1 } else { repairs };
         self.memory()
             .repairs
             .insert(id.clone(), (hash.to_owned(), repairs));
-        self.observe(&docker, &container, repairs).await
+        self.observe(&container, repairs).await
     }
 
     /// Starts a freshly created container, waits [`START_SETTLE`] and
-    /// reports how it is doing.
-    async fn start_and_settle(
-        &self,
-        docker: &Docker,
-        id: &ResourceId,
-        container: &str,
-        repairs: u64,
-    ) -> Result<Outcome, Failure> {
-        if let Err(f) = self.start(docker, container).await {
-            return Ok(Outcome::Failed(f));
+    /// reports how it is doing; any failure, the engine's included, is the
+    /// outcome.
+    async fn start_and_settle(&self, id: &ResourceId, container: &str, repairs: u64) -> Outcome {
+        if let Err(f) = self.engine.start(container).await {
+            return Outcome::Failed(f);
         }
         self.memory()
             .started
             .insert(id.clone(), std::time::Instant::now());
         tokio::time::sleep(START_SETTLE).await;
-        self.observe(docker, container, repairs).await
+        self.observe(container, repairs)
+            .await
+            .unwrap_or_else(Outcome::Failed)
     }
 
     /// The replacement failed to start or crash-loops: remove it and start
@@ -368,7 +290,6 @@ impl ContainerReconciler {
     /// device with nothing running.
     async fn roll_back(
         &self,
-        docker: &Docker,
         id: &ResourceId,
         new: &str,
         previous: &[String],
@@ -376,9 +297,9 @@ impl ContainerReconciler {
     ) -> Result<Outcome, Failure> {
         tracing::warn!(resource = %id, container = %new, reason = %why.reason, message = %why.message,
             "the new container failed; starting the previous one again");
-        self.remove(docker, new).await?;
+        self.remove(new).await?;
         for old in previous {
-            self.start(docker, old).await?;
+            self.engine.start(old).await?;
         }
         self.memory().started.remove(id);
         Ok(Outcome::failed(
@@ -390,24 +311,16 @@ impl ContainerReconciler {
         ))
     }
 
-    async fn observe(
-        &self,
-        docker: &Docker,
-        container: &str,
-        repairs: u64,
-    ) -> Result<Outcome, Failure> {
-        let inspect = self.check(docker.inspect_container(container, None).await)?;
+    async fn observe(&self, container: &str, repairs: u64) -> Result<Outcome, Failure> {
+        let inspect = self.engine.inspect(container).await?;
         let mut outcome = assess(&inspect, SystemTime::now(), repairs);
         // Running again after a crash, the engine shows the restart count but
         // no longer the exit code: the event log still has it.
-        let running = inspect.state.as_ref().and_then(|s| s.status)
-            == Some(ContainerStateStatusEnum::RUNNING);
         if let Outcome::Failed(f) = &mut outcome
             && f.reason == FailureReason::CrashLoopBackOff
-            && running
-            && let Some(code) = self
-                .last_exit_code(docker, container, inspect.created.as_deref())
-                .await
+            && inspect.status == ContainerStatus::Running
+            && let Some(created) = inspect.created
+            && let Some(code) = self.engine.last_exit_code(container, created).await
         {
             f.message = format!("{}; last exit code {code}", f.message);
         }
@@ -421,78 +334,25 @@ impl ContainerReconciler {
             ..
         } = &mut outcome
         {
-            *image_digest = self.digest(docker, image_id).await;
+            *image_digest = self.digest(image_id).await;
         }
         Ok(outcome)
     }
 
-    /// The exit code of the container's last run, from the engine's event
-    /// log (its `die` events since the container was created).
-    async fn last_exit_code(
-        &self,
-        docker: &Docker,
-        container: &str,
-        created: Option<&str>,
-    ) -> Option<i64> {
-        let since = humantime::parse_rfc3339_weak(created?)
-            .ok()?
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .ok()?;
-        let until = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .ok()?;
-        let options = EventsOptions {
-            since: Some(since.as_secs().to_string()),
-            until: Some(format!("{}.{:09}", until.as_secs(), until.subsec_nanos())),
-            filters: Some(HashMap::from([
-                ("container".to_owned(), vec![container.to_owned()]),
-                ("event".to_owned(), vec!["die".to_owned()]),
-            ])),
-        };
-        let mut events = docker.events(Some(options));
-        let mut code = None;
-        // `until` ends the stream; the timeout only guards a confused engine.
-        while let Ok(Some(Ok(event))) =
-            tokio::time::timeout(Duration::from_secs(2), events.next()).await
-        {
-            code = event
-                .actor
-                .and_then(|a| a.attributes)
-                .and_then(|a| a.get("exitCode").and_then(|c| c.parse().ok()))
-                .or(code);
-        }
-        code
-    }
-
-    async fn digest(&self, docker: &Docker, image_id: &str) -> Option<String> {
+    async fn digest(&self, image_id: &str) -> Option<String> {
         if let Some(d) = self.memory().digests.get(image_id) {
             return d.clone();
         }
-        let image = docker.inspect_image(image_id).await.ok()?;
-        let digest = image
-            .repo_digests
-            .unwrap_or_default()
-            .into_iter()
-            .next()
-            .and_then(|d| d.split_once('@').map(|(_, d)| d.to_owned()));
+        let digest = self.engine.image_digest(image_id).await.ok()?;
         self.memory()
             .digests
             .insert(image_id.to_owned(), digest.clone());
         digest
     }
 
-    async fn ensure_image(
-        &self,
-        docker: &Docker,
-        spec: &ContainerSpec,
-        progress: &Progress,
-    ) -> Result<(), Failure> {
+    async fn ensure_image(&self, spec: &ContainerSpec, progress: &Progress) -> Result<(), Failure> {
         let reference = image_ref(spec);
-        let present = match docker.inspect_image(&reference).await {
-            Ok(_) => true,
-            Err(e) if is_not_found(&e) => false,
-            Err(e) => return Err(self.fail(e)),
-        };
+        let present = self.engine.has_image(&reference).await?;
         let pull = match spec.pull_policy {
             PullPolicy::Always => true,
             PullPolicy::IfNotPresent => !present,
@@ -509,50 +369,15 @@ impl ContainerReconciler {
         }
         tracing::info!(image = %reference, "pulling image");
         progress.report(format!("pulling {reference}"));
-        let options = CreateImageOptionsBuilder::default()
-            .from_image(&reference)
-            .build();
-        let mut stream = docker.create_image(Some(options), None, None);
-        let mut last = String::new();
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(info) => {
-                    if let Some(msg) = info.error_detail.and_then(|d| d.message) {
-                        return Err(Failure::new(
-                            FailureReason::ImagePullFailed,
-                            format!("{reference}: {msg}"),
-                        ));
-                    }
-                    let status = info.status.unwrap_or_default();
-                    if status != last {
-                        tracing::info!(image = %reference, %status, "pull progress");
-                        progress.report(format!("pulling {reference}: {status}"));
-                        last = status;
-                    }
-                }
-                Err(e) => {
-                    let message = match e {
-                        bollard::errors::Error::DockerStreamError { error } => error,
-                        bollard::errors::Error::DockerResponseServerError { message, .. } => {
-                            message
-                        }
-                        other => {
-                            return Err(self.fail(other));
-                        }
-                    };
-                    return Err(Failure::new(
-                        FailureReason::ImagePullFailed,
-                        format!("{reference}: {message}"),
-                    ));
-                }
-            }
-        }
-        Ok(())
+        let on_status = |status: &str| {
+            tracing::info!(image = %reference, %status, "pull progress");
+            progress.report(format!("pulling {reference}: {status}"));
+        };
+        self.engine.pull(&reference, &on_status).await
     }
 
     async fn create(
         &self,
-        docker: &Docker,
         id: &ResourceId,
         spec: &ContainerSpec,
         hash: &str,
@@ -562,60 +387,22 @@ impl ContainerReconciler {
         labels.insert(LABEL_RESOURCE.into(), id.to_string());
         labels.insert(LABEL_HASH.into(), hash.to_owned());
         let name = container_name(&self.agent, id, hash);
-        let options = CreateContainerOptionsBuilder::default().name(&name).build();
-        let created = docker
-            .create_container(Some(options), create_body(spec, labels))
-            .await
-            .map_err(|e| match e {
-                bollard::errors::Error::DockerResponseServerError {
-                    status_code: 409,
-                    message,
-                } => Failure::new(FailureReason::NameConflict, message),
-                e => self.fail(e),
-            })?;
-        tracing::info!(resource = %id, container = %created.id, %name, "container created");
+        let created = self.engine.create(&name, spec, labels).await?;
+        tracing::info!(resource = %id, container = %created, %name, "container created");
         #[cfg(feature = "fault-injection")]
         if std::env::var_os("FLOTILLA_FAULT_EXIT_AFTER_CREATE").is_some() {
             tracing::error!("fault injection: exiting right after creating a container");
             std::process::exit(86);
         }
-        Ok(created.id)
+        Ok(created)
     }
 
-    async fn start(&self, docker: &Docker, id: &str) -> Result<(), Failure> {
-        docker.start_container(id, None).await.map_err(|e| match e {
-            bollard::errors::Error::DockerResponseServerError {
-                status_code: 500,
-                message,
-            } => Failure::new(FailureReason::StartFailed, message),
-            e => self.fail(e),
-        })
-    }
-
-    async fn stop(&self, docker: &Docker, id: &str) -> Result<(), Failure> {
-        let t = i32::try_from(self.stop_timeout.as_secs()).unwrap_or(i32::MAX);
-        let options = StopContainerOptionsBuilder::default().t(t).build();
-        match docker.stop_container(id, Some(options)).await {
-            Ok(()) => Ok(()),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 304 | 404,
-                ..
-            }) => Ok(()),
-            Err(e) => self.check(Err(e)),
-        }
-    }
-
-    async fn remove(&self, docker: &Docker, id: &str) -> Result<(), Failure> {
-        self.stop(docker, id).await?;
-        let options = RemoveContainerOptionsBuilder::default().force(true).build();
-        match docker.remove_container(id, Some(options)).await {
-            Ok(()) => {
-                tracing::info!(container = %id, "container removed");
-                Ok(())
-            }
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => self.check(Err(e)),
-        }
+    /// Stops, then removes, a container.
+    async fn remove(&self, id: &str) -> Result<(), Failure> {
+        self.engine.stop(id, self.stop_timeout).await?;
+        self.engine.remove(id).await?;
+        tracing::info!(container = %id, "container removed");
+        Ok(())
     }
 
     /// A container started less than [`CRASH_WINDOW`] ago is looked at again
@@ -677,15 +464,12 @@ impl ContainerReconciler {
                 return out;
             }
         };
-        let Ok(docker) = self.engine().await else {
-            return out;
-        };
         for (c, resource) in &listed {
             if resource.as_ref().is_some_and(|r| listed_ids.contains(r)) {
                 continue;
             }
             tracing::info!(container = %c.id, resource = ?resource, "removing a container no longer in the manifest");
-            if let Err(f) = self.remove(&docker, &c.id).await {
+            if let Err(f) = self.remove(&c.id).await {
                 tracing::warn!(container = %c.id, reason = %f.reason, message = %f.message, "cannot remove container");
                 if let Some(id) = resource.as_ref().and_then(|r| r.parse::<ResourceId>().ok()) {
                     out.failed.push((id, ResourceKind::Container, f));
@@ -698,5 +482,258 @@ impl ContainerReconciler {
             .retain(|id, _| listed_ids.contains(&id.to_string()));
         memory.may_own = has_containers || !out.failed.is_empty();
         out
+    }
+}
+
+/// The reconciler against a scripted engine: the failure paths a real
+/// Docker Engine reaches only slowly and not on cue.
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use manifest_types::{ManagedResource, ResourceSpec};
+
+    use super::fake::{Engine, FakeEngine, OnStart, Outage};
+    use super::*;
+    use crate::reconcile::Interrupt;
+    use crate::status::StatusBoard;
+
+    const V1: &str = "app:1";
+    const V2: &str = "app:2";
+
+    fn rig(f: impl FnOnce(&mut Engine)) -> ContainerReconciler<FakeEngine> {
+        ContainerReconciler::with_engine(
+            AgentId::new("pi-1").unwrap(),
+            FakeEngine::with(|e| {
+                e.images.extend([V1.to_owned(), V2.to_owned()]);
+                f(e);
+            }),
+            Duration::from_secs(10),
+        )
+    }
+
+    fn id() -> ResourceId {
+        "web/app".parse().unwrap()
+    }
+
+    fn spec(image: &str) -> ContainerSpec {
+        serde_json::from_value(serde_json::json!({ "image": image })).unwrap()
+    }
+
+    fn ctx_for(spec: &ContainerSpec) -> Ctx {
+        let resource = Arc::new(ManagedResource {
+            id: id(),
+            spec: ResourceSpec::Container(spec.clone()),
+            restart_on: vec![],
+            source: None,
+        });
+        let (board, _) = StatusBoard::new(AgentId::new("pi-1").unwrap(), "test".into());
+        Ctx {
+            progress: Progress::new(board, resource),
+            interrupt: Interrupt::new().1,
+        }
+    }
+
+    async fn run(r: &ContainerReconciler<FakeEngine>, image: &str) -> Outcome {
+        let spec = spec(image);
+        // One hash per image: the version is the spec.
+        let hash = crate::reconcile::file::sha256_hex(image.as_bytes());
+        r.reconcile(&id(), &spec, &hash, ctx_for(&spec)).await
+    }
+
+    /// The container the Ready outcome names.
+    fn ready(o: &Outcome) -> (String, u64) {
+        match o {
+            Outcome::Ready {
+                details:
+                    ReadyDetails::Container {
+                        container_id,
+                        repairs,
+                        ..
+                    },
+                ..
+            } => (container_id.clone(), *repairs),
+            other => panic!("not Ready: {other:?}"),
+        }
+    }
+
+    fn failure(o: &Outcome) -> (FailureReason, String) {
+        match o {
+            Outcome::Failed(f) => (f.reason, f.message.clone()),
+            other => panic!("not Failed: {other:?}"),
+        }
+    }
+
+    fn status(r: &ContainerReconciler<FakeEngine>, id: &str) -> Option<ContainerStatus> {
+        r.engine.lock().containers.get(id).map(|c| c.status)
+    }
+
+    fn calls(r: &ContainerReconciler<FakeEngine>) -> Vec<String> {
+        std::mem::take(&mut r.engine.lock().calls)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn creates_starts_and_then_only_observes() {
+        let r = rig(|_| {});
+        assert_eq!(ready(&run(&r, V1).await), ("c1".into(), 0));
+        assert_eq!(calls(&r), ["create c1", "start c1"]);
+        assert_eq!(ready(&run(&r, V1).await), ("c1".into(), 0));
+        assert!(calls(&r).is_empty(), "a converged container is not touched");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_engine_gone_in_the_middle_of_a_replace_starts_the_previous_container_again() {
+        let r = rig(|_| {});
+        ready(&run(&r, V1).await);
+        calls(&r);
+        // The engine restarts just as the new container is started.
+        r.engine
+            .lock()
+            .outages
+            .insert("start c2".into(), Outage::Blip);
+        let (reason, message) = failure(&run(&r, V2).await);
+        assert_eq!(reason, FailureReason::ReplaceFailed);
+        assert!(message.contains("DockerUnavailable"), "{message}");
+        assert_eq!(status(&r, "c1"), Some(ContainerStatus::Running));
+        assert_eq!(status(&r, "c2"), None, "the failed replacement is removed");
+        assert_eq!(
+            calls(&r),
+            ["create c2", "stop c1", "stop c2", "remove c2", "start c1"]
+        );
+        // The engine answers again: the next pass replaces for real.
+        assert_eq!(ready(&run(&r, V2).await), ("c3".into(), 0));
+        assert_eq!(status(&r, "c1"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_engine_that_stays_gone_mid_replace_is_unavailable_until_it_returns() {
+        let r = rig(|_| {});
+        ready(&run(&r, V1).await);
+        r.engine
+            .lock()
+            .outages
+            .insert("start c2".into(), Outage::Down);
+        let (reason, _) = failure(&run(&r, V2).await);
+        assert_eq!(reason, FailureReason::DockerUnavailable);
+        assert_eq!(
+            failure(&run(&r, V2).await).0,
+            FailureReason::DockerUnavailable
+        );
+        // Back: the created replacement is started, the old one removed.
+        r.engine.lock().down = false;
+        calls(&r);
+        assert_eq!(ready(&run(&r, V2).await), ("c2".into(), 0));
+        assert_eq!(calls(&r), ["start c2", "stop c1", "remove c1"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replacement_that_exits_or_cannot_start_is_rolled_back() {
+        for on_start in [OnStart::Exit(3), OnStart::Refuse] {
+            let r = rig(|e| {
+                e.on_start.insert(V2.into(), on_start);
+            });
+            ready(&run(&r, V1).await);
+            let (reason, message) = failure(&run(&r, V2).await);
+            assert_eq!(reason, FailureReason::ReplaceFailed, "{on_start:?}");
+            assert!(
+                message.contains("ContainerExited") || message.contains("StartFailed"),
+                "{message}"
+            );
+            assert_eq!(status(&r, "c1"), Some(ContainerStatus::Running));
+            assert_eq!(status(&r, "c2"), None);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_health_check_turning_unhealthy_after_ready_is_failed_until_it_recovers() {
+        let r = rig(|e| {
+            e.health.insert(V1.into(), HealthStatus::Starting);
+        });
+        assert!(matches!(run(&r, V1).await, Outcome::Waiting { .. }));
+        let set = |h| r.engine.lock().containers.get_mut("c1").unwrap().health = Some(h);
+        set(HealthStatus::Healthy);
+        ready(&run(&r, V1).await);
+        set(HealthStatus::Unhealthy);
+        assert_eq!(failure(&run(&r, V1).await).0, FailureReason::Unhealthy);
+        set(HealthStatus::Healthy);
+        assert_eq!(ready(&run(&r, V1).await), ("c1".into(), 0));
+        // Restarting an unhealthy container is the engine's business.
+        assert_eq!(calls(&r), ["create c1", "start c1"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn containers_removed_or_stopped_by_hand_are_repaired_and_counted() {
+        let r = rig(|_| {});
+        ready(&run(&r, V1).await);
+        r.engine.lock().containers.remove("c1");
+        assert_eq!(ready(&run(&r, V1).await), ("c2".into(), 1));
+        // `always` (the default policy): a stop by hand is repaired too.
+        r.engine.lock().containers.get_mut("c2").unwrap().status = ContainerStatus::Exited;
+        assert_eq!(ready(&run(&r, V1).await), ("c2".into(), 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pull_failures_are_typed_and_nothing_is_created() {
+        let r = rig(|e| {
+            e.registry.insert("app:3".into());
+        });
+        assert_eq!(ready(&run(&r, "app:3").await).0, "c1");
+        assert_eq!(calls(&r), ["pull app:3", "create c1", "start c1"]);
+        let (reason, message) = failure(&run(&r, "app:404").await);
+        assert_eq!(reason, FailureReason::ImagePullFailed);
+        assert!(message.contains("app:404"), "{message}");
+        let mut never = spec("app:404");
+        never.pull_policy = PullPolicy::Never;
+        assert_eq!(
+            r.converge(&id(), &never, "h", ctx_for(&never))
+                .await
+                .unwrap_err()
+                .reason,
+            FailureReason::ImageNotPresent
+        );
+        assert_eq!(status(&r, "c1"), Some(ContainerStatus::Running));
+        assert_eq!(calls(&r), ["pull app:404"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_removal_sweep_touches_only_this_agents_unlisted_containers() {
+        let foreign = |labels: &[(&str, &str)]| fake::Container {
+            name: format!("foreign-{}", labels.len()),
+            image: V1.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            status: ContainerStatus::Running,
+            exit_code: 0,
+            started_at: String::new(),
+            health: None,
+            created: 0,
+        };
+        let r = rig(|e| {
+            e.containers.insert("someone-else".into(), foreign(&[]));
+            e.containers.insert(
+                "other-agent".into(),
+                foreign(&[(LABEL_AGENT, "pi-2"), (LABEL_RESOURCE, "web/app")]),
+            );
+        });
+        ready(&run(&r, V1).await);
+        let empty = AgentManifest {
+            agent_id: AgentId::new("pi-1").unwrap(),
+            generation: 2,
+            resources: vec![],
+            signatures: vec![],
+        };
+        let dropped = [(id(), ResourceKind::Container)];
+        // The engine is away: the container is still owed, not forgotten.
+        r.engine.lock().down = true;
+        let owed = r.remove_unlisted(&empty, &dropped).await;
+        assert_eq!(owed.failed.len(), 1);
+        assert_eq!(owed.failed[0].2.reason, FailureReason::DockerUnavailable);
+        r.engine.lock().down = false;
+        let done = r.remove_unlisted(&empty, &dropped).await;
+        assert!(done.failed.is_empty(), "{:?}", done.failed);
+        let left: Vec<String> = r.engine.lock().containers.keys().cloned().collect();
+        assert_eq!(left, ["other-agent", "someone-else"]);
     }
 }

@@ -4,10 +4,10 @@
 
 use std::time::{Duration, SystemTime};
 
-use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum, HealthStatusEnum};
 use manifest_types::spec::RestartPolicy;
 use manifest_types::{AgentId, ContainerSpec, FailureReason, ReadyDetails, ResourceId};
 
+use super::engine::{ContainerStatus, HealthStatus, Inspected};
 use super::{CRASH_WINDOW, HEALTH_RECHECK};
 use crate::reconcile::Outcome;
 
@@ -128,14 +128,12 @@ pub fn plan(hash: &str, policy: RestartPolicy, listed: &[Listed]) -> Plan {
 }
 
 /// Reads an engine's container state into Ready or a typed failure.
-pub fn assess(inspect: &ContainerInspectResponse, now: SystemTime, repairs: u64) -> Outcome {
-    let state = inspect.state.clone().unwrap_or_default();
-    let exit_code = state.exit_code.unwrap_or(0);
-    let restart_count = inspect.restart_count.unwrap_or(0).max(0) as u64;
-    let started_at = state.started_at.clone().unwrap_or_default();
-    match state.status {
+pub fn assess(inspect: &Inspected, now: SystemTime, repairs: u64) -> Outcome {
+    let exit_code = inspect.exit_code;
+    let restart_count = inspect.restart_count;
+    match inspect.status {
         // Between two runs: the engine still shows the last exit code.
-        Some(ContainerStateStatusEnum::RESTARTING) => {
+        ContainerStatus::Restarting => {
             return Outcome::failed(
                 FailureReason::CrashLoopBackOff,
                 format!(
@@ -143,30 +141,27 @@ pub fn assess(inspect: &ContainerInspectResponse, now: SystemTime, repairs: u64)
                 ),
             );
         }
-        Some(ContainerStateStatusEnum::RUNNING) => {}
-        Some(ContainerStateStatusEnum::PAUSED) => {
+        ContainerStatus::Running => {}
+        ContainerStatus::Paused => {
             return Outcome::failed(FailureReason::ContainerPaused, "container is paused");
         }
-        Some(ContainerStateStatusEnum::EXITED) => {
+        ContainerStatus::Exited => {
             return Outcome::failed(
                 FailureReason::ContainerExited,
                 format!(
                     "container exited with code {exit_code} at {}; its restart policy does not restart it",
-                    state.finished_at.unwrap_or_default()
+                    inspect.finished_at
                 ),
             );
         }
         other => {
             return Outcome::failed(
                 FailureReason::ContainerNotRunning,
-                format!(
-                    "container is {}",
-                    other.map_or("unknown".into(), |s| s.to_string())
-                ),
+                format!("container is {other}"),
             );
         }
     }
-    let up_for = humantime::parse_rfc3339_weak(&started_at)
+    let up_for = humantime::parse_rfc3339_weak(&inspect.started_at)
         .ok()
         .and_then(|t| now.duration_since(t).ok())
         .unwrap_or(Duration::MAX);
@@ -180,34 +175,30 @@ pub fn assess(inspect: &ContainerInspectResponse, now: SystemTime, repairs: u64)
             ),
         );
     }
-    let health = state
-        .health
-        .and_then(|h| h.status)
-        .filter(|s| *s != HealthStatusEnum::NONE && *s != HealthStatusEnum::EMPTY);
-    match health {
-        Some(HealthStatusEnum::UNHEALTHY) => {
+    match inspect.health {
+        Some(HealthStatus::Unhealthy) => {
             return Outcome::failed(
                 FailureReason::Unhealthy,
                 "the container's healthcheck reports unhealthy",
             );
         }
         // Ready only once the engine says healthy.
-        Some(HealthStatusEnum::STARTING) => {
+        Some(HealthStatus::Starting) => {
             return Outcome::Waiting {
                 message: "running; healthcheck still starting".into(),
                 recheck_after: HEALTH_RECHECK,
             };
         }
-        _ => {}
+        Some(HealthStatus::Healthy) | None => {}
     }
     Outcome::ready(ReadyDetails::Container {
-        container_id: inspect.id.clone().unwrap_or_default(),
-        image_id: inspect.image.clone().unwrap_or_default(),
+        container_id: inspect.id.clone(),
+        image_id: inspect.image_id.clone(),
         image_digest: None,
-        running_since: started_at,
+        running_since: inspect.started_at.clone(),
         restart_count,
         repairs,
-        health: health.map(|h| h.to_string()),
+        health: inspect.health.map(|h| h.to_string()),
     })
 }
 
@@ -215,7 +206,6 @@ pub fn assess(inspect: &ContainerInspectResponse, now: SystemTime, repairs: u64)
 mod tests {
     use super::*;
     use crate::reconcile::Failure;
-    use bollard::models::{ContainerState, Health};
 
     fn listed(id: &str, hash: &str, state: ListedState, created: i64) -> Listed {
         Listed {
@@ -317,26 +307,17 @@ mod tests {
         assert_eq!(n, "flotilla.pi-1.web-nginx.0123456789ab");
     }
 
-    fn inspect(
-        status: ContainerStateStatusEnum,
-        restarts: i64,
-        started: &str,
-    ) -> ContainerInspectResponse {
-        ContainerInspectResponse {
-            id: Some("cid".into()),
-            image: Some("sha256:img".into()),
-            restart_count: Some(restarts),
-            state: Some(ContainerState {
-                status: Some(status),
-                exit_code: Some(3),
-                started_at: Some(started.into()),
-                health: Some(Health {
-                    status: Some(HealthStatusEnum::HEALTHY),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
+    fn inspect(status: ContainerStatus, restarts: u64, started: &str) -> Inspected {
+        Inspected {
+            id: "cid".into(),
+            image_id: "sha256:img".into(),
+            status,
+            exit_code: 3,
+            restart_count: restarts,
+            started_at: started.into(),
+            finished_at: String::new(),
+            created: None,
+            health: Some(HealthStatus::Healthy),
         }
     }
 
@@ -344,11 +325,7 @@ mod tests {
     fn assess_ready_crashloop_and_exit() {
         let now = humantime::parse_rfc3339("2026-11-23T12:00:00Z").unwrap();
         let ready = assess(
-            &inspect(
-                ContainerStateStatusEnum::RUNNING,
-                0,
-                "2026-11-23T11:59:59.5Z",
-            ),
+            &inspect(ContainerStatus::Running, 0, "2026-11-23T11:59:59.5Z"),
             now,
             2,
         );
@@ -374,7 +351,7 @@ mod tests {
         // Restarted and up only briefly: crash loop, with the exit code.
         match assess(
             &inspect(
-                ContainerStateStatusEnum::RUNNING,
+                ContainerStatus::Running,
                 4,
                 "2026-11-23T11:59:58.123456789Z",
             ),
@@ -391,7 +368,7 @@ mod tests {
         // Restarted long ago and stable since: Ready, restarts reported.
         assert!(matches!(
             assess(
-                &inspect(ContainerStateStatusEnum::RUNNING, 4, "2026-11-23T11:00:00Z"),
+                &inspect(ContainerStatus::Running, 4, "2026-11-23T11:00:00Z"),
                 now,
                 0
             ),
@@ -404,18 +381,14 @@ mod tests {
             }
         ));
         assert!(matches!(
-            assess(
-                &inspect(ContainerStateStatusEnum::RESTARTING, 1, ""),
-                now,
-                0
-            ),
+            assess(&inspect(ContainerStatus::Restarting, 1, ""), now, 0),
             Outcome::Failed(Failure {
                 reason: FailureReason::CrashLoopBackOff,
                 ..
             })
         ));
         assert!(matches!(
-            assess(&inspect(ContainerStateStatusEnum::EXITED, 0, ""), now, 0),
+            assess(&inspect(ContainerStatus::Exited, 0, ""), now, 0),
             Outcome::Failed(Failure {
                 reason: FailureReason::ContainerExited,
                 ..
@@ -427,26 +400,23 @@ mod tests {
     fn health_starting_is_waiting_and_unhealthy_failed() {
         let now = humantime::parse_rfc3339("2026-11-23T12:00:00Z").unwrap();
         let with_health = |h| {
-            let mut i = inspect(ContainerStateStatusEnum::RUNNING, 0, "2026-11-23T11:00:00Z");
-            i.state.as_mut().unwrap().health = Some(Health {
-                status: Some(h),
-                ..Default::default()
-            });
+            let mut i = inspect(ContainerStatus::Running, 0, "2026-11-23T11:00:00Z");
+            i.health = h;
             i
         };
         assert!(matches!(
-            assess(&with_health(HealthStatusEnum::STARTING), now, 0),
+            assess(&with_health(Some(HealthStatus::Starting)), now, 0),
             Outcome::Waiting { .. }
         ));
         assert!(matches!(
-            assess(&with_health(HealthStatusEnum::UNHEALTHY), now, 0),
+            assess(&with_health(Some(HealthStatus::Unhealthy)), now, 0),
             Outcome::Failed(Failure {
                 reason: FailureReason::Unhealthy,
                 ..
             })
         ));
         assert!(matches!(
-            assess(&with_health(HealthStatusEnum::NONE), now, 0),
+            assess(&with_health(None), now, 0),
             Outcome::Ready { .. }
         ));
     }

@@ -19,6 +19,10 @@
 //!   read afresh, so the agent never sees a replayed generation;
 //! - a lost race (`WrongLastRevision`) re-reads and retries on fresh state,
 //!   at most [`MAX_ATTEMPTS`] times.
+//!
+//! Both kinds of write go through one loop, `cas`: read the key, decide
+//! (keep what is stored, or write these bytes), `update` against the KV
+//! sequence read, and on a lost race read and decide again.
 
 use async_nats::jetstream::kv::{self, Operation, Store, UpdateErrorKind};
 use bytes::Bytes;
@@ -164,24 +168,69 @@ pub async fn publish_manifest_above(
     signing: &SigningKeys,
 ) -> Result<Published, PublishError> {
     let key = keys::desired_state(agent);
-    let mut manifest = checked(agent, resources)?;
-    for _ in 0..MAX_ATTEMPTS {
-        let current = read(store, &key).await?;
-        let (generation, expected_revision) = match &current {
+    let mut write = ManifestWrite {
+        store,
+        agent,
+        floor,
+        signing,
+        manifest: checked(agent, resources)?,
+    };
+    Ok(match cas(store, &key, &mut write).await? {
+        Cas::Kept(published) => published,
+        Cas::Written(revision) => Published {
+            outcome: PublishOutcome::Written {
+                generation: write.manifest.generation,
+                revision,
+            },
+            manifest: write.manifest,
+        },
+    })
+}
+
+/// The manifest rules of the module docs as a `cas` decision: `manifest`
+/// (the rendering) stands as stored, or is written signed, one generation
+/// above everything that is known of the key.
+struct ManifestWrite<'a> {
+    store: &'a Store,
+    agent: &'a AgentId,
+    floor: Floor,
+    signing: &'a SigningKeys,
+    /// The rendering; after a write, the manifest last written.
+    manifest: AgentManifest,
+}
+
+impl Decide for ManifestWrite<'_> {
+    type Kept = Published;
+
+    async fn decide(
+        &mut self,
+        current: Option<&kv::Entry>,
+    ) -> Result<Step<Published>, PublishError> {
+        let Self {
+            store,
+            agent,
+            floor,
+            signing,
+            manifest,
+        } = self;
+        // The highest generation the new one goes above (with the floor):
+        // the stored one, or when there is no readable manifest whatever can
+        // still be read there and the agent's `observedGeneration`.
+        let above = match current {
             Some(entry) if entry.operation == Operation::Put => {
                 match AgentManifest::from_json(&entry.value) {
-                    Ok(mut stored) if stored.agent_id == *agent => {
+                    Ok(mut stored) if stored.agent_id == **agent => {
                         signing.keep_verified(&entry.value, &mut stored);
                         if floor.stands(&stored, entry.revision, &manifest.resources, signing) {
-                            return Ok(Published {
+                            return Ok(Step::Keep(Published {
                                 outcome: PublishOutcome::Unchanged {
                                     generation: stored.generation,
                                     revision: entry.revision,
                                 },
                                 manifest: stored,
-                            });
+                            }));
                         }
-                        (stored.generation.max(floor.generation) + 1, entry.revision)
+                        stored.generation
                     }
                     // Unreadable or misaddressed: recreate above anything
                     // either side has seen.
@@ -192,54 +241,17 @@ pub async fn publish_manifest_above(
                             .ok()
                             .and_then(|doc| probe_generation(&doc, "generation"))
                             .unwrap_or(0);
-                        let observed = observed_generation(store, agent).await?;
-                        (
-                            stored.max(observed).max(floor.generation) + 1,
-                            entry.revision,
-                        )
+                        stored.max(observed_generation(store, agent).await?)
                     }
                 }
             }
-            // A DEL/PURGE marker: update against the marker's revision.
-            Some(marker) => (
-                observed_generation(store, agent)
-                    .await?
-                    .max(floor.generation)
-                    + 1,
-                marker.revision,
-            ),
-            // Never written: `update` at revision 0 is a create.
-            None => (
-                observed_generation(store, agent)
-                    .await?
-                    .max(floor.generation)
-                    + 1,
-                0,
-            ),
+            // A DEL/PURGE marker, or never written.
+            _ => observed_generation(store, agent).await?,
         };
-        manifest.generation = generation;
-        signing.sign(&mut manifest);
-        match store
-            .update(&key, Bytes::from(manifest.to_json()), expected_revision)
-            .await
-        {
-            Ok(revision) => {
-                return Ok(Published {
-                    outcome: PublishOutcome::Written {
-                        generation,
-                        revision,
-                    },
-                    manifest,
-                });
-            }
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
-            Err(source) => return Err(PublishError::Write { key, source }),
-        }
+        manifest.generation = above.max(floor.generation) + 1;
+        signing.sign(manifest);
+        Ok(Step::Write(Bytes::from(manifest.to_json())))
     }
-    Err(PublishError::Contended {
-        key,
-        attempts: MAX_ATTEMPTS,
-    })
 }
 
 /// [`publish_manifest_above`] for a caller that knows what the key holds: a
@@ -261,21 +273,15 @@ pub async fn publish_manifest_over(
     let generation = known.generation.max(floor.generation) + 1;
     manifest.generation = generation;
     signing.sign(&mut manifest);
-    match store
-        .update(&key, Bytes::from(manifest.to_json()), known.revision)
-        .await
-    {
-        Ok(revision) => Ok(Published {
+    match update(store, &key, Bytes::from(manifest.to_json()), known.revision).await? {
+        Some(revision) => Ok(Published {
             outcome: PublishOutcome::Written {
                 generation,
                 revision,
             },
             manifest,
         }),
-        Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
-            publish_manifest_above(store, agent, manifest.resources, floor, signing).await
-        }
-        Err(source) => Err(PublishError::Write { key, source }),
+        None => publish_manifest_above(store, agent, manifest.resources, floor, signing).await,
     }
 }
 
@@ -350,34 +356,120 @@ pub async fn publish_deployment_status(
     status: &DeploymentStatus,
 ) -> Result<StatusOutcome, PublishError> {
     let key = keys::deployment_status(&status.name);
-    let value = Bytes::from(serde_json::to_vec(status).expect("deployment status serialises"));
-    for _ in 0..MAX_ATTEMPTS {
-        let expected = match read(store, &key).await? {
-            Some(entry) if entry.operation == Operation::Put => {
-                if serde_json::from_slice::<DeploymentStatus>(&entry.value)
-                    .ok()
-                    .as_ref()
-                    == Some(status)
-                {
-                    return Ok(StatusOutcome::Unchanged {
-                        revision: entry.revision,
-                    });
-                }
-                entry.revision
+    let mut write = StatusWrite {
+        status,
+        value: Bytes::from(serde_json::to_vec(status).expect("deployment status serialises")),
+    };
+    Ok(match cas(store, &key, &mut write).await? {
+        Cas::Kept(revision) => StatusOutcome::Unchanged { revision },
+        Cas::Written(revision) => StatusOutcome::Written { revision },
+    })
+}
+
+/// A deployment status as a `cas` decision: the stored value stands when it
+/// reads as `status`; otherwise `value` (`status` serialised) is written.
+struct StatusWrite<'a> {
+    status: &'a DeploymentStatus,
+    value: Bytes,
+}
+
+impl Decide for StatusWrite<'_> {
+    /// The KV sequence of the stored status that stands.
+    type Kept = u64;
+
+    async fn decide(&mut self, current: Option<&kv::Entry>) -> Result<Step<u64>, PublishError> {
+        Ok(match current {
+            Some(entry)
+                if entry.operation == Operation::Put
+                    && serde_json::from_slice::<DeploymentStatus>(&entry.value)
+                        .ok()
+                        .as_ref()
+                        == Some(self.status) =>
+            {
+                Step::Keep(entry.revision)
             }
-            Some(marker) => marker.revision,
-            None => 0,
+            _ => Step::Write(self.value.clone()),
+        })
+    }
+}
+
+/// What a writer makes of its key as `cas` read it: `None` when it was never
+/// written, a DEL/PURGE marker as it is.
+///
+/// A trait rather than an async closure: the daemon's futures must be `Send`,
+/// and rustc cannot yet prove that of a future holding an async closure's
+/// call (rust-lang/rust#139475).
+trait Decide {
+    /// What a decision that keeps the stored value answers.
+    type Kept;
+
+    fn decide(
+        &mut self,
+        current: Option<&kv::Entry>,
+    ) -> impl Future<Output = Result<Step<Self::Kept>, PublishError>> + Send;
+}
+
+/// What a `cas` decision makes of the key as read.
+enum Step<T> {
+    /// What is stored stands: nothing is written, and `T` is the answer.
+    Keep(T),
+    /// Write these bytes over what was read.
+    Write(Bytes),
+}
+
+/// What `cas` did.
+#[derive(Debug, PartialEq, Eq)]
+enum Cas<T> {
+    /// The decision kept what was stored.
+    Kept(T),
+    /// The bytes of the last decision were written at this KV sequence.
+    Written(u64),
+}
+
+/// The one compare-and-swap loop of this module: reads `key`, asks `writer`
+/// what to make of it, and writes its bytes with `update` against the KV
+/// sequence just read (a DEL/PURGE marker's, or 0 — a create — when the key
+/// was never written). A lost race re-reads and decides again on fresh
+/// state, at most [`MAX_ATTEMPTS`] times, then is [`PublishError::Contended`].
+async fn cas<D: Decide + Send>(
+    store: &Store,
+    key: &str,
+    writer: &mut D,
+) -> Result<Cas<D::Kept>, PublishError> {
+    for _ in 0..MAX_ATTEMPTS {
+        let current = read(store, key).await?;
+        let value = match writer.decide(current.as_ref()).await? {
+            Step::Keep(kept) => return Ok(Cas::Kept(kept)),
+            Step::Write(value) => value,
         };
-        match store.update(&key, value.clone(), expected).await {
-            Ok(revision) => return Ok(StatusOutcome::Written { revision }),
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
-            Err(source) => return Err(PublishError::Write { key, source }),
+        let expected = current.map_or(0, |entry| entry.revision);
+        if let Some(revision) = update(store, key, value, expected).await? {
+            return Ok(Cas::Written(revision));
         }
     }
     Err(PublishError::Contended {
-        key,
+        key: key.to_owned(),
         attempts: MAX_ATTEMPTS,
     })
+}
+
+/// `value` written at `key` if its last KV sequence still is `expected`
+/// (0: the key was never written): the new sequence, or `None` when another
+/// writer got there first (`WrongLastRevision`).
+async fn update(
+    store: &Store,
+    key: &str,
+    value: Bytes,
+    expected: u64,
+) -> Result<Option<u64>, PublishError> {
+    match store.update(key, value, expected).await {
+        Ok(revision) => Ok(Some(revision)),
+        Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
+        Err(source) => Err(PublishError::Write {
+            key: key.to_owned(),
+            source,
+        }),
+    }
 }
 
 /// Removes the status of a deployment that no longer exists (a DEL marker,
@@ -429,6 +521,75 @@ mod tests {
         assert_eq!(reported_floor(b"{not json"), Floor::default());
         let absurd = br#"{"manifestGeneration":3,"observedGeneration":18446744073709551615}"#;
         assert_eq!(reported_floor(absurd).generation, 3, "not believed");
+    }
+
+    /// Writes "mine", but another writer puts the key between each of the
+    /// first `races` reads and the write that follows.
+    struct Raced<'a> {
+        store: &'a Store,
+        races: usize,
+        /// The value each decision was shown.
+        seen: Vec<Option<Bytes>>,
+    }
+
+    const KEY: &str = "deployment-status.web";
+
+    impl Decide for Raced<'_> {
+        type Kept = ();
+
+        async fn decide(&mut self, current: Option<&kv::Entry>) -> Result<Step<()>, PublishError> {
+            self.seen.push(current.map(|e| e.value.clone()));
+            if self.seen.len() <= self.races {
+                let racer = format!("racer {}", self.seen.len());
+                self.store.put(KEY, racer.into()).await.unwrap();
+            }
+            Ok(Step::Write(Bytes::from_static(b"mine")))
+        }
+    }
+
+    #[tokio::test]
+    async fn cas_decides_again_after_each_lost_race_then_gives_up() {
+        let server = testbed::NatsServer::start();
+        let js = async_nats::jetstream::new(server.client().await);
+        let store = crate::bucket::ensure_bucket(&js, &manifest_types::BucketName::default())
+            .await
+            .expect("fleet bucket");
+
+        let mut always = Raced {
+            store: &store,
+            races: MAX_ATTEMPTS,
+            seen: Vec::new(),
+        };
+        let done = cas(&store, KEY, &mut always).await;
+        assert!(
+            matches!(
+                done,
+                Err(PublishError::Contended {
+                    attempts: MAX_ATTEMPTS,
+                    ..
+                })
+            ),
+            "{done:?}"
+        );
+        assert_eq!(always.seen.len(), MAX_ATTEMPTS, "one decision per attempt");
+        assert_eq!(always.seen[0], None, "never written");
+        for (i, value) in always.seen.iter().enumerate().skip(1) {
+            assert_eq!(value.as_deref(), Some(format!("racer {i}").as_bytes()));
+        }
+
+        // One lost race: the second decision sees the racer's value and the
+        // write lands above it.
+        let mut once = Raced {
+            store: &store,
+            races: 1,
+            seen: Vec::new(),
+        };
+        let done = cas(&store, KEY, &mut once).await.unwrap();
+        let stored = store.entry(KEY).await.unwrap().unwrap();
+        assert_eq!(done, Cas::Written(stored.revision));
+        assert_eq!(stored.value.as_ref(), b"mine");
+        assert_eq!(once.seen.len(), 2);
+        assert_eq!(once.seen[1].as_deref(), Some(b"racer 1".as_slice()));
     }
 
     #[test]

@@ -37,7 +37,9 @@ use bytes::Bytes;
 use flotilla_agent::Config;
 use futures::StreamExt;
 use manifest_types::signing::{Signer, Trust};
-use manifest_types::{AgentId, AgentStatus, BucketName, ConditionType, HeartbeatSettings, keys};
+use manifest_types::{
+    AgentId, AgentStatus, BucketName, DeploymentName, HeartbeatSettings, LocalId, ResourceId, keys,
+};
 use serde_json::json;
 use testbed::NatsServer;
 use tokio::sync::{oneshot, watch};
@@ -47,6 +49,10 @@ const DEVICE_STORAGE: &str = "/dev/shm";
 
 /// The fleet-wide heartbeat cap the control plane is started with.
 const MAX_RATE: u64 = 500;
+
+/// The benchmark's Deployment and the one resource it renders for each agent.
+const DEPLOYMENT: &str = "bench";
+const RESOURCE: &str = "config";
 
 pub async fn run() -> anyhow::Result<()> {
     let sizes = testbed::bench_list("--agents", "100,1000,10000");
@@ -399,25 +405,25 @@ async fn published_interval(store: &Store) -> anyhow::Result<Duration> {
     Ok(serde_json::from_slice::<HeartbeatSettings>(&entry)?.interval())
 }
 
-/// The revision every resource of a status is Ready at (the agent Ready);
-/// 0 for an agent Ready with no resources ("registered").
+/// The revision of the benchmark's deployment that an agent's status, just
+/// received, shows it converged on ([`crate::converged_on_revision`]); 0 for
+/// an agent that reports none of its resources and is converged on the
+/// manifest it accepted, its first or a later one ("registered",
+/// [`AgentStatus::converged_on`]).
 fn converged_revision(bytes: &[u8]) -> Option<u64> {
-    let s = serde_json::from_slice::<AgentStatus>(bytes).ok()?;
-    if !s.condition_true(ConditionType::Ready) || s.manifest_generation == 0 {
-        return None;
-    }
-    let mut revisions = s.resources.values().map(|r| {
-        r.state
-            .is_ready()
-            .then(|| r.source.as_ref().map(|src| src.revision))
-            .flatten()
-    });
-    match revisions.next() {
-        None => Some(0),
-        Some(first) => match revisions.try_fold(first, |a, b| (a == b).then_some(a)) {
-            Some(Some(r)) => Some(r),
-            _ => None,
-        },
+    let status = serde_json::from_slice::<AgentStatus>(bytes).ok()?;
+    let name = DeploymentName::new(DEPLOYMENT).expect("a valid deployment name");
+    let local = LocalId::new(RESOURCE).expect("a valid resource id");
+    let resources = [ResourceId::rendered(&name, &local)];
+    match status
+        .resources
+        .get(&resources[0])
+        .and_then(|r| r.source.as_ref())
+    {
+        Some(at) => crate::converged_on_revision(&status, &name, &resources, at.revision)
+            .then_some(at.revision),
+        None => (status.manifest_generation > 0 && status.converged_on(status.manifest_generation))
+            .then_some(0),
     }
 }
 
@@ -429,7 +435,8 @@ pub(crate) struct Converged {
 }
 
 impl Converged {
-    /// Agents' statuses: the revision every resource is Ready at.
+    /// Agents' statuses: the revision of the benchmark's deployment each is
+    /// converged on ([`converged_revision`]).
     pub(crate) async fn watch(store: &Store) -> anyhow::Result<Self> {
         Self::track(store, keys::ACTUAL_STATE, converged_revision).await
     }
@@ -653,10 +660,10 @@ fn deployment(files: &Path, i: usize) -> Bytes {
 /// [`deployment`] as a JSON value, to add to.
 pub(crate) fn deployment_value(files: &Path, i: usize) -> serde_json::Value {
     json!({
-        "apiVersion": "flotilla.dev/v1", "kind": "Deployment", "name": "bench",
+        "apiVersion": "flotilla.dev/v1", "kind": "Deployment", "name": DEPLOYMENT,
         "selector": {"matchLabels": {"bench": "fleet"}},
         "resources": [
-            {"id": "config", "kind": "File", "spec": {
+            {"id": RESOURCE, "kind": "File", "spec": {
                 "path": format!("{}/${{agent.id}}.conf", files.display()),
                 "content": format!("update = {i}\n")}}
         ]

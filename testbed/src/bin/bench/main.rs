@@ -31,7 +31,8 @@ use async_nats::jetstream::kv::Store;
 use bytes::Bytes;
 use flotilla_agent::Config;
 use futures::StreamExt;
-use manifest_types::{AgentId, AgentStatus, BucketName, keys};
+use manifest_types::convergence::{AgentReport, Target, Thresholds, assess};
+use manifest_types::{AgentId, AgentStatus, BucketName, DeploymentName, ResourceId, keys};
 use serde_json::json;
 use testbed::NatsServer;
 use tokio::sync::oneshot;
@@ -222,8 +223,14 @@ fn deployment(agent: &AgentId, i: usize, root: &std::path::Path) -> Bytes {
     )
 }
 
-/// Waits until `agent` reports every resource of deployment revision `revision` Ready.
+/// Waits until `agent` is converged on revision `revision` of the
+/// deployment [`deployment`] puts ([`converged_on_revision`]).
 async fn wait_deployment(store: &Store, agent: &AgentId, revision: u64) -> anyhow::Result<()> {
+    let name = DeploymentName::new("bench")?;
+    let resources = [
+        ResourceId::new("bench/config")?,
+        ResourceId::new("bench/motd")?,
+    ];
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut watch = store.watch_with_history(keys::actual_state(agent)).await?;
     loop {
@@ -233,18 +240,39 @@ async fn wait_deployment(store: &Store, agent: &AgentId, revision: u64) -> anyho
             .with_context(|| format!("deployment revision {revision} did not converge in 10 s"))?
             .context("watch ended")??;
         if let Ok(s) = serde_json::from_slice::<AgentStatus>(&entry.value)
-            && s.condition_true(manifest_types::ConditionType::Ready)
-            && !s.resources.is_empty()
-            && s.resources.values().all(|r| {
-                r.state.is_ready()
-                    && r.source
-                        .as_ref()
-                        .is_some_and(|src| src.revision == revision)
-            })
+            && converged_on_revision(&s, &name, &resources, revision)
         {
             return Ok(());
         }
     }
+}
+
+/// Whether `status`, just received, shows its agent converged on revision
+/// `revision` of `deployment`, which renders `resources` for it: the one
+/// convergence rule ([`assess`] for [`Target::Deployment`]) applied as
+/// [`AgentStatus::converged_on`] applies it to a status just received (its
+/// arrival is the liveness proof). A status does not say which manifest
+/// generation carried the revision; the one the agent accepted stands in for
+/// it, as a status reporting the revision's resources was written on that
+/// generation or a later one.
+pub(crate) fn converged_on_revision(
+    status: &AgentStatus,
+    deployment: &DeploymentName,
+    resources: &[ResourceId],
+    revision: u64,
+) -> bool {
+    let report = AgentReport {
+        status: Some(status),
+        heartbeat_age: Some(Duration::ZERO),
+        ..Default::default()
+    };
+    let target = Target::Deployment {
+        name: deployment,
+        revision,
+        generation: status.manifest_generation,
+        resources,
+    };
+    assess(&report, target, &Thresholds::default()).is_converged()
 }
 
 pub(crate) fn percentile(samples: &mut [Duration], p: usize) -> Duration {

@@ -17,7 +17,11 @@
 //!   only the agents whose labels, values (`values.<id>`), stored manifest
 //!   or report changed. It replaces any desired-state value it did not
 //!   write, keeps `settings.heartbeat` sized to the fleet, and recreates a
-//!   deleted bucket and relists.
+//!   deleted bucket and relists. Inside (ADR 0020): the fleet view (the KV
+//!   cache), the render memo and the rollouts as separate parts; a pass is
+//!   planned without I/O (`plan`: which manifests at which generation,
+//!   which statuses, history and settings, which rollout steps) and then
+//!   executed (`execute`).
 //!   Entry points: [`daemon::run`] (connect, check the bucket, loop until
 //!   shutdown) and [`daemon::run_with_store`] for callers that already hold
 //!   the bucket; both take a shutdown future, so tests run exactly the

@@ -56,6 +56,12 @@ impl Floor {
         generation >= self.generation && self.replayed_revision != Some(revision)
     }
 
+    /// The generation a new manifest is written at over a stored one at
+    /// `generation`: one above both.
+    pub fn next_above(&self, generation: u64) -> u64 {
+        generation.max(self.generation) + 1
+    }
+
     /// Whether `stored` (at KV sequence `revision`, addressed to the agent) is the
     /// control plane's own rendering of `resources`, signed by exactly
     /// `signing`'s keys, that the agent can accept, so it stands and nothing
@@ -248,7 +254,7 @@ impl Decide for ManifestWrite<'_> {
             // A DEL/PURGE marker, or never written.
             _ => observed_generation(store, agent).await?,
         };
-        manifest.generation = above.max(floor.generation) + 1;
+        manifest.generation = floor.next_above(above);
         signing.sign(manifest);
         Ok(Step::Write(Bytes::from(manifest.to_json())))
     }
@@ -270,7 +276,7 @@ pub async fn publish_manifest_over(
 ) -> Result<Published, PublishError> {
     let key = keys::desired_state(agent);
     let mut manifest = checked(agent, resources)?;
-    let generation = known.generation.max(floor.generation) + 1;
+    let generation = floor.next_above(known.generation);
     manifest.generation = generation;
     signing.sign(&mut manifest);
     match update(store, &key, Bytes::from(manifest.to_json()), known.revision).await? {

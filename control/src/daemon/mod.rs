@@ -7,10 +7,19 @@
 //!           settings.heartbeat, settings.rollout)
 //!        │ entries, drained in bursts
 //!        ▼
-//!   State::apply ──(render may change?)──▶ reconcile::reconcile
-//!                                            render → publish manifests (CAS)
-//!                                            → deployment statuses → orphans
+//!   State::apply_entry ──(pass needed?)──▶ execute::pass
+//!     (view, render memo, rollouts)          plan::plan_manifests (pure)
+//!                                            → write manifests (CAS)
+//!                                            plan::plan_records (pure)
+//!                                            → statuses, history, heartbeat
+//!                                              settings, orphans
 //! ```
+//!
+//! Layout: `view` (the fleet view: what the bucket holds), `state` (the view,
+//! the render memo and the rollouts together, fed by the watch), `plan` (what
+//! a pass writes, decided without I/O), `execute` (a pass performed, its
+//! outcome taken back), `rollouts` (starting, judging, history), `metrics`,
+//! and this module, the event loop.
 //!
 //! - The watch delivers the current value of every key first; nothing is
 //!   rendered before that replay is through (an entry with `delta == 0`), so a
@@ -43,10 +52,12 @@
 //!   again with its RePublish rule and relists; a watch resumed on the new
 //!   stream would skip its history, because KV sequences restart at 1.
 
+mod execute;
 mod metrics;
-mod reconcile;
+mod plan;
 mod rollouts;
 mod state;
+mod view;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -171,7 +182,7 @@ pub async fn run_with_store(
         match crate::bucket::ensure_heartbeat_bucket(&js, &config.bucket).await {
             Ok(h) => break h,
             Err(error) => {
-                tracing::warn!(error = %reconcile::error_chain(&error), "cannot open the heartbeat bucket; retrying");
+                tracing::warn!(error = %execute::error_chain(&error), "cannot open the heartbeat bucket; retrying");
                 tokio::select! {
                     _ = &mut shutdown => return,
                     _ = tokio::time::sleep(config.retry_after) => {}
@@ -188,16 +199,13 @@ pub async fn run_with_store(
     let mut advisories = match js.client().subscribe(advisory_subject).await {
         Ok(s) => Some(s),
         Err(error) => {
-            tracing::warn!(error = %reconcile::error_chain(&error), "cannot subscribe to stream advisories; relying on the periodic bucket check");
+            tracing::warn!(error = %execute::error_chain(&error), "cannot subscribe to stream advisories; relying on the periodic bucket check");
             None
         }
     };
     let mut store = store;
     let mut created = store.status().await.ok().map(|s| s.info.created);
-    let mut state = State {
-        signing: config.signing.clone(),
-        ..State::default()
-    };
+    let mut state = State::new(config.signing.clone());
     let mut first = true;
     'relist: loop {
         if !std::mem::take(&mut first) {
@@ -211,7 +219,7 @@ pub async fn run_with_store(
         let mut watch = match watch {
             Ok(w) => w,
             Err(error) => {
-                tracing::warn!(error = %reconcile::error_chain(&error), "cannot watch the fleet bucket; retrying");
+                tracing::warn!(error = %execute::error_chain(&error), "cannot watch the fleet bucket; retrying");
                 tokio::select! {
                     _ = &mut shutdown => return,
                     _ = tokio::time::sleep(config.retry_after) => continue,
@@ -250,7 +258,7 @@ pub async fn run_with_store(
                                 replayed |= entry.delta == 0;
                                 seen = seen.max(entry.revision);
                             }
-                            Err(error) => tracing::warn!(error = %reconcile::error_chain(&error), "fleet watch error; it recovers on its own"),
+                            Err(error) => tracing::warn!(error = %execute::error_chain(&error), "fleet watch error; it recovers on its own"),
                         }
                         next = watch.next().now_or_never().flatten();
                     }
@@ -274,7 +282,7 @@ pub async fn run_with_store(
                             Some(_) => {}
                             None => created = Some(info.created),
                         },
-                        Err(error) => tracing::warn!(error = %reconcile::error_chain(&error), "cannot check the fleet bucket; retrying"),
+                        Err(error) => tracing::warn!(error = %execute::error_chain(&error), "cannot check the fleet bucket; retrying"),
                     }
                 }
                 // Cancel-safe: a timer.
@@ -285,10 +293,14 @@ pub async fn run_with_store(
                 // Cancel-safe: a timer; the judgement runs after the select.
                 _ = tokio::time::sleep_until(judge_at.unwrap_or_else(Instant::now)), if judge_at.is_some() => {
                     judge_at = None;
-                    state.rollout_due = true;
+                    state.rollouts.due = true;
                 }
             }
-            if replayed && state.rollout_due && state.rolling() && state.rendered.is_some() {
+            if replayed
+                && state.rollouts.due
+                && state.rollouts.rolling()
+                && state.memo.rendered.is_some()
+            {
                 let due = judged_at + gap;
                 if Instant::now() < due {
                     judge_at = Some(judge_at.map_or(due, |at| at.min(due)));
@@ -298,7 +310,7 @@ pub async fn run_with_store(
                     {
                         Ok(moved) => dirty |= moved,
                         Err(error) => {
-                            tracing::warn!(error = %reconcile::error_chain(&error), "cannot read the fleet to judge rollouts; retrying")
+                            tracing::warn!(error = %execute::error_chain(&error), "cannot read the fleet to judge rollouts; retrying")
                         }
                     }
                     gap = (judged_at.elapsed() * 2).max(MIN_JUDGE_GAP);
@@ -307,7 +319,7 @@ pub async fn run_with_store(
             }
             if replayed && dirty {
                 dirty = false;
-                let report = reconcile::reconcile(
+                let report = execute::pass(
                     &mut state,
                     &store,
                     config.publish_concurrency,
@@ -332,7 +344,7 @@ pub async fn run_with_store(
                     retry_at = None;
                 }
             }
-            if replayed && state.rolling() && state.rollout_due {
+            if replayed && state.rollouts.rolling() && state.rollouts.due {
                 // A pass started a rollout: judge it at once.
                 judge_at = Some(judged_at + gap);
             }

@@ -1,31 +1,105 @@
-//! The daemon's side of staged rollouts (docs/adr/0016): starting a
-//! rollout when a deployment with a policy gets a new revision
-//! ([`prepare`]), judging rollouts on every agent's status and heartbeat
-//! ([`judge`], the decisions being the pure
-//! [`crate::rollout`]), and keeping each deployment's history
-//! (`revisions.<name>.<revision>`, [`record_history`]).
+//! The daemon's side of staged rollouts (docs/adr/0016): the [`Rollouts`]
+//! in progress, starting a rollout when a deployment with a policy gets a
+//! new revision ([`prepare`], part of a pass's plan), judging rollouts on
+//! every agent's status and heartbeat ([`judge`]: [`observe`] reads,
+//! [`steps`] decides — the decisions being the pure [`crate::rollout`] —
+//! and the state adopts them), and the history records a pass writes
+//! (`revisions.<name>.<revision>`, [`plan_history`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, SystemTime};
 
-use async_nats::jetstream::kv::{self, Store};
+use async_nats::jetstream::kv::{Entry, Operation, Store};
 use manifest_types::convergence::{self, AgentReport, Target, Thresholds, Verdict};
 use manifest_types::rollout::RevisionRecord;
-use manifest_types::{AgentId, ApiVersion, DeploymentName, ResourceId, keys};
+use manifest_types::{AgentId, ApiVersion, Deployment, DeploymentName, ResourceId, keys};
 
-use super::state::{State, Tracked};
+use super::state::State;
+use super::view::FleetView;
 use crate::rollout::{self, Judge, Run};
 
 static NO_LABELS: crate::render::Labels = crate::render::Labels::new();
 
-/// Starts a rollout for every deployment whose policy applies and whose
-/// revision has none yet, continuing a stored one after a restart; drops
-/// the rollouts of deployments gone, and of new revisions without a policy
-/// (a rollout in progress keeps the policy it started with).
-pub(crate) fn prepare(state: &mut State) {
-    let mut runs = std::mem::take(&mut state.runs);
+/// Rollouts in progress, and what judging them reads.
+#[derive(Debug, Default)]
+pub(crate) struct Rollouts {
+    /// Rollouts in progress (or finished, until the next revision).
+    pub runs: BTreeMap<DeploymentName, Run>,
+    /// Something a rollout's judgement depends on changed (an agent's
+    /// status, a switch, a new rollout).
+    pub due: bool,
+    /// While a rollout is in progress: every agent's status as last seen
+    /// (seeded by one read, then kept current by the watch), so a
+    /// judgement reads only heartbeats. None otherwise (no memory spent).
+    pub tracked: Option<BTreeMap<AgentId, Tracked>>,
+    /// The last heartbeat read for judging rollouts, and when (monotonic).
+    pub beats: Option<(tokio::time::Instant, flotilla_nats::Snapshot)>,
+}
+
+impl Rollouts {
+    /// After a relist: the rollouts carry on and are judged at once.
+    pub fn relist(self) -> Self {
+        Self {
+            runs: self.runs,
+            due: true,
+            ..Self::default()
+        }
+    }
+
+    /// Whether a rollout is still to be judged (not Complete or RolledBack).
+    pub fn rolling(&self) -> bool {
+        self.runs.values().any(|r| !r.status.phase.is_final())
+    }
+}
+
+/// An agent's status as the watch last delivered it.
+#[derive(Debug)]
+pub(crate) struct Tracked {
+    pub revision: u64,
+    /// Server time of the write.
+    pub created: SystemTime,
+    /// None: deleted or unreadable.
+    pub status: Option<manifest_types::AgentStatus>,
+}
+
+impl Tracked {
+    /// Records `entry` unless a newer value is already held.
+    pub fn record(map: &mut BTreeMap<AgentId, Tracked>, agent: AgentId, entry: &Entry) {
+        if map
+            .get(&agent)
+            .is_some_and(|t| t.revision >= entry.revision)
+        {
+            return;
+        }
+        let status = (entry.operation == Operation::Put)
+            .then(|| serde_json::from_slice(&entry.value).ok())
+            .flatten();
+        map.insert(
+            agent,
+            Tracked {
+                revision: entry.revision,
+                created: SystemTime::from(entry.created),
+                status,
+            },
+        );
+    }
+}
+
+/// The rollouts after this pass: one started for every deployment whose
+/// policy applies and whose revision has none yet, a stored one continued
+/// after a restart; those of deployments gone, and of new revisions without
+/// a policy, dropped (a rollout in progress keeps the policy it started
+/// with). True when a rollout was started or continued. `created` is the
+/// creation order the pass resolves for deployments not yet rendered.
+pub(crate) fn prepare(
+    fleet: &FleetView,
+    created: &BTreeMap<DeploymentName, u64>,
+    runs: &BTreeMap<DeploymentName, Run>,
+) -> (BTreeMap<DeploymentName, Run>, bool) {
+    let mut runs = runs.clone();
     let mut due = false;
-    runs.retain(|name, _| state.deployments.contains_key(name));
-    for (name, d) in &state.deployments {
+    runs.retain(|name, _| fleet.deployments.contains_key(name));
+    for (name, d) in &fleet.deployments {
         let Ok(doc) = &d.document else { continue };
         // A rollout keeps the policy it started with, whatever happens to
         // the deployment's or the fleet's policy meanwhile.
@@ -36,17 +110,18 @@ pub(crate) fn prepare(state: &mut State) {
             continue;
         }
         // Its own policy, else the fleet's default.
-        let Some(policy) = doc.rollout.as_ref().or(state.default_rollout.as_ref()) else {
+        let Some(policy) = doc.rollout.as_ref().or(fleet.default_rollout.as_ref()) else {
             runs.remove(name);
             continue;
         };
         // A stored status of a deployment deleted and created again is
         // another deployment's: not continued, not a base.
-        let stored = state
+        let created_revision = d.created_revision.or_else(|| created.get(name).copied());
+        let stored = fleet
             .statuses
             .get(name)
             .and_then(|w| w.value.as_ref())
-            .filter(|s| d.created_revision.is_none_or(|c| c == s.created_revision));
+            .filter(|s| created_revision.is_none_or(|c| c == s.created_revision));
         let stored_rollout = stored.and_then(|s| s.rollout.as_ref());
         due = true;
         // A restarted control plane continues where the last one stopped.
@@ -69,13 +144,12 @@ pub(crate) fn prepare(state: &mut State) {
             // Already rendered to every target at once.
             continue;
         }
-        let control = state.controls.get(name).copied().unwrap_or_default();
+        let control = fleet.controls.get(name).copied().unwrap_or_default();
         let run = rollout::start(d.revision, policy, previous, rendered, control);
         tracing::info!(deployment = %name, revision = d.revision, from = ?run.status.from, "starting a rollout");
         runs.insert(name.clone(), run);
     }
-    state.runs = runs;
-    state.rollout_due |= due;
+    (runs, due)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,12 +167,29 @@ pub(crate) async fn judge(
     heartbeats: &Store,
     thresholds: &Thresholds,
 ) -> Result<bool, JudgeError> {
-    state.rollout_due = false;
-    let Some(rendered) = &state.rendered else {
+    state.rollouts.due = false;
+    if state.memo.rendered.is_none() {
         return Ok(false);
-    };
-    if state.tracked.is_none() {
-        // Seed: every status once; the watch keeps them current from here.
+    }
+    observe(&mut state.rollouts, store, heartbeats).await?;
+    let since = state
+        .rollouts
+        .beats
+        .as_ref()
+        .map_or(Duration::ZERO, |(read_at, _)| read_at.elapsed());
+    let steps = steps(state, since, thresholds);
+    Ok(adopt(state, steps))
+}
+
+/// Reads what judging needs: every agent's status once (the watch keeps
+/// them current from then on) and, at most every [`BEATS_REFRESH`], the
+/// heartbeats.
+pub(crate) async fn observe(
+    rollouts: &mut Rollouts,
+    store: &Store,
+    heartbeats: &Store,
+) -> Result<(), JudgeError> {
+    if rollouts.tracked.is_none() {
         let snapshot = flotilla_nats::read_family(store, keys::ACTUAL_STATE).await?;
         let mut tracked = BTreeMap::new();
         for (id, entry) in snapshot.family(keys::ACTUAL_STATE) {
@@ -106,25 +197,42 @@ pub(crate) async fn judge(
                 Tracked::record(&mut tracked, agent, entry);
             }
         }
-        state.tracked = Some(tracked);
+        rollouts.tracked = Some(tracked);
     }
-    // Heartbeats: read at most every BEATS_REFRESH (liveness moves in
-    // heartbeat intervals, not milliseconds); between reads, the server's
-    // clock and every age are carried forward by the monotonic clock, so no
-    // age looks younger than it is.
-    let fresh = state
+    // Liveness moves in heartbeat intervals, not milliseconds; between
+    // reads, the server's clock and every age are carried forward by the
+    // monotonic clock (`since` in [`steps`]), so no age looks younger than
+    // it is.
+    let fresh = rollouts
         .beats
         .as_ref()
         .is_some_and(|(at, _)| at.elapsed() < BEATS_REFRESH);
     if !fresh {
         let snapshot = flotilla_nats::read_family(heartbeats, keys::HEARTBEAT).await?;
-        state.beats = Some((tokio::time::Instant::now(), snapshot));
+        rollouts.beats = Some((tokio::time::Instant::now(), snapshot));
     }
-    let (read_at, snapshot) = state.beats.as_ref().expect("read above");
-    let since = read_at.elapsed();
+    Ok(())
+}
+
+/// The next step of every rollout in progress that moves, decided on the
+/// fleet view, the last render and what [`observe`] read, `since` that read
+/// (no I/O; the decisions are [`crate::rollout`]'s).
+pub(crate) fn steps(
+    state: &State,
+    since: Duration,
+    thresholds: &Thresholds,
+) -> BTreeMap<DeploymentName, Run> {
+    let mut steps = BTreeMap::new();
+    let (Some(rendered), Some((_, snapshot)), Some(tracked)) = (
+        &state.memo.rendered,
+        &state.rollouts.beats,
+        &state.rollouts.tracked,
+    ) else {
+        return steps;
+    };
+    let fleet = &state.fleet;
     let now = snapshot.server_time + since;
     let beats = flotilla_nats::AgentReports::from_snapshot(snapshot);
-    let tracked = state.tracked.as_ref().expect("seeded above");
     let report = |agent: &AgentId| -> AgentReport<'_> {
         let heard = beats.report(agent);
         let held = tracked.get(agent);
@@ -135,13 +243,11 @@ pub(crate) async fn judge(
             ..heard
         }
     };
-    let mut changed = false;
-    let mut runs = std::mem::take(&mut state.runs);
-    for (name, run) in &mut runs {
+    for (name, run) in &state.rollouts.runs {
         if run.status.phase.is_final() {
             continue;
         }
-        let Some(record) = state.deployments.get(name) else {
+        let Some(record) = fleet.deployments.get(name) else {
             continue;
         };
         let (Ok(doc), Some(render)) = (&record.document, rendered.deployments.get(name)) else {
@@ -151,7 +257,7 @@ pub(crate) async fn judge(
         if record.revision != run.status.revision {
             continue;
         }
-        let history = state.history.get(name);
+        let history = fleet.history.get(name);
         // Resource ids per revision, as each agent's manifest carries them.
         let mut ids: BTreeMap<u64, Vec<ResourceId>> = BTreeMap::new();
         ids.insert(record.revision, convergence::deployment_resources(doc));
@@ -162,7 +268,7 @@ pub(crate) async fn judge(
         let current: BTreeMap<&AgentId, Option<u64>> = render
             .targets
             .iter()
-            .map(|a| (a, current_revision(state, a, name)))
+            .map(|a| (a, crate::render::current_revision(fleet.stored(a), name)))
             .collect();
         // Wave selectors see the labels the deployment's selector sees.
         let labels: Vec<_> = render
@@ -170,8 +276,8 @@ pub(crate) async fn judge(
             .iter()
             .map(|a| {
                 doc.selector.labels(
-                    state.labels.get(a).unwrap_or(&NO_LABELS),
-                    state.registered.get(a).unwrap_or(&NO_LABELS),
+                    fleet.labels.get(a).unwrap_or(&NO_LABELS),
+                    fleet.registered.get(a).unwrap_or(&NO_LABELS),
                 )
             })
             .collect();
@@ -229,7 +335,7 @@ pub(crate) async fn judge(
                 .cloned()
                 .collect();
             // The generation carrying the revision, once written.
-            let generation = match state.desired.get(agent).and_then(|w| w.value.as_ref()) {
+            let generation = match fleet.stored(agent) {
                 Some(m) if current.get(agent) == Some(&Some(revision)) || expected.is_empty() => {
                     m.generation
                 }
@@ -248,33 +354,43 @@ pub(crate) async fn judge(
         };
         let judge = Judge {
             name,
-            control: state.controls.get(name).copied().unwrap_or_default(),
+            control: fleet.controls.get(name).copied().unwrap_or_default(),
             targets: &targets,
             history: |r: u64| history.is_some_and(|h| h.contains_key(&r)),
             verdict,
             now,
         };
         let next = judge.step(run.clone());
-        if renders_differently(&next, run) {
-            state.dirty.all = true;
-        }
         if next != *run {
-            if next.status.phase != run.status.phase || next.status.wave != run.status.wave {
-                tracing::info!(deployment = %name, revision = next.status.revision, phase = %next.status.phase,
-                    wave = next.status.wave, waves = next.status.waves, message = next.status.message.as_deref().unwrap_or_default(),
-                    "rollout moved on");
-            }
-            changed = true;
-            *run = next;
+            steps.insert(name.clone(), next);
         }
     }
-    state.runs = runs;
-    if !state.rolling() {
-        // Nothing left to judge: stop holding statuses.
-        state.tracked = None;
-        state.beats = None;
+    steps
+}
+
+/// Takes the rollouts' steps into the state; true when any moved.
+pub(crate) fn adopt(state: &mut State, steps: BTreeMap<DeploymentName, Run>) -> bool {
+    let changed = !steps.is_empty();
+    for (name, next) in steps {
+        let Some(run) = state.rollouts.runs.get_mut(&name) else {
+            continue;
+        };
+        if renders_differently(&next, run) {
+            state.memo.dirty.all = true;
+        }
+        if next.status.phase != run.status.phase || next.status.wave != run.status.wave {
+            tracing::info!(deployment = %name, revision = next.status.revision, phase = %next.status.phase,
+                wave = next.status.wave, waves = next.status.waves, message = next.status.message.as_deref().unwrap_or_default(),
+                "rollout moved on");
+        }
+        *run = next;
     }
-    Ok(changed)
+    if !state.rollouts.rolling() {
+        // Nothing left to judge: stop holding statuses.
+        state.rollouts.tracked = None;
+        state.rollouts.beats = None;
+    }
+    changed
 }
 
 /// Whether the fleet must be rendered again: an agent released, a phase or
@@ -287,12 +403,6 @@ fn renders_differently(a: &Run, b: &Run) -> bool {
         || a.status.from != b.status.from
 }
 
-/// The revision of `deployment` the agent's stored manifest carries.
-fn current_revision(state: &State, agent: &AgentId, deployment: &DeploymentName) -> Option<u64> {
-    let stored = state.desired.get(agent).and_then(|w| w.value.as_ref());
-    crate::render::current_revision(stored, deployment)
-}
-
 /// How old a heartbeat read may be when a rollout is judged.
 const BEATS_REFRESH: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -300,22 +410,28 @@ const BEATS_REFRESH: std::time::Duration = std::time::Duration::from_millis(250)
 /// ones a rollout in progress renders from).
 pub const HISTORY_LIMIT: usize = 10;
 
-/// Records every deployment revision not yet in its history, with a
-/// one-line summary of the change from the revision before, and trims the
-/// history to [`HISTORY_LIMIT`] (never a revision a rollout renders from);
-/// a deleted deployment's history goes with it. Returns the failures.
-pub(crate) async fn record_history(state: &mut State, store: &Store) -> Vec<String> {
-    let mut failures = Vec::new();
-    for (name, d) in &state.deployments {
+/// What a pass writes to the deployments' histories.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct HistoryPlan {
+    /// New revisions to record, with the document each records.
+    pub records: Vec<(RevisionRecord, Deployment)>,
+    /// Revisions to purge, once every record above is written.
+    pub trims: Vec<(DeploymentName, u64)>,
+}
+
+/// Every deployment revision not yet in its history, with a one-line
+/// summary of the change from the revision before, and the trims that keep
+/// each history to [`HISTORY_LIMIT`] (never a revision a rollout renders
+/// from); a deleted deployment's history goes with it.
+pub(crate) fn plan_history(fleet: &FleetView, runs: &BTreeMap<DeploymentName, Run>) -> HistoryPlan {
+    let mut plan = HistoryPlan::default();
+    let mut recorded = fleet.recorded.clone();
+    for (name, d) in &fleet.deployments {
         let Ok(doc) = &d.document else { continue };
-        if state
-            .recorded
-            .get(name)
-            .is_some_and(|r| r.contains(&d.revision))
-        {
+        if recorded.get(name).is_some_and(|r| r.contains(&d.revision)) {
             continue;
         }
-        let before = state
+        let before = fleet
             .history
             .get(name)
             .and_then(|h| h.range(..d.revision).next_back())
@@ -334,32 +450,13 @@ pub(crate) async fn record_history(state: &mut State, store: &Store) -> Vec<Stri
             },
             deployment: serde_json::from_slice(&doc.to_json()).expect("a document is JSON"),
         };
-        let key = keys::revision(name, d.revision);
-        let bytes = serde_json::to_vec(&record).expect("records serialise");
-        match store.create(&key, bytes.into()).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-            Err(e) => {
-                failures.push(format!("cannot record {key}: {e}"));
-                continue;
-            }
-        }
-        state
-            .recorded
-            .entry(name.clone())
-            .or_default()
-            .insert(d.revision);
-        state
-            .history
-            .entry(name.clone())
-            .or_default()
-            .insert(d.revision, doc.clone());
+        recorded.entry(name.clone()).or_default().insert(d.revision);
+        plan.records.push((record, doc.clone()));
     }
     // Trim: the newest HISTORY_LIMIT, and whatever a rollout renders from —
     // its own revisions and every revision an agent still runs.
-    let mut drop: Vec<(DeploymentName, u64)> = Vec::new();
-    for (name, revisions) in &state.recorded {
-        let keep = if state.deployments.contains_key(name) {
+    for (name, revisions) in &recorded {
+        let keep = if fleet.deployments.contains_key(name) {
             HISTORY_LIMIT
         } else {
             0
@@ -368,23 +465,22 @@ pub(crate) async fn record_history(state: &mut State, store: &Store) -> Vec<Stri
         if excess == 0 {
             continue;
         }
-        let mut in_use: std::collections::BTreeSet<u64> = state
-            .runs
+        let mut in_use: BTreeSet<u64> = runs
             .get(name)
             .map(|r| [Some(r.status.revision), r.status.from])
             .into_iter()
             .flatten()
             .flatten()
             .collect();
-        if keep > 0 && state.runs.contains_key(name) {
+        if keep > 0 && runs.contains_key(name) {
             in_use.extend(
-                state
+                fleet
                     .desired
                     .keys()
-                    .filter_map(|a| current_revision(state, a, name)),
+                    .filter_map(|a| crate::render::current_revision(fleet.stored(a), name)),
             );
         }
-        drop.extend(
+        plan.trims.extend(
             revisions
                 .iter()
                 .take(excess)
@@ -392,19 +488,5 @@ pub(crate) async fn record_history(state: &mut State, store: &Store) -> Vec<Stri
                 .map(|r| (name.clone(), *r)),
         );
     }
-    for (name, revision) in drop {
-        let key = keys::revision(&name, revision);
-        match store.purge(&key).await {
-            Ok(()) => {
-                if let Some(r) = state.recorded.get_mut(&name) {
-                    r.remove(&revision);
-                }
-                if let Some(h) = state.history.get_mut(&name) {
-                    h.remove(&revision);
-                }
-            }
-            Err(e) => failures.push(format!("cannot trim {key}: {e}")),
-        }
-    }
-    failures
+    plan
 }

@@ -1,5 +1,4 @@
-//! The daemon's side of staged rollouts (docs/adr/0016): the [`Rollouts`]
-//! in progress, starting a rollout when a deployment with a policy gets a
+//! The daemon's side of staged rollouts (docs/adr/0016): starting a rollout when a deployment with a policy gets a
 //! new revision ([`prepare`], part of a pass's plan), judging rollouts on
 //! every agent's status and heartbeat ([`judge`]: [`observe`] reads,
 //! [`steps`] decides — the decisions being the pure [`crate::rollout`] —
@@ -7,83 +6,18 @@
 //! (`revisions.<name>.<revision>`, [`plan_history`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use async_nats::jetstream::kv::{Entry, Operation, Store};
+use async_nats::jetstream::kv::Store;
 use manifest_types::convergence::{self, AgentReport, Target, Thresholds, Verdict};
 use manifest_types::rollout::RevisionRecord;
 use manifest_types::{AgentId, ApiVersion, Deployment, DeploymentName, ResourceId, keys};
 
-use super::state::State;
+use super::state::{Rollouts, State, Tracked};
 use super::view::FleetView;
 use crate::rollout::{self, Judge, Run};
 
 static NO_LABELS: crate::render::Labels = crate::render::Labels::new();
-
-/// Rollouts in progress, and what judging them reads.
-#[derive(Debug, Default)]
-pub(crate) struct Rollouts {
-    /// Rollouts in progress (or finished, until the next revision).
-    pub runs: BTreeMap<DeploymentName, Run>,
-    /// Something a rollout's judgement depends on changed (an agent's
-    /// status, a switch, a new rollout).
-    pub due: bool,
-    /// While a rollout is in progress: every agent's status as last seen
-    /// (seeded by one read, then kept current by the watch), so a
-    /// judgement reads only heartbeats. None otherwise (no memory spent).
-    pub tracked: Option<BTreeMap<AgentId, Tracked>>,
-    /// The last heartbeat read for judging rollouts, and when (monotonic).
-    pub beats: Option<(tokio::time::Instant, flotilla_nats::Snapshot)>,
-}
-
-impl Rollouts {
-    /// After a relist: the rollouts carry on and are judged at once.
-    pub fn relist(self) -> Self {
-        Self {
-            runs: self.runs,
-            due: true,
-            ..Self::default()
-        }
-    }
-
-    /// Whether a rollout is still to be judged (not Complete or RolledBack).
-    pub fn rolling(&self) -> bool {
-        self.runs.values().any(|r| !r.status.phase.is_final())
-    }
-}
-
-/// An agent's status as the watch last delivered it.
-#[derive(Debug)]
-pub(crate) struct Tracked {
-    pub revision: u64,
-    /// Server time of the write.
-    pub created: SystemTime,
-    /// None: deleted or unreadable.
-    pub status: Option<manifest_types::AgentStatus>,
-}
-
-impl Tracked {
-    /// Records `entry` unless a newer value is already held.
-    pub fn record(map: &mut BTreeMap<AgentId, Tracked>, agent: AgentId, entry: &Entry) {
-        if map
-            .get(&agent)
-            .is_some_and(|t| t.revision >= entry.revision)
-        {
-            return;
-        }
-        let status = (entry.operation == Operation::Put)
-            .then(|| serde_json::from_slice(&entry.value).ok())
-            .flatten();
-        map.insert(
-            agent,
-            Tracked {
-                revision: entry.revision,
-                created: SystemTime::from(entry.created),
-                status,
-            },
-        );
-    }
-}
 
 /// The rollouts after this pass: one started for every deployment whose
 /// policy applies and whose revision has none yet, a stored one continued

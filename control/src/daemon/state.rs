@@ -1,18 +1,19 @@
 //! The daemon's state, in three parts with one job each: the [`FleetView`]
 //! (what the bucket holds, fed by the watch), the [`RenderMemo`] (the last
 //! render and what must be rendered again) and the [`Rollouts`] (rollouts in
-//! progress and what judging them reads). [`State::apply_entry`] feeds a
+//! progress and what judging them reads; `rollouts` starts and judges them). [`State::apply_entry`] feeds a
 //! watched entry to the view and marks what it touched in the other two.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::SystemTime;
 
 use async_nats::jetstream::kv::{Entry, Operation};
-use manifest_types::AgentId;
 use manifest_types::keys::Key;
+use manifest_types::{AgentId, DeploymentName};
 
-use super::rollouts::{Rollouts, Tracked};
 use super::view::{FleetView, Touched};
 use crate::render::Rendered;
+use crate::rollout::Run;
 
 #[derive(Debug, Default)]
 pub(crate) struct State {
@@ -42,6 +43,71 @@ impl Dirty {
         if !self.all {
             self.agents.insert(agent);
         }
+    }
+}
+
+/// Rollouts in progress, and what judging them reads.
+#[derive(Debug, Default)]
+pub(crate) struct Rollouts {
+    /// Rollouts in progress (or finished, until the next revision).
+    pub runs: BTreeMap<DeploymentName, Run>,
+    /// Something a rollout's judgement depends on changed (an agent's
+    /// status, a switch, a new rollout).
+    pub due: bool,
+    /// While a rollout is in progress: every agent's status as last seen
+    /// (seeded by one read, then kept current by the watch), so a
+    /// judgement reads only heartbeats. None otherwise (no memory spent).
+    pub tracked: Option<BTreeMap<AgentId, Tracked>>,
+    /// The last heartbeat read for judging rollouts, and when (monotonic).
+    pub beats: Option<(tokio::time::Instant, flotilla_nats::Snapshot)>,
+}
+
+impl Rollouts {
+    /// After a relist: the rollouts carry on and are judged at once.
+    pub fn relist(self) -> Self {
+        Self {
+            runs: self.runs,
+            due: true,
+            ..Self::default()
+        }
+    }
+
+    /// Whether a rollout is still to be judged (not Complete or RolledBack).
+    pub fn rolling(&self) -> bool {
+        self.runs.values().any(|r| !r.status.phase.is_final())
+    }
+}
+
+/// An agent's status as the watch last delivered it.
+#[derive(Debug)]
+pub(crate) struct Tracked {
+    pub revision: u64,
+    /// Server time of the write.
+    pub created: SystemTime,
+    /// None: deleted or unreadable.
+    pub status: Option<manifest_types::AgentStatus>,
+}
+
+impl Tracked {
+    /// Records `entry` unless a newer value is already held.
+    pub fn record(map: &mut BTreeMap<AgentId, Tracked>, agent: AgentId, entry: &Entry) {
+        if map
+            .get(&agent)
+            .is_some_and(|t| t.revision >= entry.revision)
+        {
+            return;
+        }
+        let status = (entry.operation == Operation::Put)
+            .then(|| serde_json::from_slice(&entry.value).ok())
+            .flatten();
+        map.insert(
+            agent,
+            Tracked {
+                revision: entry.revision,
+                created: SystemTime::from(entry.created),
+                status,
+            },
+        );
     }
 }
 

@@ -18,8 +18,9 @@ use futures::StreamExt;
 use manifest_types::{ContainerSpec, FailureReason};
 
 use super::body::create_body;
-use super::engine::{ContainerEngine, ContainerStatus, HealthStatus, Inspected, Summary};
-use super::planning::ListedState;
+use super::engine::{
+    ContainerEngine, ContainerStatus, HealthStatus, Inspected, ListedState, Summary,
+};
 use crate::reconcile::Failure;
 
 #[derive(Debug)]

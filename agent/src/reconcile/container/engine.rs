@@ -13,8 +13,20 @@ use std::time::{Duration, SystemTime};
 
 use manifest_types::ContainerSpec;
 
-use super::planning::ListedState;
 use crate::reconcile::Failure;
+
+/// A container's state as a list shows it, ordered from least to most
+/// usable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ListedState {
+    /// Dead, removing: only good for removal.
+    Gone,
+    Created,
+    Exited,
+    Paused,
+    Restarting,
+    Running,
+}
 
 /// One container as a list shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,8 +9,9 @@ use std::time::{Duration, SystemTime};
 
 use manifest_types::{ContainerSpec, FailureReason};
 
-use super::engine::{ContainerEngine, ContainerStatus, HealthStatus, Inspected, Summary};
-use super::planning::ListedState;
+use super::engine::{
+    ContainerEngine, ContainerStatus, HealthStatus, Inspected, ListedState, Summary,
+};
 use crate::reconcile::Failure;
 
 #[derive(Debug, Clone)]

@@ -39,10 +39,8 @@ use manifest_types::{
 };
 
 pub use docker::DockerEngine;
-pub use engine::{ContainerEngine, ContainerStatus, HealthStatus, Inspected, Summary};
-pub use planning::{
-    Listed, ListedState, Plan, assess, container_name, effective_hash, image_ref, plan,
-};
+pub use engine::{ContainerEngine, ContainerStatus, HealthStatus, Inspected, ListedState, Summary};
+pub use planning::{Listed, Plan, assess, container_name, effective_hash, image_ref, plan};
 
 use super::{Ctx, Failure, Outcome, Progress, Removals};
 

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use manifest_types::spec::RestartPolicy;
 use manifest_types::{AgentId, ContainerSpec, FailureReason, ReadyDetails, ResourceId};
 
-use super::engine::{ContainerStatus, HealthStatus, Inspected};
+use super::engine::{ContainerStatus, HealthStatus, Inspected, ListedState};
 use super::{CRASH_WINDOW, HEALTH_RECHECK};
 use crate::reconcile::Outcome;
 
@@ -58,17 +58,6 @@ pub struct Listed {
     pub hash: String,
     pub state: ListedState,
     pub created: i64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ListedState {
-    /// Dead, removing: only good for removal.
-    Gone,
-    Created,
-    Exited,
-    Paused,
-    Restarting,
-    Running,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -89,7 +89,7 @@ impl Fleet {
     pub async fn open_or_create(g: &GlobalArgs) -> Result<Self, CliError> {
         let js = connect(g).await?;
         let failed = |e| CliError::nats(format!("bucket {} at {}", g.bucket, g.nats.url()), e);
-        let store = flotilla_nats::ensure_bucket(&js, &g.bucket)
+        let store = flotilla_nats::ensure_bucket(&js, &g.bucket, flotilla_nats::Replicas::ONE)
             .await
             .map_err(failed)?;
         let heartbeats = flotilla_nats::open_heartbeat_bucket(&js, &g.bucket)

@@ -43,6 +43,11 @@ pub struct Args {
     /// JetStream KV bucket holding the fleet.
     #[arg(long, env = "FLOTILLA_BUCKET", default_value = manifest_types::keys::DEFAULT_BUCKET)]
     pub bucket: BucketName,
+    /// How many servers hold each bucket the control plane creates: 3 on a
+    /// 3-node cluster. An existing bucket with fewer replicas is scaled up
+    /// in place (never recreated); more are left as they are.
+    #[arg(long, env = "FLOTILLA_REPLICAS", default_value_t = flotilla_nats::Replicas::ONE)]
+    pub replicas: flotilla_nats::Replicas,
     /// Heartbeats per second the whole fleet may send: the published
     /// heartbeat interval grows with the fleet to keep under it.
     #[arg(long, env = "FLOTILLA_HEARTBEAT_MAX_RATE", default_value_t = 500)]
@@ -84,6 +89,7 @@ impl Args {
         config.auth = self.nats.auth()?;
         config.tls = self.nats.tls()?;
         config.bucket = self.bucket;
+        config.replicas = self.replicas;
         config.heartbeat = crate::heartbeat::HeartbeatPolicy {
             max_per_second: self.heartbeat_max_rate.max(1),
             min_interval: self.heartbeat_min_interval,

@@ -557,9 +557,13 @@ mod tests {
     async fn cas_decides_again_after_each_lost_race_then_gives_up() {
         let server = testbed::NatsServer::start();
         let js = async_nats::jetstream::new(server.client().await);
-        let store = crate::bucket::ensure_bucket(&js, &manifest_types::BucketName::default())
-            .await
-            .expect("fleet bucket");
+        let store = crate::bucket::ensure_bucket(
+            &js,
+            &manifest_types::BucketName::default(),
+            flotilla_nats::Replicas::ONE,
+        )
+        .await
+        .expect("fleet bucket");
 
         let mut always = Raced {
             store: &store,

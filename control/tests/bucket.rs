@@ -26,7 +26,9 @@ async fn creates_the_bucket_with_the_republish_rule_and_reopens_it() {
 
     // Opening it again (a second control plane, a restart) is fine.
     let js = async_nats::jetstream::new(server.client().await);
-    ensure_bucket(&js, &BucketName::default()).await.unwrap();
+    ensure_bucket(&js, &BucketName::default(), flotilla_nats::Replicas::ONE)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -36,7 +38,9 @@ async fn republishes_committed_manifests_only() {
     // the SUB before the first write (a flush alone does not wait for that).
     let client = server.client().await;
     let js = async_nats::jetstream::new(client.clone());
-    let store = ensure_bucket(&js, &BucketName::default()).await.unwrap();
+    let store = ensure_bucket(&js, &BucketName::default(), flotilla_nats::Replicas::ONE)
+        .await
+        .unwrap();
     let mut sub = client
         .subscribe(keys::republish_subject(
             &BucketName::default(),
@@ -86,7 +90,7 @@ async fn refuses_an_existing_bucket_without_the_rule() {
     })
     .await
     .unwrap();
-    let err = ensure_bucket(&js, &BucketName::default())
+    let err = ensure_bucket(&js, &BucketName::default(), flotilla_nats::Replicas::ONE)
         .await
         .unwrap_err();
     match err {
@@ -123,4 +127,49 @@ async fn the_daemon_refuses_to_run_on_a_bucket_without_the_rule() {
         ),
         "{result:?}"
     );
+}
+
+/// On one server a bucket cannot have 3 replicas: asking for them is a
+/// clear error, at creation and for an existing bucket, which is left as
+/// it was (docs/adr/0021).
+#[tokio::test]
+async fn more_replicas_than_servers_is_a_clear_error_and_changes_nothing() {
+    let server = NatsServer::start();
+    let js = async_nats::jetstream::new(server.client().await);
+    let three = flotilla_nats::Replicas::new(3).unwrap();
+    let err = ensure_bucket(&js, &BucketName::default(), three)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, BucketError::Create { .. }),
+        "creation refused: {err:?}"
+    );
+    let store = ensure_bucket(&js, &BucketName::default(), flotilla_nats::Replicas::ONE)
+        .await
+        .unwrap();
+    store.put("values.pi-1", Bytes::from("{}")).await.unwrap();
+    let err = ensure_bucket(&js, &BucketName::default(), three)
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(
+            err,
+            BucketError::Replicas {
+                have: 1,
+                want: 3,
+                ..
+            }
+        ) && text.contains("--replicas 1"),
+        "{text}"
+    );
+    let info = store.status().await.unwrap().info;
+    assert_eq!(info.config.num_replicas.max(1), 1);
+    assert_eq!(
+        store.get("values.pi-1").await.unwrap(),
+        Some(Bytes::from("{}")),
+        "nothing lost"
+    );
+    assert!(flotilla_nats::Replicas::new(0).is_err());
+    assert!(flotilla_nats::Replicas::new(6).is_err());
 }

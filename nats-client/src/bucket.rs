@@ -36,6 +36,61 @@ pub enum BucketError {
         #[source]
         source: async_nats::Error,
     },
+    #[error(
+        "bucket {name} has {have} replica(s) and {want} are asked for (--replicas), but the servers refused to add them: on a single server run with --replicas 1; on a cluster, check that {want} servers with JetStream are up"
+    )]
+    Replicas {
+        name: String,
+        have: usize,
+        want: usize,
+        #[source]
+        source: async_nats::Error,
+    },
+}
+
+/// How many servers of a cluster hold each bucket the control plane
+/// creates: 1 on a single server, 3 on a 3-node cluster
+/// (docs/adr/0021-cluster-replicas-and-durability.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replicas(usize);
+
+impl Replicas {
+    pub const ONE: Self = Self(1);
+
+    /// 1 to 5 (JetStream's limit).
+    pub fn new(n: usize) -> Result<Self, String> {
+        if (1..=5).contains(&n) {
+            Ok(Self(n))
+        } else {
+            Err(format!("{n} replicas: JetStream keeps 1 to 5"))
+        }
+    }
+
+    pub fn get(self) -> usize {
+        self.0
+    }
+}
+
+impl Default for Replicas {
+    fn default() -> Self {
+        Self::ONE
+    }
+}
+
+impl std::str::FromStr for Replicas {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.parse::<usize>()
+            .map_err(|e| format!("{s:?}: {e}"))
+            .and_then(Self::new)
+    }
+}
+
+impl std::fmt::Display for Replicas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 /// The RePublish rule of a fleet bucket.
@@ -48,7 +103,7 @@ pub fn republish_rule(bucket: &BucketName) -> Republish {
 }
 
 /// The config a fleet bucket is created with.
-pub fn bucket_config(bucket: &BucketName) -> kv::Config {
+pub fn bucket_config(bucket: &BucketName, replicas: Replicas) -> kv::Config {
     kv::Config {
         bucket: bucket.to_string(),
         description: "Flotilla fleet state (see docs/adr/0002)".into(),
@@ -56,6 +111,7 @@ pub fn bucket_config(bucket: &BucketName) -> kv::Config {
         max_value_size: MAX_VALUE_SIZE,
         storage: jetstream::stream::StorageType::File,
         republish: Some(republish_rule(bucket)),
+        num_replicas: replicas.get(),
         ..Default::default()
     }
 }
@@ -67,7 +123,7 @@ pub const HEARTBEAT_TTL: std::time::Duration = std::time::Duration::from_secs(24
 /// The config of the heartbeat bucket beside fleet bucket `bucket`: one
 /// value per key (history 1), expired after [`HEARTBEAT_TTL`], file storage
 /// (a server restart keeps every agent's last heartbeat and its timestamp).
-pub fn heartbeat_bucket_config(bucket: &BucketName) -> kv::Config {
+pub fn heartbeat_bucket_config(bucket: &BucketName, replicas: Replicas) -> kv::Config {
     kv::Config {
         bucket: keys::heartbeat_bucket(bucket),
         description: "Flotilla heartbeats (see docs/adr/0015)".into(),
@@ -75,34 +131,93 @@ pub fn heartbeat_bucket_config(bucket: &BucketName) -> kv::Config {
         max_age: HEARTBEAT_TTL,
         max_value_size: 4096,
         storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas.get(),
         ..Default::default()
     }
 }
 
 /// Opens the heartbeat bucket beside fleet bucket `bucket`, creating it if
-/// missing (control plane and `flotilla apply`, with [`ensure_bucket`]).
+/// missing, with at least `replicas` (control plane and `flotilla apply`,
+/// with [`ensure_bucket`]).
 ///
 /// # Errors
-/// [`BucketError::Create`] when the server refuses.
+/// [`BucketError::Create`] when the server refuses, [`BucketError::Replicas`]
+/// when an existing bucket cannot be scaled up.
 pub async fn ensure_heartbeat_bucket(
     js: &jetstream::Context,
     bucket: &BucketName,
+    replicas: Replicas,
 ) -> Result<kv::Store, BucketError> {
-    let name = keys::heartbeat_bucket(bucket);
-    if let Ok(store) = js.get_key_value(name.as_str()).await {
-        return Ok(store);
-    }
-    match js.create_key_value(heartbeat_bucket_config(bucket)).await {
-        Ok(store) => Ok(store),
-        // Lost a creation race: re-open.
-        Err(create_err) => js
-            .get_key_value(name.as_str())
+    ensure(
+        js,
+        heartbeat_bucket_config(bucket, replicas),
+        bucket,
+        |_| Ok(()),
+    )
+    .await
+}
+
+/// Re-opening a bucket another instance created at the same moment: how
+/// often, and how long apart.
+const REOPEN_ATTEMPTS: usize = 8;
+const REOPEN_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Opens bucket `config.bucket` (the fleet bucket `fleet` or one beside it),
+/// creating it with `config` when it does not exist; an existing one with
+/// fewer replicas than `config` asks for is scaled up in place, never
+/// recreated (ADR 0021) — once `check` accepts the existing bucket.
+async fn ensure(
+    js: &jetstream::Context,
+    config: kv::Config,
+    fleet: &BucketName,
+    check: impl Fn(&jetstream::stream::Info) -> Result<(), BucketError>,
+) -> Result<kv::Store, BucketError> {
+    let name = config.bucket.clone();
+    let want = config.num_replicas.max(1);
+    let read = |e: async_nats::Error| BucketError::Read {
+        bucket: fleet.clone(),
+        source: e,
+    };
+    let store = match js.get_key_value(name.as_str()).await {
+        Ok(store) => store,
+        Err(e) if is_stream_not_found(&e) => match js.create_key_value(config).await {
+            Ok(store) => store,
+            // Lost a creation race with another instance? Re-open; a
+            // replicated bucket just created may take a moment to answer.
+            Err(create_err) => {
+                let mut reopened = js.get_key_value(name.as_str()).await;
+                for _ in 0..REOPEN_ATTEMPTS {
+                    if reopened.is_ok() {
+                        break;
+                    }
+                    tokio::time::sleep(REOPEN_PAUSE).await;
+                    reopened = js.get_key_value(name.as_str()).await;
+                }
+                reopened.map_err(|_| BucketError::Create {
+                    bucket: fleet.clone(),
+                    source: create_err.into(),
+                })?
+            }
+        },
+        Err(e) => return Err(read(e.into())),
+    };
+    let info = store.status().await.map_err(|e| read(e.into()))?.info;
+    check(&info)?;
+    let have = info.config.num_replicas.max(1);
+    if have < want {
+        let mut scaled = info.config;
+        scaled.num_replicas = want;
+        js.update_stream(scaled)
             .await
-            .map_err(|_| BucketError::Create {
-                bucket: bucket.clone(),
-                source: create_err.into(),
-            }),
+            .map_err(|source| BucketError::Replicas {
+                name: name.clone(),
+                have,
+                want,
+                source: source.into(),
+            })?;
+        tracing::info!(bucket = %name, from = have, to = want, "bucket scaled up");
     }
+    Ok(store)
 }
 
 /// Opens the heartbeat bucket beside fleet bucket `bucket`; never creates it.
@@ -161,53 +276,29 @@ fn is_stream_not_found(e: &jetstream::context::KeyValueError) -> bool {
 }
 
 /// Opens the fleet bucket, creating it (with its RePublish rule) if missing,
-/// and the heartbeat bucket beside it ([`ensure_heartbeat_bucket`]). An
-/// existing bucket without the rule is an error, never silently used.
+/// and the heartbeat bucket beside it ([`ensure_heartbeat_bucket`]), each
+/// with at least `replicas`. An existing bucket without the rule is an
+/// error, never silently used.
 ///
 /// # Errors
 /// [`BucketError::MissingRepublish`] for an existing bucket without the
 /// rule; [`BucketError::Read`] / [`BucketError::Create`] when the server
-/// refuses.
+/// refuses; [`BucketError::Replicas`] when a bucket cannot be scaled up.
 pub async fn ensure_bucket(
     js: &jetstream::Context,
     bucket: &BucketName,
+    replicas: Replicas,
 ) -> Result<kv::Store, BucketError> {
-    ensure_heartbeat_bucket(js, bucket).await?;
-    match js.get_key_value(bucket.as_str()).await {
-        Ok(store) => {
-            check_republish(&store, bucket).await?;
-            Ok(store)
-        }
-        Err(e) if e.kind() == jetstream::context::KeyValueErrorKind::GetBucket => {
-            // Lost a creation race with another control-plane instance? Re-open.
-            match js.create_key_value(bucket_config(bucket)).await {
-                Ok(store) => Ok(store),
-                Err(create_err) => match js.get_key_value(bucket.as_str()).await {
-                    Ok(store) => {
-                        check_republish(&store, bucket).await?;
-                        Ok(store)
-                    }
-                    Err(_) => Err(BucketError::Create {
-                        bucket: bucket.clone(),
-                        source: create_err.into(),
-                    }),
-                },
-            }
-        }
-        Err(e) => Err(BucketError::Read {
-            bucket: bucket.clone(),
-            source: e.into(),
-        }),
-    }
+    ensure_heartbeat_bucket(js, bucket, replicas).await?;
+    ensure(js, bucket_config(bucket, replicas), bucket, |info| {
+        check_republish(info, bucket)
+    })
+    .await
 }
 
-async fn check_republish(store: &kv::Store, bucket: &BucketName) -> Result<(), BucketError> {
-    let status = store.status().await.map_err(|e| BucketError::Read {
-        bucket: bucket.clone(),
-        source: e.into(),
-    })?;
+fn check_republish(info: &jetstream::stream::Info, bucket: &BucketName) -> Result<(), BucketError> {
     let want = republish_rule(bucket);
-    match &status.info.config.republish {
+    match &info.config.republish {
         Some(r)
             if r.source == want.source && r.destination == want.destination && !r.headers_only =>
         {

@@ -12,7 +12,9 @@ use testbed::NatsServer;
 
 async fn store(server: &NatsServer) -> jetstream::kv::Store {
     let js = jetstream::new(server.client().await);
-    ensure_bucket(&js, &BucketName::default()).await.unwrap()
+    ensure_bucket(&js, &BucketName::default(), flotilla_nats::Replicas::ONE)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]

@@ -19,6 +19,7 @@
 //! [`docker`] drives the real Docker Engine; [`device::Device`] boots a
 //! "device container" with systemd as PID 1 for SystemdUnit tests.
 
+pub mod cluster;
 pub mod device;
 pub mod docker;
 
@@ -71,20 +72,26 @@ impl NatsServer {
     /// Starts a server with `extra` appended to its config file (for example
     /// an `authorization { users = [...] }` block).
     pub fn start_with_config(extra: &str) -> Self {
-        Self::launch(extra.to_owned(), None)
+        Self::launch(extra.to_owned(), None, None)
     }
 
     /// Starts a server from a whole configuration (a shipped one, with its
     /// paths replaced): `{port}` and `{store}` in `template` become the port
     /// and a JetStream store directory of its own.
     pub fn start_with_own_config(template: &str) -> Self {
-        Self::launch(String::new(), Some(template.to_owned()))
+        Self::launch(String::new(), Some(template.to_owned()), None)
     }
 
-    fn launch(extra_config: String, own_config: Option<String>) -> Self {
+    /// [`Self::start_with_own_config`] on a port chosen beforehand (a
+    /// cluster's nodes name each other's ports in their routes).
+    pub fn start_at(port: u16, template: &str) -> Self {
+        Self::launch(String::new(), Some(template.to_owned()), Some(port))
+    }
+
+    fn launch(extra_config: String, own_config: Option<String>, port: Option<u16>) -> Self {
         let mut server = Self {
             child: None,
-            port: free_port(),
+            port: port.unwrap_or_else(free_port),
             dir: tempfile::Builder::new()
                 .prefix("flotilla-nats-")
                 .tempdir()
@@ -92,7 +99,14 @@ impl NatsServer {
             extra_config,
             own_config,
         };
-        server.start_retrying();
+        match port {
+            Some(_) => {
+                if let Err(e) = server.spawn() {
+                    panic!("nats-server did not start on port {}: {e}", server.port);
+                }
+            }
+            None => server.start_retrying(),
+        }
         server
     }
 
@@ -225,7 +239,8 @@ impl Drop for NatsServer {
     }
 }
 
-fn free_port() -> u16 {
+/// A loopback port nobody listens on now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

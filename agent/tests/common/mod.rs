@@ -39,18 +39,26 @@ impl Harness {
     /// The fleet bucket, as the control plane sees it (created if missing).
     pub async fn store(&self) -> Store {
         let js = async_nats::jetstream::new(self.server.client().await);
-        flotilla_control::bucket::ensure_bucket(&js, &BucketName::default())
-            .await
-            .unwrap()
+        flotilla_control::bucket::ensure_bucket(
+            &js,
+            &BucketName::default(),
+            flotilla_nats::Replicas::ONE,
+        )
+        .await
+        .unwrap()
     }
 
     /// The heartbeat bucket beside the fleet bucket (docs/adr/0015).
     #[allow(dead_code)]
     pub async fn heartbeats(&self) -> Store {
         let js = async_nats::jetstream::new(self.server.client().await);
-        flotilla_nats::ensure_heartbeat_bucket(&js, &BucketName::default())
-            .await
-            .unwrap()
+        flotilla_nats::ensure_heartbeat_bucket(
+            &js,
+            &BucketName::default(),
+            flotilla_nats::Replicas::ONE,
+        )
+        .await
+        .unwrap()
     }
 
     /// A file root for agent `id`, created on first use.

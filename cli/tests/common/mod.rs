@@ -85,7 +85,7 @@ impl Env {
     /// The fleet bucket, created as the control plane creates it.
     pub async fn store(&self) -> kv::Store {
         let js = async_nats::jetstream::new(self.server.client().await);
-        flotilla_nats::ensure_bucket(&js, &BucketName::default())
+        flotilla_nats::ensure_bucket(&js, &BucketName::default(), flotilla_nats::Replicas::ONE)
             .await
             .expect("fleet bucket")
     }
@@ -93,9 +93,13 @@ impl Env {
     /// The heartbeat bucket beside the fleet bucket (docs/adr/0015).
     pub async fn beats(&self) -> kv::Store {
         let js = async_nats::jetstream::new(self.server.client().await);
-        flotilla_nats::ensure_heartbeat_bucket(&js, &BucketName::default())
-            .await
-            .expect("heartbeat bucket")
+        flotilla_nats::ensure_heartbeat_bucket(
+            &js,
+            &BucketName::default(),
+            flotilla_nats::Replicas::ONE,
+        )
+        .await
+        .expect("heartbeat bucket")
     }
 
     /// Writes `text` to a file in the scratch directory.

@@ -85,6 +85,9 @@ pub struct Config {
     /// One NATS URL or a comma-separated list.
     pub nats_url: String,
     pub bucket: BucketName,
+    /// Replicas of every bucket the daemon creates (3 on a 3-node cluster);
+    /// an existing bucket with fewer is scaled up (docs/adr/0021).
+    pub replicas: flotilla_nats::Replicas,
     pub auth: NatsAuth,
     /// TLS to NATS (a CA file, optionally a client certificate).
     pub tls: flotilla_nats::Tls,
@@ -118,6 +121,7 @@ impl Config {
         Self {
             nats_url: nats_url.into(),
             bucket: BucketName::default(),
+            replicas: flotilla_nats::Replicas::ONE,
             auth: NatsAuth::None,
             tls: flotilla_nats::Tls::default(),
             publish_concurrency: 64,
@@ -149,7 +153,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .connect()
             .await?;
     let js = async_nats::jetstream::new(client);
-    let store = ensure_bucket(&js, &config.bucket).await?;
+    let store = ensure_bucket(&js, &config.bucket, config.replicas).await?;
     tracing::info!(nats = %config.nats_url, bucket = %config.bucket, "control plane running");
     run_with_store(js, store, &config, shutdown).await;
     Ok(())
@@ -179,7 +183,7 @@ pub async fn run_with_store(
         keys::ROLLOUT_SETTINGS.to_owned(),
     ];
     let heartbeats = loop {
-        match crate::bucket::ensure_heartbeat_bucket(&js, &config.bucket).await {
+        match crate::bucket::ensure_heartbeat_bucket(&js, &config.bucket, config.replicas).await {
             Ok(h) => break h,
             Err(error) => {
                 tracing::warn!(error = %execute::error_chain(&error), "cannot open the heartbeat bucket; retrying");
@@ -268,7 +272,7 @@ pub async fn run_with_store(
                 // Cancel-safe: a timer; the check runs in the arm's body.
                 _ = tokio::time::sleep_until(check_at) => {
                     check_at = Instant::now() + config.bucket_check_interval;
-                    match check_bucket(&js, &config.bucket).await {
+                    match check_bucket(&js, &config.bucket, config.replicas).await {
                         Ok((now, info)) => match created {
                             Some(c) if c != info.created => {
                                 // A watch on the old stream would resume at its old
@@ -381,8 +385,9 @@ enum CheckError {
 async fn check_bucket(
     js: &jetstream::Context,
     bucket: &BucketName,
+    replicas: flotilla_nats::Replicas,
 ) -> Result<(Store, async_nats::jetstream::stream::Info), CheckError> {
-    let store = ensure_bucket(js, bucket).await?;
+    let store = ensure_bucket(js, bucket, replicas).await?;
     let status = store.status().await.map_err(CheckError::Status)?;
     Ok((store, status.info))
 }

@@ -32,17 +32,25 @@ pub fn name(n: &str) -> DeploymentName {
 #[allow(dead_code)]
 pub async fn heartbeats(server: &NatsServer) -> Store {
     let js = async_nats::jetstream::new(server.client().await);
-    flotilla_nats::ensure_heartbeat_bucket(&js, &BucketName::default())
-        .await
-        .expect("heartbeat bucket")
+    flotilla_nats::ensure_heartbeat_bucket(
+        &js,
+        &BucketName::default(),
+        flotilla_nats::Replicas::ONE,
+    )
+    .await
+    .expect("heartbeat bucket")
 }
 
 /// The fleet bucket, created (with its RePublish rule) if missing.
 pub async fn store(server: &NatsServer) -> Store {
     let js = async_nats::jetstream::new(server.client().await);
-    flotilla_control::bucket::ensure_bucket(&js, &BucketName::default())
-        .await
-        .expect("fleet bucket")
+    flotilla_control::bucket::ensure_bucket(
+        &js,
+        &BucketName::default(),
+        flotilla_nats::Replicas::ONE,
+    )
+    .await
+    .expect("fleet bucket")
 }
 
 /// The control-plane daemon running in-process; stopped like SIGTERM.

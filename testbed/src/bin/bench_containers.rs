@@ -113,7 +113,9 @@ async fn main() -> anyhow::Result<()> {
         .context("docker version")?;
     let server = NatsServer::start();
     let js = async_nats::jetstream::new(server.client().await);
-    let store = flotilla_nats::ensure_bucket(&js, &BucketName::default()).await?;
+    let store =
+        flotilla_nats::ensure_bucket(&js, &BucketName::default(), flotilla_nats::Replicas::ONE)
+            .await?;
     let dir = tempfile::tempdir()?;
     let agent = AgentId::new(format!("bench-ctr-{}", std::process::id()))?;
     let _cleanup = Cleanup::new(&[agent.as_str()]);

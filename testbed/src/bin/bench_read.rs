@@ -166,8 +166,15 @@ async fn main() -> anyhow::Result<()> {
     for &n in &sizes {
         let server = NatsServer::start();
         let js = jetstream::new(server.client().await);
-        let store = flotilla_nats::ensure_bucket(&js, &BucketName::default()).await?;
-        let beats = flotilla_nats::ensure_heartbeat_bucket(&js, &BucketName::default()).await?;
+        let store =
+            flotilla_nats::ensure_bucket(&js, &BucketName::default(), flotilla_nats::Replicas::ONE)
+                .await?;
+        let beats = flotilla_nats::ensure_heartbeat_bucket(
+            &js,
+            &BucketName::default(),
+            flotilla_nats::Replicas::ONE,
+        )
+        .await?;
         let written = seed(&js, n).await?;
         let (mut cli_t, mut family_t, mut per_key_t) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {

@@ -50,7 +50,9 @@ async fn main() -> anyhow::Result<()> {
     let rounds = testbed::bench_arg("--rounds", 5);
     let server = NatsServer::start();
     let js = async_nats::jetstream::new(server.client().await);
-    let store = flotilla_nats::ensure_bucket(&js, &BucketName::default()).await?;
+    let store =
+        flotilla_nats::ensure_bucket(&js, &BucketName::default(), flotilla_nats::Replicas::ONE)
+            .await?;
     let dir = tempfile::tempdir()?;
     println!(
         "nats-server {} on loopback; {} cores",

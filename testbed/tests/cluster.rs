@@ -1,0 +1,386 @@
+//! The shipped 3-node cluster configuration
+//! (`deploy/nats/cluster/flotilla-cluster.conf`, docs/adr/0021) on one
+//! machine, with the production auth layout: `flotilla-control
+//! --replicas 3` creates both buckets on all three nodes, agents given every
+//! node's URL converge, the node leading the fleet's stream is SIGKILLed in
+//! the middle of a staged rollout and the rollout completes on the other
+//! two, the node comes back and catches up, and a revocation sent to one
+//! node cuts off a device connected to another.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use serde_json::Value;
+use testbed::cluster::SecureCluster;
+use testbed::{Process, binary};
+
+struct Fleet {
+    cluster: SecureCluster,
+    dir: tempfile::TempDir,
+    trusted: String,
+    processes: Vec<Process>,
+}
+
+impl Fleet {
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("files")
+    }
+
+    fn creds(&self, name: &str) -> PathBuf {
+        self.cluster.authority.join(name)
+    }
+
+    /// The CLI as an operator, through `urls`.
+    fn flotilla_via(&self, urls: &str, args: &[&str]) -> Output {
+        Command::new(binary("flotilla"))
+            .args(["--nats-url", urls])
+            .arg("--creds")
+            .arg(self.creds("operator.creds"))
+            .args(self.cluster.pki.client_args())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn flotilla(&self, args: &[&str]) -> Output {
+        self.flotilla_via(&self.cluster.urls(), args)
+    }
+
+    fn ok(&self, out: &Output) -> String {
+        assert!(
+            out.status.success(),
+            "exit {:?}\nstdout: {}\nstderr: {}\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn logs(&self) -> String {
+        let mut s = self.cluster.logs();
+        for e in std::fs::read_dir(self.dir.path()).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|e| e == "log") {
+                s += &format!(
+                    "\n--- {}\n{}",
+                    p.display(),
+                    std::fs::read_to_string(&p).unwrap_or_default()
+                );
+            }
+        }
+        s
+    }
+
+    /// Enrols `id` (label role=kiosk) and starts its agent on `urls`.
+    fn start_agent(&mut self, id: &str, urls: &str) {
+        let creds = self.dir.path().join(format!("{id}.creds"));
+        self.ok(&self.flotilla(&[
+            "agent",
+            "enroll",
+            id,
+            "--auth-dir",
+            self.cluster.authority.to_str().unwrap(),
+            "--out",
+            creds.to_str().unwrap(),
+            "--label",
+            "role=kiosk",
+        ]));
+        let mut cmd = Command::new(binary("flotilla-agent"));
+        cmd.args(["--nats-url", urls, "--id", id])
+            .arg("--creds")
+            .arg(&creds)
+            .args(["--trusted-key", &self.trusted])
+            .arg("--state-dir")
+            .arg(self.dir.path().join(id))
+            .arg("--file-root")
+            .arg(self.root())
+            .args(["--resync-interval", "1s", "--heartbeat-interval", "500ms"])
+            .args(self.cluster.pki.client_args());
+        let log = self.dir.path().join(format!("{id}.log"));
+        self.processes.push(Process::spawn(cmd, &log));
+    }
+
+    async fn wait<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut check: impl FnMut() -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(v) = check() {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {limit:?}: {what}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn apply(&self, content: &str, args: &[&str]) -> Output {
+        let yaml = self.dir.path().join("hello.yaml");
+        std::fs::write(
+            &yaml,
+            format!(
+                "apiVersion: flotilla.dev/v1\nkind: Deployment\nname: hello\n\
+                 selector:\n  matchLabels: {{role: kiosk}}\n\
+                 rollout: {{canary: 1, waves: 2, soak: 1s}}\nresources:\n  - id: motd\n    kind: File\n    \
+                 spec: {{path: \"{}/${{agent.id}}.motd\", content: \"{content}\"}}\n",
+                self.root().display()
+            ),
+        )
+        .unwrap();
+        let mut all = vec!["apply", "-f", yaml.to_str().unwrap()];
+        all.extend_from_slice(args);
+        self.flotilla(&all)
+    }
+
+    fn files(&self, ids: &[&str]) -> Vec<String> {
+        ids.iter()
+            .map(|id| {
+                std::fs::read_to_string(self.root().join(format!("{id}.motd"))).unwrap_or_default()
+            })
+            .collect()
+    }
+
+    fn rollout(&self) -> Option<Value> {
+        let out = self.flotilla(&["rollout", "status", "hello", "-o", "json"]);
+        serde_json::from_slice(&out.stdout).ok()
+    }
+}
+
+const AGENTS: [&str; 4] = ["pi-1", "pi-2", "pi-3", "pi-4"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_replicates_the_fleet_survives_its_stream_leader_and_revokes_everywhere()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = SecureCluster::start(dir.path());
+    cluster.wait_formed(Duration::from_secs(30)).await;
+    let (key_file, trusted) = testbed::signing_key(dir.path());
+    let mut fleet = Fleet {
+        cluster,
+        dir,
+        trusted,
+        processes: Vec::new(),
+    };
+    std::fs::create_dir_all(fleet.root()).unwrap();
+    let all = fleet.cluster.urls();
+    let mut control = Command::new(binary("flotilla-control"));
+    control
+        .args(["--nats-url", &all, "--replicas", "3"])
+        .arg("--creds")
+        .arg(fleet.creds("control.creds"))
+        .arg("--signing-key-file")
+        .arg(&key_file)
+        .args(fleet.cluster.pki.client_args());
+    let log = fleet.dir.path().join("control.log");
+    fleet.processes.push(Process::spawn(control, &log));
+    // Both buckets on all three nodes.
+    let js = jetstream::new(fleet.cluster.client_of(&all, "control.creds").await);
+    for stream in ["KV_fleet", "KV_fleet-heartbeats"] {
+        let replicas = fleet
+            .wait(
+                &format!("{stream} created"),
+                Duration::from_secs(30),
+                || {
+                    let handle = tokio::runtime::Handle::current();
+                    tokio::task::block_in_place(|| {
+                        handle.block_on(async {
+                            let mut s = js.get_stream(stream).await.ok()?;
+                            Some(s.info().await.ok()?.config.num_replicas)
+                        })
+                    })
+                },
+            )
+            .await;
+        assert_eq!(replicas, 3, "{stream}");
+    }
+    // A new replicated stream answers direct gets once its replicas are up.
+    let kv = js.get_key_value("fleet").await.unwrap();
+    fleet
+        .wait(
+            "the fleet bucket answers reads",
+            Duration::from_secs(30),
+            || {
+                let handle = tokio::runtime::Handle::current();
+                tokio::task::block_in_place(|| handle.block_on(kv.get("values.nobody")).ok())
+            },
+        )
+        .await;
+    for id in AGENTS {
+        fleet.start_agent(id, &all);
+    }
+
+    fleet.ok(&fleet.apply("v1", &["--wait", "--timeout", "60s"]));
+    assert_eq!(fleet.files(&AGENTS), ["v1"; 4]);
+
+    // The update rolls out canary first; once the canary runs v2, the node
+    // leading the fleet's stream dies.
+    fleet.ok(&fleet.apply("v2", &[]));
+    fleet
+        .wait("the canary on v2", Duration::from_secs(30), || {
+            fleet.files(&AGENTS).iter().any(|f| f == "v2").then_some(())
+        })
+        .await;
+    let leader = fleet
+        .cluster
+        .stream_leader("KV_fleet")
+        .await
+        .expect("the fleet stream has a leader");
+    let killed = fleet.cluster.node(&leader);
+    let at = Instant::now();
+    fleet.cluster.nodes[killed].stop();
+    let survivors: String = (0..3)
+        .filter(|&i| i != killed)
+        .map(|i| fleet.cluster.nodes[i].url())
+        .collect::<Vec<_>>()
+        .join(",");
+    let done = fleet
+        .wait(
+            "the rollout completes on the other two nodes",
+            Duration::from_secs(90),
+            || {
+                let out =
+                    fleet.flotilla_via(&survivors, &["rollout", "status", "hello", "-o", "json"]);
+                let r: Value = serde_json::from_slice(&out.stdout).ok()?;
+                (r["phase"] == "Complete" && r["revision"].as_u64().is_some()).then_some(r)
+            },
+        )
+        .await;
+    let reconverged = at.elapsed();
+    assert_eq!(done["waves"], 3, "{done}");
+    assert_eq!(fleet.files(&AGENTS), ["v2"; 4]);
+    eprintln!("stream leader {leader} killed mid-rollout: rollout complete {reconverged:?} later");
+
+    // The node returns and catches up: every replica current, none behind.
+    fleet.cluster.nodes[killed].restart();
+    fleet
+        .wait(
+            "the returned node's replica is current",
+            Duration::from_secs(60),
+            || {
+                let handle = tokio::runtime::Handle::current();
+                tokio::task::block_in_place(|| {
+                    handle.block_on(async {
+                        let mut s = js.get_stream("KV_fleet").await.ok()?;
+                        let info = s.info().await.ok()?;
+                        let c = info.cluster.as_ref()?;
+                        (c.leader.is_some()
+                            && c.replicas.len() == 2
+                            && c.replicas
+                                .iter()
+                                .all(|r| r.current && r.lag.unwrap_or(0) == 0))
+                        .then_some(())
+                    })
+                })
+            },
+        )
+        .await;
+    assert_eq!(
+        fleet.rollout().map(|r| r["phase"].clone()),
+        Some(Value::from("Complete"))
+    );
+
+    // A device connected to nats-3 only; its revocation sent to nats-1.
+    let victim_creds = fleet.dir.path().join("pi-x.creds");
+    fleet.start_agent("pi-x", &fleet.cluster.nodes[2].url());
+    fleet
+        .wait("pi-x converged on v2", Duration::from_secs(30), || {
+            (fleet.files(&["pi-x"]) == ["v2"]).then_some(())
+        })
+        .await;
+    let refused = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("the NATS server refused these credentials"))
+    };
+    let at = Instant::now();
+    fleet.ok(&fleet.flotilla_via(
+        &fleet.cluster.nodes[0].url(),
+        &[
+            "agent",
+            "revoke",
+            "pi-x",
+            "--auth-dir",
+            fleet.cluster.authority.to_str().unwrap(),
+        ],
+    ));
+    fleet
+        .wait(
+            "pi-x, connected to nats-3, is cut off by a revocation sent to nats-1",
+            Duration::from_secs(30),
+            || {
+                std::fs::read_to_string(fleet.dir.path().join("pi-x.log"))
+                    .is_ok_and(|l| refused(&l))
+                    .then_some(())
+            },
+        )
+        .await;
+    eprintln!(
+        "revocation across the cluster: pi-x refused {:?} after revoke started",
+        at.elapsed()
+    );
+    let again = async_nats::ConnectOptions::with_credentials_file(victim_creds)
+        .await
+        .unwrap()
+        .require_tls(true)
+        .add_root_certificates(fleet.cluster.pki.ca.clone())
+        .add_client_certificate(
+            fleet.cluster.pki.client_cert.clone(),
+            fleet.cluster.pki.client_key.clone(),
+        )
+        .connect(fleet.cluster.nodes[1].url())
+        .await;
+    assert!(again.is_err(), "the revoked device connects to nats-2");
+}
+
+/// An R1 bucket (made by `flotilla apply` before the control plane ran, or
+/// by a single-server installation grown into a cluster) is scaled up in
+/// place by `--replicas 3`, its history kept (docs/adr/0021).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_bucket_is_scaled_up_in_place_with_its_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = SecureCluster::start(dir.path());
+    cluster.wait_formed(Duration::from_secs(30)).await;
+    let js = jetstream::new(cluster.client_of(&cluster.urls(), "control.creds").await);
+    let bucket = manifest_types::BucketName::default();
+    let store = flotilla_nats::ensure_bucket(&js, &bucket, flotilla_nats::Replicas::ONE)
+        .await
+        .unwrap();
+    for v in ["a", "b", "c"] {
+        store.put("values.pi-1", v.into()).await.unwrap();
+    }
+    let three = flotilla_nats::Replicas::new(3).unwrap();
+    flotilla_nats::ensure_bucket(&js, &bucket, three)
+        .await
+        .unwrap();
+    for stream in ["KV_fleet", "KV_fleet-heartbeats"] {
+        let info = js
+            .get_stream(stream)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(info.config.num_replicas, 3, "{stream}");
+    }
+    let history: Vec<_> =
+        futures::StreamExt::collect::<Vec<_>>(store.history("values.pi-1").await.unwrap())
+            .await
+            .into_iter()
+            .map(|e| e.unwrap().value)
+            .collect();
+    assert_eq!(
+        history,
+        ["a", "b", "c"].map(bytes::Bytes::from),
+        "history kept"
+    );
+}

@@ -2,9 +2,15 @@
 //! as three nodes on one machine — each its own ports, store and resolver
 //! directory, the authority `flotilla auth init` made, the test PKI for
 //! client TLS and mutual TLS between the nodes.
+//!
+//! [`Cluster`]: three plain nodes (no TLS, no auth; JetStream with
+//! `sync_interval: always`, as shipped) for benchmarks whose in-process
+//! agents cannot each carry credentials.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv::Store;
 
 use crate::{NatsServer, TestPki, binary, free_port, workspace_root};
 
@@ -166,6 +172,119 @@ impl SecureCluster {
             .iter()
             .enumerate()
             .map(|(i, n)| format!("--- nats-{}\n{}", i + 1, n.log()))
+            .collect()
+    }
+}
+
+/// Three plain nodes of one JetStream cluster on one machine: no TLS and no
+/// authentication, JetStream with `sync_interval: always` (as every shipped
+/// configuration), routes between all three. For benchmarks; the shipped
+/// production layout is [`SecureCluster`].
+#[derive(Debug)]
+pub struct Cluster {
+    /// `bench-1`, `bench-2`, `bench-3`, in that order.
+    pub nodes: Vec<NatsServer>,
+}
+
+impl Cluster {
+    /// Starts the three nodes (they form the cluster on their own; see
+    /// [`Self::wait_formed`]).
+    pub fn start() -> Self {
+        let client: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let all = routes
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let nodes = (0..3)
+            .map(|i| {
+                let config = format!(
+                    "listen: 127.0.0.1:{{port}}\n\
+                     server_name: bench-{n}\n\
+                     jetstream {{ store_dir: \"{{store}}\", sync_interval: always }}\n\
+                     cluster {{\n  name: bench\n  listen: 127.0.0.1:{route}\n  routes: [{all}]\n}}\n",
+                    n = i + 1,
+                    route = routes[i],
+                );
+                NatsServer::start_at(client[i], &config)
+            })
+            .collect();
+        Self { nodes }
+    }
+
+    /// Every node's URL, comma-separated (what clients are given).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A client given every node's URL.
+    pub async fn client(&self) -> async_nats::Client {
+        let addrs: Vec<async_nats::ServerAddr> = self
+            .nodes
+            .iter()
+            .map(|n| n.url().parse().expect("a server address"))
+            .collect();
+        async_nats::connect(addrs)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.urls()))
+    }
+
+    /// Waits until the nodes have formed a cluster whose JetStream meta
+    /// leader answers (at most `limit`).
+    pub async fn wait_formed(&self, limit: Duration) {
+        let js = async_nats::jetstream::new(self.client().await);
+        let deadline = Instant::now() + limit;
+        // Answered by the meta leader once there is one.
+        while js.query_account().await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not form in {limit:?}:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until KV bucket `bucket` exists (someone else creates it) and
+    /// answers a get: a freshly created replicated bucket answers direct
+    /// gets only once its replicas are up (at most `limit`).
+    pub async fn wait_bucket(&self, bucket: &str, limit: Duration) -> Store {
+        let js = async_nats::jetstream::new(self.client().await);
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(store) = js.get_key_value(bucket).await
+                && store.get("flotilla-bench-probe").await.is_ok()
+            {
+                return store;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bucket {bucket} did not answer in {limit:?}:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Each node's process id (for RSS and CPU readings), in node order.
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .map(|n| n.pid().expect("every node runs"))
+            .collect()
+    }
+
+    /// Every node's log.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("--- bench-{}\n{}", i + 1, n.log()))
             .collect()
     }
 }

@@ -24,6 +24,26 @@
 //! cargo build --release --workspace --bins
 //! target/release/flotilla-bench fleet --agents 100,1000,10000 --updates 3
 //! ```
+//!
+//! With `--servers single,single-sync,cluster` (any of them, in any order,
+//! the first being the baseline) the same fleet runs instead against each
+//! kind of NATS side by side, `--runs` times each, alternating, and the
+//! tables compare them (medians over the runs, ratios to the baseline):
+//! - `single`: one nats-server with JetStream's default durability (the
+//!   store flushed to disk every 2 minutes), as the default run;
+//! - `single-sync`: the same with `sync_interval: always` (an fsync before
+//!   every acknowledgement), as the shipped configurations;
+//! - `cluster`: three nodes of one JetStream cluster on this machine
+//!   ([`testbed::cluster::Cluster`], `sync_interval: always`), the control
+//!   plane given every node with `--replicas 3`, each agent one node, round
+//!   robin; nats-server RSS and CPU per node.
+//!
+//! The control plane alone then runs signed against each kind.
+//!
+//! ```sh
+//! target/release/flotilla-bench fleet --agents 1000,10000 --updates 3 \
+//!     --servers single,single-sync,cluster --runs 1
+//! ```
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -42,6 +62,7 @@ use manifest_types::{
 };
 use serde_json::json;
 use testbed::NatsServer;
+use testbed::cluster::Cluster;
 use tokio::sync::{oneshot, watch};
 
 /// Where the simulated devices keep their state and files.
@@ -54,13 +75,19 @@ const MAX_RATE: u64 = 500;
 const DEPLOYMENT: &str = "bench";
 const RESOURCE: &str = "config";
 
+/// How long any one wait of the benchmark may take.
+const LIMIT: Duration = Duration::from_secs(600);
+
 pub async fn run() -> anyhow::Result<()> {
     let sizes = testbed::bench_list("--agents", "100,1000,10000");
     let updates = testbed::bench_arg("--updates", 3);
     println!("{} cores", std::thread::available_parallelism()?);
+    if let Some(kinds) = Kind::from_args()? {
+        return compare(&sizes, updates, &kinds).await;
+    }
     let mut rows = Vec::new();
     for &n in &sizes {
-        rows.push(one_fleet(n, updates).await?);
+        rows.push(one_fleet(n, updates, Kind::Single).await?);
     }
     println!();
     println!(
@@ -81,7 +108,7 @@ pub async fn run() -> anyhow::Result<()> {
             ms(r.get_agents),
             r.interval.as_secs_f64(),
             r.heartbeats_per_s,
-            kib(r.server_rss),
+            kib(r.server_rss.iter().sum()),
         );
     }
     println!();
@@ -92,7 +119,10 @@ pub async fn run() -> anyhow::Result<()> {
     for r in &rows {
         println!(
             "| {} | {:.1} s | {:.1} s | {:.1} s |",
-            r.agents, r.first_cpu[0], r.first_cpu[1], r.first_cpu[2]
+            r.agents,
+            r.server_cpu.iter().sum::<f64>(),
+            r.control_cpu,
+            r.agents_cpu
         );
     }
     // The control plane alone: registered agents without agent processes,
@@ -101,7 +131,8 @@ pub async fn run() -> anyhow::Result<()> {
     let mut alone = Vec::new();
     for &n in &sizes {
         for signed in [false, true] {
-            alone.push((n, signed, control_alone(n, updates, signed).await?));
+            let a = control_alone(n, updates, signed, Kind::Single).await?;
+            alone.push((n, signed, (a.first, a.update, a.control_cpu)));
         }
     }
     println!();
@@ -126,11 +157,164 @@ pub async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--servers`: the fleet against each kind of NATS, side by side, `--runs`
+/// times each (alternating); medians, ratios to the first kind.
+async fn compare(sizes: &[usize], updates: usize, kinds: &[Kind]) -> anyhow::Result<()> {
+    let runs = testbed::bench_arg("--runs", 1).max(1);
+    let base = kinds[0];
+    let mut fleets: Vec<(usize, Kind, Vec<Row>)> = Vec::new();
+    for &n in sizes {
+        for run in 0..runs {
+            for &kind in kinds {
+                eprintln!("run {} of {runs}", run + 1);
+                let row = one_fleet(n, updates, kind).await?;
+                match fleets.iter_mut().find(|(m, k, _)| *m == n && *k == kind) {
+                    Some((_, _, rows)) => rows.push(row),
+                    None => fleets.push((n, kind, vec![row])),
+                }
+            }
+        }
+    }
+    let fleets: Vec<(Kind, Row)> = fleets
+        .into_iter()
+        .map(|(_, kind, rows)| (kind, Row::median(&rows)))
+        .collect();
+    let baseline = |r: &Row| {
+        fleets
+            .iter()
+            .find(|(k, b)| *k == base && b.agents == r.agents)
+            .map(|(_, b)| b.clone())
+            .expect("each size ran on the baseline")
+    };
+    // The sum, and each node's share when there are several; `unit` with
+    // its leading space.
+    let per_node = |v: &[f64], unit: &str, digits: usize| match v.len() {
+        1 => format!("{:.digits$}{unit}", v[0]),
+        _ => format!(
+            "{:.digits$}{unit} ({})",
+            v.iter().sum::<f64>(),
+            v.iter()
+                .map(|x| format!("{x:.digits$}"))
+                .collect::<Vec<_>>()
+                .join(" + ")
+        ),
+    };
+    let rss_nodes = |v: &[u64]| {
+        per_node(
+            &v.iter().map(|&k| k as f64 / 1024.0).collect::<Vec<_>>(),
+            " MiB",
+            1,
+        )
+    };
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+
+    println!();
+    println!(
+        "| agents | NATS | new deployment → all written / all converged | ratio (converged) | update → all written / all converged (median of {updates}) | ratio (converged) | `get agents` | heartbeats/s (cap {MAX_RATE}) | control RSS |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (kind, r) in &fleets {
+        let b = baseline(r);
+        println!(
+            "| {} | {} | {} / {} | {:.2}x | {} / {} | {:.2}x | {} | {:.0} | {} |",
+            r.agents,
+            kind.label(),
+            ms(r.first_written),
+            ms(r.first),
+            ratio(r.first, b.first),
+            ms(r.update_written),
+            ms(r.update),
+            ratio(r.update, b.update),
+            ms(r.get_agents),
+            r.heartbeats_per_s,
+            kib(r.control_rss),
+        );
+    }
+    println!();
+    println!(
+        "| agents | NATS | nats-server CPU during the new deployment (per node) | ratio | flotilla-control CPU | agents' CPU | nats-server CPU-s per s while idle (heartbeats) | nats-server RSS, fleet idle (per node) | ratio |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (kind, r) in &fleets {
+        let b = baseline(r);
+        let cpu: f64 = r.server_cpu.iter().sum();
+        let rss: u64 = r.server_rss.iter().sum();
+        println!(
+            "| {} | {} | {} | {:.2}x | {:.1} s | {:.1} s | {} | {} | {:.2}x |",
+            r.agents,
+            kind.label(),
+            per_node(&r.server_cpu, " s", 1),
+            cpu / b.server_cpu.iter().sum::<f64>().max(0.01),
+            r.control_cpu,
+            r.agents_cpu,
+            per_node(&r.idle_cpu, "", 2),
+            rss_nodes(&r.server_rss),
+            rss as f64 / b.server_rss.iter().sum::<u64>() as f64,
+        );
+    }
+
+    // The control plane alone, signed: only nats-server and flotilla-control
+    // share the cores.
+    let mut alone: Vec<(usize, Kind, Vec<Alone>)> = Vec::new();
+    for &n in sizes {
+        for _ in 0..runs {
+            for &kind in kinds {
+                let a = control_alone(n, updates, true, kind).await?;
+                match alone.iter_mut().find(|(m, k, _)| *m == n && *k == kind) {
+                    Some((_, _, all)) => all.push(a),
+                    None => alone.push((n, kind, vec![a])),
+                }
+            }
+        }
+    }
+    let alone: Vec<(usize, Kind, Alone)> = alone
+        .into_iter()
+        .map(|(n, kind, all)| {
+            let nodes = all[0].server_cpu.len();
+            let a = Alone {
+                first: mid(all.iter().map(|a| a.first).collect()),
+                update: mid(all.iter().map(|a| a.update).collect()),
+                control_cpu: mid(all.iter().map(|a| a.control_cpu).collect()),
+                server_cpu: (0..nodes)
+                    .map(|i| mid(all.iter().map(|a| a.server_cpu[i]).collect()))
+                    .collect(),
+            };
+            (n, kind, a)
+        })
+        .collect();
+    println!();
+    println!(
+        "| agents (registered, no agent processes), signed | NATS | new deployment → all manifests written | ratio | update → all written (median of {updates}) | ratio | flotilla-control CPU | nats-server CPU (per node) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (n, kind, a) in &alone {
+        let b = alone
+            .iter()
+            .find(|(m, k, _)| m == n && *k == base)
+            .map(|(_, _, b)| b)
+            .expect("each size ran on the baseline");
+        println!(
+            "| {n} | {} | {} | {:.2}x | {} | {:.2}x | {:.1} s | {} |",
+            kind.label(),
+            ms(a.first),
+            ratio(a.first, b.first),
+            ms(a.update),
+            ratio(a.update, b.update),
+            a.control_cpu,
+            per_node(&a.server_cpu, " s", 1),
+        );
+    }
+    Ok(())
+}
+
+#[derive(Clone)]
 struct Row {
     agents: usize,
-    /// CPU seconds of nats-server, flotilla-control and the agents during
-    /// the new deployment.
-    first_cpu: [f64; 3],
+    /// CPU seconds of each nats-server (in node order), flotilla-control
+    /// and the agents during the new deployment.
+    server_cpu: Vec<f64>,
+    control_cpu: f64,
+    agents_cpu: f64,
     first: Duration,
     first_written: Duration,
     update: Duration,
@@ -140,13 +324,179 @@ struct Row {
     get_agents: Duration,
     heartbeats_per_s: f64,
     interval: Duration,
-    server_rss: u64,
+    /// Each nats-server's RSS while the fleet idles, KiB.
+    server_rss: Vec<u64>,
+    /// Each nats-server's CPU seconds per second while the fleet idles
+    /// (heartbeats only).
+    idle_cpu: Vec<f64>,
 }
 
-/// A nats-server, the release control plane and the simulated devices'
+impl Row {
+    /// Each measure's median over `rows` (one per run of one configuration).
+    fn median(rows: &[Row]) -> Row {
+        let nodes = rows[0].server_rss.len();
+        let each = |f: &dyn Fn(&Row) -> f64| mid(rows.iter().map(f).collect());
+        let time = |f: &dyn Fn(&Row) -> Duration| mid(rows.iter().map(f).collect());
+        Row {
+            agents: rows[0].agents,
+            server_cpu: (0..nodes).map(|i| each(&|r| r.server_cpu[i])).collect(),
+            control_cpu: each(&|r| r.control_cpu),
+            agents_cpu: each(&|r| r.agents_cpu),
+            first: time(&|r| r.first),
+            first_written: time(&|r| r.first_written),
+            update: time(&|r| r.update),
+            update_written: time(&|r| r.update_written),
+            control_idle: mid(rows.iter().map(|r| r.control_idle).collect()),
+            control_rss: mid(rows.iter().map(|r| r.control_rss).collect()),
+            get_agents: time(&|r| r.get_agents),
+            heartbeats_per_s: each(&|r| r.heartbeats_per_s),
+            interval: time(&|r| r.interval),
+            server_rss: (0..nodes)
+                .map(|i| mid(rows.iter().map(|r| r.server_rss[i]).collect()))
+                .collect(),
+            idle_cpu: (0..nodes).map(|i| each(&|r| r.idle_cpu[i])).collect(),
+        }
+    }
+}
+
+/// The middle value (the upper one of an even count).
+fn mid<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+/// Which NATS a fleet runs against (`--servers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// One nats-server, JetStream's default durability (flushed every 2 min).
+    Single,
+    /// One nats-server with `sync_interval: always`.
+    SingleSync,
+    /// Three nodes, `sync_interval: always`, every bucket on all three.
+    Cluster,
+}
+
+impl Kind {
+    /// `--servers single,single-sync,cluster`, if given.
+    fn from_args() -> anyhow::Result<Option<Vec<Kind>>> {
+        let args: Vec<String> = std::env::args().collect();
+        let Some(i) = args.iter().position(|a| a == "--servers") else {
+            return Ok(None);
+        };
+        let list = args.get(i + 1).context("--servers needs a list")?;
+        let kinds = list
+            .split(',')
+            .map(|k| match k.trim() {
+                "single" => Ok(Kind::Single),
+                "single-sync" => Ok(Kind::SingleSync),
+                "cluster" => Ok(Kind::Cluster),
+                other => bail!("--servers: {other:?} is not single, single-sync or cluster"),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        anyhow::ensure!(!kinds.is_empty(), "--servers needs a list");
+        Ok(Some(kinds))
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Single => "1 server, default sync (2 min)",
+            Kind::SingleSync => "1 server, `sync_interval: always`",
+            Kind::Cluster => "3-node cluster, R3, `sync_interval: always`",
+        }
+    }
+}
+
+/// The NATS a fleet runs against: one server or a 3-node cluster.
+pub(crate) enum Servers {
+    One(NatsServer),
+    Three(Cluster),
+}
+
+impl Servers {
+    pub(crate) async fn start(kind: Kind) -> Self {
+        match kind {
+            Kind::Single => Servers::One(NatsServer::start()),
+            // NatsServer::start's configuration, plus the shipped setting.
+            Kind::SingleSync => Servers::One(NatsServer::start_with_own_config(
+                "listen: \"127.0.0.1:{port}\"\nserver_name: flotilla-bench-{port}\n\
+                 jetstream { store_dir: \"{store}\", sync_interval: always }\n",
+            )),
+            Kind::Cluster => {
+                let cluster = Cluster::start();
+                cluster.wait_formed(Duration::from_secs(60)).await;
+                Servers::Three(cluster)
+            }
+        }
+    }
+
+    /// Every server's URL, comma-separated.
+    pub(crate) fn urls(&self) -> String {
+        match self {
+            Servers::One(s) => s.url(),
+            Servers::Three(c) => c.urls(),
+        }
+    }
+
+    /// The URL agent number `i` is given: one node each, round robin.
+    fn agent_url(&self, i: usize) -> String {
+        match self {
+            Servers::One(s) => s.url(),
+            Servers::Three(c) => c.nodes[i % c.nodes.len()].url(),
+        }
+    }
+
+    /// How many servers hold each bucket the control plane creates.
+    fn replicas(&self) -> usize {
+        match self {
+            Servers::One(_) => 1,
+            Servers::Three(c) => c.nodes.len(),
+        }
+    }
+
+    /// A client of every server.
+    pub(crate) async fn client(&self) -> async_nats::Client {
+        match self {
+            Servers::One(s) => s.client().await,
+            Servers::Three(c) => c.client().await,
+        }
+    }
+
+    /// Each nats-server's process id, in node order.
+    fn pids(&self) -> anyhow::Result<Vec<u32>> {
+        match self {
+            Servers::One(s) => Ok(vec![s.pid().context("nats-server runs")?]),
+            Servers::Three(c) => Ok(c.pids()),
+        }
+    }
+
+    /// The fleet bucket once the control plane has created it and it
+    /// answers reads (a replicated one does so only once its replicas are up).
+    async fn bucket(&self) -> anyhow::Result<Store> {
+        let bucket = BucketName::default();
+        match self {
+            Servers::Three(c) => Ok(c.wait_bucket(bucket.as_str(), LIMIT).await),
+            Servers::One(s) => {
+                let js = async_nats::jetstream::new(s.client().await);
+                loop {
+                    if let Ok(s) = js.get_key_value(bucket.as_str()).await {
+                        break Ok(s);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+}
+
+/// CPU seconds each of `pids` has used so far.
+fn cpus(pids: &[u32]) -> anyhow::Result<Vec<f64>> {
+    pids.iter().map(|&p| cpu_seconds(p)).collect()
+}
+
+/// NATS servers, the release control plane and the simulated devices'
 /// storage, before any agent runs.
 pub(crate) struct Bench {
-    pub server: NatsServer,
+    pub servers: Servers,
     pub js: async_nats::jetstream::Context,
     pub dir: tempfile::TempDir,
     /// The file root every agent shares (each writes its own paths).
@@ -160,9 +510,14 @@ pub(crate) struct Bench {
 }
 
 impl Bench {
+    /// On one nats-server, as `NatsServer::start` configures it.
     pub(crate) async fn start() -> anyhow::Result<Self> {
-        let server = NatsServer::start();
-        let js = async_nats::jetstream::new(server.client().await);
+        Self::start_on(Kind::Single).await
+    }
+
+    pub(crate) async fn start_on(kind: Kind) -> anyhow::Result<Self> {
+        let servers = Servers::start(kind).await;
+        let js = async_nats::jetstream::new(servers.client().await);
         // Ten thousand devices do not share one disk: each simulated device's
         // state and files live on tmpfs (when there is one), so the benchmark
         // measures the mesh, not this VM's one disk under 40,000 fsyncs.
@@ -173,18 +528,13 @@ impl Bench {
         let files = dir.path().join("files");
         std::fs::create_dir_all(&files)?;
         let files = files.canonicalize()?;
-        let (control, trusted) = ControlPlane::start(&server, dir.path(), true)?;
+        let (control, trusted) = ControlPlane::start(&servers, dir.path(), true)?;
         let trusted = trusted.expect("a signing control plane");
         // The control plane creates the bucket; wait for it.
-        let store = loop {
-            if let Ok(s) = js.get_key_value(BucketName::default().as_str()).await {
-                break s;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let store = servers.bucket().await?;
         let converged = Converged::watch(&store).await?;
         Ok(Self {
-            server,
+            servers,
             js,
             dir,
             files,
@@ -202,7 +552,7 @@ impl Bench {
         let mut agents = Vec::with_capacity(n);
         for i in 0..n {
             agents.push(start_agent(
-                &self.server,
+                &self.servers.agent_url(i),
                 self.dir.path(),
                 &self.files,
                 &format!("a{i:05}"),
@@ -210,18 +560,18 @@ impl Bench {
             )?);
         }
         self.converged
-            .wait(n, 0, Duration::from_secs(300))
+            .wait(n, 0, LIMIT)
             .await
             .context("agents did not register")?;
         Ok(agents)
     }
 }
 
-async fn one_fleet(n: usize, updates: usize) -> anyhow::Result<Row> {
-    eprintln!("fleet of {n}: starting");
-    let bench = Bench::start().await?;
+async fn one_fleet(n: usize, updates: usize, kind: Kind) -> anyhow::Result<Row> {
+    eprintln!("fleet of {n} on {kind:?}: starting");
+    let bench = Bench::start_on(kind).await?;
     let Bench {
-        server,
+        servers,
         js,
         files,
         control,
@@ -231,33 +581,37 @@ async fn one_fleet(n: usize, updates: usize) -> anyhow::Result<Row> {
     } = &bench;
     let control_idle = rss_kib(control.pid())?;
     let agents = bench.agents(n).await?;
-    eprintln!("fleet of {n}: registered");
+    eprintln!("fleet of {n} on {kind:?}: registered");
 
     let written = Converged::written(store).await?;
-    let server_pid = server.pid().context("nats-server runs")?;
-    let cpu = || -> anyhow::Result<[f64; 3]> {
-        Ok([
-            cpu_seconds(server_pid)?,
-            cpu_seconds(control.pid())?,
-            cpu_seconds(std::process::id())?,
-        ])
-    };
-    let cpu_before = cpu()?;
+    let server_pids = servers.pids()?;
+    let cpu_before = (
+        cpus(&server_pids)?,
+        cpu_seconds(control.pid())?,
+        cpu_seconds(std::process::id())?,
+    );
     let t = Instant::now();
     let revision = store.put("deployments.bench", deployment(files, 0)).await?;
     written
-        .wait(n, revision, Duration::from_secs(300))
+        .wait(n, revision, LIMIT)
         .await
         .context("new deployment written")?;
     let first_written = t.elapsed();
     converged
-        .wait(n, revision, Duration::from_secs(300))
+        .wait(n, revision, LIMIT)
         .await
         .context("new deployment")?;
     let first = t.elapsed();
-    let cpu_after = cpu()?;
-    let first_cpu: [f64; 3] = std::array::from_fn(|i| cpu_after[i] - cpu_before[i]);
-    eprintln!("fleet of {n}: new deployment written {first_written:?}, converged {first:?}");
+    let server_cpu = cpus(&server_pids)?
+        .iter()
+        .zip(&cpu_before.0)
+        .map(|(after, before)| after - before)
+        .collect();
+    let control_cpu = cpu_seconds(control.pid())? - cpu_before.1;
+    let agents_cpu = cpu_seconds(std::process::id())? - cpu_before.2;
+    eprintln!(
+        "fleet of {n} on {kind:?}: new deployment written {first_written:?}, converged {first:?}"
+    );
 
     let mut times = Vec::new();
     let mut written_times = Vec::new();
@@ -265,25 +619,23 @@ async fn one_fleet(n: usize, updates: usize) -> anyhow::Result<Row> {
         let t = Instant::now();
         let revision = store.put("deployments.bench", deployment(files, i)).await?;
         written
-            .wait(n, revision, Duration::from_secs(300))
+            .wait(n, revision, LIMIT)
             .await
             .context("update written")?;
         written_times.push(t.elapsed());
-        converged
-            .wait(n, revision, Duration::from_secs(300))
-            .await
-            .context("update")?;
+        converged.wait(n, revision, LIMIT).await.context("update")?;
         times.push(t.elapsed());
     }
     let update = crate::percentile(&mut times, 50);
     let update_written = crate::percentile(&mut written_times, 50);
+    eprintln!("fleet of {n} on {kind:?}: updates {times:?}");
     let control_rss = rss_kib(control.pid())?;
 
     let mut reads = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
         let out = Command::new(release_binary("flotilla")?)
-            .args(["--nats-url", &server.url(), "get", "agents", "-o", "json"])
+            .args(["--nats-url", &servers.urls(), "get", "agents", "-o", "json"])
             .stderr(Stdio::inherit())
             .output()?;
         if !out.status.success() {
@@ -296,13 +648,25 @@ async fn one_fleet(n: usize, updates: usize) -> anyhow::Result<Row> {
     // Over two published intervals (at least 10 s), once every agent has
     // had time to read the setting.
     let interval = published_interval(store).await?;
+    let idle_before = cpus(&server_pids)?;
+    let t = Instant::now();
     let heartbeats_per_s = heartbeat_rate(js, (interval * 2).max(Duration::from_secs(10))).await?;
-    let server_rss = rss_kib(server.pid().context("nats-server runs")?)?;
+    let idle_cpu = cpus(&server_pids)?
+        .iter()
+        .zip(&idle_before)
+        .map(|(after, before)| (after - before) / t.elapsed().as_secs_f64())
+        .collect();
+    let server_rss = server_pids
+        .iter()
+        .map(|&p| rss_kib(p))
+        .collect::<anyhow::Result<_>>()?;
     drop(agents);
     drop(bench);
     Ok(Row {
         agents: n,
-        first_cpu,
+        server_cpu,
+        control_cpu,
+        agents_cpu,
         first,
         first_written,
         update,
@@ -313,7 +677,21 @@ async fn one_fleet(n: usize, updates: usize) -> anyhow::Result<Row> {
         heartbeats_per_s,
         interval,
         server_rss,
+        idle_cpu,
     })
+}
+
+/// What [`control_alone`] measures.
+#[derive(Clone)]
+struct Alone {
+    /// New deployment → all manifests written.
+    first: Duration,
+    /// Update → all written, median.
+    update: Duration,
+    /// flotilla-control's CPU seconds for the new deployment.
+    control_cpu: f64,
+    /// Each nats-server's CPU seconds for the new deployment.
+    server_cpu: Vec<f64>,
 }
 
 /// The control plane's own cost: `n` agents registered by writing their
@@ -323,18 +701,13 @@ async fn control_alone(
     n: usize,
     updates: usize,
     signed: bool,
-) -> anyhow::Result<(Duration, Duration, f64)> {
-    eprintln!("control plane alone, {n} agents, signed: {signed}");
-    let server = NatsServer::start();
-    let js = async_nats::jetstream::new(server.client().await);
+    kind: Kind,
+) -> anyhow::Result<Alone> {
+    eprintln!("control plane alone, {n} agents, signed: {signed}, on {kind:?}");
+    let servers = Servers::start(kind).await;
     let dir = tempfile::tempdir()?;
-    let (control, _) = ControlPlane::start(&server, dir.path(), signed)?;
-    let store = loop {
-        if let Ok(s) = js.get_key_value(BucketName::default().as_str()).await {
-            break s;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let (control, _) = ControlPlane::start(&servers, dir.path(), signed)?;
+    let store = servers.bucket().await?;
     let written = Converged::written(&store).await?;
     label_fleet(&store, n).await?;
     put_each(&store, n, |id| {
@@ -345,30 +718,42 @@ async fn control_alone(
     })
     .await?;
     written
-        .wait(n, 0, Duration::from_secs(300))
+        .wait(n, 0, LIMIT)
         .await
         .context("registered agents get their first manifest")?;
     let files = Path::new("/srv/bench");
+    let server_pids = servers.pids()?;
+    let server_before = cpus(&server_pids)?;
     let cpu = cpu_seconds(control.pid())?;
     let t = Instant::now();
     let revision = store.put("deployments.bench", deployment(files, 0)).await?;
     written
-        .wait(n, revision, Duration::from_secs(300))
+        .wait(n, revision, LIMIT)
         .await
         .context("new deployment written")?;
     let first = t.elapsed();
-    let cpu = cpu_seconds(control.pid())? - cpu;
+    let control_cpu = cpu_seconds(control.pid())? - cpu;
+    let server_cpu = cpus(&server_pids)?
+        .iter()
+        .zip(&server_before)
+        .map(|(after, before)| after - before)
+        .collect();
     let mut times = Vec::new();
     for i in 1..=updates {
         let t = Instant::now();
         let revision = store.put("deployments.bench", deployment(files, i)).await?;
         written
-            .wait(n, revision, Duration::from_secs(300))
+            .wait(n, revision, LIMIT)
             .await
             .context("update written")?;
         times.push(t.elapsed());
     }
-    Ok((first, crate::percentile(&mut times, 50), cpu))
+    Ok(Alone {
+        first,
+        update: crate::percentile(&mut times, 50),
+        control_cpu,
+        server_cpu,
+    })
 }
 
 /// Heartbeat writes per second over `window`, from the heartbeat bucket's
@@ -516,16 +901,18 @@ impl Converged {
 pub(crate) struct ControlPlane(Child);
 
 impl ControlPlane {
-    /// Starts the release control plane; `signed`: with a new signing key
-    /// of its own, whose public key is returned.
+    /// Starts the release control plane, given every server and as many
+    /// replicas as there are servers; `signed`: with a new signing key of
+    /// its own, whose public key is returned.
     pub(crate) fn start(
-        server: &NatsServer,
+        servers: &Servers,
         dir: &Path,
         signed: bool,
     ) -> anyhow::Result<(Self, Option<String>)> {
         let log = std::fs::File::create(dir.join("control.log"))?;
         let mut cmd = Command::new(release_binary("flotilla-control")?);
-        cmd.args(["--nats-url", &server.url()])
+        cmd.args(["--nats-url", &servers.urls()])
+            .args(["--replicas", &servers.replicas().to_string()])
             .args(["--heartbeat-max-rate", &MAX_RATE.to_string()]);
         let mut public = None;
         if signed {
@@ -628,14 +1015,14 @@ async fn put_each(
 }
 
 pub(crate) fn start_agent(
-    server: &NatsServer,
+    url: &str,
     dir: &Path,
     files: &Path,
     id: &str,
     trusted: &str,
 ) -> anyhow::Result<oneshot::Sender<()>> {
-    let mut config = Config::new(server.url(), AgentId::new(id)?, dir.join("state").join(id))
-        .with_file_root(files)?;
+    let mut config =
+        Config::new(url, AgentId::new(id)?, dir.join("state").join(id)).with_file_root(files)?;
     config.trust = Trust {
         keys: vec![trusted.to_owned()],
         allow_unsigned: false,

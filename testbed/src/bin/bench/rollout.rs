@@ -37,14 +37,14 @@ pub async fn run() -> anyhow::Result<()> {
     println!("{} cores", std::thread::available_parallelism()?);
     let bench = Bench::start().await?;
     let Bench {
-        server,
+        servers,
         files,
         control,
         store,
         converged,
         ..
     } = &bench;
-    let client = server.client().await;
+    let client = servers.client().await;
     let agents = bench.agents(n).await?;
     eprintln!("{n} agents registered");
 

@@ -850,8 +850,19 @@ impl Converged {
         let newest: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
         let (tx, rx) = watch::channel(0u64);
         let map = newest.clone();
+        let family = family.to_owned();
         tokio::spawn(async move {
-            while let Some(Ok(entry)) = w.next().await {
+            while let Some(entry) = w.next().await {
+                // The watch's ordered consumer reports a missed idle
+                // heartbeat (a loaded machine) as an error, then recreates
+                // itself from the last sequence it delivered: keep reading.
+                let entry = match entry {
+                    Ok(entry) => entry,
+                    Err(e) => {
+                        eprintln!("watch of {family}.>: {e}; resuming");
+                        continue;
+                    }
+                };
                 let Some(revision) = revision_of(&entry.value) else {
                     continue;
                 };

@@ -68,6 +68,11 @@ pub struct Args {
     /// While a rollout is in progress, judge it at least this often.
     #[arg(long, env = "FLOTILLA_ROLLOUT_RECHECK", value_parser = humantime::parse_duration, default_value = "1s")]
     pub rollout_recheck: std::time::Duration,
+    /// The control lease's time (docs/adr/0022): with several instances,
+    /// one acts and renews its lease every third of this; when it stops,
+    /// another takes over within this time plus one pass.
+    #[arg(long, env = "FLOTILLA_LEASE_TTL", value_parser = parse_lease_ttl, default_value = "6s")]
+    pub lease_ttl: std::time::Duration,
     /// File holding the nkey seed manifests are signed with (`flotilla keys
     /// generate`). Repeat it while rotating: every manifest then carries a
     /// signature by each key. None: manifests are unsigned, and only agents
@@ -98,9 +103,21 @@ impl Args {
         config.thresholds.stale_after = self.stale_after;
         config.thresholds.offline_after = self.offline_after;
         config.rollout_recheck = self.rollout_recheck;
+        config.lease_ttl = self.lease_ttl;
         config.signing = std::sync::Arc::new(signing_keys(&self.signing_key_files)?);
         Ok(config)
     }
+}
+
+/// A lease time of at least 1 s (renewals go out every third of it).
+fn parse_lease_ttl(s: &str) -> Result<std::time::Duration, String> {
+    let ttl = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if ttl < std::time::Duration::from_secs(1) {
+        return Err(format!(
+            "{s}: a lease time under 1 s leaves no room for a renewal"
+        ));
+    }
+    Ok(ttl)
 }
 
 /// The signing keys from their seed files; the seed itself never reaches a

@@ -76,6 +76,7 @@ pub mod bucket;
 pub mod daemon;
 pub mod fleet;
 pub mod heartbeat;
+pub mod lease;
 pub mod publish;
 pub mod render;
 pub mod rollout;

@@ -36,6 +36,17 @@ pub fn heartbeat_bucket(bucket: &BucketName) -> String {
     format!("{bucket}-heartbeats")
 }
 
+/// The bucket of the control plane's lease, beside the fleet bucket
+/// `bucket` (docs/adr/0022-one-acting-control-plane.md): `<bucket>-control`,
+/// one value per key, each expiring after the lease time unless renewed.
+pub fn control_bucket(bucket: &BucketName) -> String {
+    format!("{bucket}-control")
+}
+
+/// `lease` (in [`control_bucket`]): the [`crate::lease::ControlLease`] of the
+/// control-plane instance that acts; absent while none does.
+pub const LEASE: &str = "lease";
+
 /// `settings.heartbeat` (fleet bucket): the heartbeat interval the control
 /// plane asks of agents, sized to the fleet (docs/adr/0015).
 pub const HEARTBEAT_SETTINGS: &str = "settings.heartbeat";

@@ -58,6 +58,7 @@ pub mod diff;
 pub mod ids;
 pub mod inventory;
 pub mod keys;
+pub mod lease;
 pub mod manifest;
 pub mod reason;
 pub mod rollout;

@@ -136,6 +136,47 @@ pub fn heartbeat_bucket_config(bucket: &BucketName, replicas: Replicas) -> kv::C
     }
 }
 
+/// The config of the control plane's lease bucket beside fleet bucket
+/// `bucket`: one value per key, expired `ttl` after its last write (the
+/// lease time, docs/adr/0022), file storage.
+pub fn control_bucket_config(
+    bucket: &BucketName,
+    replicas: Replicas,
+    ttl: std::time::Duration,
+) -> kv::Config {
+    kv::Config {
+        bucket: keys::control_bucket(bucket),
+        description: "Flotilla control-plane lease (see docs/adr/0022)".into(),
+        history: 1,
+        max_age: ttl,
+        max_value_size: 4096,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas.get(),
+        ..Default::default()
+    }
+}
+
+/// Opens the control plane's lease bucket beside fleet bucket `bucket`,
+/// creating it if missing; an existing one gets at least `replicas` and the
+/// lease time `ttl`.
+///
+/// # Errors
+/// As [`ensure_bucket`].
+pub async fn ensure_control_bucket(
+    js: &jetstream::Context,
+    bucket: &BucketName,
+    replicas: Replicas,
+    ttl: std::time::Duration,
+) -> Result<kv::Store, BucketError> {
+    ensure(
+        js,
+        control_bucket_config(bucket, replicas, ttl),
+        bucket,
+        |_| Ok(()),
+    )
+    .await
+}
+
 /// Opens the heartbeat bucket beside fleet bucket `bucket`, creating it if
 /// missing, with at least `replicas` (control plane and `flotilla apply`,
 /// with [`ensure_bucket`]).
@@ -165,7 +206,8 @@ const REOPEN_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
 /// Opens bucket `config.bucket` (the fleet bucket `fleet` or one beside it),
 /// creating it with `config` when it does not exist; an existing one with
 /// fewer replicas than `config` asks for is scaled up in place, never
-/// recreated (ADR 0021) — once `check` accepts the existing bucket.
+/// recreated (ADR 0021), and given `config`'s maximum age — once `check`
+/// accepts the existing bucket.
 async fn ensure(
     js: &jetstream::Context,
     config: kv::Config,
@@ -174,6 +216,7 @@ async fn ensure(
 ) -> Result<kv::Store, BucketError> {
     let name = config.bucket.clone();
     let want = config.num_replicas.max(1);
+    let max_age = config.max_age;
     let read = |e: async_nats::Error| BucketError::Read {
         bucket: fleet.clone(),
         source: e,
@@ -204,10 +247,11 @@ async fn ensure(
     let info = store.status().await.map_err(|e| read(e.into()))?.info;
     check(&info)?;
     let have = info.config.num_replicas.max(1);
-    if have < want {
-        let mut scaled = info.config;
-        scaled.num_replicas = want;
-        js.update_stream(scaled)
+    if have < want || info.config.max_age != max_age {
+        let mut changed = info.config;
+        changed.num_replicas = have.max(want);
+        changed.max_age = max_age;
+        js.update_stream(changed)
             .await
             .map_err(|source| BucketError::Replicas {
                 name: name.clone(),
@@ -215,7 +259,7 @@ async fn ensure(
                 want,
                 source: source.into(),
             })?;
-        tracing::info!(bucket = %name, from = have, to = want, "bucket scaled up");
+        tracing::info!(bucket = %name, replicas = have.max(want), ?max_age, "bucket updated");
     }
     Ok(store)
 }

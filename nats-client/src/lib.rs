@@ -48,8 +48,9 @@ pub mod tls;
 pub use args::{DEFAULT_NATS_URL, NatsArgs};
 pub use auth::{Auth, AuthError};
 pub use bucket::{
-    BucketError, Replicas, bucket_config, ensure_bucket, ensure_heartbeat_bucket,
-    heartbeat_bucket_config, open_bucket, open_heartbeat_bucket, republish_rule,
+    BucketError, Replicas, bucket_config, control_bucket_config, ensure_bucket,
+    ensure_control_bucket, ensure_heartbeat_bucket, heartbeat_bucket_config, open_bucket,
+    open_heartbeat_bucket, republish_rule,
 };
 pub use connect::{ConnectError, Connector};
 pub use family::{ReadError, Snapshot, read_families, read_family, read_keys};

@@ -31,6 +31,18 @@ pub(crate) struct PassReport {
 }
 
 impl PassReport {
+    /// The lease ran out before `agents` were written: rendered again by
+    /// the next pass this instance runs.
+    fn stopped(
+        &mut self,
+        agents: impl Iterator<Item = manifest_types::AgentId>,
+        state: &mut State,
+    ) {
+        self.failures += 1;
+        self.first_error.get_or_insert_with(|| NOT_ACTING.into());
+        state.memo.dirty.agents.extend(agents);
+    }
+
     fn failed(&mut self, what: String, error: &dyn std::error::Error) {
         let error = error_chain(error);
         tracing::debug!(%error, "{what}");
@@ -46,6 +58,7 @@ pub(crate) async fn pass(
     store: &Store,
     concurrency: usize,
     heartbeat: &HeartbeatPolicy,
+    acting: impl Fn() -> bool,
 ) -> PassReport {
     let plan = plan_manifests(state);
     let mut report = PassReport {
@@ -53,11 +66,23 @@ pub(crate) async fn pass(
         ..PassReport::default()
     };
     let writes = plan.adopt(state);
+    // Each round writes only while this instance holds the lease (ADR 0022).
+    if !acting() {
+        report.stopped(writes.into_iter().map(|w| w.agent), state);
+        return report;
+    }
     write_manifests(state, store, writes, concurrency, &mut report).await;
+    if !acting() {
+        report.failures += 1;
+        report.first_error.get_or_insert_with(|| NOT_ACTING.into());
+        return report;
+    }
     let records = plan_records(state, heartbeat);
     write_records(state, store, records, concurrency, &mut report).await;
     report
 }
+
+const NOT_ACTING: &str = "the control lease ran out during the pass";
 
 async fn write_manifests(
     state: &mut State,

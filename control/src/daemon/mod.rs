@@ -53,6 +53,7 @@
 //!   stream would skip its history, because KV sequences restart at 1.
 
 mod execute;
+mod leadership;
 mod metrics;
 mod plan;
 mod rollouts;
@@ -111,6 +112,9 @@ pub struct Config {
     /// The keys every manifest is signed with (docs/adr/0004, 0017); empty:
     /// manifests are unsigned, for agents run with `--allow-unsigned`.
     pub signing: Arc<SigningKeys>,
+    /// The control lease's time (docs/adr/0022): a follower takes over at
+    /// most this long after the leader stopped renewing, plus one pass.
+    pub lease_ttl: Duration,
 }
 
 impl Config {
@@ -132,6 +136,7 @@ impl Config {
             thresholds: Thresholds::default(),
             rollout_recheck: Duration::from_secs(1),
             signing: Arc::default(),
+            lease_ttl: crate::lease::DEFAULT_TTL,
         }
     }
 }
@@ -194,169 +199,196 @@ pub async fn run_with_store(
             }
         }
     };
-    // The server announces a deleted stream (at most once: the periodic
-    // check catches a missed announcement).
-    let advisory_subject = format!(
-        "$JS.EVENT.ADVISORY.STREAM.DELETED.{}",
-        keys::stream_name(&config.bucket)
-    );
-    let mut advisories = match js.client().subscribe(advisory_subject).await {
-        Ok(s) => Some(s),
-        Err(error) => {
-            tracing::warn!(error = %execute::error_chain(&error), "cannot subscribe to stream advisories; relying on the periodic bucket check");
-            None
-        }
-    };
-    let mut store = store;
-    let mut created = store.status().await.ok().map(|s| s.info.created);
-    let mut state = State::new(config.signing.clone());
-    let mut first = true;
-    'relist: loop {
-        if !std::mem::take(&mut first) {
-            metrics.relisted();
-        }
-        // (Re)list: a fresh watch replays the current value of every key.
-        let watch = tokio::select! {
-            _ = &mut shutdown => return,
-            w = store.watch_many_with_history(&families) => w,
-        };
-        let mut watch = match watch {
-            Ok(w) => w,
+    let mut leadership = loop {
+        match leadership::Leadership::start(js.clone(), config).await {
+            Ok(l) => break l,
             Err(error) => {
-                tracing::warn!(error = %execute::error_chain(&error), "cannot watch the fleet bucket; retrying");
+                tracing::warn!(error = %execute::error_chain(&error), "cannot open the control lease bucket; retrying");
                 tokio::select! {
                     _ = &mut shutdown => return,
-                    _ = tokio::time::sleep(config.retry_after) => continue,
+                    _ = tokio::time::sleep(config.retry_after) => {}
                 }
+            }
+        }
+    };
+    async {
+        // The server announces a deleted stream (at most once: the periodic
+        // check catches a missed announcement).
+        let advisory_subject = format!(
+            "$JS.EVENT.ADVISORY.STREAM.DELETED.{}",
+            keys::stream_name(&config.bucket)
+        );
+        let mut advisories = match js.client().subscribe(advisory_subject).await {
+            Ok(s) => Some(s),
+            Err(error) => {
+                tracing::warn!(error = %execute::error_chain(&error), "cannot subscribe to stream advisories; relying on the periodic bucket check");
+                None
             }
         };
-        state = std::mem::take(&mut state).relist();
-        let mut replayed = false;
-        let mut dirty = false;
-        let mut retry_at: Option<Instant> = None;
-        // When rollouts are judged next; never sooner than `gap` after the
-        // last judgement: MIN_JUDGE_GAP, or twice what the last one took
-        // (each reads every agent), so judging takes at most a third of
-        // the control plane's time however large the fleet.
-        let mut judge_at: Option<Instant> = None;
-        let mut judged_at = Instant::now() - MIN_JUDGE_GAP;
-        let mut gap = MIN_JUDGE_GAP;
-        let mut check_at = Instant::now() + config.bucket_check_interval;
-        let mut seen = 0u64;
-        loop {
-            tokio::select! {
-                biased;
-                // Cancel-safe: nothing is in flight between passes.
+        let mut store = store;
+        let mut created = store.status().await.ok().map(|s| s.info.created);
+        let mut state = State::new(config.signing.clone());
+        let mut first = true;
+        'relist: loop {
+            if !std::mem::take(&mut first) {
+                metrics.relisted();
+            }
+            // (Re)list: a fresh watch replays the current value of every key.
+            let watch = tokio::select! {
                 _ = &mut shutdown => return,
-                // Cancel-safe: the watch buffers entries until polled again.
-                first = watch.next() => {
-                    let Some(first) = first else {
-                        tracing::warn!("fleet watch ended; relisting");
-                        continue 'relist;
-                    };
-                    let mut next = Some(first);
-                    while let Some(item) = next {
-                        match item {
-                            Ok(entry) => {
-                                dirty |= state.apply_entry(&entry);
-                                replayed |= entry.delta == 0;
-                                seen = seen.max(entry.revision);
-                            }
-                            Err(error) => tracing::warn!(error = %execute::error_chain(&error), "fleet watch error; it recovers on its own"),
-                        }
-                        next = watch.next().now_or_never().flatten();
+                w = store.watch_many_with_history(&families) => w,
+            };
+            let mut watch = match watch {
+                Ok(w) => w,
+                Err(error) => {
+                    tracing::warn!(error = %execute::error_chain(&error), "cannot watch the fleet bucket; retrying");
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        _ = tokio::time::sleep(config.retry_after) => continue,
                     }
                 }
-                // Cancel-safe: a subscription buffers messages until polled.
-                Some(_) = next_advisory(&mut advisories) => check_at = Instant::now(),
-                // Cancel-safe: a timer; the check runs in the arm's body.
-                _ = tokio::time::sleep_until(check_at) => {
-                    check_at = Instant::now() + config.bucket_check_interval;
-                    match check_bucket(&js, &config.bucket, config.replicas).await {
-                        Ok((now, info)) => match created {
-                            Some(c) if c != info.created => {
-                                // A watch on the old stream would resume at its old
-                                // sequence and miss the new history: relist.
-                                tracing::warn!(bucket = %config.bucket, "the fleet bucket was deleted and created again; relisting and rewriting every manifest above what its agent has seen");
-                                metrics.replaced_bucket();
-                                created = Some(info.created);
-                                store = now;
-                                continue 'relist;
+            };
+            state = std::mem::take(&mut state).relist();
+            let mut replayed = false;
+            let mut dirty = false;
+            let mut retry_at: Option<Instant> = None;
+            // When rollouts are judged next; never sooner than `gap` after the
+            // last judgement: MIN_JUDGE_GAP, or twice what the last one took
+            // (each reads every agent), so judging takes at most a third of
+            // the control plane's time however large the fleet.
+            let mut judge_at: Option<Instant> = None;
+            let mut judged_at = Instant::now() - MIN_JUDGE_GAP;
+            let mut gap = MIN_JUDGE_GAP;
+            let mut check_at = Instant::now() + config.bucket_check_interval;
+            let mut seen = 0u64;
+            loop {
+                tokio::select! {
+                    biased;
+                    // Cancel-safe: nothing is in flight between passes.
+                    _ = &mut shutdown => return,
+                    // Cancel-safe: the watch buffers entries until polled again.
+                    first = watch.next() => {
+                        let Some(first) = first else {
+                            tracing::warn!("fleet watch ended; relisting");
+                            continue 'relist;
+                        };
+                        let mut next = Some(first);
+                        while let Some(item) = next {
+                            match item {
+                                Ok(entry) => {
+                                    dirty |= state.apply_entry(&entry);
+                                    replayed |= entry.delta == 0;
+                                    seen = seen.max(entry.revision);
+                                }
+                                Err(error) => tracing::warn!(error = %execute::error_chain(&error), "fleet watch error; it recovers on its own"),
                             }
-                            Some(_) => {}
-                            None => created = Some(info.created),
-                        },
-                        Err(error) => tracing::warn!(error = %execute::error_chain(&error), "cannot check the fleet bucket; retrying"),
-                    }
-                }
-                // Cancel-safe: a timer.
-                _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
-                    retry_at = None;
-                    dirty = true;
-                }
-                // Cancel-safe: a timer; the judgement runs after the select.
-                _ = tokio::time::sleep_until(judge_at.unwrap_or_else(Instant::now)), if judge_at.is_some() => {
-                    judge_at = None;
-                    state.rollouts.due = true;
-                }
-            }
-            if replayed
-                && state.rollouts.due
-                && state.rollouts.rolling()
-                && state.memo.rendered.is_some()
-            {
-                let due = judged_at + gap;
-                if Instant::now() < due {
-                    judge_at = Some(judge_at.map_or(due, |at| at.min(due)));
-                } else {
-                    judged_at = Instant::now();
-                    match rollouts::judge(&mut state, &store, &heartbeats, &config.thresholds).await
-                    {
-                        Ok(moved) => dirty |= moved,
-                        Err(error) => {
-                            tracing::warn!(error = %execute::error_chain(&error), "cannot read the fleet to judge rollouts; retrying")
+                            next = watch.next().now_or_never().flatten();
                         }
                     }
-                    gap = (judged_at.elapsed() * 2).max(MIN_JUDGE_GAP);
-                    judge_at = Some(Instant::now() + config.rollout_recheck);
+                    // Cancel-safe: a subscription buffers messages until polled.
+                    Some(_) = next_advisory(&mut advisories) => check_at = Instant::now(),
+                    // Cancel-safe: a timer; the check runs in the arm's body.
+                    _ = tokio::time::sleep_until(check_at) => {
+                        check_at = Instant::now() + config.bucket_check_interval;
+                        match check_bucket(&js, &config.bucket, config.replicas).await {
+                            Ok((now, info)) => match created {
+                                Some(c) if c != info.created => {
+                                    // A watch on the old stream would resume at its old
+                                    // sequence and miss the new history: relist.
+                                    tracing::warn!(bucket = %config.bucket, "the fleet bucket was deleted and created again; relisting and rewriting every manifest above what its agent has seen");
+                                    metrics.replaced_bucket();
+                                    created = Some(info.created);
+                                    store = now;
+                                    continue 'relist;
+                                }
+                                Some(_) => {}
+                                None => created = Some(info.created),
+                            },
+                            Err(error) => tracing::warn!(error = %execute::error_chain(&error), "cannot check the fleet bucket; retrying"),
+                        }
+                    }
+                    // Cancel-safe: a timer.
+                    _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
+                        retry_at = None;
+                        dirty = true;
+                    }
+                    // Cancel-safe: a timer; the judgement runs after the select.
+                    _ = tokio::time::sleep_until(judge_at.unwrap_or_else(Instant::now)), if judge_at.is_some() => {
+                        judge_at = None;
+                        state.rollouts.due = true;
+                    }
+                    // Cancel-safe: a watch channel.
+                    () = leadership.took() => {
+                        // Continue from what the last leader stored, not
+                        // from what this instance held when it last led.
+                        state.rollouts = Default::default();
+                        state.rollouts.due = true;
+                        state.memo.dirty.all = true;
+                        dirty = true;
+                    }
                 }
-            }
-            if replayed && dirty {
-                dirty = false;
-                let report = execute::pass(
-                    &mut state,
-                    &store,
-                    config.publish_concurrency,
-                    &config.heartbeat,
-                )
-                .await;
-                metrics.pass(
-                    report.agents_rendered,
-                    report.manifests_written,
-                    report.statuses_written,
-                );
-                tracing::debug!(?report, "reconcile pass");
-                if report.failures > 0 {
-                    tracing::warn!(
-                        failures = report.failures,
-                        first = report.first_error.as_deref().unwrap_or_default(),
-                        retry_in = ?config.retry_after,
-                        "reconcile pass incomplete; retrying"
+                if replayed
+                    && leadership.acting()
+                    && state.rollouts.due
+                    && state.rollouts.rolling()
+                    && state.memo.rendered.is_some()
+                {
+                    let due = judged_at + gap;
+                    if Instant::now() < due {
+                        judge_at = Some(judge_at.map_or(due, |at| at.min(due)));
+                    } else {
+                        judged_at = Instant::now();
+                        match rollouts::judge(&mut state, &store, &heartbeats, &config.thresholds).await
+                        {
+                            Ok(moved) => dirty |= moved,
+                            Err(error) => {
+                                tracing::warn!(error = %execute::error_chain(&error), "cannot read the fleet to judge rollouts; retrying")
+                            }
+                        }
+                        gap = (judged_at.elapsed() * 2).max(MIN_JUDGE_GAP);
+                        judge_at = Some(Instant::now() + config.rollout_recheck);
+                    }
+                }
+                if replayed && dirty && leadership.acting() {
+                    dirty = false;
+                    let report = execute::pass(
+                        &mut state,
+                        &store,
+                        config.publish_concurrency,
+                        &config.heartbeat,
+                        || leadership.acting(),
+                    )
+                    .await;
+                    metrics.pass(
+                        report.agents_rendered,
+                        report.manifests_written,
+                        report.statuses_written,
                     );
-                    retry_at = Some(Instant::now() + config.retry_after);
-                } else {
-                    retry_at = None;
+                    tracing::debug!(?report, "reconcile pass");
+                    if report.failures > 0 {
+                        tracing::warn!(
+                            failures = report.failures,
+                            first = report.first_error.as_deref().unwrap_or_default(),
+                            retry_in = ?config.retry_after,
+                            "reconcile pass incomplete; retrying"
+                        );
+                        retry_at = Some(Instant::now() + config.retry_after);
+                    } else {
+                        retry_at = None;
+                    }
                 }
-            }
-            if replayed && state.rollouts.rolling() && state.rollouts.due {
-                // A pass started a rollout: judge it at once.
-                judge_at = Some(judged_at + gap);
-            }
-            if replayed {
-                metrics.settled(seen);
+                if replayed && state.rollouts.rolling() && state.rollouts.due {
+                    // A pass started a rollout: judge it at once.
+                    judge_at = Some(judged_at + gap);
+                }
+                if replayed {
+                    metrics.settled(seen);
+                }
             }
         }
     }
+    .await;
+    leadership.stop().await;
 }
 
 /// The least time between two judgements of the rollouts (each reads every

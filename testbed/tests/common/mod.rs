@@ -47,13 +47,19 @@ impl Fleet {
     }
 
     pub fn start_control(&mut self, args: &[&str]) {
+        self.control = Some(self.spawn_control(args, "control"));
+    }
+
+    /// Another `flotilla-control` instance on this fleet (a follower while
+    /// the first holds the lease), logging to `<name>.log`.
+    pub fn spawn_control(&self, args: &[&str], name: &str) -> Process {
         let mut cmd = Command::new(binary("flotilla-control"));
         cmd.args(["--nats-url", &self.server.url()]);
         for key in &self.control_keys {
             cmd.arg("--signing-key-file").arg(key);
         }
         cmd.args(args);
-        self.control = Some(Process::spawn(cmd, &self.dir.path().join("control.log")));
+        Process::spawn(cmd, &self.dir.path().join(format!("{name}.log")))
     }
 
     pub fn restart_control(&mut self, args: &[&str]) {

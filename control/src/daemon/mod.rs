@@ -338,14 +338,34 @@ pub async fn run_with_store(
                         judge_at = Some(judge_at.map_or(due, |at| at.min(due)));
                     } else {
                         judged_at = Instant::now();
-                        match rollouts::judge(&mut state, &store, &heartbeats, &config.thresholds).await
-                        {
-                            Ok(moved) => dirty |= moved,
-                            Err(error) => {
-                                tracing::warn!(error = %execute::error_chain(&error), "cannot read the fleet to judge rollouts; retrying")
+                        // Bounded: a read stalled on a stream whose leader
+                        // just died must not hold up the loop.
+                        // The first read of every status may be large.
+                        let limit = match state.rollouts.tracked {
+                            Some(_) => JUDGE_READ_LIMIT,
+                            None => JUDGE_READ_LIMIT * 10,
+                        };
+                        let judged = tokio::time::timeout(
+                            limit,
+                            rollouts::judge(&mut state, &store, &heartbeats, &config.thresholds),
+                        )
+                        .await;
+                        match judged {
+                            Ok(Ok(moved)) => {
+                                dirty |= moved;
+                                gap = (judged_at.elapsed() * 2).max(MIN_JUDGE_GAP);
+                            }
+                            // A failed read says nothing of the fleet's size:
+                            // judge again after the usual recheck.
+                            Ok(Err(error)) => {
+                                state.rollouts.due = true;
+                                tracing::warn!(error = %execute::error_chain(&error), "cannot read the fleet to judge rollouts; retrying");
+                            }
+                            Err(_) => {
+                                state.rollouts.due = true;
+                                tracing::warn!(?limit, "reading the fleet to judge rollouts took too long; retrying");
                             }
                         }
-                        gap = (judged_at.elapsed() * 2).max(MIN_JUDGE_GAP);
                         judge_at = Some(Instant::now() + config.rollout_recheck);
                     }
                 }
@@ -390,6 +410,10 @@ pub async fn run_with_store(
     .await;
     leadership.stop().await;
 }
+
+/// The longest a judgement's reads may take before it is tried again (ten
+/// times this for the first, which reads every agent's status).
+const JUDGE_READ_LIMIT: Duration = Duration::from_secs(3);
 
 /// The least time between two judgements of the rollouts (each reads every
 /// agent's status and heartbeat; larger fleets wait longer, see `gap`).

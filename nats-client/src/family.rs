@@ -94,6 +94,33 @@ pub async fn read_family(store: &Store, family: &str) -> Result<Snapshot, ReadEr
     read_families(store, &[family]).await
 }
 
+/// How many keys match `filters` now (values and delete markers): what a
+/// watch of them with history replays before it is current.
+///
+/// # Errors
+/// [`ReadError::Nats`] when the consumer cannot be created.
+pub async fn count_keys(store: &Store, filters: &[String]) -> Result<u64, ReadError> {
+    let subjects: Vec<String> = filters
+        .iter()
+        .map(|f| format!("{}{f}", store.prefix))
+        .collect();
+    let consumer = store
+        .stream
+        .create_consumer(pull::OrderedConfig {
+            description: Some("flotilla key count".into()),
+            filter_subjects: subjects,
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ReadError::Nats {
+            bucket: store.name.clone(),
+            what: filters.join(", "),
+            source: e.into(),
+        })?;
+    Ok(consumer.cached_info().num_pending)
+}
+
 /// The current value of every key of the given families, in one read.
 ///
 /// # Errors

@@ -57,6 +57,7 @@ mod leadership;
 mod metrics;
 mod plan;
 mod rollouts;
+mod service;
 mod state;
 mod view;
 
@@ -211,6 +212,7 @@ pub async fn run_with_store(
             }
         }
     };
+    let mut service = service::Service::new();
     async {
         // The server announces a deleted stream (at most once: the periodic
         // check catches a missed announcement).
@@ -249,7 +251,10 @@ pub async fn run_with_store(
                 }
             };
             state = std::mem::take(&mut state).relist();
-            let mut replayed = false;
+            // Nothing to replay (a new fleet): the view is loaded already.
+            let mut replayed = flotilla_nats::family::count_keys(&store, &families)
+                .await
+                .is_ok_and(|n| n == 0);
             let mut dirty = false;
             let mut retry_at: Option<Instant> = None;
             // When rollouts are judged next; never sooner than `gap` after the
@@ -316,6 +321,10 @@ pub async fn run_with_store(
                     _ = tokio::time::sleep_until(judge_at.unwrap_or_else(Instant::now)), if judge_at.is_some() => {
                         judge_at = None;
                         state.rollouts.due = true;
+                    }
+                    // Cancel-safe: a timer; pings only while the loop turns.
+                    _ = tokio::time::sleep_until(service.next_ping().unwrap_or_else(Instant::now)), if service.next_ping().is_some() => {
+                        service.ping();
                     }
                     // Cancel-safe: a watch channel.
                     () = leadership.took() => {
@@ -403,7 +412,9 @@ pub async fn run_with_store(
                 }
                 if replayed {
                     metrics.settled(seen);
+                    service.ready();
                 }
+                service.status(leadership.acting());
             }
         }
     }

@@ -352,6 +352,9 @@ pub enum GetWhat {
     /// Every deployment and its progress.
     #[command(visible_alias = "deployment", visible_alias = "deploy")]
     Deployments,
+    /// Which flotilla-control instance acts for the fleet (it holds the
+    /// control lease, docs/adr/0022); the others follow.
+    Control,
 }
 
 #[derive(Debug, Subcommand)]

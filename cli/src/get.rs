@@ -1,4 +1,5 @@
-//! `flotilla get agents|deployments`: one row per agent or deployment.
+//! `flotilla get agents|deployments`: one row per agent or deployment;
+//! `flotilla get control`: the control-plane instance that acts.
 
 use flotilla_nats::AgentReports;
 use manifest_types::convergence::Progress;
@@ -10,6 +11,11 @@ use crate::kv::Fleet;
 use crate::output::{self, Table};
 
 pub async fn run(g: &GlobalArgs, what: &GetWhat) -> Result<(), CliError> {
+    if let GetWhat::Control = what {
+        let lease = crate::kv::control_lease(g).await?;
+        print!("{}", render_control(g.output, lease.as_ref())?);
+        return Ok(());
+    }
     let fleet = Fleet::open(g).await?;
     match what {
         GetWhat::Agents => {
@@ -33,8 +39,40 @@ pub async fn run(g: &GlobalArgs, what: &GetWhat) -> Result<(), CliError> {
             print!("{}", render_deployments(g.output, &rows)?);
             warn(g.output, rows.iter().flat_map(|(d, _)| &d.problems));
         }
+        GetWhat::Control => unreachable!("answered above"),
     }
     Ok(())
+}
+
+/// The acting instance (JSON/YAML: its lease record and `renewedAt`).
+pub fn render_control(
+    format: Format,
+    lease: Option<&(manifest_types::lease::ControlLease, std::time::SystemTime)>,
+) -> Result<String, CliError> {
+    if format != Format::Table {
+        let doc = lease.map(|(l, at)| {
+            let mut doc = serde_json::to_value(l).expect("a lease serialises");
+            doc["renewedAt"] = humantime::format_rfc3339_millis(*at).to_string().into();
+            doc
+        });
+        return output::document(format, &doc);
+    }
+    let Some((l, at)) = lease else {
+        return Ok("no flotilla-control instance holds the control lease (none runs, or the last one stopped less than its lease time ago)\n".into());
+    };
+    let mut t = Table::new([
+        "INSTANCE", "HOST", "PID", "VERSION", "SINCE", "RENEWED", "LEASE",
+    ]);
+    t.row([
+        l.instance.clone(),
+        l.host.clone(),
+        l.pid.to_string(),
+        l.version.clone(),
+        l.since.clone(),
+        humantime::format_rfc3339_seconds(*at).to_string(),
+        format!("{} ms", l.ttl_ms),
+    ]);
+    Ok(t.render())
 }
 
 /// Unreadable values, on stderr (machine formats carry them as `problems`).

@@ -44,6 +44,31 @@ async fn connect(g: &GlobalArgs) -> Result<jetstream::Context, CliError> {
     Ok(jetstream::new(client))
 }
 
+/// The control lease now (docs/adr/0022): the record of the instance that
+/// acts and when it last renewed (server time); None while no instance
+/// holds it, or when no control plane ever ran against the bucket.
+pub async fn control_lease(
+    g: &GlobalArgs,
+) -> Result<Option<(manifest_types::lease::ControlLease, SystemTime)>, CliError> {
+    let js = connect(g).await?;
+    let name = keys::control_bucket(&g.bucket);
+    let Ok(store) = js.get_key_value(name.as_str()).await else {
+        return Ok(None);
+    };
+    let entry = store.entry(keys::LEASE).await.map_err(|e| {
+        CliError::nats(
+            format!("cannot read {} in {name} at {}", keys::LEASE, g.nats.url()),
+            e,
+        )
+    })?;
+    Ok(entry
+        .filter(|e| e.operation == kv::Operation::Put)
+        .and_then(|e| {
+            let lease = serde_json::from_slice(&e.value).ok()?;
+            Some((lease, SystemTime::from(e.created)))
+        }))
+}
+
 impl Fleet {
     /// Opens an existing bucket; a missing one is [`CliError::NoBucket`].
     pub async fn open(g: &GlobalArgs) -> Result<Self, CliError> {

@@ -17,7 +17,8 @@
 //! - `get agents|deployments` ([`get`]), `describe agent|deployment` ([`describe`]):
 //!   views assembled in [`fleet`] from one whole-family read (one ordered
 //!   consumer, `flotilla_nats::family`); ages are server time against server
-//!   time.
+//!   time. `get control`: the control-plane instance that holds the lease
+//!   (docs/adr/0022).
 //! - Every state shown (`Converged`, `Progressing`, `Degraded`, `Rejected`,
 //!   `Stale`, `Offline`, `IdentityConflict`, `Pending`) is the one
 //!   convergence rule's, `manifest_types::convergence::assess` (ADR 0010);

@@ -134,6 +134,13 @@ async fn a_killed_leader_is_replaced_and_its_rollout_completes_wave_by_wave() {
         .await;
     let takeover = at.elapsed();
     assert_eq!(next.pid, survivor.pid());
+    // What an operator sees.
+    let out = fleet.flotilla(&["get", "control", "-o", "json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["pid"], survivor.pid(), "{shown}");
+    assert!(shown["renewedAt"].is_string(), "{shown}");
+    let table = String::from_utf8_lossy(&fleet.flotilla(&["get", "control"]).stdout).into_owned();
+    assert!(table.contains(&next.instance), "{table}");
     fleet
         .wait("every agent on v2", Duration::from_secs(60), || {
             (on(&fleet, &AGENTS, "v2") == AGENTS.len()).then_some(())

@@ -53,7 +53,11 @@ impl SecureCluster {
         let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let nodes = (0..3)
             .map(|i| {
-                let mut node = example.replace("nats-1", &format!("nats-{}", i + 1));
+                // As the README says: only the node's name differs.
+                let mut node = example.replace(
+                    "NODE_NAME: nats-1",
+                    &format!("NODE_NAME: nats-{}", i + 1),
+                );
                 for (j, port) in routes.iter().enumerate() {
                     node = node.replace(
                         &format!("nats-route://nats-{}:6222", j + 1),

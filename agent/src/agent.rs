@@ -116,11 +116,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // report::heartbeat and report::status_writer).
     let (first_beat, beaten) = tokio::sync::oneshot::channel();
     tasks.spawn(report::heartbeat(
-        AgentKv::new(
-            client.clone(),
-            heartbeat_bucket.clone(),
-            config.agent_id.clone(),
-        ),
+        kv.beside(heartbeat_bucket.clone()),
         kv.clone(),
         board.clone(),
         config.heartbeat_interval,
@@ -171,7 +167,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut connected = epoch_rx;
     let resync_timer = tokio::time::sleep(report::jittered(config.resync_interval));
     let fetch_timer = tokio::time::sleep(Duration::MAX);
-    tokio::pin!(shutdown, resync_timer, fetch_timer);
+    let unanswered = tokio::time::sleep(Duration::MAX / 4);
+    tokio::pin!(shutdown, resync_timer, fetch_timer, unanswered);
+    let mut answers = kv.answers();
     let mut fetch_armed = false;
     let key = keys::desired_state(&config.agent_id);
     let mut beat = tokio::time::interval(service::BEAT);
@@ -216,6 +214,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 fetch_armed = false;
                 spawn_fetch(&kv, &key, looper.last_revision, &fetched_tx);
             }
+            // Cancel-safe: `changed` only marks the value seen.
+            changed = answers.changed() => {
+                if changed.is_err() { break }
+                if *answers.borrow_and_update() {
+                    tracing::info!("the fleet's JetStream answers again; reading this agent's key");
+                    spawn_fetch(&kv, &key, looper.last_revision, &fetched_tx);
+                    unanswered.as_mut().reset(tokio::time::Instant::now() + Duration::MAX / 4);
+                } else {
+                    if live.connected() {
+                        warn_unanswered(&config.nats_url);
+                    }
+                    unanswered.as_mut().reset(tokio::time::Instant::now() + UNANSWERED_RETRY);
+                }
+            }
+            // While JetStream does not answer: say so again, and ask again.
+            () = &mut unanswered => {
+                // Disconnected, the connection's own log line says it all.
+                if live.connected() {
+                    warn_unanswered(&config.nats_url);
+                }
+                unanswered.as_mut().reset(tokio::time::Instant::now() + UNANSWERED_RETRY);
+                spawn_fetch(&kv, &key, looper.last_revision, &fetched_tx);
+            }
             () = &mut resync_timer => {
                 resync_timer.as_mut().reset(tokio::time::Instant::now() + report::jittered(config.resync_interval));
                 spawn_fetch(&kv, &key, looper.last_revision, &fetched_tx);
@@ -233,6 +254,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tasks.abort_all();
     let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
     Ok(())
+}
+
+/// While the fleet's JetStream does not answer, how often the agent says so
+/// and reads its key again (the first read that succeeds ends it).
+const UNANSWERED_RETRY: Duration = Duration::from_secs(15);
+
+fn warn_unanswered(url: &str) {
+    tracing::warn!(nats = %url, "connected to NATS, but the fleet's JetStream does not answer (a leaf node whose uplink is down, a cluster without a quorum, or an account without JetStream?); converging from the last good manifest and asking again");
 }
 
 /// A direct get's answer, with the highest revision handled when it was sent.

@@ -4,10 +4,13 @@
 //! stream info, no consumers, no bucket management — so a per-device user
 //! can be confined to exactly these subjects.
 
+use std::sync::Arc;
+
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream::DirectGetErrorKind};
 use bytes::Bytes;
 use manifest_types::{AgentId, BucketName, keys};
+use tokio::sync::watch;
 
 /// One value read from the bucket.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,6 +59,11 @@ pub struct AgentKv {
     js: jetstream::Context,
     bucket: BucketName,
     agent: AgentId,
+    /// Whether the fleet's JetStream answered the last request (of any
+    /// [`AgentKv`] sharing it): a connection to a NATS server is not enough
+    /// — behind a leaf node whose uplink is down, or on a server without
+    /// JetStream for the account, every request fails.
+    answers: Arc<watch::Sender<bool>>,
 }
 
 impl AgentKv {
@@ -64,7 +72,31 @@ impl AgentKv {
             js: jetstream::new(client),
             bucket,
             agent,
+            answers: Arc::new(watch::Sender::new(true)),
         }
+    }
+
+    /// The same agent's keys in `bucket` (the heartbeat bucket), sharing the
+    /// connection and what is known of JetStream's answers.
+    pub fn beside(&self, bucket: BucketName) -> Self {
+        Self {
+            bucket,
+            ..self.clone()
+        }
+    }
+
+    /// Follows whether JetStream answers: false after a request failed for
+    /// want of an answer, true again after one succeeded.
+    pub fn answers(&self) -> watch::Receiver<bool> {
+        self.answers.subscribe()
+    }
+
+    /// Records how a request went (a conflict is an answer).
+    fn answered<T>(&self, result: Result<T, KvError>) -> Result<T, KvError> {
+        let answered = !matches!(result, Err(KvError::Nats { .. }));
+        self.answers
+            .send_if_modified(|a| std::mem::replace(a, answered) != answered);
+        result
     }
 
     pub fn agent(&self) -> &AgentId {
@@ -78,6 +110,11 @@ impl AgentKv {
     /// Direct get of the last value of `key`; `None` if it never existed (or
     /// was purged without a marker).
     pub async fn get(&self, key: &str) -> Result<Option<KvValue>, KvError> {
+        let got = self.get_once(key).await;
+        self.answered(got)
+    }
+
+    async fn get_once(&self, key: &str) -> Result<Option<KvValue>, KvError> {
         let stream = self
             .js
             .get_stream_no_info(keys::stream_name(&self.bucket))
@@ -114,6 +151,16 @@ impl AgentKv {
     }
 
     async fn publish(&self, key: &str, value: Bytes, headers: HeaderMap) -> Result<u64, KvError> {
+        let published = self.publish_once(key, value, headers).await;
+        self.answered(published)
+    }
+
+    async fn publish_once(
+        &self,
+        key: &str,
+        value: Bytes,
+        headers: HeaderMap,
+    ) -> Result<u64, KvError> {
         let ack = self
             .js
             .publish_with_headers(keys::kv_subject(&self.bucket, key), headers, value)

@@ -54,10 +54,8 @@ impl SecureCluster {
         let nodes = (0..3)
             .map(|i| {
                 // As the README says: only the node's name differs.
-                let mut node = example.replace(
-                    "NODE_NAME: nats-1",
-                    &format!("NODE_NAME: nats-{}", i + 1),
-                );
+                let mut node =
+                    example.replace("NODE_NAME: nats-1", &format!("NODE_NAME: nats-{}", i + 1));
                 for (j, port) in routes.iter().enumerate() {
                     node = node.replace(
                         &format!("nats-route://nats-{}:6222", j + 1),

@@ -30,6 +30,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod hostile;
+pub mod relay;
 
 /// The nats-server binary tests run against.
 pub fn nats_server_binary() -> PathBuf {

@@ -69,8 +69,14 @@ impl Fleet {
     }
 
     pub fn start_agent(&mut self, id: &str, labels: &[&str], interval: &str) {
+        let url = self.server.url();
+        self.start_agent_via(&url, id, labels, interval);
+    }
+
+    /// [`Self::start_agent`] reaching NATS at `url` (a relay the test cuts).
+    pub fn start_agent_via(&mut self, url: &str, id: &str, labels: &[&str], interval: &str) {
         let mut cmd = Command::new(binary("flotilla-agent"));
-        cmd.args(["--nats-url", &self.server.url(), "--id", id])
+        cmd.args(["--nats-url", url, "--id", id])
             .arg("--state-dir")
             .arg(self.dir.path().join(id).join("state"))
             .arg("--file-root")

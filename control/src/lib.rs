@@ -21,7 +21,8 @@
 //!   cache), the render memo and the rollouts as separate parts; a pass is
 //!   planned without I/O (`plan`: which manifests at which generation,
 //!   which statuses, history and settings, which rollout steps) and then
-//!   executed (`execute`).
+//!   executed (`execute`). Several instances may run: only the holder of
+//!   the control lease acts (`leadership`, [`lease`], ADR 0022).
 //!   Entry points: [`daemon::run`] (connect, check the bucket, loop until
 //!   shutdown) and [`daemon::run_with_store`] for callers that already hold
 //!   the bucket; both take a shutdown future, so tests run exactly the

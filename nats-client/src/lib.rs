@@ -26,7 +26,10 @@
 //! - [`bucket`]: the fleet bucket's configuration with its RePublish rule
 //!   (ADR 0002), [`ensure_bucket`] (control plane and `flotilla apply`) and
 //!   [`open_bucket`] (readers; a missing bucket is a typed error); the
-//!   heartbeat bucket beside it (history 1, a TTL; ADR 0015).
+//!   heartbeat bucket beside it (history 1, a TTL; ADR 0015) and the control
+//!   plane's lease bucket ([`ensure_control_bucket`], ADR 0022); every
+//!   bucket with at least the [`Replicas`] asked for, an existing one scaled
+//!   up in place (ADR 0021).
 //! - [`family`]: [`read_families`] / [`read_keys`] — the current value of a
 //!   whole key family (or of a set of keys) in one ordered consumer with
 //!   `DeliverPolicy::LastPerSubject`, never one request per key, with each

@@ -18,6 +18,8 @@
 //!
 //! [`docker`] drives the real Docker Engine; [`device::Device`] boots a
 //! "device container" with systemd as PID 1 for SystemdUnit tests.
+//! [`cluster::SecureCluster`] runs the shipped 3-node cluster configuration
+//! on one machine; [`relay::Relay`] is a link a test cuts and restores.
 
 pub mod cluster;
 pub mod device;

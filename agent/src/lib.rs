@@ -55,6 +55,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod fault;
 pub mod fsutil;
 pub mod gate;
 pub mod kv;

@@ -502,7 +502,7 @@ async fn an_agent_killed_right_after_create_ends_with_one_container() {
             .env("FLOTILLA_RESYNC_INTERVAL", "500ms")
             .env("FLOTILLA_CONTAINER_STOP_TIMEOUT", "2s");
         if fault {
-            cmd.env("FLOTILLA_FAULT_EXIT_AFTER_CREATE", "1");
+            cmd.env("FLOTILLA_FAULT_EXIT_AT", "container-created");
         }
         cmd
     };
@@ -523,6 +523,72 @@ async fn an_agent_killed_right_after_create_ends_with_one_container() {
         id, left[0].id,
         "the half-made container is started, not duplicated"
     );
+}
+
+/// An agent killed at each step of a replacement (the new container
+/// created, started, the old one removed) and started again ends with
+/// exactly one container, the new one, running and Ready.
+#[cfg(feature = "fault-injection")]
+#[tokio::test]
+async fn an_agent_killed_at_each_step_of_a_replacement_ends_with_one_container() {
+    use std::process::Command;
+    require_engine();
+    for step in [
+        "container-created",
+        "container-started",
+        "old-container-removed",
+    ] {
+        let agent = unique_agent("replace-fault");
+        let _cleanup = Cleanup::new(&[&agent]);
+        let h = Harness::new().await;
+        let store = h.store().await;
+        let spec = |v: &str| {
+            json!([container(
+                "f/app",
+                json!({"image": TEST_IMAGE, "command": sleeper(), "env": {"V": v}})
+            )])
+        };
+        let run = |fault: Option<&str>| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_flotilla-agent"));
+            cmd.env("FLOTILLA_NATS_URL", h.server.url())
+                .env("FLOTILLA_ID", &agent)
+                .env("FLOTILLA_ALLOW_UNSIGNED", "true")
+                .env("FLOTILLA_STATE_DIR", h.dir.path().join("state"))
+                .env("FLOTILLA_RESYNC_INTERVAL", "500ms")
+                .env("FLOTILLA_CONTAINER_STOP_TIMEOUT", "2s");
+            if let Some(step) = fault {
+                cmd.env("FLOTILLA_FAULT_EXIT_AT", step);
+            }
+            cmd
+        };
+        let log = h.dir.path().join("agent.log");
+        apply(&store, &agent, 1, spec("1")).await;
+        let first = testbed::Process::spawn(run(None), &log);
+        let s = wait_status(&store, &agent, "v1 ready", |s| s.converged_on(1)).await;
+        let (old, ..) = ready(&s, "f/app").unwrap();
+        first.kill();
+
+        apply(&store, &agent, 2, spec("2")).await;
+        let code = run(Some(step)).output().unwrap().status;
+        assert_eq!(code.code(), Some(86), "{step}: the fault hook fired");
+
+        let _agent = testbed::Process::spawn(run(None), &log);
+        let s = wait_status(&store, &agent, "v2 ready after restart", |s| {
+            s.converged_on(2)
+        })
+        .await;
+        let (new, ..) = ready(&s, "f/app").unwrap();
+        assert_ne!(new, old, "{step}");
+        let now = containers_of(&agent);
+        assert_eq!(now.len(), 1, "{step}: {now:?}");
+        assert_eq!(
+            (now[0].id.as_str(), now[0].state.as_str()),
+            (new.as_str(), "running"),
+            "{step}"
+        );
+        let env = docker(&["inspect", "-f", "{{range .Config.Env}}{{.}} {{end}}", &new]);
+        assert!(env.contains("V=2"), "{step}: the new spec runs: {env}");
+    }
 }
 
 #[tokio::test]

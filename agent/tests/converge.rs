@@ -313,3 +313,63 @@ async fn a_sweep_in_flight_never_removes_what_a_newer_manifest_brings() {
     wait_status(&store, "pi-9", "converged on 2", |s| s.converged_on(2)).await;
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "kept\n");
 }
+
+/// An agent killed after recording a file's intent in its ledger (the file
+/// not yet written) or right after writing it, then started again: the
+/// file holds exactly the new content (never a torn one), the ledger
+/// matches the file, and the status converges.
+#[cfg(feature = "fault-injection")]
+#[tokio::test]
+async fn an_agent_killed_around_a_file_write_ends_with_the_file_and_ledger_agreeing() {
+    use std::process::Command;
+    for step in ["file-recorded", "file-written"] {
+        let h = Harness::new().await;
+        let store = h.store().await;
+        let root = h.root("pi-f");
+        let motd = root.join("motd");
+        let run = |fault: Option<&str>| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_flotilla-agent"));
+            cmd.env("FLOTILLA_NATS_URL", h.server.url())
+                .env("FLOTILLA_ID", "pi-f")
+                .env("FLOTILLA_ALLOW_UNSIGNED", "true")
+                .env("FLOTILLA_STATE_DIR", h.dir.path().join("pi-f/state"))
+                .env("FLOTILLA_FILE_ROOTS", &root)
+                .env("FLOTILLA_RESYNC_INTERVAL", "500ms");
+            if let Some(step) = fault {
+                cmd.env("FLOTILLA_FAULT_EXIT_AT", step);
+            }
+            cmd
+        };
+        std::fs::write(&motd, "old\n").unwrap();
+        apply(
+            &store,
+            "pi-f",
+            1,
+            json!([{"id": "f/motd", "kind": "File",
+                    "spec": {"path": motd, "content": "new\n", "adopt": true}}]),
+        )
+        .await;
+        let code = run(Some(step)).output().unwrap().status;
+        assert_eq!(code.code(), Some(86), "{step}: the fault hook fired");
+        let left = std::fs::read_to_string(&motd).unwrap();
+        assert!(left == "old\n" || left == "new\n", "{step}: torn: {left:?}");
+
+        let log = h.dir.path().join("agent.log");
+        let _agent = testbed::Process::spawn(run(None), &log);
+        wait_status(&store, "pi-f", "converged after restart", |s| {
+            s.converged_on(1)
+        })
+        .await;
+        assert_eq!(std::fs::read_to_string(&motd).unwrap(), "new\n", "{step}");
+        let ledger = flotilla_agent::state::StateDir::open(&h.dir.path().join("pi-f/state"))
+            .unwrap()
+            .load_ledger()
+            .unwrap();
+        let entry = &ledger.files[&motd];
+        assert_eq!(
+            entry.sha256,
+            flotilla_agent::reconcile::file::sha256_hex(b"new\n"),
+            "{step}: the ledger matches the file"
+        );
+    }
+}

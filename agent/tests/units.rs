@@ -361,3 +361,71 @@ async fn the_inventory_says_which_engines_are_reachable_and_follows_them() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// An agent killed right after writing a unit's files, and right after
+/// systemd reloaded them, then started again: one unit, running, its
+/// files as the manifest says, the ledger owning them, the status
+/// converged.
+#[cfg(feature = "fault-injection")]
+#[tokio::test]
+async fn an_agent_killed_while_installing_a_unit_ends_with_it_running_once() {
+    use std::process::Command;
+    for step in ["unit-files-written", "unit-reloaded"] {
+        let device = testbed::device::Device::start("unit-fault");
+        let h = Harness::new().await;
+        let store = h.store().await;
+        let name = "flotilla-test-fault.service";
+        let run = |fault: Option<&str>| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_flotilla-agent"));
+            cmd.env("FLOTILLA_NATS_URL", h.server.url())
+                .env("FLOTILLA_ID", "unit-fault")
+                .env("FLOTILLA_ALLOW_UNSIGNED", "true")
+                .env("FLOTILLA_STATE_DIR", h.dir.path().join("state"))
+                .env("FLOTILLA_UNIT_DIR", device.units_dir())
+                .env("FLOTILLA_SYSTEMD_BUS", device.bus_address())
+                .env("FLOTILLA_RESYNC_INTERVAL", "500ms");
+            if let Some(step) = fault {
+                cmd.env("FLOTILLA_FAULT_EXIT_AT", step);
+            }
+            cmd
+        };
+        apply(
+            &store,
+            "unit-fault",
+            1,
+            json!([unit("app/svc", json!({
+                "unit": name,
+                "enabled": true,
+                "content": "[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n"
+            }))]),
+        )
+        .await;
+        let code = run(Some(step)).output().unwrap().status;
+        assert_eq!(code.code(), Some(86), "{step}: the fault hook fired");
+
+        let log = h.dir.path().join("agent.log");
+        let _agent = testbed::Process::spawn(run(None), &log);
+        let st = wait_status(&store, "unit-fault", "converged after restart", |st| {
+            st.converged_on(1)
+        })
+        .await;
+        let (sub, ..) = ready(&st, "app/svc").expect("ready");
+        assert_eq!(sub, "running", "{step}");
+        assert_eq!(device.systemctl(&["is-active", name]), "active", "{step}");
+        assert_eq!(device.systemctl(&["is-enabled", name]), "enabled", "{step}");
+        let files: Vec<_> = std::fs::read_dir(device.units_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|f| f.starts_with("flotilla-test-fault"))
+            .collect();
+        assert_eq!(files, [name], "{step}: one unit file");
+        let ledger = flotilla_agent::state::StateDir::open(&h.dir.path().join("state"))
+            .unwrap()
+            .load_units()
+            .unwrap();
+        assert!(
+            ledger.units.contains_key(name),
+            "{step}: the ledger owns it"
+        );
+    }
+}

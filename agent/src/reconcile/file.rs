@@ -221,6 +221,7 @@ impl Files {
                         adopted,
                     },
                 )?;
+                crate::fault::exit_at("file-recorded");
                 write_atomic(
                     &at,
                     &content,
@@ -229,6 +230,7 @@ impl Files {
                 )
                 .map_err(|e| io_failure(FailureReason::WriteFailed, &path, e))?;
                 tracing::info!(resource = %id, path = %path.display(), "file written");
+                crate::fault::exit_at("file-written");
             }
             Plan::FixMetadata => {
                 // Through a descriptor of the file itself (never a path a

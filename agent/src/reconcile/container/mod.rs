@@ -259,6 +259,7 @@ impl<E: ContainerEngine> ContainerReconciler<E> {
         };
         for old in &remove {
             self.remove(old).await?;
+            crate::fault::exit_at("old-container-removed");
         }
         let repairs = if repaired { repairs + 1 } else { repairs };
         self.memory()
@@ -277,6 +278,7 @@ impl<E: ContainerEngine> ContainerReconciler<E> {
         self.memory()
             .started
             .insert(id.clone(), std::time::Instant::now());
+        crate::fault::exit_at("container-started");
         tokio::time::sleep(START_SETTLE).await;
         self.observe(container, repairs)
             .await
@@ -387,11 +389,7 @@ impl<E: ContainerEngine> ContainerReconciler<E> {
         let name = container_name(&self.agent, id, hash);
         let created = self.engine.create(&name, spec, labels).await?;
         tracing::info!(resource = %id, container = %created, %name, "container created");
-        #[cfg(feature = "fault-injection")]
-        if std::env::var_os("FLOTILLA_FAULT_EXIT_AFTER_CREATE").is_some() {
-            tracing::error!("fault injection: exiting right after creating a container");
-            std::process::exit(86);
-        }
+        crate::fault::exit_at("container-created");
         Ok(created)
     }
 

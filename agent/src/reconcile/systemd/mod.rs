@@ -143,8 +143,13 @@ impl<M: UnitManager> UnitReconciler<M> {
             })
             .await?
         };
+        crate::fault::exit_at("unit-files-written");
 
-        match self.units.load(&name, changed).await? {
+        let loaded = self.units.load(&name, changed).await?;
+        if changed {
+            crate::fault::exit_at("unit-reloaded");
+        }
+        match loaded {
             LoadState::Loaded => {}
             LoadState::NotFound => {
                 return Ok(Outcome::failed(

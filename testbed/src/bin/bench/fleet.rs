@@ -105,7 +105,7 @@ pub async fn run() -> anyhow::Result<()> {
             kib(r.control_idle),
             kib(r.control_rss),
             r.control_rss.saturating_sub(r.control_idle) as f64 / r.agents as f64,
-            ms(r.get_agents),
+            r.get_agents,
             r.interval.as_secs_f64(),
             r.heartbeats_per_s,
             kib(r.server_rss.iter().sum()),
@@ -158,33 +158,47 @@ pub async fn run() -> anyhow::Result<()> {
 }
 
 /// `--servers`: the fleet against each kind of NATS, side by side, `--runs`
-/// times each (alternating); medians, ratios to the first kind.
+/// times each (alternating); medians, ratios to the first kind. A run that
+/// fails (agents that do not all register within the limit) is reported,
+/// not fatal.
 async fn compare(sizes: &[usize], updates: usize, kinds: &[Kind]) -> anyhow::Result<()> {
     let runs = testbed::bench_arg("--runs", 1).max(1);
     let base = kinds[0];
-    let mut fleets: Vec<(usize, Kind, Vec<Row>)> = Vec::new();
+    // Per size and kind: the runs that completed, and why the others failed.
+    let mut fleets: Vec<(usize, Kind, Vec<Row>, Vec<String>)> = Vec::new();
     for &n in sizes {
         for run in 0..runs {
             for &kind in kinds {
                 eprintln!("run {} of {runs}", run + 1);
-                let row = one_fleet(n, updates, kind).await?;
-                match fleets.iter_mut().find(|(m, k, _)| *m == n && *k == kind) {
-                    Some((_, _, rows)) => rows.push(row),
-                    None => fleets.push((n, kind, vec![row])),
+                let at = match fleets.iter().position(|(m, k, ..)| *m == n && *k == kind) {
+                    Some(i) => i,
+                    None => {
+                        fleets.push((n, kind, Vec::new(), Vec::new()));
+                        fleets.len() - 1
+                    }
+                };
+                match one_fleet(n, updates, kind).await {
+                    Ok(row) => fleets[at].2.push(row),
+                    Err(e) => {
+                        eprintln!("fleet of {n} on {kind:?}: failed: {e:#}");
+                        fleets[at].3.push(format!("{e:#}"));
+                    }
                 }
             }
         }
     }
-    let fleets: Vec<(Kind, Row)> = fleets
+    let fleets: Vec<(usize, Kind, Option<Row>, Vec<String>)> = fleets
         .into_iter()
-        .map(|(_, kind, rows)| (kind, Row::median(&rows)))
+        .map(|(n, kind, rows, failed)| {
+            let row = (!rows.is_empty()).then(|| Row::median(&rows));
+            (n, kind, row, failed)
+        })
         .collect();
-    let baseline = |r: &Row| {
+    let baseline = |n: usize| {
         fleets
             .iter()
-            .find(|(k, b)| *k == base && b.agents == r.agents)
-            .map(|(_, b)| b.clone())
-            .expect("each size ran on the baseline")
+            .find(|(m, k, ..)| *k == base && *m == n)
+            .and_then(|(_, _, b, _)| b.clone())
     };
     // The sum, and each node's share when there are several; `unit` with
     // its leading space.
@@ -206,26 +220,49 @@ async fn compare(sizes: &[usize], updates: usize, kinds: &[Kind]) -> anyhow::Res
             1,
         )
     };
-    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+    let ratio = |a: f64, b: Option<f64>| match b {
+        Some(b) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "—".to_owned(),
+    };
+    let secs = |d: Duration| d.as_secs_f64();
+    // Runs completed, and the first reason one failed.
+    let completed = |failed: &[String]| {
+        let ok = runs - failed.len();
+        match failed.first() {
+            None => format!("{ok} of {runs}"),
+            Some(why) => format!(
+                "{ok} of {runs} ({})",
+                why.lines().next().unwrap_or_default().replace('|', "/")
+            ),
+        }
+    };
 
     println!();
     println!(
-        "| agents | NATS | new deployment → all written / all converged | ratio (converged) | update → all written / all converged (median of {updates}) | ratio (converged) | `get agents` | heartbeats/s (cap {MAX_RATE}) | control RSS |"
+        "| agents | NATS | runs completed | agents started → all registered | new deployment → all written / all converged | ratio (converged) | update → all written / all converged (median of {updates}) | ratio (converged) | `get agents` | heartbeats/s (cap {MAX_RATE}) | control RSS |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for (kind, r) in &fleets {
-        let b = baseline(r);
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for (n, kind, row, failed) in &fleets {
+        let done = completed(failed);
+        let Some(r) = row else {
+            println!(
+                "| {n} | {} | {done} | — | — | — | — | — | — | — | — |",
+                kind.label()
+            );
+            continue;
+        };
+        let b = baseline(*n);
         println!(
-            "| {} | {} | {} / {} | {:.2}x | {} / {} | {:.2}x | {} | {:.0} | {} |",
-            r.agents,
+            "| {n} | {} | {done} | {} | {} / {} | {} | {} / {} | {} | {} | {:.0} | {} |",
             kind.label(),
+            ms(r.registered),
             ms(r.first_written),
             ms(r.first),
-            ratio(r.first, b.first),
+            ratio(secs(r.first), b.as_ref().map(|b| secs(b.first))),
             ms(r.update_written),
             ms(r.update),
-            ratio(r.update, b.update),
-            ms(r.get_agents),
+            ratio(secs(r.update), b.as_ref().map(|b| secs(b.update))),
+            r.get_agents,
             r.heartbeats_per_s,
             kib(r.control_rss),
         );
@@ -235,21 +272,26 @@ async fn compare(sizes: &[usize], updates: usize, kinds: &[Kind]) -> anyhow::Res
         "| agents | NATS | nats-server CPU during the new deployment (per node) | ratio | flotilla-control CPU | agents' CPU | nats-server CPU-s per s while idle (heartbeats) | nats-server RSS, fleet idle (per node) | ratio |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
-    for (kind, r) in &fleets {
-        let b = baseline(r);
+    for (n, kind, row, _) in &fleets {
+        let Some(r) = row else {
+            continue;
+        };
+        let b = baseline(*n);
         let cpu: f64 = r.server_cpu.iter().sum();
         let rss: u64 = r.server_rss.iter().sum();
         println!(
-            "| {} | {} | {} | {:.2}x | {:.1} s | {:.1} s | {} | {} | {:.2}x |",
-            r.agents,
+            "| {n} | {} | {} | {} | {:.1} s | {:.1} s | {} | {} | {} |",
             kind.label(),
             per_node(&r.server_cpu, " s", 1),
-            cpu / b.server_cpu.iter().sum::<f64>().max(0.01),
+            ratio(cpu, b.as_ref().map(|b| b.server_cpu.iter().sum())),
             r.control_cpu,
             r.agents_cpu,
             per_node(&r.idle_cpu, "", 2),
             rss_nodes(&r.server_rss),
-            rss as f64 / b.server_rss.iter().sum::<u64>() as f64,
+            ratio(
+                rss as f64,
+                b.as_ref().map(|b| b.server_rss.iter().sum::<u64>() as f64)
+            ),
         );
     }
 
@@ -294,12 +336,12 @@ async fn compare(sizes: &[usize], updates: usize, kinds: &[Kind]) -> anyhow::Res
             .map(|(_, _, b)| b)
             .expect("each size ran on the baseline");
         println!(
-            "| {n} | {} | {} | {:.2}x | {} | {:.2}x | {:.1} s | {} |",
+            "| {n} | {} | {} | {} | {} | {} | {:.1} s | {} |",
             kind.label(),
             ms(a.first),
-            ratio(a.first, b.first),
+            ratio(secs(a.first), Some(secs(b.first))),
             ms(a.update),
-            ratio(a.update, b.update),
+            ratio(secs(a.update), Some(secs(b.update))),
             a.control_cpu,
             per_node(&a.server_cpu, " s", 1),
         );
@@ -307,9 +349,34 @@ async fn compare(sizes: &[usize], updates: usize, kinds: &[Kind]) -> anyhow::Res
     Ok(())
 }
 
+/// `flotilla get agents` over the live fleet, three times.
+#[derive(Clone, Default)]
+struct Reads {
+    /// Of the reads that succeeded.
+    median: Option<Duration>,
+    /// Why the others failed.
+    failed: Vec<String>,
+}
+
+impl std::fmt::Display for Reads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(m) = self.median {
+            write!(f, "{}", ms(m))?;
+        }
+        if let Some(why) = self.failed.first() {
+            let sep = if self.median.is_some() { ", " } else { "" };
+            let why = why.lines().next().unwrap_or_default().replace('|', "/");
+            write!(f, "{sep}{} failed ({why})", self.failed.len())?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone)]
 struct Row {
     agents: usize,
+    /// Agents started → every one reported a status on its first manifest.
+    registered: Duration,
     /// CPU seconds of each nats-server (in node order), flotilla-control
     /// and the agents during the new deployment.
     server_cpu: Vec<f64>,
@@ -321,7 +388,7 @@ struct Row {
     update_written: Duration,
     control_idle: u64,
     control_rss: u64,
-    get_agents: Duration,
+    get_agents: Reads,
     heartbeats_per_s: f64,
     interval: Duration,
     /// Each nats-server's RSS while the fleet idles, KiB.
@@ -337,8 +404,10 @@ impl Row {
         let nodes = rows[0].server_rss.len();
         let each = |f: &dyn Fn(&Row) -> f64| mid(rows.iter().map(f).collect());
         let time = |f: &dyn Fn(&Row) -> Duration| mid(rows.iter().map(f).collect());
+        let mut reads: Vec<Duration> = rows.iter().filter_map(|r| r.get_agents.median).collect();
         Row {
             agents: rows[0].agents,
+            registered: time(&|r| r.registered),
             server_cpu: (0..nodes).map(|i| each(&|r| r.server_cpu[i])).collect(),
             control_cpu: each(&|r| r.control_cpu),
             agents_cpu: each(&|r| r.agents_cpu),
@@ -348,7 +417,13 @@ impl Row {
             update_written: time(&|r| r.update_written),
             control_idle: mid(rows.iter().map(|r| r.control_idle).collect()),
             control_rss: mid(rows.iter().map(|r| r.control_rss).collect()),
-            get_agents: time(&|r| r.get_agents),
+            get_agents: Reads {
+                median: (!reads.is_empty()).then(|| crate::percentile(&mut reads, 50)),
+                failed: rows
+                    .iter()
+                    .flat_map(|r| r.get_agents.failed.clone())
+                    .collect(),
+            },
             heartbeats_per_s: each(&|r| r.heartbeats_per_s),
             interval: time(&|r| r.interval),
             server_rss: (0..nodes)
@@ -580,8 +655,10 @@ async fn one_fleet(n: usize, updates: usize, kind: Kind) -> anyhow::Result<Row> 
         ..
     } = &bench;
     let control_idle = rss_kib(control.pid())?;
+    let t = Instant::now();
     let agents = bench.agents(n).await?;
-    eprintln!("fleet of {n} on {kind:?}: registered");
+    let registered = t.elapsed();
+    eprintln!("fleet of {n} on {kind:?}: registered in {registered:?}");
 
     let written = Converged::written(store).await?;
     let server_pids = servers.pids()?;
@@ -632,18 +709,28 @@ async fn one_fleet(n: usize, updates: usize, kind: Kind) -> anyhow::Result<Row> 
     let control_rss = rss_kib(control.pid())?;
 
     let mut reads = Vec::new();
+    let mut get_failed = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
         let out = Command::new(release_binary("flotilla")?)
             .args(["--nats-url", &servers.urls(), "get", "agents", "-o", "json"])
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .output()?;
-        if !out.status.success() {
-            bail!("flotilla get agents failed: {}", out.status);
+        match out.status.success() {
+            true => reads.push(t.elapsed()),
+            // A read can fail under load (a stalled family read); say so in
+            // the table rather than lose the run.
+            false => {
+                let why = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+                eprintln!("fleet of {n} on {kind:?}: flotilla get agents failed: {why}");
+                get_failed.push(why);
+            }
         }
-        reads.push(t.elapsed());
     }
-    let get_agents = crate::percentile(&mut reads, 50);
+    let get_agents = Reads {
+        median: (!reads.is_empty()).then(|| crate::percentile(&mut reads, 50)),
+        failed: get_failed,
+    };
 
     // Over two published intervals (at least 10 s), once every agent has
     // had time to read the setting.
@@ -664,6 +751,7 @@ async fn one_fleet(n: usize, updates: usize, kind: Kind) -> anyhow::Result<Row> 
     drop(bench);
     Ok(Row {
         agents: n,
+        registered,
         server_cpu,
         control_cpu,
         agents_cpu,
@@ -890,13 +978,24 @@ impl Converged {
     ) -> anyhow::Result<()> {
         let mut changed = self.changed.clone();
         let done = |m: &HashMap<String, u64>| m.values().filter(|&&r| r >= revision).count();
+        let t = Instant::now();
         tokio::time::timeout(limit, async {
             loop {
                 let count = done(&self.newest.lock().expect("not poisoned"));
                 if count >= n {
                     return Ok(());
                 }
-                changed.changed().await?;
+                // A word every 30 s while a wait is long.
+                if tokio::time::timeout(Duration::from_secs(30), changed.changed())
+                    .await
+                    .is_err()
+                {
+                    eprintln!(
+                        "  {count} of {n} on revision {revision} after {:.0?}",
+                        t.elapsed()
+                    );
+                    continue;
+                }
             }
         })
         .await

@@ -40,6 +40,14 @@
 //!
 //! The control plane alone then runs signed against each kind.
 //!
+//! Each of these runs is a child process of its own (this program with
+//! `--one <kind>` or `--alone <kind>`, printing its measures as one JSON
+//! line): in-process agents that have been stopped do not all let go of
+//! their connections, and a run that dies (the release profile aborts on a
+//! panic) takes only itself down; the parent then stops what the child had
+//! started (its nats-servers and flotilla-control, by process id) and
+//! removes their directories.
+//!
 //! ```sh
 //! target/release/flotilla-bench fleet --agents 1000,10000 --updates 3 \
 //!     --servers single,single-sync,cluster --runs 1
@@ -48,6 +56,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -81,6 +90,16 @@ const LIMIT: Duration = Duration::from_secs(600);
 pub async fn run() -> anyhow::Result<()> {
     let sizes = testbed::bench_list("--agents", "100,1000,10000");
     let updates = testbed::bench_arg("--updates", 3);
+    let n = sizes.first().copied().context("--agents")?;
+    if let Some(kind) = Kind::arg("--one")? {
+        CHILD.store(true, Ordering::Relaxed);
+        return child::report(one_fleet(n, updates, kind).await.map(|r| r.to_json()));
+    }
+    if let Some(kind) = Kind::arg("--alone")? {
+        CHILD.store(true, Ordering::Relaxed);
+        let alone = control_alone(n, updates, true, kind).await;
+        return child::report(alone.map(|a| a.to_json()));
+    }
     println!("{} cores", std::thread::available_parallelism()?);
     if let Some(kinds) = Kind::from_args()? {
         return compare(&sizes, updates, &kinds).await;
@@ -177,11 +196,11 @@ async fn compare(sizes: &[usize], updates: usize, kinds: &[Kind]) -> anyhow::Res
                         fleets.len() - 1
                     }
                 };
-                match one_fleet(n, updates, kind).await {
-                    Ok(row) => fleets[at].2.push(row),
+                match child::run(n, updates, "--one", kind).await {
+                    Ok(row) => fleets[at].2.push(Row::from_json(&row)?),
                     Err(e) => {
-                        eprintln!("fleet of {n} on {kind:?}: failed: {e:#}");
-                        fleets[at].3.push(format!("{e:#}"));
+                        eprintln!("fleet of {n} on {kind:?}: failed: {e}");
+                        fleets[at].3.push(e);
                     }
                 }
             }
@@ -301,7 +320,10 @@ async fn compare(sizes: &[usize], updates: usize, kinds: &[Kind]) -> anyhow::Res
     for &n in sizes {
         for _ in 0..runs {
             for &kind in kinds {
-                let a = control_alone(n, updates, true, kind).await?;
+                let a = child::run(n, updates, "--alone", kind)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("control plane alone on {kind:?}: {e}"))?;
+                let a = Alone::from_json(&a)?;
                 match alone.iter_mut().find(|(m, k, _)| *m == n && *k == kind) {
                     Some((_, _, all)) => all.push(a),
                     None => alone.push((n, kind, vec![a])),
@@ -434,6 +456,247 @@ impl Row {
     }
 }
 
+impl Row {
+    /// As a child run reports it.
+    fn to_json(&self) -> serde_json::Value {
+        let secs = Duration::as_secs_f64;
+        json!({
+            "agents": self.agents,
+            "registered": secs(&self.registered),
+            "server_cpu": self.server_cpu,
+            "control_cpu": self.control_cpu,
+            "agents_cpu": self.agents_cpu,
+            "first": secs(&self.first),
+            "first_written": secs(&self.first_written),
+            "update": secs(&self.update),
+            "update_written": secs(&self.update_written),
+            "control_idle": self.control_idle,
+            "control_rss": self.control_rss,
+            "get_agents": {
+                "median": self.get_agents.median.as_ref().map(secs),
+                "failed": self.get_agents.failed,
+            },
+            "heartbeats_per_s": self.heartbeats_per_s,
+            "interval": secs(&self.interval),
+            "server_rss": self.server_rss,
+            "idle_cpu": self.idle_cpu,
+        })
+    }
+
+    fn from_json(v: &serde_json::Value) -> anyhow::Result<Row> {
+        let j = Json(v);
+        Ok(Row {
+            agents: j.u64("agents")? as usize,
+            registered: j.secs("registered")?,
+            server_cpu: j.f64s("server_cpu")?,
+            control_cpu: j.f64("control_cpu")?,
+            agents_cpu: j.f64("agents_cpu")?,
+            first: j.secs("first")?,
+            first_written: j.secs("first_written")?,
+            update: j.secs("update")?,
+            update_written: j.secs("update_written")?,
+            control_idle: j.u64("control_idle")?,
+            control_rss: j.u64("control_rss")?,
+            get_agents: Reads {
+                median: v["get_agents"]["median"]
+                    .as_f64()
+                    .map(Duration::from_secs_f64),
+                failed: v["get_agents"]["failed"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|f| f.as_str().map(str::to_owned))
+                    .collect(),
+            },
+            heartbeats_per_s: j.f64("heartbeats_per_s")?,
+            interval: j.secs("interval")?,
+            server_rss: j
+                .f64s("server_rss")?
+                .into_iter()
+                .map(|k| k as u64)
+                .collect(),
+            idle_cpu: j.f64s("idle_cpu")?,
+        })
+    }
+}
+
+/// Fields of a child run's JSON line.
+struct Json<'a>(&'a serde_json::Value);
+
+impl Json<'_> {
+    fn f64(&self, key: &str) -> anyhow::Result<f64> {
+        self.0[key]
+            .as_f64()
+            .with_context(|| format!("{key} in a child run's measures"))
+    }
+
+    fn u64(&self, key: &str) -> anyhow::Result<u64> {
+        self.0[key]
+            .as_u64()
+            .with_context(|| format!("{key} in a child run's measures"))
+    }
+
+    fn secs(&self, key: &str) -> anyhow::Result<Duration> {
+        self.f64(key).map(Duration::from_secs_f64)
+    }
+
+    fn f64s(&self, key: &str) -> anyhow::Result<Vec<f64>> {
+        self.0[key]
+            .as_array()
+            .with_context(|| format!("{key} in a child run's measures"))?
+            .iter()
+            .map(|x| x.as_f64().context("a number"))
+            .collect()
+    }
+}
+
+/// Set in a child run (`--one`, `--alone`): it says on stdout what it
+/// starts, for the parent to clean up should it die.
+static CHILD: AtomicBool = AtomicBool::new(false);
+
+/// `--servers` runs, each a child process of its own.
+mod child {
+    use std::io::Write;
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+    use std::sync::atomic::Ordering;
+
+    use super::{CHILD, Kind, Servers};
+
+    const RESULT: &str = "flotilla-bench-result ";
+    const FAILED: &str = "flotilla-bench-failed ";
+    const STARTED: &str = "flotilla-bench-started-pid ";
+    const DIR: &str = "flotilla-bench-dir ";
+
+    /// A child's last word on stdout: its measures as one JSON line, or why
+    /// it failed.
+    pub(super) fn report(result: anyhow::Result<serde_json::Value>) -> anyhow::Result<()> {
+        match result {
+            Ok(v) => {
+                println!("{RESULT}{v}");
+                Ok(())
+            }
+            Err(e) => {
+                println!("{FAILED}{}", format!("{e:#}").replace('\n', " "));
+                Err(e)
+            }
+        }
+    }
+
+    /// In a child run: the processes and the directory it started, said on
+    /// stdout as soon as they exist.
+    pub(super) fn started(
+        servers: &Servers,
+        control: u32,
+        dir: Option<&Path>,
+    ) -> anyhow::Result<()> {
+        if !CHILD.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut out = std::io::stdout().lock();
+        for pid in servers.pids()?.into_iter().chain([control]) {
+            writeln!(out, "{STARTED}{pid}")?;
+        }
+        if let Some(dir) = dir {
+            writeln!(out, "{DIR}{}", dir.display())?;
+        }
+        out.flush()?;
+        Ok(())
+    }
+
+    /// Runs this program with `mode` (`--one`, `--alone`) on `kind` and `n`
+    /// agents as a child; its measures, or why it failed.
+    pub(super) async fn run(
+        n: usize,
+        updates: usize,
+        mode: &str,
+        kind: Kind,
+    ) -> Result<serde_json::Value, String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let args = [
+            "fleet".to_owned(),
+            "--agents".to_owned(),
+            n.to_string(),
+            "--updates".to_owned(),
+            updates.to_string(),
+            mode.to_owned(),
+            kind.name().to_owned(),
+        ];
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(exe)
+                .args(args)
+                .stdin(Stdio::null())
+                .stderr(Stdio::inherit())
+                .output()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        clean_up(&text);
+        if let Some(v) = text.lines().find_map(|l| l.strip_prefix(RESULT)) {
+            return serde_json::from_str(v).map_err(|e| e.to_string());
+        }
+        Err(text
+            .lines()
+            .find_map(|l| l.strip_prefix(FAILED))
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("the run died ({})", out.status)))
+    }
+
+    /// Stops what a child started and left running (it died before its
+    /// drops ran): each process by its id, if that is still the nats-server
+    /// or flotilla-control it was, then removes their directories.
+    fn clean_up(text: &str) {
+        let cmdline = |pid: u32| -> Vec<String> {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .unwrap_or_default()
+                .split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        };
+        for pid in text
+            .lines()
+            .filter_map(|l| l.strip_prefix(STARTED))
+            .filter_map(|p| p.parse::<u32>().ok())
+        {
+            // Gone, or a zombie (no command line).
+            let args = cmdline(pid);
+            let Some(program) = args.first() else {
+                continue;
+            };
+            if !(program.ends_with("nats-server") || program.ends_with("flotilla-control")) {
+                continue;
+            }
+            eprintln!("stopping {program} ({pid}), left running by a run that died");
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            for _ in 0..100 {
+                if cmdline(pid).is_empty() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            // A nats-server's directory holds its config (`-c <dir>/nats.conf`).
+            let dir = args
+                .iter()
+                .position(|a| a == "-c")
+                .and_then(|i| args.get(i + 1))
+                .and_then(|conf| Path::new(conf).parent());
+            if let Some(dir) = dir
+                && dir
+                    .file_name()
+                    .is_some_and(|d| d.to_string_lossy().starts_with("flotilla-nats-"))
+            {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+        for dir in text.lines().filter_map(|l| l.strip_prefix(DIR)) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 /// The middle value (the upper one of an even count).
 fn mid<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
@@ -461,15 +724,36 @@ impl Kind {
         let list = args.get(i + 1).context("--servers needs a list")?;
         let kinds = list
             .split(',')
-            .map(|k| match k.trim() {
-                "single" => Ok(Kind::Single),
-                "single-sync" => Ok(Kind::SingleSync),
-                "cluster" => Ok(Kind::Cluster),
-                other => bail!("--servers: {other:?} is not single, single-sync or cluster"),
-            })
+            .map(Kind::parse)
             .collect::<anyhow::Result<Vec<_>>>()?;
         anyhow::ensure!(!kinds.is_empty(), "--servers needs a list");
         Ok(Some(kinds))
+    }
+
+    /// `name <kind>`, if given.
+    fn arg(name: &str) -> anyhow::Result<Option<Kind>> {
+        let args: Vec<String> = std::env::args().collect();
+        match args.iter().position(|a| a == name) {
+            None => Ok(None),
+            Some(i) => Kind::parse(args.get(i + 1).context("a kind of servers")?).map(Some),
+        }
+    }
+
+    fn parse(k: &str) -> anyhow::Result<Kind> {
+        match k.trim() {
+            "single" => Ok(Kind::Single),
+            "single-sync" => Ok(Kind::SingleSync),
+            "cluster" => Ok(Kind::Cluster),
+            other => bail!("--servers: {other:?} is not single, single-sync or cluster"),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Single => "single",
+            Kind::SingleSync => "single-sync",
+            Kind::Cluster => "cluster",
+        }
     }
 
     fn label(self) -> &'static str {
@@ -645,6 +929,7 @@ impl Bench {
 async fn one_fleet(n: usize, updates: usize, kind: Kind) -> anyhow::Result<Row> {
     eprintln!("fleet of {n} on {kind:?}: starting");
     let bench = Bench::start_on(kind).await?;
+    child::started(&bench.servers, bench.control.pid(), Some(bench.dir.path()))?;
     let Bench {
         servers,
         js,
@@ -782,6 +1067,28 @@ struct Alone {
     server_cpu: Vec<f64>,
 }
 
+impl Alone {
+    /// As a child run reports it.
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "first": self.first.as_secs_f64(),
+            "update": self.update.as_secs_f64(),
+            "control_cpu": self.control_cpu,
+            "server_cpu": self.server_cpu,
+        })
+    }
+
+    fn from_json(v: &serde_json::Value) -> anyhow::Result<Alone> {
+        let j = Json(v);
+        Ok(Alone {
+            first: j.secs("first")?,
+            update: j.secs("update")?,
+            control_cpu: j.f64("control_cpu")?,
+            server_cpu: j.f64s("server_cpu")?,
+        })
+    }
+}
+
 /// The control plane's own cost: `n` agents registered by writing their
 /// inventories (no agent runs), then one templated deployment and
 /// `updates` updates, each timed until every manifest carries it.
@@ -795,6 +1102,7 @@ async fn control_alone(
     let servers = Servers::start(kind).await;
     let dir = tempfile::tempdir()?;
     let (control, _) = ControlPlane::start(&servers, dir.path(), signed)?;
+    child::started(&servers, control.pid(), Some(dir.path()))?;
     let store = servers.bucket().await?;
     let written = Converged::written(&store).await?;
     label_fleet(&store, n).await?;

@@ -191,9 +191,15 @@ pub struct Cluster {
 impl Cluster {
     /// Starts the three nodes (they form the cluster on their own; see
     /// [`Self::wait_formed`]).
+    ///
+    /// Their ports are chosen below the kernel's range of ephemeral ports:
+    /// a port [`free_port`] found free can be taken by an outgoing
+    /// connection (the first nodes' routes, thousands of clients) before
+    /// the last node binds it.
     pub fn start() -> Self {
-        let client: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut ports = listen_ports(6).into_iter();
+        let client: Vec<u16> = ports.by_ref().take(3).collect();
+        let routes: Vec<u16> = ports.collect();
         let all = routes
             .iter()
             .map(|p| format!("nats-route://127.0.0.1:{p}"))
@@ -289,4 +295,37 @@ impl Cluster {
             .map(|(i, n)| format!("--- bench-{}\n{}", i + 1, n.log()))
             .collect()
     }
+}
+
+/// `n` distinct loopback ports nobody listens on now, below the kernel's
+/// ephemeral range (`net.ipv4.ip_local_port_range`), so no outgoing
+/// connection is given one of them meanwhile; [`free_port`]s if that range
+/// leaves no room below it.
+fn listen_ports(n: usize) -> Vec<u16> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if low <= 11000 {
+        return (0..n).map(|_| free_port()).collect();
+    }
+    // Start somewhere new each time (no two runs at once in the same
+    // place), then walk the range for ports that bind.
+    let span = u32::from(low) - 10000;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    let mut ports = Vec::with_capacity(n);
+    for step in 0..span {
+        if ports.len() == n {
+            break;
+        }
+        let port = (10000 + (seed.wrapping_add(step.wrapping_mul(7919)) % span)) as u16;
+        if !ports.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    assert_eq!(ports.len(), n, "{n} free ports below {low}");
+    ports
 }

@@ -45,8 +45,8 @@
 //! line): in-process agents that have been stopped do not all let go of
 //! their connections, and a run that dies (the release profile aborts on a
 //! panic) takes only itself down; the parent then stops what the child had
-//! started (its nats-servers and flotilla-control, by process id) and
-//! removes their directories.
+//! started and left running (its nats-servers and flotilla-control: the
+//! child leads a process group of its own) and removes their directories.
 //!
 //! ```sh
 //! target/release/flotilla-bench fleet --agents 1000,10000 --updates 3 \
@@ -561,11 +561,12 @@ mod child {
     use std::process::{Command, Stdio};
     use std::sync::atomic::Ordering;
 
-    use super::{CHILD, Kind, Servers};
+    use std::os::unix::process::CommandExt;
+
+    use super::{CHILD, Kind};
 
     const RESULT: &str = "flotilla-bench-result ";
     const FAILED: &str = "flotilla-bench-failed ";
-    const STARTED: &str = "flotilla-bench-started-pid ";
     const DIR: &str = "flotilla-bench-dir ";
 
     /// A child's last word on stdout: its measures as one JSON line, or why
@@ -583,23 +584,14 @@ mod child {
         }
     }
 
-    /// In a child run: the processes and the directory it started, said on
-    /// stdout as soon as they exist.
-    pub(super) fn started(
-        servers: &Servers,
-        control: u32,
-        dir: Option<&Path>,
-    ) -> anyhow::Result<()> {
+    /// In a child run: the simulated devices' directory, said on stdout as
+    /// soon as it exists.
+    pub(super) fn storage(dir: &Path) -> anyhow::Result<()> {
         if !CHILD.load(Ordering::Relaxed) {
             return Ok(());
         }
         let mut out = std::io::stdout().lock();
-        for pid in servers.pids()?.into_iter().chain([control]) {
-            writeln!(out, "{STARTED}{pid}")?;
-        }
-        if let Some(dir) = dir {
-            writeln!(out, "{DIR}{}", dir.display())?;
-        }
+        writeln!(out, "{DIR}{}", dir.display())?;
         out.flush()?;
         Ok(())
     }
@@ -623,17 +615,24 @@ mod child {
             kind.name().to_owned(),
         ];
         let out = tokio::task::spawn_blocking(move || {
-            Command::new(exe)
+            let child = Command::new(exe)
                 .args(args)
+                // Its own process group: what it starts is in it.
+                .process_group(0)
                 .stdin(Stdio::null())
+                .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
-                .output()
+                .spawn()?;
+            let group = child.id();
+            let out = child.wait_with_output()?;
+            std::io::Result::Ok((group, out))
         })
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+        let (group, out) = out;
         let text = String::from_utf8_lossy(&out.stdout);
-        clean_up(&text);
+        clean_up(group, &text);
         if let Some(v) = text.lines().find_map(|l| l.strip_prefix(RESULT)) {
             return serde_json::from_str(v).map_err(|e| e.to_string());
         }
@@ -645,9 +644,9 @@ mod child {
     }
 
     /// Stops what a child started and left running (it died before its
-    /// drops ran): each process by its id, if that is still the nats-server
-    /// or flotilla-control it was, then removes their directories.
-    fn clean_up(text: &str) {
+    /// drops ran): each process still in its process group `group`, by its
+    /// id; then removes the nats-servers' directories and the devices'.
+    fn clean_up(group: u32, text: &str) {
         let cmdline = |pid: u32| -> Vec<String> {
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .unwrap_or_default()
@@ -656,19 +655,27 @@ mod child {
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect()
         };
-        for pid in text
-            .lines()
-            .filter_map(|l| l.strip_prefix(STARTED))
-            .filter_map(|p| p.parse::<u32>().ok())
-        {
+        // The process group of each process: field 5 of /proc/<pid>/stat,
+        // the third after the command name (which may hold spaces).
+        let in_group = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.to_owned()))
+                .and_then(|rest| rest.split_whitespace().nth(2)?.parse::<u32>().ok())
+                == Some(group)
+        };
+        let left: Vec<u32> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| in_group(pid))
+            .collect();
+        for pid in left {
             // Gone, or a zombie (no command line).
             let args = cmdline(pid);
             let Some(program) = args.first() else {
                 continue;
             };
-            if !(program.ends_with("nats-server") || program.ends_with("flotilla-control")) {
-                continue;
-            }
             eprintln!("stopping {program} ({pid}), left running by a run that died");
             let _ = Command::new("kill").arg(pid.to_string()).status();
             for _ in 0..100 {
@@ -929,7 +936,7 @@ impl Bench {
 async fn one_fleet(n: usize, updates: usize, kind: Kind) -> anyhow::Result<Row> {
     eprintln!("fleet of {n} on {kind:?}: starting");
     let bench = Bench::start_on(kind).await?;
-    child::started(&bench.servers, bench.control.pid(), Some(bench.dir.path()))?;
+    child::storage(bench.dir.path())?;
     let Bench {
         servers,
         js,
@@ -1102,7 +1109,7 @@ async fn control_alone(
     let servers = Servers::start(kind).await;
     let dir = tempfile::tempdir()?;
     let (control, _) = ControlPlane::start(&servers, dir.path(), signed)?;
-    child::started(&servers, control.pid(), Some(dir.path()))?;
+    child::storage(dir.path())?;
     let store = servers.bucket().await?;
     let written = Converged::written(&store).await?;
     label_fleet(&store, n).await?;

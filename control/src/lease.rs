@@ -103,10 +103,24 @@ impl Lease {
                 }
                 Err(e) => Err(LeaseError::Update(e)),
             },
-            None => match self.store.create(keys::LEASE, value).await {
+            None => match self.store.create(keys::LEASE, value.clone()).await {
                 Ok(r) => Ok(r),
                 Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
-                    return self.holder().await;
+                    let role = self.holder().await?;
+                    // Still this instance's own value (a renewal whose
+                    // answer was lost, a server restart): renew it now
+                    // rather than wait for it to expire.
+                    let Some(revision) = self.held else {
+                        return Ok(role);
+                    };
+                    match self.store.update(keys::LEASE, value, revision).await {
+                        Ok(r) => Ok(r),
+                        Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+                            self.step_down();
+                            return self.holder().await;
+                        }
+                        Err(e) => Err(LeaseError::Update(e)),
+                    }
                 }
                 Err(e) => Err(LeaseError::Create(e)),
             },

@@ -148,6 +148,33 @@ pub enum AuthAction {
         #[arg(long, value_name = "DIR", default_value = "/var/lib/nats/jwt")]
         resolver_dir: PathBuf,
     },
+    /// Write what a site's leaf node needs into OUT (docs/adr/0023):
+    /// site.conf for deploy/nats/leaf/flotilla-leaf.conf to include, and
+    /// its uplink credentials. Again after `agent revoke`: keeps the
+    /// credentials, refreshes the accounts site.conf preloads.
+    Site {
+        /// The site's name, also its server's name.
+        name: String,
+        #[arg(long, value_name = "DIR", env = "FLOTILLA_AUTH_DIR")]
+        dir: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The hub's leaf-node URL (repeat for each hub node), e.g. tls://hub:7422.
+        #[arg(long = "hub", value_name = "URL", required = true)]
+        hub: Vec<String>,
+        /// Where the credentials are installed on the site server.
+        #[arg(long, value_name = "DIR", default_value = "/etc/nats")]
+        install_dir: PathBuf,
+        /// The CA of the hub's certificate, on the site server.
+        #[arg(long, value_name = "FILE", default_value = "/etc/nats/tls/ca.pem")]
+        hub_ca: PathBuf,
+        /// The site server's account cache (it must be able to write there).
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/nats/jwt")]
+        resolver_dir: PathBuf,
+        /// The hub's JetStream domain (as flotilla-control --hub-domain).
+        #[arg(long, default_value = "hub")]
+        hub_domain: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

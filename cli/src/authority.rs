@@ -12,6 +12,7 @@
 //!   own subjects ([`manifest_types::keys::device_permissions`]), optionally
 //!   expiring. The server stores nothing per device: 10,000 devices need no
 //!   server configuration change.
+//! - `auth site <name>` writes what a site's leaf node needs ([`site`]).
 //! - `agent revoke <id>` revokes every key ever issued to the device in the
 //!   account JWT, and pushes it to the server (`$SYS.REQ.CLAIMS.UPDATE`),
 //!   which closes the device's connections and refuses new ones.
@@ -35,6 +36,9 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::exit::CliError;
+
+pub mod site;
+pub use site::{SiteIssued, SiteLayout};
 
 /// File names in the auth directory.
 const OPERATOR_SEED: &str = "operator.nk";

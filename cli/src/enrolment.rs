@@ -1,4 +1,4 @@
-//! `flotilla auth init` and `flotilla agent enroll|revoke`: the commands
+//! `flotilla auth init|site` and `flotilla agent enroll|revoke`: the commands
 //! over [`crate::authority`], and their output.
 
 use serde_json::json;
@@ -28,6 +28,43 @@ pub fn auth(g: &GlobalArgs, action: &AuthAction) -> Result<(), CliError> {
                     conf = made.server_config.display(),
                     control = made.control_creds.display(),
                     operators = made.operator_creds.display(),
+                );
+            }
+            Ok(())
+        }
+        AuthAction::Site {
+            name,
+            dir,
+            out,
+            hub,
+            install_dir,
+            hub_ca,
+            resolver_dir,
+            hub_domain,
+        } => {
+            let layout = authority::SiteLayout {
+                hub: hub.clone(),
+                install_dir: install_dir.clone(),
+                hub_ca: hub_ca.clone(),
+                resolver_dir: resolver_dir.clone(),
+                hub_domain: hub_domain.clone(),
+            };
+            let made = Authority::new(dir).site(&g.bucket, name, out, &layout)?;
+            if g.output == Format::Json {
+                println!("{}", serde_json::to_string(&made).expect("serialises"));
+            } else {
+                println!(
+                    "site {name}: {conf} ({creds})\n\
+                     Install site.conf, {fleet} and {system} in {install} on the site server.",
+                    conf = made.config.display(),
+                    creds = if made.issued_credentials {
+                        "new uplink credentials issued"
+                    } else {
+                        "uplink credentials kept"
+                    },
+                    fleet = authority::site::SITE_FLEET_CREDS,
+                    system = authority::site::SITE_SYSTEM_CREDS,
+                    install = install_dir.display(),
                 );
             }
             Ok(())

@@ -73,6 +73,20 @@ pub struct Args {
     /// another takes over within this time plus one pass.
     #[arg(long, env = "FLOTILLA_LEASE_TTL", value_parser = parse_lease_ttl, default_value = "6s")]
     pub lease_ttl: std::time::Duration,
+    /// Sites whose leaf nodes run JetStream in a domain of their own
+    /// (docs/adr/0023; `flotilla auth site`): their buckets are made and
+    /// kept sourcing from the hub's, and the hub's from theirs. Every
+    /// instance takes the same list.
+    #[arg(
+        long = "site",
+        env = "FLOTILLA_SITES",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    pub sites: Vec<flotilla_nats::site::SiteName>,
+    /// The hub's JetStream domain (`domain` in its `jetstream` block).
+    #[arg(long, env = "FLOTILLA_HUB_DOMAIN", default_value = flotilla_nats::site::DEFAULT_HUB_DOMAIN)]
+    pub hub_domain: String,
     /// File holding the nkey seed manifests are signed with (`flotilla keys
     /// generate`). Repeat it while rotating: every manifest then carries a
     /// signature by each key. None: manifests are unsigned, and only agents
@@ -104,6 +118,8 @@ impl Args {
         config.thresholds.offline_after = self.offline_after;
         config.rollout_recheck = self.rollout_recheck;
         config.lease_ttl = self.lease_ttl;
+        config.sites = self.sites;
+        config.hub_domain = self.hub_domain;
         config.signing = std::sync::Arc::new(signing_keys(&self.signing_key_files)?);
         Ok(config)
     }

@@ -60,6 +60,11 @@
 //!   re-exported from `flotilla_nats::bucket` (ADR 0011), which also holds
 //!   connecting, auth and whole-family reads.
 //!
+//! - [`sites`] — sites whose leaf nodes run JetStream in a domain of their
+//!   own (`--site`, ADR 0023): a task keeps each site's buckets sourcing
+//!   from the hub's and the hub's from theirs, retrying while a site is
+//!   unreachable.
+//!
 //! - [`args`] — the command line: [`args::Args`] (the NATS connection flags
 //!   are `flotilla_nats::NatsArgs`) and [`args::Args::config`], which loads
 //!   the signing keys and builds the daemon's [`Config`].
@@ -81,6 +86,7 @@ pub mod lease;
 pub mod publish;
 pub mod render;
 pub mod rollout;
+pub mod sites;
 
 pub use daemon::{Config, DaemonError, NatsAuth, run};
 pub use publish::{PublishError, PublishOutcome, publish_manifest};

@@ -205,6 +205,46 @@ pub fn device_permissions(bucket: &BucketName, agent: &AgentId) -> DevicePermiss
     }
 }
 
+/// What a site's leaf node may carry between the site's JetStream and
+/// the hub's (docs/adr/0023-sites-behind-leaf-nodes.md), in the
+/// credentials of its uplink: the site's server consumes the hub's fleet
+/// stream (its sources) and answers the hub's requests to the site's own
+/// JetStream (the hub's sources and the control plane keeping the site's
+/// buckets). Nothing else of the hub: no other stream, no stream changes,
+/// no KV writes. Each device is still confined to its own subjects by its
+/// own credentials at the site.
+pub fn site_uplink_permissions(
+    bucket: &BucketName,
+    hub_domain: &str,
+    site: &str,
+) -> DevicePermissions {
+    let stream = stream_name(bucket);
+    let hub = format!("$JS.{hub_domain}.API");
+    DevicePermissions {
+        publish: vec![
+            format!("{hub}.CONSUMER.CREATE.{stream}"),
+            format!("{hub}.CONSUMER.CREATE.{stream}.>"),
+            format!("{hub}.CONSUMER.DELETE.{stream}.>"),
+            format!("{hub}.CONSUMER.INFO.{stream}.>"),
+            format!("{hub}.STREAM.INFO.{stream}"),
+            // Deliveries to the hub's sourcing consumers on the site's
+            // streams, flow control, and the servers' answers to each
+            // other's consumer requests.
+            "$JS.S.>".to_owned(),
+            "$JS.FC.>".to_owned(),
+            "$JSC.R.>".to_owned(),
+            "_INBOX.>".to_owned(),
+        ],
+        subscribe: vec![
+            format!("$JS.{site}.API.>"),
+            "$JS.S.>".to_owned(),
+            "$JS.FC.>".to_owned(),
+            "$JSC.R.>".to_owned(),
+            "_INBOX.>".to_owned(),
+        ],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,6 +260,19 @@ mod tests {
             );
         }
         assert_eq!((p.publish.len(), p.subscribe.len()), (7, 2));
+    }
+
+    #[test]
+    fn a_site_uplink_reaches_only_the_fleet_stream_at_the_hub() {
+        let p = site_uplink_permissions(&BucketName::default(), "hub", "shop-1");
+        assert!(p.publish.iter().all(|s| !s.contains("STREAM.UPDATE")
+            && !s.contains("STREAM.DELETE")
+            && !s.starts_with("$KV")));
+        assert!(
+            p.publish
+                .contains(&"$JS.hub.API.CONSUMER.CREATE.KV_fleet.>".to_owned())
+        );
+        assert!(p.subscribe.contains(&"$JS.shop-1.API.>".to_owned()));
     }
 
     #[test]

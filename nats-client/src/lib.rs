@@ -35,6 +35,9 @@
 //!   `DeliverPolicy::LastPerSubject`, never one request per key, with each
 //!   entry's revision and server timestamp and the server's own clock
 //!   ([`family::Snapshot::server_time`]) for ages.
+//! - [`site`]: sites with a JetStream domain of their own (ADR 0023):
+//!   [`site::SiteName`], the sources between a site's buckets and the
+//!   hub's ([`site::ensure_site`], [`site::ensure_hub_sources`]).
 //! - [`reports`]: [`AgentReports`] — a snapshot's statuses and heartbeat ages
 //!   as the input of the one convergence rule
 //!   (`manifest_types::convergence::assess`).
@@ -46,6 +49,7 @@ pub mod connect;
 pub mod family;
 pub mod reports;
 pub mod shutdown;
+pub mod site;
 pub mod tls;
 
 pub use args::{DEFAULT_NATS_URL, NatsArgs};

@@ -66,6 +66,7 @@ impl SecureCluster {
                     .replace("0.0.0.0:4222", "127.0.0.1:{port}")
                     .replace("127.0.0.1:8222", &format!("127.0.0.1:{}", free_port()))
                     .replace("0.0.0.0:6222", &format!("127.0.0.1:{}", routes[i]))
+                    .replace("0.0.0.0:7422", &format!("127.0.0.1:{}", free_port()))
                     .replace("/var/lib/nats", "{store}");
                 let config = shipped
                     .replace("include \"node.conf\"", &node)

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 pub mod hostile;
 pub mod relay;
+pub mod site;
 
 /// The nats-server binary tests run against.
 pub fn nats_server_binary() -> PathBuf {
@@ -492,6 +493,8 @@ pub struct SecureServer {
     /// The authority: control.creds, operator.creds, system.creds and the
     /// keys `agent enroll` / `agent revoke` need.
     pub authority: PathBuf,
+    /// Where sites' leaf nodes dial in (the shipped `leafnodes` listener).
+    pub leaf_port: u16,
 }
 
 impl SecureServer {
@@ -506,6 +509,7 @@ impl SecureServer {
             .expect("run flotilla auth init");
         assert!(init.status.success(), "flotilla auth init: {init:?}");
         let pki = TestPki::generate(dir);
+        let leaf_port = free_port();
         let shipped =
             std::fs::read_to_string(workspace_root().join("deploy/nats/flotilla-secure.conf"))
                 .expect("the shipped secure config");
@@ -517,6 +521,7 @@ impl SecureServer {
             // Mutual TLS, the shipped option.
             .replace("# verify: true", "verify: true")
             .replace("0.0.0.0:4222", "127.0.0.1:{port}")
+            .replace("0.0.0.0:7422", &format!("127.0.0.1:{leaf_port}"))
             .replace("http: 127.0.0.1:8222", "")
             .replace("server_name: flotilla-1", "server_name: flotilla-{port}")
             .replace("store_dir: /var/lib/nats", "store_dir: \"{store}\"")
@@ -530,6 +535,7 @@ impl SecureServer {
             server: NatsServer::start_with_own_config(&config),
             pki,
             authority,
+            leaf_port,
         }
     }
 

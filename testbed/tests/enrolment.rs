@@ -177,6 +177,7 @@ async fn enrolled_devices_are_confined_to_their_own_subjects_and_revoked_or_expi
         server,
         pki,
         authority: auth,
+        ..
     } = SecureServer::start(dir.path());
     let mut fleet = Secure {
         server,

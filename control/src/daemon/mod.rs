@@ -52,7 +52,7 @@
 //!   again with its RePublish rule and relists; a watch resumed on the new
 //!   stream would skip its history, because KV sequences restart at 1.
 
-mod execute;
+pub(crate) mod execute;
 mod leadership;
 mod metrics;
 mod plan;
@@ -116,6 +116,10 @@ pub struct Config {
     /// The control lease's time (docs/adr/0022): a follower takes over at
     /// most this long after the leader stopped renewing, plus one pass.
     pub lease_ttl: Duration,
+    /// Sites with a JetStream domain of their own (docs/adr/0023).
+    pub sites: Vec<flotilla_nats::site::SiteName>,
+    /// The hub's JetStream domain, which sites source from.
+    pub hub_domain: String,
 }
 
 impl Config {
@@ -138,6 +142,8 @@ impl Config {
             rollout_recheck: Duration::from_secs(1),
             signing: Arc::default(),
             lease_ttl: crate::lease::DEFAULT_TTL,
+            sites: Vec::new(),
+            hub_domain: flotilla_nats::site::DEFAULT_HUB_DOMAIN.to_owned(),
         }
     }
 }
@@ -158,10 +164,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .tls(&config.tls)
             .connect()
             .await?;
-    let js = async_nats::jetstream::new(client);
+    let js = async_nats::jetstream::new(client.clone());
     let store = ensure_bucket(&js, &config.bucket, config.replicas).await?;
     tracing::info!(nats = %config.nats_url, bucket = %config.bucket, "control plane running");
+    let sites = (!config.sites.is_empty()).then(|| {
+        tokio::spawn(crate::sites::keep(
+            client,
+            js.clone(),
+            config.bucket.clone(),
+            config.sites.clone(),
+            config.hub_domain.clone(),
+        ))
+    });
     run_with_store(js, store, &config, shutdown).await;
+    if let Some(task) = sites {
+        task.abort();
+    }
     Ok(())
 }
 

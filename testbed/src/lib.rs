@@ -243,6 +243,19 @@ impl Drop for NatsServer {
     }
 }
 
+/// How many compare-and-swap conflicts the control planes logging into
+/// `*.log` files in `dir` met (the fault campaign's "CAS conflicts seen").
+pub fn cas_conflicts(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .map(|p| read(&p).matches("compare-and-swap conflict").count())
+        .sum()
+}
+
 /// A loopback port nobody listens on now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -258,7 +258,10 @@ async fn a_three_node_cluster_replicates_the_fleet_survives_its_stream_leader_an
     let reconverged = at.elapsed();
     assert_eq!(done["waves"], 3, "{done}");
     assert_eq!(fleet.files(&AGENTS), ["v2"; 4]);
-    eprintln!("stream leader {leader} killed mid-rollout: rollout complete {reconverged:?} later");
+    eprintln!(
+        "stream leader {leader} killed mid-rollout: rollout complete {reconverged:?} later; CAS conflicts {}",
+        testbed::cas_conflicts(fleet.dir.path())
+    );
 
     // The node returns and catches up: every replica current, none behind.
     fleet.cluster.nodes[killed].restart();
@@ -383,4 +386,50 @@ async fn an_existing_bucket_is_scaled_up_in_place_with_its_history() {
         ["a", "b", "c"].map(bytes::Bytes::from),
         "history kept"
     );
+}
+
+/// A cluster that has not formed (here: two of its three nodes down from
+/// the start): flotilla-control says JetStream does not answer and waits,
+/// instead of exiting or acting on a lone node; once the nodes are up it
+/// creates its buckets with three replicas and runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_waits_for_a_cluster_that_has_not_formed() {
+    let mut cluster = testbed::cluster::Cluster::start();
+    cluster.nodes[1].stop();
+    cluster.nodes[2].stop();
+    let dir = tempfile::tempdir().unwrap();
+    let mut control = Command::new(binary("flotilla-control"));
+    control.args(["--nats-url", &cluster.urls(), "--replicas", "3"]);
+    let log = dir.path().join("control.log");
+    let control = Process::spawn(control, &log);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !read().contains("JetStream does not answer for the fleet bucket") {
+        assert!(Instant::now() < deadline, "no warning:\n{}", read());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!read().contains("control plane running"), "{}", read());
+    cluster.nodes[1].restart();
+    cluster.nodes[2].restart();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !read().contains("control plane running") {
+        assert!(
+            Instant::now() < deadline,
+            "not running after the cluster formed:\n{}\n{}",
+            read(),
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let js = jetstream::new(cluster.client().await);
+    let info = js
+        .get_stream("KV_fleet")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.config.num_replicas, 3);
+    drop(control);
 }

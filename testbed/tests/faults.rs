@@ -92,8 +92,9 @@ async fn a_device_cut_off_is_offline_keeps_its_workload_and_catches_up() {
         )
         .await;
     eprintln!(
-        "device cut off: Offline after {offline_after:?}; converged on the change {:?} after the link returned",
-        healed.elapsed()
+        "device cut off: Offline after {offline_after:?}; converged on the change {:?} after the link returned; CAS conflicts {}",
+        healed.elapsed(),
+        testbed::cas_conflicts(fleet.dir.path())
     );
 }
 
@@ -162,7 +163,8 @@ async fn the_server_killed_mid_rollout_loses_nothing() {
         )
         .await;
     eprintln!(
-        "nats-server SIGKILLed mid-rollout: rollout complete {done:?} after the kill; waves {waves:?}"
+        "nats-server SIGKILLed mid-rollout: rollout complete {done:?} after the kill; waves {waves:?}; CAS conflicts {}",
+        testbed::cas_conflicts(fleet.dir.path())
     );
 }
 

@@ -173,7 +173,8 @@ async fn a_killed_leader_is_replaced_and_its_rollout_completes_wave_by_wave() {
         fleet.logs()
     );
     eprintln!(
-        "leader SIGKILLed mid-rollout (lease time {TTL}): follower took the lease after {takeover:?}, rollout complete after {completed:?}; waves seen {waves:?}"
+        "leader SIGKILLed mid-rollout (lease time {TTL}): follower took the lease after {takeover:?}, rollout complete after {completed:?}; waves seen {waves:?}; CAS conflicts {}",
+        testbed::cas_conflicts(fleet.dir.path())
     );
     drop(survivor);
 }

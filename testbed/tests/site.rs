@@ -339,7 +339,8 @@ async fn a_site_converges_rides_out_a_cut_uplink_and_catches_up() {
     eprintln!(
         "site uplink cut: Offline at the hub after {offline_after:?}; after the uplink returned, \
          the change applied meanwhile on the devices after {caught_up:?}, Online and Converged at \
-         the hub after {reported:?}"
+         the hub after {reported:?}; CAS conflicts {}",
+        testbed::cas_conflicts(fleet.dir.path())
     );
 }
 

@@ -165,7 +165,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .connect()
             .await?;
     let js = async_nats::jetstream::new(client.clone());
-    let store = ensure_bucket(&js, &config.bucket, config.replicas).await?;
+    let mut shutdown = std::pin::pin!(shutdown);
+    // A server that answers but whose JetStream does not (a cluster that has
+    // not formed or has lost its quorum) is waited for, saying so; a bucket
+    // the control plane must not use (no RePublish rule, replicas refused)
+    // is an error.
+    let store = loop {
+        match ensure_bucket(&js, &config.bucket, config.replicas).await {
+            Ok(store) => break store,
+            Err(error @ (BucketError::Read { .. } | BucketError::Create { .. })) => {
+                tracing::warn!(error = %execute::error_chain(&error), "JetStream does not answer for the fleet bucket (a cluster that has not formed or has lost its quorum, or no JetStream for this account?); retrying");
+                tokio::select! {
+                    () = &mut shutdown => return Ok(()),
+                    () = tokio::time::sleep(config.retry_after.max(Duration::from_secs(2))) => {}
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
     tracing::info!(nats = %config.nats_url, bucket = %config.bucket, "control plane running");
     let sites = (!config.sites.is_empty()).then(|| {
         tokio::spawn(crate::sites::keep(

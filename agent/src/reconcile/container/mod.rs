@@ -209,7 +209,7 @@ impl<E: ContainerEngine> ContainerReconciler<E> {
             _ => (0, false),
         };
         let (container, remove, repaired) = match plan(hash, spec.restart_policy, &listed) {
-            Plan::Create { replace } => {
+            Plan::Create { clear, replace } => {
                 let repair = replace.is_empty() && known;
                 if repair {
                     tracing::warn!(resource = %id, "container was removed outside Flotilla; recreating it");
@@ -219,6 +219,11 @@ impl<E: ContainerEngine> ContainerReconciler<E> {
                 tokio::select! {
                     pulled = self.ensure_image(spec, &progress) => pulled?,
                     () = interrupt.requested() => return Ok(Outcome::Interrupted),
+                }
+                // A dead container of this hash still holds its name.
+                for gone in &clear {
+                    self.engine.remove(gone).await?;
+                    tracing::info!(resource = %id, container = %gone, "removed a dead container holding the name");
                 }
                 progress.report("creating container");
                 let new = self.create(id, spec, hash).await?;
@@ -575,6 +580,19 @@ mod tests {
         assert_eq!(calls(&r), ["create c1", "start c1"]);
         assert_eq!(ready(&run(&r, V1).await), ("c1".into(), 0));
         assert!(calls(&r).is_empty(), "a converged container is not touched");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_container_holding_the_name_is_removed_before_the_create() {
+        let r = rig(|_| {});
+        ready(&run(&r, V1).await);
+        // The container died (the engine marks it dead, or is removing it)
+        // and still holds the deterministic name.
+        r.engine.lock().containers.get_mut("c1").unwrap().status = ContainerStatus::Dead;
+        calls(&r);
+        // Recreated, and counted as a repair.
+        assert_eq!(ready(&run(&r, V1).await), ("c2".into(), 1));
+        assert_eq!(calls(&r), ["remove c1", "create c2", "start c2"]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -63,7 +63,13 @@ pub struct Listed {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
     /// No usable container with the wanted hash: pull, create, swap.
-    Create { replace: Vec<String> },
+    /// `clear`: dead or half-removed containers of the wanted hash, which
+    /// hold its (deterministic) name, removed before the create; `replace`:
+    /// every other container of the resource, removed after the swap.
+    Create {
+        clear: Vec<String>,
+        replace: Vec<String>,
+    },
     /// The container exists but is not running. `repair` when someone
     /// stopped it (as opposed to a create whose start never happened).
     Start {
@@ -89,8 +95,13 @@ pub fn plan(hash: &str, policy: RestartPolicy, listed: &[Listed]) -> Plan {
             .collect()
     };
     let Some(best) = best else {
+        let (clear, replace) = listed
+            .iter()
+            .partition::<Vec<&Listed>, _>(|c| c.hash == hash && c.state == ListedState::Gone);
+        let ids = |l: Vec<&Listed>| l.into_iter().map(|c| c.id.clone()).collect();
         return Plan::Create {
-            replace: others(""),
+            clear: ids(clear),
+            replace: ids(replace),
         };
     };
     let remove = others(&best.id);
@@ -209,7 +220,26 @@ mod tests {
     fn nothing_listed_creates() {
         assert_eq!(
             plan("h", RestartPolicy::Always, &[]),
-            Plan::Create { replace: vec![] }
+            Plan::Create {
+                clear: vec![],
+                replace: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn a_dead_container_holding_the_name_is_cleared_before_the_create() {
+        let l = [
+            listed("dead", "h", ListedState::Gone, 9),
+            listed("old", "x", ListedState::Running, 1),
+            listed("older-dead", "y", ListedState::Gone, 0),
+        ];
+        assert_eq!(
+            plan("h", RestartPolicy::Always, &l),
+            Plan::Create {
+                clear: vec!["dead".into()],
+                replace: vec!["old".into(), "older-dead".into()]
+            }
         );
     }
 
@@ -222,6 +252,7 @@ mod tests {
         assert_eq!(
             plan("new", RestartPolicy::Always, &l),
             Plan::Create {
+                clear: vec![],
                 replace: vec!["a".into(), "b".into()]
             }
         );

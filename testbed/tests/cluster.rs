@@ -7,8 +7,7 @@
 //! two, the node comes back and catches up, and a revocation sent to one
 //! node cuts off a device connected to another.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -16,144 +15,18 @@ use serde_json::Value;
 use testbed::cluster::SecureCluster;
 use testbed::{Process, binary};
 
-struct Fleet {
-    cluster: SecureCluster,
-    dir: tempfile::TempDir,
-    trusted: String,
-    processes: Vec<Process>,
-}
+mod common;
 
-impl Fleet {
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("files")
-    }
+use common::secure::SecureFleet;
 
-    fn creds(&self, name: &str) -> PathBuf {
-        self.cluster.authority.join(name)
-    }
+type Fleet = SecureFleet<SecureCluster>;
 
-    /// The CLI as an operator, through `urls`.
-    fn flotilla_via(&self, urls: &str, args: &[&str]) -> Output {
-        Command::new(binary("flotilla"))
-            .args(["--nats-url", urls])
-            .arg("--creds")
-            .arg(self.creds("operator.creds"))
-            .args(self.cluster.pki.client_args())
-            .args(args)
-            .output()
-            .unwrap()
-    }
+/// The staged rollout every update here goes through.
+const ROLLOUT: &str = "rollout: {canary: 1, waves: 2, soak: 1s}\n";
 
-    fn flotilla(&self, args: &[&str]) -> Output {
-        self.flotilla_via(&self.cluster.urls(), args)
-    }
-
-    fn ok(&self, out: &Output) -> String {
-        assert!(
-            out.status.success(),
-            "exit {:?}\nstdout: {}\nstderr: {}\n{}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.logs()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn logs(&self) -> String {
-        let mut s = self.cluster.logs();
-        for e in std::fs::read_dir(self.dir.path()).unwrap() {
-            let p = e.unwrap().path();
-            if p.extension().is_some_and(|e| e == "log") {
-                s += &format!(
-                    "\n--- {}\n{}",
-                    p.display(),
-                    std::fs::read_to_string(&p).unwrap_or_default()
-                );
-            }
-        }
-        s
-    }
-
-    /// Enrols `id` (label role=kiosk) and starts its agent on `urls`.
-    fn start_agent(&mut self, id: &str, urls: &str) {
-        let creds = self.dir.path().join(format!("{id}.creds"));
-        self.ok(&self.flotilla(&[
-            "agent",
-            "enroll",
-            id,
-            "--auth-dir",
-            self.cluster.authority.to_str().unwrap(),
-            "--out",
-            creds.to_str().unwrap(),
-            "--label",
-            "role=kiosk",
-        ]));
-        let mut cmd = Command::new(binary("flotilla-agent"));
-        cmd.args(["--nats-url", urls, "--id", id])
-            .arg("--creds")
-            .arg(&creds)
-            .args(["--trusted-key", &self.trusted])
-            .arg("--state-dir")
-            .arg(self.dir.path().join(id))
-            .arg("--file-root")
-            .arg(self.root())
-            .args(["--resync-interval", "1s", "--heartbeat-interval", "500ms"])
-            .args(self.cluster.pki.client_args());
-        let log = self.dir.path().join(format!("{id}.log"));
-        self.processes.push(Process::spawn(cmd, &log));
-    }
-
-    async fn wait<T>(
-        &self,
-        what: &str,
-        limit: Duration,
-        mut check: impl FnMut() -> Option<T>,
-    ) -> T {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(v) = check() {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {limit:?}: {what}\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn apply(&self, content: &str, args: &[&str]) -> Output {
-        let yaml = self.dir.path().join("hello.yaml");
-        std::fs::write(
-            &yaml,
-            format!(
-                "apiVersion: flotilla.dev/v1\nkind: Deployment\nname: hello\n\
-                 selector:\n  matchLabels: {{role: kiosk}}\n\
-                 rollout: {{canary: 1, waves: 2, soak: 1s}}\nresources:\n  - id: motd\n    kind: File\n    \
-                 spec: {{path: \"{}/${{agent.id}}.motd\", content: \"{content}\"}}\n",
-                self.root().display()
-            ),
-        )
-        .unwrap();
-        let mut all = vec!["apply", "-f", yaml.to_str().unwrap()];
-        all.extend_from_slice(args);
-        self.flotilla(&all)
-    }
-
-    fn files(&self, ids: &[&str]) -> Vec<String> {
-        ids.iter()
-            .map(|id| {
-                std::fs::read_to_string(self.root().join(format!("{id}.motd"))).unwrap_or_default()
-            })
-            .collect()
-    }
-
-    fn rollout(&self) -> Option<Value> {
-        let out = self.flotilla(&["rollout", "status", "hello", "-o", "json"]);
-        serde_json::from_slice(&out.stdout).ok()
-    }
+fn rollout(fleet: &Fleet) -> Option<Value> {
+    let out = fleet.flotilla(&["rollout", "status", "hello", "-o", "json"]);
+    serde_json::from_slice(&out.stdout).ok()
 }
 
 const AGENTS: [&str; 4] = ["pi-1", "pi-2", "pi-3", "pi-4"];
@@ -164,27 +37,11 @@ async fn a_three_node_cluster_replicates_the_fleet_survives_its_stream_leader_an
     let dir = tempfile::tempdir().unwrap();
     let cluster = SecureCluster::start(dir.path());
     cluster.wait_formed(Duration::from_secs(30)).await;
-    let (key_file, trusted) = testbed::signing_key(dir.path());
-    let mut fleet = Fleet {
-        cluster,
-        dir,
-        trusted,
-        processes: Vec::new(),
-    };
-    std::fs::create_dir_all(fleet.root()).unwrap();
-    let all = fleet.cluster.urls();
-    let mut control = Command::new(binary("flotilla-control"));
-    control
-        .args(["--nats-url", &all, "--replicas", "3"])
-        .arg("--creds")
-        .arg(fleet.creds("control.creds"))
-        .arg("--signing-key-file")
-        .arg(&key_file)
-        .args(fleet.cluster.pki.client_args());
-    let log = fleet.dir.path().join("control.log");
-    fleet.processes.push(Process::spawn(control, &log));
+    let mut fleet = SecureFleet::new(dir, cluster);
+    let all = fleet.servers.urls();
+    fleet.start_control(&["--replicas", "3"]);
     // Both buckets on all three nodes.
-    let js = jetstream::new(fleet.cluster.client_of(&all, "control.creds").await);
+    let js = jetstream::new(fleet.servers.client_of(&all, "control.creds").await);
     for stream in ["KV_fleet", "KV_fleet-heartbeats"] {
         let replicas = fleet
             .wait(
@@ -219,28 +76,28 @@ async fn a_three_node_cluster_replicates_the_fleet_survives_its_stream_leader_an
         fleet.start_agent(id, &all);
     }
 
-    fleet.ok(&fleet.apply("v1", &["--wait", "--timeout", "60s"]));
+    fleet.ok(&fleet.apply("v1", ROLLOUT, &["--wait", "--timeout", "60s"]));
     assert_eq!(fleet.files(&AGENTS), ["v1"; 4]);
 
     // The update rolls out canary first; once the canary runs v2, the node
     // leading the fleet's stream dies.
-    fleet.ok(&fleet.apply("v2", &[]));
+    fleet.ok(&fleet.apply("v2", ROLLOUT, &[]));
     fleet
         .wait("the canary on v2", Duration::from_secs(30), || {
             fleet.files(&AGENTS).iter().any(|f| f == "v2").then_some(())
         })
         .await;
     let leader = fleet
-        .cluster
+        .servers
         .stream_leader("KV_fleet")
         .await
         .expect("the fleet stream has a leader");
-    let killed = fleet.cluster.node(&leader);
+    let killed = fleet.servers.node(&leader);
     let at = Instant::now();
-    fleet.cluster.nodes[killed].stop();
+    fleet.servers.nodes[killed].stop();
     let survivors: String = (0..3)
         .filter(|&i| i != killed)
-        .map(|i| fleet.cluster.nodes[i].url())
+        .map(|i| fleet.servers.nodes[i].url())
         .collect::<Vec<_>>()
         .join(",");
     let done = fleet
@@ -264,7 +121,7 @@ async fn a_three_node_cluster_replicates_the_fleet_survives_its_stream_leader_an
     );
 
     // The node returns and catches up: every replica current, none behind.
-    fleet.cluster.nodes[killed].restart();
+    fleet.servers.nodes[killed].restart();
     fleet
         .wait(
             "the returned node's replica is current",
@@ -288,13 +145,13 @@ async fn a_three_node_cluster_replicates_the_fleet_survives_its_stream_leader_an
         )
         .await;
     assert_eq!(
-        fleet.rollout().map(|r| r["phase"].clone()),
+        rollout(&fleet).map(|r| r["phase"].clone()),
         Some(Value::from("Complete"))
     );
 
     // A device connected to nats-3 only; its revocation sent to nats-1.
     let victim_creds = fleet.dir.path().join("pi-x.creds");
-    fleet.start_agent("pi-x", &fleet.cluster.nodes[2].url());
+    fleet.start_agent("pi-x", &fleet.servers.nodes[2].url());
     fleet
         .wait("pi-x converged on v2", Duration::from_secs(30), || {
             (fleet.files(&["pi-x"]) == ["v2"]).then_some(())
@@ -306,13 +163,13 @@ async fn a_three_node_cluster_replicates_the_fleet_survives_its_stream_leader_an
     };
     let at = Instant::now();
     fleet.ok(&fleet.flotilla_via(
-        &fleet.cluster.nodes[0].url(),
+        &fleet.servers.nodes[0].url(),
         &[
             "agent",
             "revoke",
             "pi-x",
             "--auth-dir",
-            fleet.cluster.authority.to_str().unwrap(),
+            fleet.servers.authority.to_str().unwrap(),
         ],
     ));
     fleet
@@ -334,12 +191,12 @@ async fn a_three_node_cluster_replicates_the_fleet_survives_its_stream_leader_an
         .await
         .unwrap()
         .require_tls(true)
-        .add_root_certificates(fleet.cluster.pki.ca.clone())
+        .add_root_certificates(fleet.servers.pki.ca.clone())
         .add_client_certificate(
-            fleet.cluster.pki.client_cert.clone(),
-            fleet.cluster.pki.client_key.clone(),
+            fleet.servers.pki.client_cert.clone(),
+            fleet.servers.pki.client_key.clone(),
         )
-        .connect(fleet.cluster.nodes[1].url())
+        .connect(fleet.servers.nodes[1].url())
         .await;
     assert!(again.is_err(), "the revoked device connects to nats-2");
 }

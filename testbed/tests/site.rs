@@ -9,213 +9,77 @@
 //! still confine it to its own subjects, and a revocation made at the hub
 //! cuts it off there.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use common::secure::{SecureFleet, Servers};
 use testbed::site::Site;
-use testbed::{Process, SecureServer, binary};
+use testbed::{SecureServer, TestPki};
 
-struct Fleet {
+/// A hub running the shipped secure configuration and one site, `shop-1`,
+/// dialling it through an uplink the test can cut.
+struct Hub {
     hub: SecureServer,
     site: Site,
-    dir: tempfile::TempDir,
-    trusted: String,
-    processes: Vec<Process>,
 }
 
-impl Fleet {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let hub = SecureServer::start(dir.path());
-        let site = Site::start(&hub, dir.path(), "shop-1");
-        let (key_file, trusted) = testbed::signing_key(dir.path());
-        let mut fleet = Self {
-            hub,
-            site,
-            dir,
-            trusted,
-            processes: Vec::new(),
-        };
-        std::fs::create_dir_all(fleet.root()).unwrap();
-        let mut control = Command::new(binary("flotilla-control"));
-        control
-            .args(["--nats-url", &fleet.hub.server.url()])
-            .arg("--creds")
-            .arg(fleet.hub.authority.join("control.creds"))
-            .arg("--signing-key-file")
-            .arg(&key_file)
-            .args(["--site", "shop-1"])
-            .args(fleet.hub.tls_args());
-        let log = fleet.dir.path().join("control.log");
-        fleet.processes.push(Process::spawn(control, &log));
-        fleet
-    }
-
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("files")
-    }
-
-    /// The CLI as an operator at the hub.
-    fn flotilla(&self, args: &[&str]) -> Output {
-        self.flotilla_at(&self.hub.server.url(), args)
-    }
-
-    /// The CLI as an operator through the server at `url`.
-    fn flotilla_at(&self, url: &str, args: &[&str]) -> Output {
-        Command::new(binary("flotilla"))
-            .args(["--nats-url", url])
-            .arg("--creds")
-            .arg(self.hub.authority.join("operator.creds"))
-            .args(self.hub.tls_args())
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, out: &Output) -> String {
-        assert!(
-            out.status.success(),
-            "exit {:?}\nstdout: {}\nstderr: {}\n{}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.logs()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+impl Servers for Hub {
+    fn urls(&self) -> String {
+        self.hub.server.url()
     }
 
     fn logs(&self) -> String {
-        let mut s = format!(
+        format!(
             "--- hub\n{}\n--- site\n{}",
             self.hub.server.log(),
             self.site.server.log()
-        );
-        for e in std::fs::read_dir(self.dir.path()).unwrap() {
-            let p = e.unwrap().path();
-            if p.extension().is_some_and(|e| e == "log") {
-                s += &format!(
-                    "\n--- {}\n{}",
-                    p.display(),
-                    std::fs::read_to_string(&p).unwrap_or_default()
-                );
-            }
-        }
-        s
-    }
-
-    fn creds(&self, id: &str) -> PathBuf {
-        self.dir.path().join(format!("{id}.creds"))
-    }
-
-    /// Enrols `id` (label role=kiosk) at the hub and starts its agent on `url`.
-    fn start_agent(&mut self, id: &str, url: &str) {
-        self.ok(&self.flotilla(&[
-            "agent",
-            "enroll",
-            id,
-            "--auth-dir",
-            self.hub.authority.to_str().unwrap(),
-            "--out",
-            self.creds(id).to_str().unwrap(),
-            "--label",
-            "role=kiosk",
-        ]));
-        let mut cmd = Command::new(binary("flotilla-agent"));
-        cmd.args(["--nats-url", url, "--id", id])
-            .arg("--creds")
-            .arg(self.creds(id))
-            .args(["--trusted-key", &self.trusted])
-            .arg("--state-dir")
-            .arg(self.dir.path().join(id))
-            .arg("--file-root")
-            .arg(self.root())
-            .args(["--resync-interval", "30s", "--heartbeat-interval", "500ms"])
-            .args(self.hub.tls_args());
-        let log = self.dir.path().join(format!("{id}.log"));
-        self.processes.push(Process::spawn(cmd, &log));
-    }
-
-    fn agent_log(&self, id: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("{id}.log"))).unwrap_or_default()
-    }
-
-    async fn wait<T>(
-        &self,
-        what: &str,
-        limit: Duration,
-        mut check: impl FnMut() -> Option<T>,
-    ) -> T {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(v) = check() {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {limit:?}: {what}\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn apply(&self, content: &str, args: &[&str]) -> Output {
-        let yaml = self.dir.path().join("hello.yaml");
-        std::fs::write(
-            &yaml,
-            format!(
-                "apiVersion: flotilla.dev/v1\nkind: Deployment\nname: hello\n\
-                 selector:\n  matchLabels: {{role: kiosk}}\nresources:\n  - id: motd\n    kind: File\n    \
-                 spec: {{path: \"{}/${{agent.id}}.motd\", content: \"{content}\"}}\n",
-                self.root().display()
-            ),
-        )
-        .unwrap();
-        let mut all = vec!["apply", "-f", yaml.to_str().unwrap()];
-        all.extend_from_slice(args);
-        self.flotilla(&all)
-    }
-
-    fn file(&self, id: &str) -> String {
-        std::fs::read_to_string(self.root().join(format!("{id}.motd"))).unwrap_or_default()
-    }
-
-    /// `flotilla get agents -o json` at the hub, by agent id.
-    fn agents(&self) -> Option<std::collections::BTreeMap<String, Value>> {
-        self.agents_at(&self.hub.server.url())
-    }
-
-    /// `flotilla get agents -o json` through the server at `url`.
-    fn agents_at(&self, url: &str) -> Option<std::collections::BTreeMap<String, Value>> {
-        let out = self.flotilla_at(url, &["get", "agents", "-o", "json"]);
-        let rows: Vec<Value> = serde_json::from_slice(&out.stdout).ok()?;
-        Some(
-            rows.into_iter()
-                .filter_map(|r| Some((r["agentId"].as_str()?.to_owned(), r)))
-                .collect(),
         )
     }
+
+    fn authority(&self) -> &Path {
+        &self.hub.authority
+    }
+
+    fn pki(&self) -> &TestPki {
+        &self.hub.pki
+    }
+}
+
+type Fleet = SecureFleet<Hub>;
+
+/// The hub, the site, and flotilla-control keeping the site's buckets.
+fn start() -> Fleet {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = SecureServer::start(dir.path());
+    let site = Site::start(&hub, dir.path(), "shop-1");
+    let mut fleet = SecureFleet::new(dir, Hub { hub, site });
+    fleet.start_control(&["--site", "shop-1"]);
+    fleet
+}
+
+fn file(fleet: &Fleet, id: &str) -> String {
+    fleet.files(&[id]).remove(0)
 }
 
 const AT_SITE: [&str; 2] = ["pi-s1", "pi-s2"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_converges_rides_out_a_cut_uplink_and_catches_up() {
-    let mut fleet = Fleet::start();
-    let site_url = fleet.site.server.url();
+    let mut fleet = start();
+    let site_url = fleet.servers.site.server.url();
     for id in AT_SITE {
-        fleet.start_agent(id, &site_url);
+        fleet.start_agent_resyncing(id, &site_url, "30s");
     }
-    let hub_url = fleet.hub.server.url();
+    let hub_url = fleet.servers.hub.server.url();
     fleet.start_agent("pi-hub", &hub_url);
     fleet
         .wait(
             "every device registered at the hub",
             Duration::from_secs(30),
             || {
-                let a = fleet.agents()?;
+                let a = fleet.agents_via(&fleet.servers.urls())?;
                 ["pi-s1", "pi-s2", "pi-hub"]
                     .iter()
                     .all(|id| a.get(*id).is_some_and(|r| r["liveness"] == "Online"))
@@ -225,12 +89,12 @@ async fn a_site_converges_rides_out_a_cut_uplink_and_catches_up() {
         .await;
     // The site's devices may join the deployment's targets a moment after
     // the hub's own (their inventory is sourced from the site).
-    fleet.ok(&fleet.apply("v1", &["--wait", "--timeout", "60s"]));
+    fleet.ok(&fleet.apply("v1", "", &["--wait", "--timeout", "60s"]));
     fleet
         .wait("the site's devices on v1", Duration::from_secs(30), || {
             AT_SITE
                 .iter()
-                .all(|id| fleet.file(id) == "v1")
+                .all(|id| file(&fleet, id) == "v1")
                 .then_some(())
         })
         .await;
@@ -245,14 +109,14 @@ async fn a_site_converges_rides_out_a_cut_uplink_and_catches_up() {
         .iter()
         .map(|id| (*id, fleet.agent_log(id).len()))
         .collect();
-    fleet.site.uplink.cut();
+    fleet.servers.site.uplink.cut();
     let cut = Instant::now();
     let offline_after = fleet
         .wait(
             "the site's devices Offline at the hub",
             Duration::from_secs(30),
             || {
-                let a = fleet.agents()?;
+                let a = fleet.agents_via(&fleet.servers.urls())?;
                 for id in AT_SITE {
                     if a[id]["liveness"] != "Online" {
                         assert_ne!(a[id]["state"], "Converged", "{a:?}");
@@ -266,21 +130,21 @@ async fn a_site_converges_rides_out_a_cut_uplink_and_catches_up() {
         )
         .await;
     // A change at the hub while the site is cut off reaches the hub's own device.
-    fleet.ok(&fleet.apply("v2", &[]));
+    fleet.ok(&fleet.apply("v2", "", &[]));
     fleet
         .wait("pi-hub on v2", Duration::from_secs(30), || {
-            (fleet.file("pi-hub") == "v2").then_some(())
+            (file(&fleet, "pi-hub") == "v2").then_some(())
         })
         .await;
     // At the site, its own JetStream answers: its devices never lose it,
     // and an operator there sees them live (Online) while the hub cannot.
-    let site_url = fleet.site.server.url();
+    let site_url = fleet.servers.site.server.url();
     fleet
         .wait(
             "the site's devices Online at the site",
             Duration::from_secs(30),
             || {
-                let a = fleet.agents_at(&site_url)?;
+                let a = fleet.agents_via(&site_url)?;
                 AT_SITE
                     .iter()
                     .all(|id| a.get(*id).is_some_and(|r| r["liveness"] == "Online"))
@@ -296,7 +160,7 @@ async fn a_site_converges_rides_out_a_cut_uplink_and_catches_up() {
         );
     }
     for id in AT_SITE {
-        assert_eq!(fleet.file(id), "v1");
+        assert_eq!(file(&fleet, id), "v1");
     }
     assert_eq!(
         std::fs::metadata(fleet.root().join("pi-s1.motd"))
@@ -309,7 +173,7 @@ async fn a_site_converges_rides_out_a_cut_uplink_and_catches_up() {
     // The uplink returns: the change made meanwhile reaches the site
     // without waiting for a resync (30 s here), and the hub shows the
     // site's devices Online and Converged from fresh reports.
-    fleet.site.uplink.restore();
+    fleet.servers.site.uplink.restore();
     let healed = Instant::now();
     let caught_up = fleet
         .wait(
@@ -318,7 +182,7 @@ async fn a_site_converges_rides_out_a_cut_uplink_and_catches_up() {
             || {
                 AT_SITE
                     .iter()
-                    .all(|id| fleet.file(id) == "v2")
+                    .all(|id| file(&fleet, id) == "v2")
                     .then(|| healed.elapsed())
             },
         )
@@ -328,7 +192,7 @@ async fn a_site_converges_rides_out_a_cut_uplink_and_catches_up() {
             "the site's devices Online and Converged at the hub",
             Duration::from_secs(25),
             || {
-                let a = fleet.agents()?;
+                let a = fleet.agents_via(&fleet.servers.urls())?;
                 AT_SITE
                     .iter()
                     .all(|id| a[*id]["liveness"] == "Online" && a[*id]["state"] == "Converged")
@@ -349,17 +213,17 @@ async fn a_site_converges_rides_out_a_cut_uplink_and_catches_up() {
 /// (the site's account cache hears of it over the system account).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_confines_its_devices_and_follows_revocations_made_at_the_hub() {
-    let mut fleet = Fleet::start();
-    let site_url = fleet.site.server.url();
+    let mut fleet = start();
+    let site_url = fleet.servers.site.server.url();
     for id in AT_SITE {
-        fleet.start_agent(id, &site_url);
+        fleet.start_agent_resyncing(id, &site_url, "30s");
     }
     fleet
         .wait(
             "the site's devices registered at the hub",
             Duration::from_secs(30),
             || {
-                let a = fleet.agents()?;
+                let a = fleet.agents_via(&fleet.servers.urls())?;
                 AT_SITE
                     .iter()
                     .all(|id| a.get(*id).is_some_and(|r| r["liveness"] == "Online"))
@@ -371,13 +235,13 @@ async fn a_site_confines_its_devices_and_follows_revocations_made_at_the_hub() {
     // pi-s1's credentials, used at the site against pi-s2's keys.
     let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let seen = errors.clone();
-    let thief = async_nats::ConnectOptions::with_credentials_file(fleet.creds("pi-s1"))
+    let thief = async_nats::ConnectOptions::with_credentials_file(fleet.device_creds("pi-s1"))
         .await
         .unwrap()
-        .add_root_certificates(fleet.hub.pki.ca.clone())
+        .add_root_certificates(fleet.servers.hub.pki.ca.clone())
         .add_client_certificate(
-            fleet.hub.pki.client_cert.clone(),
-            fleet.hub.pki.client_key.clone(),
+            fleet.servers.hub.pki.client_cert.clone(),
+            fleet.servers.hub.pki.client_key.clone(),
         )
         .require_tls(true)
         .custom_inbox_prefix("_INBOX.pi-s1")
@@ -421,7 +285,7 @@ async fn a_site_confines_its_devices_and_follows_revocations_made_at_the_hub() {
         "revoke",
         "pi-s1",
         "--auth-dir",
-        fleet.hub.authority.to_str().unwrap(),
+        fleet.servers.hub.authority.to_str().unwrap(),
     ]));
     fleet
         .wait("pi-s1 refused at the site", Duration::from_secs(30), || {

@@ -3,6 +3,8 @@
 //! (each writes its own paths, via `${agent.id}`) and the `flotilla` CLI.
 #![allow(dead_code)]
 
+pub mod secure;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

@@ -166,20 +166,9 @@ impl Fleet {
         &self,
         what: &str,
         limit: Duration,
-        mut check: impl FnMut() -> Option<T>,
+        check: impl FnMut() -> Option<T>,
     ) -> T {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(v) = check() {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        poll(what, limit, || self.logs(), check).await
     }
 
     /// Waits until every agent in `ids` has registered (`agents.<id>`) and
@@ -232,4 +221,26 @@ pub fn watch(fleet: &Fleet) -> (std::process::Child, mpsc::Receiver<String>) {
         }
     });
     (child, rx)
+}
+
+/// Polls `check` every 50 ms until it yields a value; after `limit`, fails
+/// naming `what`, with `logs()`.
+pub async fn poll<T>(
+    what: &str,
+    limit: Duration,
+    logs: impl Fn() -> String,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

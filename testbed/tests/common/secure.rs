@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use testbed::cluster::SecureCluster;
@@ -183,20 +183,9 @@ impl<S: Servers> SecureFleet<S> {
         &self,
         what: &str,
         limit: Duration,
-        mut check: impl FnMut() -> Option<T>,
+        check: impl FnMut() -> Option<T>,
     ) -> T {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(v) = check() {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {limit:?}: {what}\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        super::poll(what, limit, || self.logs(), check).await
     }
 
     /// Applies `hello`: one File per kiosk with `content`, and `rollout`

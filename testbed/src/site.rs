@@ -23,12 +23,18 @@ impl Site {
     /// Issues the site `name` from the hub's authority and starts its leaf
     /// node, its account cache in `dir/<name>-jwt`.
     pub fn start(hub: &SecureServer, dir: &Path, name: &str) -> Self {
+        Self::issued_by(&hub.authority, hub, dir, name)
+    }
+
+    /// [`Self::start`], the site issued by the authority in `authority`
+    /// (another fleet's, to see a site whose credentials do not match).
+    pub fn issued_by(authority: &Path, hub: &SecureServer, dir: &Path, name: &str) -> Self {
         let uplink = Relay::start(([127, 0, 0, 1], hub.leaf_port).into());
         let files = dir.join(name);
         let path = |p: &Path| p.to_str().expect("a UTF-8 path").to_owned();
         let out = Command::new(binary("flotilla"))
             .args(["auth", "site", name, "--dir"])
-            .arg(&hub.authority)
+            .arg(authority)
             .arg("--out")
             .arg(&files)
             .args(["--hub", &format!("tls://127.0.0.1:{}", uplink.port())])

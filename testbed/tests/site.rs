@@ -306,3 +306,58 @@ async fn a_site_confines_its_devices_and_follows_revocations_made_at_the_hub() {
             .contains("refused these credentials")
     );
 }
+
+/// A site whose credentials were issued by another authority: the hub
+/// refuses its uplink, and the control plane says the site does not
+/// answer while it serves the rest of the fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_with_credentials_from_another_authority_is_refused_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = SecureServer::start(dir.path());
+    let other = dir.path().join("other-authority");
+    let made = std::process::Command::new(testbed::binary("flotilla"))
+        .args(["auth", "init", "--dir"])
+        .arg(&other)
+        .arg("--resolver-dir")
+        .arg(dir.path().join("other-jwt"))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let site = Site::issued_by(&other, &hub, dir.path(), "shop-x");
+    let mut fleet = SecureFleet::new(dir, Hub { hub, site });
+    fleet.start_control(&["--site", "shop-x"]);
+    let hub_url = fleet.servers.urls();
+    fleet.start_agent("pi-hub", &hub_url);
+    fleet.ok(&fleet.apply("v1", "", &[]));
+    fleet
+        .wait(
+            "the hub's own device on v1",
+            Duration::from_secs(30),
+            || (file(&fleet, "pi-hub") == "v1").then_some(()),
+        )
+        .await;
+    let control_log =
+        || std::fs::read_to_string(fleet.dir.path().join("control.log")).unwrap_or_default();
+    fleet
+        .wait(
+            "the control plane reports the site",
+            Duration::from_secs(30),
+            || {
+                control_log()
+                    .contains("the site's JetStream does not answer")
+                    .then_some(())
+            },
+        )
+        .await;
+    fleet
+        .wait(
+            "the hub refuses the site's uplink",
+            Duration::from_secs(30),
+            || {
+                let log = fleet.servers.hub.server.log().to_lowercase();
+                (log.contains("authorization violation") || log.contains("authentication error"))
+                    .then_some(())
+            },
+        )
+        .await;
+}

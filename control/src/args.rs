@@ -17,6 +17,8 @@ use crate::daemon::Config;
 pub enum ArgsError {
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error("{0}")]
+    Http(String),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("cannot read the signing key file {file}")]
@@ -87,6 +89,23 @@ pub struct Args {
     /// The hub's JetStream domain (`domain` in its `jetstream` block).
     #[arg(long, env = "FLOTILLA_HUB_DOMAIN", default_value = flotilla_nats::site::DEFAULT_HUB_DOMAIN)]
     pub hub_domain: String,
+    /// Where to serve `/healthz`, `/readyz` and `/metrics` (docs/adr/0025);
+    /// `off` for nowhere. An address beyond loopback needs
+    /// --http-token-file.
+    #[arg(
+        long,
+        env = "FLOTILLA_LISTEN",
+        default_value = "127.0.0.1:8080",
+        value_name = "ADDR|off"
+    )]
+    pub listen: String,
+    /// A file holding the bearer token HTTP clients present
+    /// (`Authorization: Bearer <token>`) for everything but the probes.
+    #[arg(long, env = "FLOTILLA_HTTP_TOKEN_FILE", value_name = "FILE")]
+    pub http_token_file: Option<PathBuf>,
+    /// How often the fleet is counted for `/metrics`.
+    #[arg(long, env = "FLOTILLA_CENSUS_INTERVAL", value_parser = humantime::parse_duration, default_value = "15s")]
+    pub census_interval: std::time::Duration,
     /// File holding the nkey seed manifests are signed with (`flotilla keys
     /// generate`). Repeat it while rotating: every manifest then carries a
     /// signature by each key. None: manifests are unsigned, and only agents
@@ -119,6 +138,8 @@ impl Args {
         config.rollout_recheck = self.rollout_recheck;
         config.lease_ttl = self.lease_ttl;
         config.sites = self.sites;
+        config.http = http_config(&self.listen, self.http_token_file.as_deref())?;
+        config.census_interval = self.census_interval;
         config.hub_domain = self.hub_domain;
         config.signing = std::sync::Arc::new(signing_keys(&self.signing_key_files)?);
         Ok(config)
@@ -159,6 +180,49 @@ pub fn signing_keys(files: &[PathBuf]) -> Result<SigningKeys, ArgsError> {
         signers.push(signer);
     }
     Ok(SigningKeys::new(signers))
+}
+
+/// `--listen` and `--http-token-file` as the daemon's HTTP configuration.
+fn http_config(
+    listen: &str,
+    token_file: Option<&std::path::Path>,
+) -> Result<Option<crate::http::HttpConfig>, ArgsError> {
+    if listen == "off" {
+        return Ok(None);
+    }
+    let addr: std::net::SocketAddr = listen.parse().map_err(|e| {
+        ArgsError::Http(format!(
+            "--listen {listen:?}: {e} (e.g. 127.0.0.1:8080, or off)"
+        ))
+    })?;
+    let token = match token_file {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ArgsError::Http(format!(
+                    "cannot read --http-token-file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let token = text.trim().to_owned();
+            if token.is_empty() {
+                return Err(ArgsError::Http(format!(
+                    "--http-token-file {} is empty",
+                    path.display()
+                )));
+            }
+            Some(token)
+        }
+    };
+    if !addr.ip().is_loopback() && token.is_none() {
+        return Err(ArgsError::Http(format!(
+            "--listen {addr} is beyond loopback: give --http-token-file, or listen on 127.0.0.1"
+        )));
+    }
+    Ok(Some(crate::http::HttpConfig {
+        listen: addr,
+        token,
+    }))
 }
 
 #[cfg(test)]
@@ -203,5 +267,22 @@ mod tests {
         .to_string();
         assert!(err.contains("bad.nk does not hold an nkey seed"), "{err}");
         assert!(!err.contains("SOTHISISNOTASEED"), "{err}");
+    }
+
+    #[test]
+    fn http_listens_on_loopback_by_default_and_needs_a_token_beyond_it() {
+        let c = http_config("127.0.0.1:8080", None).unwrap().unwrap();
+        assert!(c.token.is_none());
+        assert!(http_config("off", None).unwrap().is_none());
+        let e = http_config("0.0.0.0:8080", None).unwrap_err().to_string();
+        assert!(e.contains("--http-token-file"), "{e}");
+        assert!(http_config("nonsense", None).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, " t0ken \n").unwrap();
+        let c = http_config("0.0.0.0:8080", Some(&f)).unwrap().unwrap();
+        assert_eq!(c.token.as_deref(), Some("t0ken"));
+        std::fs::write(&f, "\n").unwrap();
+        assert!(http_config("0.0.0.0:8080", Some(&f)).is_err());
     }
 }

@@ -65,6 +65,11 @@
 //!   from the hub's and the hub's from theirs, retrying while a site is
 //!   unreachable.
 //!
+//! - [`http`] — the HTTP surface every instance serves (`--listen`, ADR
+//!   0025): `/healthz`, `/readyz`, `/metrics` from the daemon's counters
+//!   and the [`census`] — the fleet counted by the one convergence rule
+//!   every `--census-interval`, with fixed label sets.
+//!
 //! - [`args`] — the command line: [`args::Args`] (the NATS connection flags
 //!   are `flotilla_nats::NatsArgs`) and [`args::Args::config`], which loads
 //!   the signing keys and builds the daemon's [`Config`].
@@ -79,9 +84,11 @@
 
 pub mod args;
 pub mod bucket;
+pub mod census;
 pub mod daemon;
 pub mod fleet;
 pub mod heartbeat;
+pub mod http;
 pub mod lease;
 pub mod publish;
 pub mod render;

@@ -459,6 +459,10 @@ async fn cas<D: Decide + Send>(
     })
 }
 
+/// Compare-and-swap writes of this process that lost to another writer
+/// (`flotilla_control_kv_conflicts_total` on `/metrics`).
+pub static CAS_CONFLICTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// `value` written at `key` if its last KV sequence still is `expected`
 /// (0: the key was never written): the new sequence, or `None` when another
 /// writer got there first (`WrongLastRevision`).
@@ -471,6 +475,7 @@ async fn update(
     match store.update(key, value, expected).await {
         Ok(revision) => Ok(Some(revision)),
         Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+            CAS_CONFLICTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // Counted by the fault campaign (docs/FAULTS.md): keep the words.
             tracing::info!(
                 key,

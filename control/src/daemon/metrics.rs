@@ -2,11 +2,18 @@
 //! prove what did *not* happen (an echo of the daemon's own write costing a
 //! render) without waiting out a quiet period.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
-/// Shared with whoever started the daemon ([`super::Config::metrics`]).
-#[derive(Debug, Default)]
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+
+/// Shared with whoever started the daemon ([`super::Config::metrics`]) and
+/// with the HTTP surface (`/readyz`, `/metrics`; [`crate::http`]).
+#[derive(Debug)]
 pub struct Metrics {
+    view_loaded: AtomicBool,
+    acting: AtomicBool,
+    pass_seconds: Histogram,
     passes: AtomicU64,
     agents_rendered: AtomicU64,
     manifests_written: AtomicU64,
@@ -16,7 +23,49 @@ pub struct Metrics {
     settled_revision: AtomicU64,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            view_loaded: AtomicBool::default(),
+            acting: AtomicBool::default(),
+            // 1 ms to ~16 s.
+            pass_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            passes: AtomicU64::default(),
+            agents_rendered: AtomicU64::default(),
+            manifests_written: AtomicU64::default(),
+            statuses_written: AtomicU64::default(),
+            relists: AtomicU64::default(),
+            bucket_replaced: AtomicU64::default(),
+            settled_revision: AtomicU64::default(),
+        }
+    }
+}
+
 impl Metrics {
+    /// The fleet view has been loaded (the watch's replay is through).
+    pub fn view_loaded(&self) -> bool {
+        self.view_loaded.load(Ordering::SeqCst)
+    }
+
+    /// This instance holds the control lease and acts.
+    pub fn acting(&self) -> bool {
+        self.acting.load(Ordering::SeqCst)
+    }
+
+    /// Durations of reconcile passes.
+    pub fn pass_seconds(&self) -> &Histogram {
+        &self.pass_seconds
+    }
+
+    pub(crate) fn loaded(&self, acting: bool) {
+        self.view_loaded.store(true, Ordering::SeqCst);
+        self.acting.store(acting, Ordering::SeqCst);
+    }
+
+    pub(crate) fn set_acting(&self, acting: bool) {
+        self.acting.store(acting, Ordering::SeqCst);
+    }
+
     /// Reconcile passes run.
     pub fn passes(&self) -> u64 {
         self.passes.load(Ordering::SeqCst)
@@ -57,7 +106,8 @@ impl Metrics {
         self.settled_revision.load(Ordering::SeqCst)
     }
 
-    pub(crate) fn pass(&self, rendered: usize, manifests: usize, statuses: usize) {
+    pub(crate) fn pass(&self, rendered: usize, manifests: usize, statuses: usize, took: Duration) {
+        self.pass_seconds.observe(took.as_secs_f64());
         self.passes.fetch_add(1, Ordering::SeqCst);
         self.agents_rendered
             .fetch_add(rendered as u64, Ordering::SeqCst);

@@ -120,6 +120,11 @@ pub struct Config {
     pub sites: Vec<flotilla_nats::site::SiteName>,
     /// The hub's JetStream domain, which sites source from.
     pub hub_domain: String,
+    /// The HTTP surface (`/healthz`, `/readyz`, `/metrics`; docs/adr/0025),
+    /// if any.
+    pub http: Option<crate::http::HttpConfig>,
+    /// How often the fleet is counted for `/metrics`.
+    pub census_interval: Duration,
 }
 
 impl Config {
@@ -144,6 +149,8 @@ impl Config {
             lease_ttl: crate::lease::DEFAULT_TTL,
             sites: Vec::new(),
             hub_domain: flotilla_nats::site::DEFAULT_HUB_DOMAIN.to_owned(),
+            http: None,
+            census_interval: Duration::from_secs(15),
         }
     }
 }
@@ -186,15 +193,37 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tracing::info!(nats = %config.nats_url, bucket = %config.bucket, "control plane running");
     let sites = (!config.sites.is_empty()).then(|| {
         tokio::spawn(crate::sites::keep(
-            client,
+            client.clone(),
             js.clone(),
             config.bucket.clone(),
             config.sites.clone(),
             config.hub_domain.clone(),
         ))
     });
+    let mut tasks: Vec<_> = sites.into_iter().collect();
+    if let Some(http) = config.http.clone() {
+        let census = crate::census::Shared::default();
+        match crate::bucket::open_heartbeat_bucket(&js, &config.bucket).await {
+            Ok(heartbeats) => tasks.push(tokio::spawn(crate::census::keep(
+                store.clone(),
+                heartbeats,
+                config.thresholds,
+                config.census_interval,
+                census.clone(),
+            ))),
+            Err(error) => {
+                tracing::warn!(error = %execute::error_chain(&error), "cannot open the heartbeat bucket; /metrics counts no agents");
+            }
+        }
+        tasks.push(tokio::spawn(crate::http::serve(
+            http,
+            config.metrics.clone(),
+            census,
+            client,
+        )));
+    }
     run_with_store(js, store, &config, shutdown).await;
-    if let Some(task) = sites {
+    for task in tasks {
         task.abort();
     }
     Ok(())
@@ -415,6 +444,7 @@ pub async fn run_with_store(
                 }
                 if replayed && dirty && leadership.acting() {
                     dirty = false;
+                    let started = Instant::now();
                     let report = execute::pass(
                         &mut state,
                         &store,
@@ -427,6 +457,7 @@ pub async fn run_with_store(
                         report.agents_rendered,
                         report.manifests_written,
                         report.statuses_written,
+                        started.elapsed(),
                     );
                     tracing::debug!(?report, "reconcile pass");
                     if report.failures > 0 {
@@ -447,8 +478,10 @@ pub async fn run_with_store(
                 }
                 if replayed {
                     metrics.settled(seen);
+                    metrics.loaded(leadership.acting());
                     service.ready();
                 }
+                metrics.set_acting(leadership.acting());
                 service.status(leadership.acting());
             }
         }

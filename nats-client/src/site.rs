@@ -20,7 +20,7 @@ use async_nats::jetstream::{
 };
 use manifest_types::{BucketName, keys};
 
-use crate::bucket::{BucketError, Replicas, bucket_config, heartbeat_bucket_config};
+use crate::bucket::{BucketError, Replicas, ensure_bucket};
 
 /// The JetStream domain of the hub in the shipped configurations.
 pub const DEFAULT_HUB_DOMAIN: &str = "hub";
@@ -161,21 +161,10 @@ pub async fn ensure_site(
     hub_domain: &str,
 ) -> Result<bool, BucketError> {
     let js = jetstream::with_domain(client.clone(), site.as_str());
-    let mut changed = false;
-    for config in [
-        bucket_config(bucket, Replicas::ONE),
-        heartbeat_bucket_config(bucket, Replicas::ONE),
-    ] {
-        if js.get_key_value(config.bucket.as_str()).await.is_err() {
-            js.create_key_value(config.clone())
-                .await
-                .map_err(|e| BucketError::Create {
-                    bucket: bucket.clone(),
-                    source: e.into(),
-                })?;
-            changed = true;
-        }
-    }
+    // The hub's configuration (the RePublish rule included), one replica.
+    let before = js.get_stream(keys::stream_name(bucket)).await.is_ok();
+    ensure_bucket(&js, bucket, Replicas::ONE).await?;
+    let mut changed = !before;
     let fleet = keys::stream_name(bucket);
     let want = vec![source(fleet.clone(), hub_domain, from_hub(bucket))];
     changed |= set_sources(&js, bucket, &fleet, want).await?;

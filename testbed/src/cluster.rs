@@ -82,13 +82,7 @@ impl SecureCluster {
                             &path(&dir.join(format!("jwt-{}", i + 1))),
                         ),
                     );
-                assert!(
-                    config
-                        .lines()
-                        .filter(|l| !l.trim_start().starts_with('#'))
-                        .all(|l| !l.contains("/etc/nats") && !l.contains("/var/lib/nats")),
-                    "every path replaced"
-                );
+                crate::assert_paths_replaced(&config);
                 NatsServer::start_at(client[i], &config)
             })
             .collect();

@@ -243,6 +243,31 @@ impl Drop for NatsServer {
     }
 }
 
+/// Every `*.log` file in `dir`, each under a `--- <path>` line (for
+/// failure messages).
+pub fn log_files(dir: &Path) -> String {
+    let mut s = String::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p.extension().is_some_and(|e| e == "log") {
+            s += &format!("--- {}\n{}\n", p.display(), read(&p));
+        }
+    }
+    s
+}
+
+/// Panics unless every non-comment line of a shipped configuration
+/// rewritten for a test has lost its production paths.
+pub fn assert_paths_replaced(config: &str) {
+    assert!(
+        config
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .all(|l| !l.contains("/etc/nats") && !l.contains("/var/lib/nats")),
+        "every path replaced:\n{config}"
+    );
+}
+
 /// How many compare-and-swap conflicts the control planes logging into
 /// `*.log` files in `dir` met (the fault campaign's "CAS conflicts seen").
 pub fn cas_conflicts(dir: &Path) -> usize {

@@ -62,13 +62,7 @@ impl Site {
             .replace("http: 127.0.0.1:8222", "")
             .replace("store_dir: /var/lib/nats", "store_dir: \"{store}\"")
             .replace("include \"site.conf\"", &site_conf);
-        assert!(
-            config
-                .lines()
-                .filter(|l| !l.trim_start().starts_with('#'))
-                .all(|l| !l.contains("/etc/nats") && !l.contains("/var/lib/nats")),
-            "every path replaced"
-        );
+        crate::assert_paths_replaced(&config);
         Self {
             server: NatsServer::start_with_own_config(&config),
             uplink,

@@ -57,9 +57,8 @@ impl Metrics {
         &self.pass_seconds
     }
 
-    pub(crate) fn loaded(&self, acting: bool) {
+    pub(crate) fn loaded(&self) {
         self.view_loaded.store(true, Ordering::SeqCst);
-        self.acting.store(acting, Ordering::SeqCst);
     }
 
     pub(crate) fn set_acting(&self, acting: bool) {

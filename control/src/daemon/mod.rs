@@ -478,7 +478,7 @@ pub async fn run_with_store(
                 }
                 if replayed {
                     metrics.settled(seen);
-                    metrics.loaded(leadership.acting());
+                    metrics.loaded();
                     service.ready();
                 }
                 metrics.set_acting(leadership.acting());

@@ -137,18 +137,7 @@ impl Fleet {
     }
 
     pub fn logs(&self) -> String {
-        let mut s = String::new();
-        for entry in std::fs::read_dir(self.dir.path()).unwrap() {
-            let p = entry.unwrap().path();
-            if p.extension().is_some_and(|e| e == "log") {
-                s += &format!(
-                    "--- {}\n{}\n",
-                    p.display(),
-                    std::fs::read_to_string(&p).unwrap_or_default()
-                );
-            }
-        }
-        s
+        testbed::log_files(self.dir.path())
     }
 
     pub fn report(&self, out: &Output) -> String {

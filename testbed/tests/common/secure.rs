@@ -121,18 +121,11 @@ impl<S: Servers> SecureFleet<S> {
     }
 
     pub fn logs(&self) -> String {
-        let mut s = self.servers.logs();
-        for e in std::fs::read_dir(self.dir.path()).unwrap() {
-            let p = e.unwrap().path();
-            if p.extension().is_some_and(|e| e == "log") {
-                s += &format!(
-                    "\n--- {}\n{}",
-                    p.display(),
-                    std::fs::read_to_string(&p).unwrap_or_default()
-                );
-            }
-        }
-        s
+        format!(
+            "{}\n{}",
+            self.servers.logs(),
+            testbed::log_files(self.dir.path())
+        )
     }
 
     /// The credentials `start_agent` enrolled `id` with.

@@ -182,8 +182,8 @@ pub async fn ensure_hub_sources(
     sites: &[SiteName],
 ) -> Result<bool, BucketError> {
     let fleet = keys::stream_name(bucket);
-    let heartbeats = format!("KV_{}", keys::heartbeat_bucket(bucket));
     let heartbeat_bucket = BucketName::new(keys::heartbeat_bucket(bucket)).expect("a valid bucket");
+    let heartbeats = keys::stream_name(&heartbeat_bucket);
     let fleet_sources = sites
         .iter()
         .map(|s| source(fleet.clone(), s.as_str(), from_site(bucket)))
